@@ -1,0 +1,29 @@
+# Two entry points: `make demo` (the main job) and `make test` (the suite).
+# Each creates .venv from the pinned requirements on first use.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.distillab-installed
+
+.PHONY: demo test test-all bench clean-venv
+
+$(STAMP): requirements.txt pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet -r requirements.txt
+	$(BIN)/python -m pip install --quiet --no-deps -e .
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/distillab demo $(ARGS)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest $(ARGS)
+
+test-all: $(STAMP)
+	$(BIN)/python -m pytest -m "" $(ARGS)
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/run_benchmarks.py
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,199 @@
+"""The `distillab` command: thin verbs over library functions."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from distillab import __version__
+from distillab.errors import DistillabError
+
+
+def _add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="run config (YAML); see configs/examples/")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value by its dotted key, e.g. --set train.lr=1e-3 (repeatable)",
+    )
+
+
+def cmd_data_prepare(args) -> int:
+    from distillab.config import load_config
+    from distillab.data.shards import prepare_data
+
+    config = load_config(args.config, args.overrides)
+    data = prepare_data(config.data)
+    print(data.path)
+    return 0
+
+
+def cmd_data_list(args) -> int:
+    from distillab.data.packaged import PACKAGED_CORPORA
+
+    for corpus in PACKAGED_CORPORA.values():
+        print(f"{corpus.name:14s} {corpus.requirement:20s} {corpus.description} [{corpus.licence}]")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from distillab.config import load_config
+    from distillab.train import train
+
+    config = load_config(args.config, args.overrides)
+    result = train(config, stop_after_steps=args.stop_after)
+    return 0 if result.completed or args.stop_after else 3
+
+
+def cmd_eval(args) -> int:
+    from distillab.evaluate.run import evaluate_checkpoint
+
+    evaluate_checkpoint(
+        args.checkpoint,
+        args.sets,
+        seq_len=args.seq_len,
+        max_windows=args.max_windows,
+        batch_size=args.batch_size,
+        out=args.out,
+        device=args.device,
+    )
+    return 0
+
+
+def cmd_models(args) -> int:
+    from distillab.models import human, ladder_table
+
+    rows = ladder_table(args.vocab_size, args.seq_len)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"vocabulary {args.vocab_size:,}, sequence {args.seq_len:,} (FLOPs per training token)")
+    header = f"{'name':12s} {'family':6s} {'L':>3s} {'d':>5s} {'heads':>6s} {'hd':>4s} {'ffn':>6s} " \
+             f"{'non-emb':>8s} {'total':>8s} {'FLOPs/tok':>10s}  note"
+    print(header)
+    for r in rows:
+        print(
+            f"{r['name']:12s} {r['family']:6s} {r['layers']:3d} {r['d_model']:5d} "
+            f"{r['heads']:>3d}/{r['kv_heads']:<2d} {r['head_dim']:4d} {r['ffn']:6d} "
+            f"{human(r['non_embedding_parameters']):>8s} {human(r['total_parameters']):>8s} "
+            f"{human(r['training_flops_per_token']):>10s}  {r['note']}"
+        )
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from distillab.bench import run_bench
+
+    log = (lambda *a, **k: print(*a, file=sys.stderr, **k)) if args.json else print
+    result = run_bench(
+        args.model,
+        teacher=args.teacher,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        steps=args.steps,
+        warmup=args.warmup,
+        vocab_size=args.vocab_size,
+        device=args.device,
+        threads=args.threads,
+        log=log,
+    )
+    if args.json:
+        print(json.dumps(result, indent=2))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from distillab.demo import run_demo
+
+    run_demo(quick=args.quick, out_dir=args.out)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="distillab",
+        description="Knowledge distillation during LLM pretraining: train teachers and students, evaluate, compare.",
+    )
+    parser.add_argument("--version", action="version", version=f"distillab {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    data = sub.add_parser("data", help="prepare corpora: tokenizer and token shards")
+    data_sub = data.add_subparsers(dest="data_command", metavar="ACTION")
+    prepare = data_sub.add_parser("prepare", help="train/load the tokenizer and write token shards for a config")
+    _add_config_args(prepare)
+    prepare.set_defaults(func=cmd_data_prepare)
+    listing = data_sub.add_parser("list", help="list the packaged corpora")
+    listing.set_defaults(func=cmd_data_list)
+    data.set_defaults(func=lambda args: (data.print_help(), 2)[1])
+
+    train = sub.add_parser("train", help="train (or resume) a teacher or student run")
+    _add_config_args(train)
+    train.add_argument(
+        "--stop-after", type=int, default=None, metavar="STEPS",
+        help="checkpoint and stop once this many optimizer steps are done; run again to resume",
+    )
+    train.set_defaults(func=cmd_train)
+
+    evaluate = sub.add_parser("eval", help="perplexity of a checkpoint on named sets -> eval.json")
+    evaluate.add_argument("--checkpoint", required=True, help="an HF model directory (e.g. runs/NAME/final)")
+    evaluate.add_argument(
+        "--sets", nargs="+", default=["validation"],
+        help="validation, train, packaged:NAME, files:GLOB, hf:PATH[:SPLIT] (default: validation)",
+    )
+    evaluate.add_argument("--seq-len", type=int, default=256, help="window length in tokens (default 256)")
+    evaluate.add_argument("--max-windows", type=int, default=64, help="windows per set at most (default 64)")
+    evaluate.add_argument("--batch-size", type=int, default=8)
+    evaluate.add_argument("--device", default="auto")
+    evaluate.add_argument("--out", default=None, help="output file (default: CHECKPOINT/eval.json)")
+    evaluate.set_defaults(func=cmd_eval)
+
+    models = sub.add_parser("models", help="list the model ladder with parameters and FLOPs per token")
+    models.add_argument("--json", action="store_true", help="print JSON")
+    models.add_argument("--vocab-size", type=int, default=4096)
+    models.add_argument("--seq-len", type=int, default=256)
+    models.set_defaults(func=cmd_models)
+
+    bench = sub.add_parser("bench", help="measure training and distillation throughput")
+    bench.add_argument("--model", required=True, help="student rung (see `distillab models`)")
+    bench.add_argument("--teacher", default=None, help="teacher rung; adds the KD step and teacher forward")
+    bench.add_argument("--batch-size", type=int, default=16)
+    bench.add_argument("--seq-len", type=int, default=256)
+    bench.add_argument("--steps", type=int, default=10)
+    bench.add_argument("--warmup", type=int, default=3)
+    bench.add_argument("--vocab-size", type=int, default=4096)
+    bench.add_argument("--device", default="auto")
+    bench.add_argument("--threads", type=int, default=None)
+    bench.add_argument("--json", action="store_true", help="print the measurements as JSON")
+    bench.set_defaults(func=cmd_bench)
+
+    demo = sub.add_parser("demo", help="train a teacher and a distilled student on a real corpus, end to end")
+    demo.add_argument("--quick", action="store_true", help="a ~1 minute smoke version")
+    demo.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "func"):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except DistillabError as exc:
+        print(f"distillab: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("distillab: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,406 @@
+"""Tokenize a corpus once into memory-mapped token shards with a manifest.
+
+A prepared data directory holds `tokenizer/` (an HF tokenizer directory), one flat array per
+split (`train.bin`, `validation.bin`: uint16 when the vocabulary fits, else uint32, with the
+end-of-text token after every document) and `manifest.json` (sources, content hash, the
+split, the tokenizer fingerprint, token counts and the sha256 of each shard).
+
+The directory is content-addressed by the preparation settings and rebuilt when the corpus
+content changes. It is built in a temporary directory and renamed into place, and the
+manifest is written last, so a half-built directory is never taken for a finished one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from distillab.config import CorpusConfig, DataConfig, stable_hash
+from distillab.data.packaged import default_cache_dir
+from distillab.data.sources import Document, corpus_identity, describe, iter_documents
+from distillab.data.tokenizer import load_tokenizer, token_dtype, tokenizer_fingerprint, train_bpe
+from distillab.errors import DataError
+from distillab.progress import progress
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+# documents longer than this are encoded in pieces cut at a newline, so peak memory stays flat
+ENCODE_PIECE_CHARS = 1 << 20
+ENCODE_BATCH_CHARS = 4 << 20
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
+
+
+def make_temp_dir(parent: Path, prefix: str) -> Path:
+    """A temporary directory beside its final place, with normal (umask) permissions."""
+    path = Path(tempfile.mkdtemp(dir=parent, prefix=prefix))
+    os.chmod(path, 0o777 & ~_umask())
+    return path
+
+
+def write_json_atomic(path: Path, obj: object) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.fchmod(fd, 0o666 & ~_umask())
+    with os.fdopen(fd, "w") as handle:
+        json.dump(obj, handle, indent=2, sort_keys=False)
+        handle.write("\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def file_lock(path: Path):
+    """An exclusive advisory lock, so concurrent runs prepare the same data only once."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@dataclass
+class PreparedData:
+    """A verified prepared data directory."""
+
+    path: Path
+    manifest: dict
+    _tokenizer: object = field(default=None, repr=False)
+
+    @property
+    def tokenizer_dir(self) -> Path:
+        return self.path / "tokenizer"
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.tokenizer_dir)
+        return self._tokenizer
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.manifest["tokenizer"]["vocab_size"])
+
+    @property
+    def fingerprint(self) -> str:
+        return self.manifest["tokenizer"]["fingerprint"]
+
+    def tokens(self, split: str) -> np.ndarray:
+        info = self.manifest["splits"].get(split)
+        if info is None:
+            raise DataError(f"{self.path / MANIFEST}: no split {split!r} (have {', '.join(self.manifest['splits'])})")
+        return np.memmap(self.path / info["file"], dtype=self.manifest["dtype"], mode="r")
+
+
+# ----------------------------------------------------------------------------- verification
+
+
+def load_prepared(path: Path, verify: bool = True) -> PreparedData:
+    manifest_path = Path(path) / MANIFEST
+    if not manifest_path.exists():
+        raise DataError(f"{manifest_path}: missing; run `distillab data prepare` again")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except json.JSONDecodeError:
+        raise DataError(f"{manifest_path}: not valid JSON; delete {path} and prepare again") from None
+    if verify:
+        for split, info in manifest["splits"].items():
+            shard = Path(path) / info["file"]
+            if not shard.exists():
+                raise DataError(f"{shard}: shard missing; delete {path} and prepare again")
+            actual = sha256_file(shard)
+            if actual != info["sha256"]:
+                raise DataError(
+                    f"{shard}: checksum mismatch (sha256 {actual[:12]}…, manifest says {info['sha256'][:12]}…); "
+                    f"the file is corrupt or was modified: delete {path} and prepare again"
+                )
+    return PreparedData(Path(path), manifest)
+
+
+# ----------------------------------------------------------------------------- building
+
+
+def _content_survey(documents: Iterable[Document]) -> tuple[list[tuple[str, int]], str]:
+    """One pass over the corpus: (id, characters) per document and a hash of all content."""
+    digest = hashlib.sha256()
+    index: list[tuple[str, int]] = []
+    for document in progress(documents, desc="reading corpus", unit="doc"):
+        digest.update(document.id.encode())
+        digest.update(b"\x00")
+        digest.update(document.text.encode("utf-8", errors="surrogatepass"))
+        digest.update(b"\x01")
+        index.append((document.id, len(document.text)))
+    return index, digest.hexdigest()
+
+
+def choose_validation(index: list[tuple[str, int]], fraction: float, seed: int, named: list[str]) -> set[int]:
+    """Positions of held-out documents: whole documents, deterministic from the seed.
+
+    Documents are ranked by a seeded hash of their id and taken in that order until they hold
+    `fraction` of all characters (at least one document, never all of them).
+    """
+    if named:
+        ids = {doc_id: i for i, (doc_id, _) in enumerate(index)}
+        missing = [name for name in named if name not in ids]
+        if missing:
+            raise DataError(
+                f"data.validation_documents: no document with id {missing[0]!r} in the corpus "
+                f"(ids look like {index[0][0]!r})"
+            )
+        chosen = {ids[name] for name in named}
+        if len(chosen) >= len(index):
+            raise DataError("data.validation_documents: would hold out every document; leave some for training")
+        return chosen
+    if len(index) < 2:
+        raise DataError("data.corpus: the corpus has fewer than 2 documents; a whole-document split needs more")
+    total = sum(chars for _, chars in index)
+
+    def rank(position: int) -> str:
+        return hashlib.sha256(f"{seed}:{index[position][0]}:{position}".encode()).hexdigest()
+
+    chosen: set[int] = set()
+    held = 0
+    for position in sorted(range(len(index)), key=rank):
+        if held >= fraction * total or len(chosen) == len(index) - 1:
+            break
+        chosen.add(position)
+        held += index[position][1]
+    return chosen
+
+
+def _pieces(text: str) -> Iterator[str]:
+    while len(text) > ENCODE_PIECE_CHARS:
+        cut = text.rfind("\n", 0, ENCODE_PIECE_CHARS)
+        cut = ENCODE_PIECE_CHARS if cut <= 0 else cut + 1
+        yield text[:cut]
+        text = text[cut:]
+    yield text
+
+
+def encode_documents(documents: Iterable[Document], tokenizer, out_file, dtype: str) -> tuple[int, int]:
+    """Append each document's tokens and then end-of-text to `out_file`; return (tokens, documents)."""
+    eos = tokenizer.eos_token_id
+    backend = tokenizer.backend_tokenizer
+    n_tokens = n_docs = 0
+    batch: list[str] = []
+    ends: list[bool] = []
+    batch_chars = 0
+
+    def flush():
+        nonlocal n_tokens, batch, ends, batch_chars
+        if not batch:
+            return
+        encodings = backend.encode_batch(batch, add_special_tokens=False)
+        for encoding, is_end in zip(encodings, ends):
+            ids = encoding.ids + ([eos] if is_end else [])
+            out_file.write(np.asarray(ids, dtype=dtype).tobytes())
+            n_tokens += len(ids)
+        batch, ends, batch_chars = [], [], 0
+
+    for document in documents:
+        pieces = list(_pieces(document.text))
+        for i, piece in enumerate(pieces):
+            batch.append(piece)
+            ends.append(i == len(pieces) - 1)
+            batch_chars += len(piece)
+            if batch_chars >= ENCODE_BATCH_CHARS:
+                flush()
+        n_docs += 1
+    flush()
+    return n_tokens, n_docs
+
+
+def _replace_dir(tmp: Path, final: Path) -> None:
+    if final.exists():
+        trash = final.with_name(f".trash-{final.name}-{os.getpid()}")
+        os.rename(final, trash)
+        os.rename(tmp, final)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.rename(tmp, final)
+
+
+def preparation_key(data: DataConfig) -> dict:
+    tokenizer_key: dict = {"vocab_size": data.tokenizer.vocab_size, "min_frequency": data.tokenizer.min_frequency}
+    if data.tokenizer.path:
+        tokenizer_key = {"fingerprint": tokenizer_fingerprint(load_tokenizer(data.tokenizer.path))}
+    return {
+        "format": FORMAT_VERSION,
+        "corpus": corpus_identity(data.corpus),
+        "split": {
+            "validation_fraction": data.validation_fraction,
+            "validation_documents": sorted(data.validation_documents),
+            "seed": data.split_seed,
+        },
+        "tokenizer": tokenizer_key,
+    }
+
+
+def prepare_data(data: DataConfig, log=print) -> PreparedData:
+    """Prepared, verified data for `data`: reused when the inputs match, else (re)built."""
+    cache_dir = Path(os.path.expanduser(data.cache_dir)) if data.cache_dir else default_cache_dir()
+    key = preparation_key(data)
+    key_hash = stable_hash(key)
+    out_dir = cache_dir / "prepared" / key_hash
+    with file_lock(cache_dir / "prepared" / f".{key_hash}.lock"):
+        documents = lambda: iter_documents(data.corpus, cache_dir)  # noqa: E731
+        index, content_hash = _content_survey(documents())
+        if not index:
+            raise DataError(f"data.corpus: {describe(data.corpus)} yielded no documents")
+        if (out_dir / MANIFEST).exists():
+            existing = load_prepared(out_dir, verify=True)
+            if existing.manifest.get("content_sha256") == content_hash:
+                log(f"data: reusing {out_dir}")
+                return existing
+            log(f"data: corpus content changed since {out_dir} was built; rebuilding")
+        validation = choose_validation(index, data.validation_fraction, data.split_seed, data.validation_documents)
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = make_temp_dir(out_dir.parent, f".tmp-{key_hash}-")
+        try:
+            manifest = _build(data, documents, index, validation, content_hash, key, tmp, log)
+            _replace_dir(tmp, out_dir)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    log(
+        f"data: prepared {out_dir} — train {manifest['splits']['train']['tokens']:,} tokens, "
+        f"validation {manifest['splits']['validation']['tokens']:,} tokens"
+    )
+    return load_prepared(out_dir, verify=False)
+
+
+def _build(data, documents, index, validation, content_hash, key, tmp: Path, log) -> dict:
+    def split_docs(want_validation: bool) -> Iterator[Document]:
+        for position, document in enumerate(documents()):
+            if (position in validation) == want_validation:
+                yield document
+
+    if data.tokenizer.path:
+        tokenizer = load_tokenizer(data.tokenizer.path)
+        tokenizer.save_pretrained(str(tmp / "tokenizer"))
+        tokenizer = load_tokenizer(tmp / "tokenizer")
+        trained = False
+    else:
+        started = time.perf_counter()
+        texts = (d.text for d in split_docs(False))
+        tokenizer = train_bpe(
+            progress(texts, desc="training tokenizer", unit="doc", total=len(index) - len(validation)),
+            data.tokenizer.vocab_size,
+            data.tokenizer.min_frequency,
+            tmp / "tokenizer",
+            length=len(index) - len(validation),
+        )
+        log(f"data: trained a {len(tokenizer):,}-token byte-level BPE in {time.perf_counter() - started:.1f}s")
+        trained = True
+    vocab_size = len(tokenizer)
+    dtype = token_dtype(vocab_size)
+    splits = {}
+    for split, want_validation in (("train", False), ("validation", True)):
+        file_name = f"{split}.bin"
+        n_split_docs = len(validation) if want_validation else len(index) - len(validation)
+        with open(tmp / file_name, "wb") as handle:
+            n_tokens, n_docs = encode_documents(
+                progress(split_docs(want_validation), desc=f"tokenizing {split}", unit="doc", total=n_split_docs),
+                tokenizer,
+                handle,
+                dtype,
+            )
+            handle.flush()
+            os.fsync(handle.fileno())
+        splits[split] = {
+            "file": file_name,
+            "tokens": n_tokens,
+            "documents": n_docs,
+            "sha256": sha256_file(tmp / file_name),
+        }
+    manifest = {
+        "format": FORMAT_VERSION,
+        "key": key,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "source": describe(data.corpus),
+        "content_sha256": content_hash,
+        "documents": len(index),
+        "validation_documents": [index[p][0] for p in sorted(validation)],
+        "tokenizer": {
+            "fingerprint": tokenizer_fingerprint(tokenizer),
+            "vocab_size": vocab_size,
+            "eos_token_id": tokenizer.eos_token_id,
+            "trained_here": trained,
+        },
+        "dtype": dtype,
+        "splits": splits,
+    }
+    write_json_atomic(tmp / MANIFEST, manifest)
+    return manifest
+
+
+def prepare_corpus_tokens(corpus: CorpusConfig, tokenizer, cache_dir: Path | None = None, log=print) -> np.ndarray:
+    """Every document of another corpus, tokenized with `tokenizer` (for evaluation sets)."""
+    cache_dir = cache_dir or default_cache_dir()
+    fingerprint = tokenizer_fingerprint(tokenizer)
+    key = {"format": FORMAT_VERSION, "corpus": corpus_identity(corpus), "tokenizer": fingerprint}
+    key_hash = stable_hash(key)
+    out_dir = cache_dir / "eval_sets" / key_hash
+    with file_lock(cache_dir / "eval_sets" / f".{key_hash}.lock"):
+        documents = lambda: iter_documents(corpus, cache_dir)  # noqa: E731
+        index, content_hash = _content_survey(documents())
+        if not index:
+            raise DataError(f"{describe(corpus)}: yielded no documents")
+        if (out_dir / MANIFEST).exists():
+            existing = load_prepared(out_dir, verify=True)
+            if existing.manifest.get("content_sha256") == content_hash:
+                return existing.tokens("all")
+        tmp = make_temp_dir(out_dir.parent, f".tmp-{key_hash}-")
+        try:
+            dtype = token_dtype(len(tokenizer))
+            with open(tmp / "all.bin", "wb") as handle:
+                n_tokens, n_docs = encode_documents(
+                    progress(documents(), desc=f"tokenizing {describe(corpus)}", unit="doc", total=len(index)),
+                    tokenizer,
+                    handle,
+                    dtype,
+                )
+            manifest = {
+                "format": FORMAT_VERSION,
+                "key": key,
+                "source": describe(corpus),
+                "content_sha256": content_hash,
+                "documents": n_docs,
+                "tokenizer": {"fingerprint": fingerprint, "vocab_size": len(tokenizer)},
+                "dtype": dtype,
+                "splits": {"all": {"file": "all.bin", "tokens": n_tokens, "documents": n_docs,
+                                   "sha256": sha256_file(tmp / "all.bin")}},
+            }
+            write_json_atomic(tmp / MANIFEST, manifest)
+            _replace_dir(tmp, out_dir)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    log(f"data: tokenized {describe(corpus)} for evaluation: {n_tokens:,} tokens")
+    return load_prepared(out_dir, verify=False).tokens("all")

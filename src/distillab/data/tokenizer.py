@@ -1,0 +1,85 @@
+"""Tokenizers: train a byte-level BPE on the training split, or load an HF tokenizer directory.
+
+Teacher and student must share one tokenizer; `tokenizer_fingerprint` gives the identity that
+is compared (vocabulary, merges, special tokens, pre-tokenization), independent of how the
+directory was written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Iterable
+
+from distillab.errors import DataError
+
+END_OF_TEXT = "<|endoftext|>"
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int, out_dir: Path, length: int | None = None):
+    """Train a byte-level BPE and save it as an HF tokenizer directory; return the loaded tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=[END_OF_TEXT],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(texts, trainer=trainer, length=length)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        eos_token=END_OF_TEXT,
+        bos_token=END_OF_TEXT,
+        pad_token=END_OF_TEXT,
+        unk_token=None,
+        model_max_length=1_000_000_000,
+    )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fast.save_pretrained(str(out_dir))
+    return load_tokenizer(out_dir)
+
+
+def load_tokenizer(path: str | Path):
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: tokenizer directory not found")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise DataError(f"{path}: not a loadable HF tokenizer directory ({first})") from None
+    if not getattr(tokenizer, "is_fast", False):
+        raise DataError(f"{path}: distillab needs a fast (Rust) HF tokenizer (tokenizer.json)")
+    if tokenizer.eos_token_id is None:
+        raise DataError(f"{path}: the tokenizer defines no end-of-text (eos) token")
+    return tokenizer
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """sha256 over what decides token ids: model (vocab, merges), added tokens, pre-/normalization."""
+    state = json.loads(tokenizer.backend_tokenizer.to_str())
+    identity = {
+        "model": state.get("model"),
+        "normalizer": state.get("normalizer"),
+        "pre_tokenizer": state.get("pre_tokenizer"),
+        "added_tokens": sorted(
+            (t["id"], t["content"], bool(t.get("special"))) for t in state.get("added_tokens", [])
+        ),
+        "eos": tokenizer.eos_token_id,
+    }
+    blob = json.dumps(identity, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()
+
+
+def token_dtype(vocab_size: int) -> str:
+    return "uint16" if vocab_size <= 65_536 else "uint32"

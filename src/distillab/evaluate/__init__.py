@@ -1,0 +1,1 @@
+"""Evaluation: perplexity on named sets (downstream tasks and analysis build on it)."""

@@ -1,0 +1,181 @@
+"""The model ladder: named sizes built as HF `LlamaForCausalLM` / `Qwen3ForCausalLM` configs.
+
+No transformer is written here. A rung is a handful of shape numbers; `hf_config` turns it
+into a transformers config (vocabulary from the tokenizer), so every checkpoint is a plain HF
+model that any tool can load.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from distillab.config import ModelConfig
+from distillab.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    family: str  # "llama" | "qwen3" (Qwen3 adds RMSNorm on queries and keys)
+    layers: int
+    d_model: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    ffn: int
+    rope_theta: float
+    tie_embeddings: bool
+    note: str = ""
+
+    def non_embedding_parameters(self) -> int:
+        """Parameters outside the token embedding and the output head."""
+        attention = self.d_model * self.head_dim * (2 * self.heads + 2 * self.kv_heads)
+        mlp = 3 * self.d_model * self.ffn
+        norms = 2 * self.d_model + (2 * self.head_dim if self.family == "qwen3" else 0)
+        return self.layers * (attention + mlp + norms) + self.d_model  # + final norm
+
+    def embedding_parameters(self, vocab_size: int) -> int:
+        return vocab_size * self.d_model * (1 if self.tie_embeddings else 2)
+
+    def total_parameters(self, vocab_size: int) -> int:
+        return self.non_embedding_parameters() + self.embedding_parameters(vocab_size)
+
+    def training_flops_per_token(self, vocab_size: int, seq_len: int) -> float:
+        """6 x (matmul parameters incl. the output head) + 12 x layers x seq x heads x head_dim.
+
+        The second term is attention scores and weighted values for a full (not causally
+        halved) window, as in Kaplan et al. and the PaLM MFU convention.
+        """
+        matmul = self.layers * (
+            self.d_model * self.head_dim * (2 * self.heads + 2 * self.kv_heads) + 3 * self.d_model * self.ffn
+        ) + vocab_size * self.d_model
+        attention = 12 * self.layers * seq_len * self.heads * self.head_dim
+        return 6.0 * matmul + attention
+
+    def forward_flops_per_token(self, vocab_size: int, seq_len: int) -> float:
+        return self.training_flops_per_token(vocab_size, seq_len) / 3.0
+
+
+def _cpu(name, layers, d_model, heads, ffn, note=""):
+    return ModelSpec(name, "llama", layers, d_model, heads, heads, d_model // heads, ffn, 10_000.0, False, note)
+
+
+def _llama(name, layers, d_model, ffn, note=""):
+    return ModelSpec(name, "llama", layers, d_model, 32, 8, 128, ffn, 500_000.0, False, note)
+
+
+def _qwen3(name, layers, d_model, heads, kv_heads, head_dim, ffn, note=""):
+    return ModelSpec(name, "qwen3", layers, d_model, heads, kv_heads, head_dim, ffn, 1_000_000.0, True, note)
+
+
+LADDER: dict[str, ModelSpec] = {
+    spec.name: spec
+    for spec in [
+        _cpu("cpu-0.1m", 2, 64, 4, 192, "CPU rung"),
+        _cpu("cpu-0.3m", 3, 96, 4, 256, "CPU rung"),
+        _cpu("cpu-1m", 5, 128, 4, 352, "CPU rung"),
+        _cpu("cpu-3m", 4, 256, 4, 688, "CPU rung"),
+        _cpu("cpu-10m", 8, 320, 5, 864, "CPU rung"),
+        _llama("llama-0.7b", 12, 1024, 8192, "paper, Llama-style"),
+        _llama("llama-1.7b", 16, 2048, 8192, "paper, Llama-style"),
+        _llama("llama-3.8b", 28, 3072, 8192, "paper, Llama-style"),
+        _llama("llama-8b", 32, 4096, 14336, "paper, Llama-style"),
+        _qwen3("qwen3-0.15b", 20, 512, 8, 4, 64, 1536, "paper ablation, Qwen3-style"),
+        _qwen3("qwen3-0.3b", 24, 768, 12, 4, 64, 2304, "paper ablation, Qwen3-style"),
+        _qwen3("qwen3-0.6b", 28, 1024, 16, 8, 128, 3072, "paper ablation, Qwen3-style"),
+        _qwen3("qwen3-1b", 28, 1536, 12, 4, 128, 4608, "paper ablation, Qwen3-style"),
+    ]
+}
+
+
+def resolve_spec(model: ModelConfig) -> ModelSpec:
+    """The named rung with any explicitly set fields of `model` overriding it."""
+    if model.name not in LADDER:
+        raise ConfigError("model.name", f"unknown model {model.name!r}; `distillab models` lists the ladder")
+    spec = LADDER[model.name]
+    changes = {
+        f.name: getattr(model, f.name)
+        for f in dataclasses.fields(model)
+        if f.name != "name" and getattr(model, f.name) is not None
+    }
+    if not changes:
+        return spec
+    if "d_model" in changes and "head_dim" not in changes and spec.family == "llama" and spec.name.startswith("cpu"):
+        changes["head_dim"] = changes["d_model"] // changes.get("heads", spec.heads)
+    spec = dataclasses.replace(spec, name=f"{spec.name}+custom", **changes)
+    if spec.heads % spec.kv_heads:
+        raise ConfigError("model.kv_heads", f"must divide model.heads ({spec.heads}), got {spec.kv_heads}")
+    return spec
+
+
+def hf_config(spec: ModelSpec, vocab_size: int, max_seq_len: int, eos_token_id: int | None = None):
+    common = dict(
+        vocab_size=vocab_size,
+        hidden_size=spec.d_model,
+        intermediate_size=spec.ffn,
+        num_hidden_layers=spec.layers,
+        num_attention_heads=spec.heads,
+        num_key_value_heads=spec.kv_heads,
+        head_dim=spec.head_dim,
+        max_position_embeddings=max_seq_len,
+        rope_theta=spec.rope_theta,
+        tie_word_embeddings=spec.tie_embeddings,
+        rms_norm_eps=1e-6,
+        initializer_range=0.02,
+        attention_bias=False,
+        bos_token_id=eos_token_id,
+        eos_token_id=eos_token_id,
+        pad_token_id=eos_token_id,
+        use_cache=False,
+    )
+    if spec.family == "llama":
+        from transformers import LlamaConfig
+
+        return LlamaConfig(mlp_bias=False, **common)
+    from transformers import Qwen3Config
+
+    return Qwen3Config(use_sliding_window=False, **common)
+
+
+def build_model(spec: ModelSpec, vocab_size: int, max_seq_len: int, seed: int, eos_token_id: int | None = None):
+    """A freshly initialised HF causal LM; the same seed always gives the same weights."""
+    from transformers import AutoModelForCausalLM
+
+    config = hf_config(spec, vocab_size, max_seq_len, eos_token_id)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
+    return model
+
+
+def ladder_table(vocab_size: int, seq_len: int) -> list[dict]:
+    rows = []
+    for spec in LADDER.values():
+        rows.append(
+            {
+                "name": spec.name,
+                "family": spec.family,
+                "layers": spec.layers,
+                "d_model": spec.d_model,
+                "heads": spec.heads,
+                "kv_heads": spec.kv_heads,
+                "head_dim": spec.head_dim,
+                "ffn": spec.ffn,
+                "rope_theta": spec.rope_theta,
+                "tied_embeddings": spec.tie_embeddings,
+                "non_embedding_parameters": spec.non_embedding_parameters(),
+                "total_parameters": spec.total_parameters(vocab_size),
+                "training_flops_per_token": spec.training_flops_per_token(vocab_size, seq_len),
+                "note": spec.note,
+            }
+        )
+    return rows
+
+
+def human(n: float) -> str:
+    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.3g}{unit}"
+    return f"{n:.3g}"

@@ -1,0 +1,173 @@
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from conftest import tiny_run
+from distillab.config import TrainConfig, config_from_dict
+from distillab.errors import ConfigError
+from distillab.models import LADDER, build_model
+from distillab.train import learning_rate, make_plan, train
+
+quiet = lambda *a: None  # noqa: E731
+
+
+def weights(run_dir: Path) -> dict:
+    return load_file(str(run_dir / "final" / "model.safetensors"))
+
+
+def assert_bit_identical(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_cosine_schedule_values():
+    cfg = TrainConfig(token_budget=100 * 4 * 8, batch_size=4, seq_len=8, lr=1.0, warmup_fraction=0.05)
+    plan = make_plan(cfg)
+    assert plan.steps == 100 and plan.warmup_steps == 5
+    lrs = [learning_rate(s, plan, cfg) for s in range(plan.steps)]
+    assert lrs[:5] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0])
+    assert lrs[-1] == pytest.approx(0.1)  # cosine ends at 10 % of peak
+    middle = 5 + (100 - 1 - 5) / 2
+    assert learning_rate(int(middle), plan, cfg) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (int(middle) - 5) / 94)))
+    assert all(a >= b for a, b in zip(lrs[5:], lrs[6:]))
+
+
+def test_wsd_schedule_values():
+    cfg = TrainConfig(token_budget=100 * 4 * 8, batch_size=4, seq_len=8, lr=2.0, schedule="wsd",
+                      warmup_fraction=0.1, decay_fraction=0.2)
+    plan = make_plan(cfg)
+    lrs = [learning_rate(s, plan, cfg) for s in range(plan.steps)]
+    assert lrs[9] == pytest.approx(2.0) and lrs[79] == pytest.approx(2.0)
+    assert lrs[80] == pytest.approx(2.0)  # decay starts from the peak
+    assert lrs[-1] == pytest.approx(0.2)
+    assert lrs[90] == pytest.approx(2.0 + (0.2 - 2.0) * 10 / 19)
+
+
+def test_same_seed_same_initial_weights():
+    a = build_model(LADDER["cpu-0.1m"], 100, 16, seed=43).state_dict()
+    b = build_model(LADDER["cpu-0.1m"], 100, 16, seed=43).state_dict()
+    c = build_model(LADDER["cpu-0.1m"], 100, 16, seed=44).state_dict()
+    assert_bit_identical(a, b)
+    assert not torch.equal(a["model.layers.0.mlp.up_proj.weight"], c["model.layers.0.mlp.up_proj.weight"])
+
+
+def test_teacher_then_student_end_to_end(tmp_path, cache_dir):
+    from transformers import AutoModelForCausalLM
+
+    teacher_cfg = config_from_dict(tiny_run(tmp_path, cache_dir, "teacher", model={"name": "cpu-0.3m"}))
+    teacher = train(teacher_cfg, log=quiet)
+    assert teacher.completed
+    student_cfg = config_from_dict(
+        tiny_run(tmp_path, cache_dir, "student", kd={"teacher": str(teacher.final_dir), "alpha": 0.5, "temperature": 2.0},
+                 train={"init_seed": 43, "data_seed": 43})
+    )
+    student = train(student_cfg, log=quiet)
+    assert student.completed and student.steps == 8 and student.tokens == 8 * 4 * 32
+
+    rows = [json.loads(line) for line in (student.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 4, 6, 8]
+    for row in rows:
+        assert {"step", "tokens", "loss", "ce", "kd", "lr", "tokens_per_s"} <= row.keys()
+        assert row["kd"] > 0 and row["loss"] == pytest.approx(0.5 * row["ce"] + 0.5 * row["kd"], rel=1e-6)
+    assert "eval/validation/loss" in rows[-1]
+    teacher_rows = [json.loads(l) for l in (teacher.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["kd"] == 0 and r["loss"] == pytest.approx(r["ce"]) for r in teacher_rows)
+
+    # the checkpoint is a plain HF model: load it and recompute the held-out loss independently
+    model = AutoModelForCausalLM.from_pretrained(str(student.final_dir)).eval()
+    manifest_dir = Path(json.loads((student.final_dir / "distillab.json").read_text())["data_dir"])
+    meta = json.loads((manifest_dir / "manifest.json").read_text())
+    tokens = np.memmap(manifest_dir / "validation.bin", dtype=meta["dtype"], mode="r")
+    n_windows = (len(tokens) - 1) // 32
+    starts = np.linspace(0, n_windows - 1, 8).round().astype(int) * 32
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for s in starts:
+            window = torch.tensor(np.asarray(tokens[s : s + 33], dtype=np.int64))[None]
+            logp = torch.log_softmax(model(window[:, :-1]).logits.double(), dim=-1)
+            nll -= float(logp[0, torch.arange(32), window[0, 1:]].sum())
+            count += 32
+    assert student.eval["validation"]["loss"] == pytest.approx(nll / count, rel=1e-5)
+    assert student.eval["validation"]["ppl"] == pytest.approx(math.exp(nll / count), rel=1e-5)
+
+    # a finished run is not retrained
+    again = train(student_cfg, log=quiet)
+    assert again.completed and again.steps == 8
+
+
+def test_resume_is_bit_identical(tmp_path, cache_dir):
+    straight = train(config_from_dict(tiny_run(tmp_path, cache_dir, "straight")), log=quiet)
+    interrupted_cfg = config_from_dict(tiny_run(tmp_path, cache_dir, "interrupted"))
+    first = train(interrupted_cfg, stop_after_steps=5, log=quiet)
+    assert not first.completed and first.steps == 5
+    resumed = train(interrupted_cfg, log=quiet)
+    assert resumed.completed and resumed.steps == 8
+    assert_bit_identical(weights(straight.run_dir), weights(resumed.run_dir))
+    a = [json.loads(l) for l in (straight.run_dir / "metrics.jsonl").read_text().splitlines()]
+    b = [json.loads(l) for l in (resumed.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["loss"]) for r in a] == [(r["step"], r["loss"]) for r in b]
+
+
+def test_resume_refuses_a_changed_config(tmp_path, cache_dir):
+    cfg = config_from_dict(tiny_run(tmp_path, cache_dir, "run"))
+    train(cfg, stop_after_steps=3, log=quiet)
+    changed = config_from_dict(tiny_run(tmp_path, cache_dir, "run", train={"lr": 1e-3}))
+    with pytest.raises(ConfigError) as info:
+        train(changed, log=quiet)
+    assert info.value.key == "train.lr"
+
+
+def test_gradient_accumulation_matches_one_big_batch(tmp_path, cache_dir):
+    big = tiny_run(tmp_path, cache_dir, "big", train={"batch_size": 8, "token_budget": 2 * 8 * 32})
+    small = tiny_run(tmp_path, cache_dir, "small", train={"batch_size": 4, "grad_accum": 2, "token_budget": 2 * 8 * 32})
+    a = weights(train(config_from_dict(big), log=quiet).run_dir)
+    b = weights(train(config_from_dict(small), log=quiet).run_dir)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
+
+
+def test_teacher_with_another_tokenizer_is_refused(tmp_path, cache_dir):
+    teacher = train(config_from_dict(tiny_run(tmp_path, cache_dir, "t", data={"tokenizer": {"vocab_size": 300}})),
+                    log=quiet)
+    cfg = config_from_dict(tiny_run(tmp_path, cache_dir, "s", kd={"teacher": str(teacher.final_dir), "alpha": 0.5}))
+    with pytest.raises(ConfigError) as info:
+        train(cfg, log=quiet)
+    assert info.value.key == "kd.teacher" and "tokenizer" in str(info.value)
+    missing = config_from_dict(tiny_run(tmp_path, cache_dir, "s2", kd={"teacher": str(tmp_path / "nope"), "alpha": 0.5}))
+    with pytest.raises(ConfigError, match="kd.teacher"):
+        train(missing, log=quiet)
+
+
+def test_killed_process_resumes_to_the_same_weights(tmp_path, cache_dir):
+    """SIGKILL at an arbitrary moment (possibly mid-checkpoint), rerun, compare with an uninterrupted run."""
+    budget = {"token_budget": 24 * 4 * 32, "checkpoint_every": 2, "log_every": 4, "eval_every": 100}
+    straight = train(config_from_dict(tiny_run(tmp_path, cache_dir, "straight", train=budget)), log=quiet)
+    config_path = tmp_path / "killed.yaml"
+    config_path.write_text(yaml.safe_dump(tiny_run(tmp_path, cache_dir, "killed", train=budget)))
+    command = [sys.executable, "-m", "distillab.cli", "train", str(config_path)]
+    env = {**os.environ, "DISTILLAB_CACHE": str(cache_dir)}
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoints = tmp_path / "killed" / "checkpoints"
+    deadline = time.time() + 120
+    while time.time() < deadline and not any(checkpoints.glob("step_*")) and process.poll() is None:
+        time.sleep(0.05)
+    time.sleep(0.3)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (tmp_path / "killed" / "summary.json").exists(), "the run finished before it could be killed"
+    finished = subprocess.run(command, env=env, capture_output=True, text=True)
+    assert finished.returncode == 0, finished.stderr
+    assert "resuming" in finished.stdout
+    assert_bit_identical(weights(straight.run_dir), weights(tmp_path / "killed"))
