@@ -137,3 +137,38 @@ def test_shape_mismatch_and_missing_teacher():
         distillation_loss(torch.zeros(2, 3), torch.zeros(2, 4), torch.zeros(2, dtype=torch.long), alpha=0.5)
     with pytest.raises(ValueError, match="teacher_logits"):
         distillation_loss(torch.zeros(2, 3), None, torch.zeros(2, dtype=torch.long), alpha=0.5)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 3.0])
+def test_overwriting_the_logits_gives_the_same_loss_and_gradient(temperature):
+    rng = np.random.default_rng(4)
+    s = rng.normal(scale=2.0, size=(2, 40, 30)).astype(np.float32)
+    t = torch.tensor(rng.normal(scale=2.0, size=(2, 40, 30)).astype(np.float32))
+    y = torch.tensor(rng.integers(0, 30, size=(2, 40)))
+    y[1, 5:9] = -100
+    leaf = torch.tensor(s, requires_grad=True)
+    expected = distillation_loss(leaf, t, y, alpha=0.6, temperature=temperature)
+    expected.total.backward()
+
+    weight = torch.eye(30, requires_grad=True)  # logits produced by an op, as in a model
+    inputs = torch.tensor(s)
+    logits = inputs @ weight
+    got = distillation_loss(logits, t, y, alpha=0.6, temperature=temperature, overwrite_logits=True)
+    got.total.backward()
+    assert float(got.total.detach()) == pytest.approx(float(expected.total.detach()), rel=1e-6)
+    # d(loss)/d(weight) = inputs^T @ d(loss)/d(logits)
+    expected_weight_grad = inputs.reshape(-1, 30).T @ leaf.grad.reshape(-1, 30)
+    torch.testing.assert_close(weight.grad, expected_weight_grad, rtol=1e-5, atol=1e-6)
+
+
+def test_extreme_logits_stay_finite_and_exact():
+    """Targets with probabilities far below float32's range still give the exact CE."""
+    s = torch.zeros(3, 5)
+    s[:, 0] = 200.0  # every other token has log-probability of about -200
+    y = torch.tensor([1, 2, 0])
+    t = torch.zeros(3, 5)
+    t[:, 4] = 150.0
+    out = distillation_loss(s.clone().requires_grad_(True), t, y, alpha=0.5)
+    total, ce, kd = numpy_objective(s.numpy(), t.numpy(), y.numpy(), 0.5, 1.0)
+    assert float(out.ce) == pytest.approx(ce, rel=1e-5)
+    assert float(out.kd) == pytest.approx(kd, rel=1e-5)

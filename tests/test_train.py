@@ -129,13 +129,29 @@ def test_resume_refuses_a_changed_config(tmp_path, cache_dir):
     assert info.value.key == "train.lr"
 
 
-def test_gradient_accumulation_matches_one_big_batch(tmp_path, cache_dir):
-    big = tiny_run(tmp_path, cache_dir, "big", train={"batch_size": 8, "token_budget": 2 * 8 * 32})
-    small = tiny_run(tmp_path, cache_dir, "small", train={"batch_size": 4, "grad_accum": 2, "token_budget": 2 * 8 * 32})
-    a = weights(train(config_from_dict(big), log=quiet).run_dir)
-    b = weights(train(config_from_dict(small), log=quiet).run_dir)
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
+def test_gradient_accumulation_weights_micro_batches_by_target_tokens():
+    """Two micro-batches with unequal target counts give the gradient of one batch's mean loss."""
+    import copy
+
+    from distillab.train import train_step
+
+    model = build_model(LADDER["cpu-0.1m"], 64, 16, seed=0)
+    ids = torch.randint(0, 64, (8, 17), generator=torch.Generator().manual_seed(1))
+    inputs, labels = ids[:, :-1], ids[:, 1:].clone()
+    labels[:3, :10] = -100  # the first micro-batch has 30 fewer targets
+    reference = copy.deepcopy(model)
+    logits = reference(input_ids=inputs).logits
+    torch.nn.functional.cross_entropy(logits.reshape(-1, 64), labels.reshape(-1), ignore_index=-100).backward()
+
+    accumulated = copy.deepcopy(model)
+    before = {n: p.detach().clone() for n, p in accumulated.named_parameters()}
+    sgd = torch.optim.SGD(accumulated.parameters(), lr=1.0)  # new = old - grad
+    out = train_step(accumulated, sgd, [(inputs[:4], labels[:4]), (inputs[4:], labels[4:])], None, 0.0, 1.0, 0.0,
+                     torch.device("cpu"))
+    assert out["targets"] == 8 * 16 - 30
+    for name, param in accumulated.named_parameters():
+        expected = dict(reference.named_parameters())[name].grad
+        torch.testing.assert_close(before[name] - param.detach(), expected, rtol=1e-4, atol=1e-7)
 
 
 def test_teacher_with_another_tokenizer_is_refused(tmp_path, cache_dir):
@@ -171,3 +187,41 @@ def test_killed_process_resumes_to_the_same_weights(tmp_path, cache_dir):
     assert finished.returncode == 0, finished.stderr
     assert "resuming" in finished.stdout
     assert_bit_identical(weights(straight.run_dir), weights(tmp_path / "killed"))
+
+
+def test_teacher_with_padded_vocabulary_is_sliced(tmp_path, cache_dir):
+    """A teacher whose output layer has padding rows (e.g. 151,936 vs 152,064) gives the same signal."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from distillab.evaluate.run import evaluate_checkpoint
+    from distillab.teacher import OnlineTeacher
+
+    teacher = train(config_from_dict(tiny_run(tmp_path, cache_dir, "t")), log=quiet)
+    tokenizer = AutoTokenizer.from_pretrained(str(teacher.final_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(teacher.final_dir))
+    model.resize_token_embeddings(len(tokenizer) + 64, mean_resizing=False)
+    padded = tmp_path / "padded"
+    model.save_pretrained(str(padded))
+    tokenizer.save_pretrained(str(padded))
+    assert model.config.vocab_size == len(tokenizer) + 64
+
+    ids = torch.randint(0, len(tokenizer), (2, 16), generator=torch.Generator().manual_seed(0))
+    plain = OnlineTeacher(teacher.final_dir, tokenizer, torch.device("cpu")).logits(ids)
+    sliced = OnlineTeacher(padded, tokenizer, torch.device("cpu")).logits(ids)
+    assert sliced.shape == plain.shape == (2, 16, len(tokenizer))
+    torch.testing.assert_close(sliced, plain)
+    with torch.no_grad():  # the teacher's projection path equals the model's own forward
+        direct = model(input_ids=ids).logits[..., : len(tokenizer)]
+    torch.testing.assert_close(sliced, direct, rtol=1e-5, atol=1e-5)
+
+    a = evaluate_checkpoint(teacher.final_dir, ["validation"], seq_len=32, max_windows=4, out=tmp_path / "a.json",
+                            log=quiet)
+    b = evaluate_checkpoint(padded, ["packaged:milton"], seq_len=32, max_windows=4, out=tmp_path / "b.json", log=quiet)
+    c = evaluate_checkpoint(teacher.final_dir, ["packaged:milton"], seq_len=32, max_windows=4,
+                            out=tmp_path / "c.json", log=quiet)
+    assert b["sets"]["packaged:milton"]["loss"] == pytest.approx(c["sets"]["packaged:milton"]["loss"], rel=1e-6)
+    assert a["sets"]["validation"]["loss"] > 0
+
+    student = train(config_from_dict(tiny_run(tmp_path, cache_dir, "s", kd={"teacher": str(padded), "alpha": 0.5})),
+                    log=quiet)
+    assert student.completed

@@ -44,20 +44,6 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def _time(fn, steps: int, warmup: int, device: torch.device) -> float:
-    """Median seconds per call after `warmup` calls."""
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    times = []
-    for _ in range(steps):
-        started = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
-
-
 def run_bench(
     model: str,
     teacher: str | None = None,
@@ -116,20 +102,12 @@ def run_bench(
     def lm_step():
         train_step(student, optimizer, [(inputs, labels)], None, 0.0, 1.0, 1.0, torch_device)
 
-    # interleave the two yardsticks so drift in machine speed affects both alike
-    plain, lm = [], []
-    for _ in range(2):
-        plain.append(_time(plain_step, max(1, steps // 2), warmup, torch_device))
-        lm.append(_time(lm_step, max(1, steps // 2), warmup, torch_device))
-    measure("plain_step", min(plain), flops_student)
-    measure("lm_step", min(lm), flops_student)
-    result["lm_vs_plain"] = result["plain_step"]["seconds"] / result["lm_step"]["seconds"]
-
+    steps_by_name = {"plain_step": plain_step, "lm_step": lm_step}
+    flops_by_name = {"plain_step": flops_student, "lm_step": flops_student}
     if teacher is not None:
         teacher_spec = resolve_spec(ModelConfig(name=teacher))
         teacher_model = build_model(teacher_spec, vocab_size, seq_len, seed=1)
         signal = OnlineTeacher.from_model(teacher_model, vocab_size, torch_device)
-        flops_teacher_fwd = teacher_spec.forward_flops_per_token(vocab_size, seq_len)
 
         def teacher_forward():
             signal.logits(inputs)
@@ -137,10 +115,30 @@ def run_bench(
         def kd_step():
             train_step(student, optimizer, [(inputs, labels)], signal, 0.5, 1.0, 1.0, torch_device)
 
-        measure("teacher_forward", _time(teacher_forward, steps, warmup, torch_device), flops_teacher_fwd)
-        measure("kd_step", _time(kd_step, steps, warmup, torch_device), flops_student + flops_teacher_fwd)
-        budget = result["lm_step"]["seconds"] + result["teacher_forward"]["seconds"]
-        result["kd_overhead"] = result["kd_step"]["seconds"] / budget
-        log(f"bench: kd_step / (lm_step + teacher_forward) = {result['kd_overhead']:.3f}")
+        steps_by_name["teacher_forward"] = teacher_forward
+        steps_by_name["kd_step"] = kd_step
+        flops_by_name["teacher_forward"] = teacher_spec.forward_flops_per_token(vocab_size, seq_len)
+        flops_by_name["kd_step"] = flops_student + flops_by_name["teacher_forward"]
+
+    # Rounds of one call each, interleaved, so that drift in the machine's speed (shared or
+    # throttled CPUs) touches every measurement alike; the median round is reported.
+    for fn in steps_by_name.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in steps_by_name}
+    for _ in range(steps):
+        for name, fn in steps_by_name.items():
+            _sync(torch_device)
+            started = time.perf_counter()
+            fn()
+            _sync(torch_device)
+            times[name].append(time.perf_counter() - started)
+    for name in steps_by_name:
+        measure(name, statistics.median(times[name]), flops_by_name[name])
+    result["lm_vs_plain"] = result["plain_step"]["seconds"] / result["lm_step"]["seconds"]
+    if teacher is not None:
+        ratios = [k / (l + t) for k, l, t in zip(times["kd_step"], times["lm_step"], times["teacher_forward"])]
+        result["kd_overhead"] = statistics.median(ratios)
+        log(f"bench: kd_step / (lm_step + teacher_forward) = {result['kd_overhead']:.3f} (median of {steps} rounds)")
     log(f"bench: lm_step is {result['lm_vs_plain']:.3f}x the speed of the plain loop")
     return result

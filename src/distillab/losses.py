@@ -22,9 +22,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-# Rows per chunk: keeps the per-chunk temporaries (a few rows x vocab floats) in cache-sized
-# pieces and bounds extra memory to O(chunk x vocab).
-CHUNK_ROWS = 256
+# Rows per chunk: the per-chunk workspaces (rows x vocabulary floats each) stay cache-sized and
+# are reused from chunk to chunk, so extra memory is O(chunk x vocabulary), not O(batch x
+# sequence x vocabulary), and no large buffer is freshly allocated (page faults on a new
+# 64 MB buffer cost as much as a softmax over it on the CPU).
+CHUNK_ROWS = 128
 
 
 @dataclass
@@ -37,6 +39,24 @@ class LossOutput:
     n_tokens: int
 
 
+def _softmax_into(source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """softmax(source) written into `target` (which may alias `source` on the CPU)."""
+    if target.data_ptr() == source.data_ptr() and source.device.type != "cpu":
+        # aliasing is verified for the CPU kernel only; elsewhere go through a temporary
+        target.copy_(torch.softmax(source, dim=-1))
+    else:
+        torch.softmax(source, dim=-1, out=target)
+    return target
+
+
+def _log_normalizer(row_max: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+    """logsumexp of each row from its max and its softmax: lse = max - log(max prob).
+
+    The largest probability is >= 1 / vocabulary, so its log is always accurate.
+    """
+    return row_max - torch.log(probs.amax(dim=-1))
+
+
 def _fused_rows(
     student: torch.Tensor,
     teacher: torch.Tensor | None,
@@ -44,65 +64,93 @@ def _fused_rows(
     alpha: float,
     temperature: float,
     grad_out: torch.Tensor,
-    scale: float,
+    work: dict,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One chunk of rows: (summed CE, summed KL) over target rows; d(total)/d(student) into `grad_out`.
+    """One chunk of rows: (summed CE, summed KL) over all rows; unscaled d(total)/d(student) into `grad_out`.
 
-    Rows with label < 0 are not targets. `scale` is 1 / (target tokens in the whole batch).
-    The gradient of (1-a) CE + a T^2 KL(p_T || q_T) with respect to the student logits is
+    `grad_out` may alias `student` (then the student logits are consumed). With q = softmax(s),
+    p = softmax(t / T), q_T = softmax(s / T), the gradient of (1-a) CE + a T^2 KL(p || q_T) is
         T = 1:  q - a p - (1-a) onehot
-        T != 1: (1-a) (q - onehot) + a T (q_T - p_T)
+        T != 1: (1-a) (q - onehot) + a T (q_T - p)
+    and KL(p || q_T) = sum p (t - s) / T - lse(t / T) + lse(s / T).
+    Rows with label < 0 are masked by the caller.
     """
-    valid = labels >= 0
+    rows = student.shape[0]
     safe_labels = labels.clamp(min=0).unsqueeze(1)
-    log_q = torch.log_softmax(student, dim=-1)
-    ce_sum = -(log_q.gather(1, safe_labels).squeeze(1) * valid).sum()
-    torch.exp(log_q, out=grad_out)  # q
-    kl_sum = torch.zeros((), dtype=student.dtype, device=student.device)
+    student_at_label = student.gather(1, safe_labels).squeeze(1)
+    student_max = student.amax(dim=-1)
+    kl_rows = None
+    if teacher is not None:
+        diff = work["diff"][:rows]
+        p = work["p"][:rows]
+        inv_t = 1.0 / temperature
+        torch.sub(teacher, student, out=diff)  # t - s
+        if temperature == 1.0:
+            _softmax_into(teacher, p)
+        else:
+            _softmax_into(torch.mul(teacher, inv_t, out=p), p)
+        lse_teacher = _log_normalizer(teacher.amax(dim=-1) * inv_t, p)
+        cross = diff.mul_(p).sum(dim=-1) * inv_t  # sum p (t - s) / T
+        if temperature != 1.0:
+            q_t = work["q_t"][:rows]
+            _softmax_into(torch.mul(student, inv_t, out=q_t), q_t)
+            lse_student_t = _log_normalizer(student_max * inv_t, q_t)
+            q_t.sub_(p)  # q_T - p, before the student logits may be overwritten below
+        else:
+            lse_student_t = None
+    q = _softmax_into(student, grad_out)  # consumes `student` when grad_out aliases it
+    lse_student = _log_normalizer(student_max, q)
+    ce_rows = lse_student - student_at_label
     if teacher is not None:
         if temperature == 1.0:
-            log_p = torch.log_softmax(teacher, dim=-1)
-            p = torch.exp(log_p)
-            log_p.sub_(log_q)  # log p - log q
+            kl_rows = cross - lse_teacher + lse_student
             grad_out.sub_(p, alpha=alpha)
         else:
-            log_p = torch.log_softmax(teacher / temperature, dim=-1)
-            p = torch.exp(log_p)
-            log_q_t = torch.log_softmax(student / temperature, dim=-1)
-            log_p.sub_(log_q_t)
-            grad_out.mul_(1.0 - alpha)
-            grad_out.add_(log_q_t.exp_().sub_(p), alpha=alpha * temperature)
-        kl_rows = torch.linalg.vecdot(p, log_p)  # sum_v p (log p - log q)
-        kl_sum = (kl_rows * valid).sum()
-    grad_out.scatter_add_(1, safe_labels, torch.full(safe_labels.shape, alpha - 1.0, dtype=grad_out.dtype, device=grad_out.device))
-    grad_out.mul_((valid * scale).unsqueeze(1).to(grad_out.dtype))
+            kl_rows = cross - lse_teacher + lse_student_t
+            grad_out.mul_(1.0 - alpha).add_(q_t, alpha=alpha * temperature)
+    grad_out.scatter_add_(
+        1, safe_labels, torch.full(safe_labels.shape, alpha - 1.0, dtype=grad_out.dtype, device=grad_out.device)
+    )
+    valid = labels >= 0
+    if not bool(valid.all()):
+        grad_out[~valid] = 0
+    ce_sum = (ce_rows * valid).sum()
+    kl_sum = (kl_rows * valid).sum() if kl_rows is not None else ce_sum.new_zeros(())
     return ce_sum, kl_sum
 
 
 class _FusedDistillation(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, student_logits, teacher_logits, labels, alpha, temperature):
+    def forward(ctx, student_logits, teacher_logits, labels, alpha, temperature, overwrite):
         vocab = student_logits.shape[-1]
         student = student_logits.detach().reshape(-1, vocab)
         teacher = None if teacher_logits is None else teacher_logits.detach().reshape(-1, vocab)
         flat_labels = labels.reshape(-1)
         n_valid = int((flat_labels >= 0).sum())
         scale = 1.0 / max(n_valid, 1)
-        compute_dtype = torch.float32 if student.dtype in (torch.float16, torch.bfloat16) else student.dtype
-        grad = torch.empty(student.shape, dtype=compute_dtype, device=student.device)
+        low_precision = student.dtype in (torch.float16, torch.bfloat16)
+        compute_dtype = torch.float32 if low_precision else student.dtype
+        aliasable = overwrite and not low_precision and student.data_ptr() == student_logits.data_ptr()
+        grad = student if aliasable else torch.empty(student.shape, dtype=compute_dtype, device=student.device)
+        chunk = min(CHUNK_ROWS, student.shape[0])
+        work = {}
+        if teacher is not None:
+            names = ("diff", "p", "q_t") if temperature != 1.0 else ("diff", "p")
+            work = {name: torch.empty((chunk, vocab), dtype=compute_dtype, device=student.device) for name in names}
         ce_total = torch.zeros((), dtype=torch.float64, device=student.device)
         kl_total = torch.zeros((), dtype=torch.float64, device=student.device)
-        for start in range(0, student.shape[0], CHUNK_ROWS):
-            end = min(start + CHUNK_ROWS, student.shape[0])
+        for start in range(0, student.shape[0], chunk):
+            end = min(start + chunk, student.shape[0])
             s = student[start:end].to(compute_dtype)
             t = None if teacher is None else teacher[start:end].to(compute_dtype)
-            ce_sum, kl_sum = _fused_rows(s, t, flat_labels[start:end], alpha, temperature, grad[start:end], scale)
+            ce_sum, kl_sum = _fused_rows(s, t, flat_labels[start:end], alpha, temperature, grad[start:end], work)
             ce_total += ce_sum
             kl_total += kl_sum
         ce = (ce_total * scale).to(compute_dtype)
         kd = (kl_total * scale * temperature**2).to(compute_dtype)
         total = (1.0 - alpha) * ce + alpha * kd
         ctx.save_for_backward(grad)
+        ctx.scale = scale
         ctx.logits_shape = student_logits.shape
         ctx.logits_dtype = student_logits.dtype
         ctx.backward_done = False
@@ -115,9 +163,9 @@ class _FusedDistillation(torch.autograd.Function):
         if ctx.backward_done:
             raise RuntimeError("distillation_loss supports one backward pass per forward")
         ctx.backward_done = True
-        # the stored gradient is scaled in place: no second batch x sequence x vocabulary copy
-        grad_logits = grad.mul_(grad_total).to(ctx.logits_dtype).reshape(ctx.logits_shape)
-        return grad_logits, None, None, None, None
+        # scaled in place: no second batch x sequence x vocabulary buffer
+        grad_logits = grad.mul_(grad_total * ctx.scale).to(ctx.logits_dtype).reshape(ctx.logits_shape)
+        return grad_logits, None, None, None, None, None
 
 
 def _normalize_labels(labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
@@ -135,11 +183,14 @@ def distillation_loss(
     alpha: float,
     temperature: float = 1.0,
     ignore_index: int = -100,
+    overwrite_logits: bool = False,
 ) -> LossOutput:
     """(1 - alpha) * CE + alpha * T^2 * KL(p_T || p_S), averaged over target tokens.
 
     student_logits: [..., V] (gradients flow into it); teacher_logits: [..., V] or None
     (then alpha must be 0); labels: [...] token ids, `ignore_index` where there is no target.
+    overwrite_logits: reuse the student logits' memory for their gradient (the training loop
+    does; the logits hold garbage afterwards). Saves one batch x sequence x vocabulary buffer.
     """
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
@@ -156,7 +207,9 @@ def distillation_loss(
         raise ValueError(f"labels {tuple(labels.shape)} do not match logits {tuple(student_logits.shape)}")
     labels = _normalize_labels(labels, ignore_index)
     n_tokens = int((labels >= 0).sum())
-    total, ce, kd = _FusedDistillation.apply(student_logits, teacher_logits, labels, float(alpha), float(temperature))
+    total, ce, kd = _FusedDistillation.apply(
+        student_logits, teacher_logits, labels, float(alpha), float(temperature), bool(overwrite_logits)
+    )
     return LossOutput(total=total, ce=ce, kd=kd, n_tokens=n_tokens)
 
 

@@ -18,6 +18,9 @@ from distillab.errors import CheckpointError, ConfigError
 
 log = logging.getLogger("distillab")
 
+# Architectures whose logits are exactly the last hidden state times the output embedding.
+_PLAIN_HEAD_MODELS = {"llama", "qwen2", "qwen3", "mistral"}
+
 
 class TeacherSignal(Protocol):
     """Produces teacher logits aligned with the student's, for one batch of input ids."""
@@ -25,7 +28,10 @@ class TeacherSignal(Protocol):
     description: str
 
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """[batch, seq, vocab] logits over the shared tokenizer's vocabulary; never needs grad."""
+        """[batch, seq, vocab] logits over the shared tokenizer's vocabulary; never needs grad.
+
+        The returned tensor may be reused by the next call: consume it before asking again.
+        """
         ...
 
 
@@ -77,6 +83,7 @@ class OnlineTeacher:
         self.precision = precision
         self.path = path
         self.description = f"online:{path}"
+        self._buffer: torch.Tensor | None = None
 
     @classmethod
     def from_model(cls, model, vocab_size: int, device: torch.device, precision: str = "float32") -> "OnlineTeacher":
@@ -88,11 +95,31 @@ class OnlineTeacher:
         teacher.precision = precision
         teacher.path = None
         teacher.description = "online:<in-memory model>"
+        teacher._buffer = None
         return teacher
+
+    def _projects_plainly(self) -> bool:
+        """True when logits are exactly hidden @ W_out^T (no soft-capping or scaling)."""
+        return (
+            self.model.config.model_type in _PLAIN_HEAD_MODELS
+            and self.precision == "float32"
+            and self.model.get_output_embeddings() is not None
+        )
 
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         from distillab.runtime import autocast
 
         with torch.inference_mode(), autocast(self.device, self.precision):
-            logits = self.model(input_ids=input_ids, use_cache=False).logits
-        return logits[..., : self.vocab_size]
+            if not self._projects_plainly():
+                return self.model(input_ids=input_ids, use_cache=False).logits[..., : self.vocab_size]
+            # Run the backbone, then project into a buffer kept across calls: only the tokenizer's
+            # rows of the output layer are computed, and no batch x seq x vocab tensor is
+            # allocated afresh each step (on the CPU that costs page faults on ~64 MB).
+            backbone = getattr(self.model, self.model.base_model_prefix)
+            hidden = backbone(input_ids=input_ids, use_cache=False).last_hidden_state
+            weight = self.model.get_output_embeddings().weight[: self.vocab_size]
+            shape = (*hidden.shape[:-1], self.vocab_size)
+            if self._buffer is None or self._buffer.shape != shape or self._buffer.dtype != hidden.dtype:
+                self._buffer = torch.empty(shape, dtype=hidden.dtype, device=hidden.device)
+            torch.matmul(hidden, weight.T, out=self._buffer)
+            return self._buffer
