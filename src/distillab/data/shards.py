@@ -360,8 +360,8 @@ def _build(data, documents, index, validation, content_hash, key, tmp: Path, log
     return manifest
 
 
-def prepare_corpus_tokens(corpus: CorpusConfig, tokenizer, cache_dir: Path | None = None, log=print) -> np.ndarray:
-    """Every document of another corpus, tokenized with `tokenizer` (for evaluation sets)."""
+def prepare_corpus_tokens(corpus: CorpusConfig, tokenizer, cache_dir: Path | None = None, log=print) -> PreparedData:
+    """Every document of another corpus, tokenized with `tokenizer` (for evaluation sets): split "all"."""
     cache_dir = cache_dir or default_cache_dir()
     fingerprint = tokenizer_fingerprint(tokenizer)
     key = {"format": FORMAT_VERSION, "corpus": corpus_identity(corpus), "tokenizer": fingerprint}
@@ -375,7 +375,7 @@ def prepare_corpus_tokens(corpus: CorpusConfig, tokenizer, cache_dir: Path | Non
         if (out_dir / MANIFEST).exists():
             existing = load_prepared(out_dir, verify=True)
             if existing.manifest.get("content_sha256") == content_hash:
-                return existing.tokens("all")
+                return existing
         tmp = make_temp_dir(out_dir.parent, f".tmp-{key_hash}-")
         try:
             dtype = token_dtype(len(tokenizer))
@@ -403,4 +403,4 @@ def prepare_corpus_tokens(corpus: CorpusConfig, tokenizer, cache_dir: Path | Non
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     log(f"data: tokenized {describe(corpus)} for evaluation: {n_tokens:,} tokens")
-    return load_prepared(out_dir, verify=False).tokens("all")
+    return load_prepared(out_dir, verify=False)

@@ -53,7 +53,7 @@ def corpus_identity(corpus: CorpusConfig) -> dict:
     """The keys that decide which documents a corpus yields (for cache keys)."""
     keys = {"source": corpus.source, "limit": corpus.limit}
     if corpus.source == "files":
-        keys.update(paths=list(corpus.paths), text_field=corpus.text_field)
+        keys.update(paths=list(corpus.paths), text_field=corpus.text_field, text_fields=list(corpus.text_fields))
     elif corpus.source == "hf":
         keys.update(
             path=corpus.path,
@@ -61,6 +61,7 @@ def corpus_identity(corpus: CorpusConfig) -> dict:
             split=corpus.split,
             data_files=list(corpus.data_files),
             text_field=corpus.text_field,
+            text_fields=list(corpus.text_fields),
         )
     else:
         keys.update(name=corpus.name)
@@ -94,20 +95,35 @@ def _expand(patterns: list[str]) -> list[Path]:
     return paths
 
 
-def _text_of(record: object, field: str, where: str) -> str:
-    if not isinstance(record, dict) or field not in record:
-        raise DataError(f"{where}: record has no text field {field!r} (set data.corpus.text_field)")
-    value = record[field]
-    if not isinstance(value, str):
-        raise DataError(f"{where}: field {field!r} is not text")
-    return value
+def _flatten_text(value: object) -> str:
+    """Text of a field that may be nested (lists of paragraphs, dicts of lists)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict):
+        return "\n".join(_flatten_text(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return "\n".join(_flatten_text(v) for v in value)
+    return "" if value is None else str(value)
+
+
+def _text_of(record: object, field: str | list[str], where: str) -> str:
+    fields = [field] if isinstance(field, str) else field
+    if not isinstance(record, dict) or any(f not in record for f in fields):
+        missing = next((f for f in fields if not isinstance(record, dict) or f not in record), fields[0])
+        raise DataError(f"{where}: record has no text field {missing!r} (set data.corpus.text_field)")
+    if len(fields) == 1:
+        value = record[fields[0]]
+        if not isinstance(value, str):
+            raise DataError(f"{where}: field {fields[0]!r} is not text")
+        return value
+    return "\n\n".join(_flatten_text(record[f]) for f in fields)
 
 
 def _iter_files(corpus: CorpusConfig) -> Iterator[Document]:
     for path in _expand(corpus.paths):
         name = path.name
         if name.endswith((".jsonl", ".jsonl.gz", ".json")):
-            yield from _iter_jsonl(path, corpus.text_field)
+            yield from _iter_jsonl(path, corpus.text_fields or corpus.text_field)
         elif name.endswith(".parquet"):
             yield from _iter_parquet(path, corpus.text_field)
         else:
@@ -118,7 +134,7 @@ def _iter_files(corpus: CorpusConfig) -> Iterator[Document]:
             yield Document(id=path.stem, text=text)
 
 
-def _iter_jsonl(path: Path, field: str) -> Iterator[Document]:
+def _iter_jsonl(path: Path, field: str | list[str]) -> Iterator[Document]:
     import gzip
 
     opener = gzip.open if path.name.endswith(".gz") else open
@@ -182,6 +198,6 @@ def _iter_hf(corpus: CorpusConfig) -> Iterator[Document]:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise DataError(f"data.corpus.path: cannot load HF dataset {path!r}: {first_line}") from None
     for index, record in enumerate(dataset):
-        text = _text_of(record, corpus.text_field, f"hf:{path}[{index}]")
+        text = _text_of(record, corpus.text_fields or corpus.text_field, f"hf:{path}[{index}]")
         doc_id = record.get("id", index) if isinstance(record, dict) else index
         yield Document(id=str(doc_id), text=text)

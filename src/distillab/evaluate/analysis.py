@@ -1,0 +1,239 @@
+"""Mechanism analysis: how a student's next-token distributions relate to its teacher's and
+its baseline's, and where (which tokens, which positions) distillation changed its predictions.
+
+Per model, averaged over target tokens:
+    entropy (nats), max_prob, gt_logprob, gt_rank (0 = top-1), top1_acc,
+    effective_vocab (tokens with p > 1/V), top10_mass, top50_mass
+Per pair (a, b):
+    kl_ab = KL(p_a || p_b), kl_ba, js (Jensen-Shannon, nats), top1_agreement,
+    top5_jaccard, logit_cosine, top10_spearman (rank correlation of a's and b's logits over
+    a's top-10 tokens), prob_overlap = sum_v min(p_a, p_b)
+Gain (student vs baseline): student minus baseline ground-truth log-prob per token, binned by
+quintile of the baseline's entropy (token difficulty) and by position in the window.
+
+The metric functions are pure and take logits [N, V]; `analyze` runs models over windows.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from distillab.data.shards import write_json_atomic
+
+MODEL_METRICS = ("entropy", "max_prob", "gt_logprob", "gt_rank", "top1_acc", "effective_vocab", "top10_mass",
+                 "top50_mass")
+PAIR_METRICS = ("kl_ab", "kl_ba", "js", "top1_agreement", "top5_jaccard", "logit_cosine", "top10_spearman",
+                "prob_overlap")
+
+
+def model_token_metrics(logits: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-token metrics of one model: each value is a tensor [N]."""
+    logits = logits.double()
+    log_p = torch.log_softmax(logits, dim=-1)
+    p = log_p.exp()
+    vocab = logits.shape[-1]
+    gt_logit = logits.gather(1, targets[:, None])
+    sorted_p = p.sort(dim=-1, descending=True).values
+    return {
+        "entropy": -(p * log_p).sum(-1),
+        "max_prob": sorted_p[:, 0],
+        "gt_logprob": log_p.gather(1, targets[:, None]).squeeze(1),
+        "gt_rank": (logits > gt_logit).sum(-1).double(),
+        "top1_acc": (logits.argmax(-1) == targets).double(),
+        "effective_vocab": (p > 1.0 / vocab).sum(-1).double(),
+        "top10_mass": sorted_p[:, :10].sum(-1),
+        "top50_mass": sorted_p[:, :50].sum(-1),
+    }
+
+
+def _spearman_rows(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Spearman rank correlation per row of two [N, k] tensors (no tie correction)."""
+    rx = x.argsort(-1).argsort(-1).double()
+    ry = y.argsort(-1).argsort(-1).double()
+    rx = rx - rx.mean(-1, keepdim=True)
+    ry = ry - ry.mean(-1, keepdim=True)
+    return (rx * ry).sum(-1) / (rx.norm(dim=-1) * ry.norm(dim=-1))
+
+
+def pair_token_metrics(logits_a: torch.Tensor, logits_b: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-token agreement metrics between two models' logits [N, V]."""
+    a, b = logits_a.double(), logits_b.double()
+    log_p, log_q = torch.log_softmax(a, -1), torch.log_softmax(b, -1)
+    p, q = log_p.exp(), log_q.exp()
+    log_m = torch.log((p + q) / 2)
+    top5_a, top5_b = a.topk(5, -1).indices, b.topk(5, -1).indices
+    shared = (top5_a[:, :, None] == top5_b[:, None, :]).any(-1).sum(-1).double()
+    top10 = a.topk(10, -1).indices
+    return {
+        "kl_ab": (p * (log_p - log_q)).sum(-1),
+        "kl_ba": (q * (log_q - log_p)).sum(-1),
+        "js": 0.5 * (p * (log_p - log_m)).sum(-1) + 0.5 * (q * (log_q - log_m)).sum(-1),
+        "top1_agreement": (a.argmax(-1) == b.argmax(-1)).double(),
+        "top5_jaccard": shared / (10 - shared),
+        "logit_cosine": torch.nn.functional.cosine_similarity(a, b, dim=-1),
+        "top10_spearman": _spearman_rows(a.gather(1, top10), b.gather(1, top10)),
+        "prob_overlap": torch.minimum(p, q).sum(-1),
+    }
+
+
+def position_buckets(seq_len: int) -> list[tuple[int, int]]:
+    """[0,1), [1,4), [4,16), [16,64), ... up to seq_len: early positions have little context."""
+    edges = [0, 1]
+    while edges[-1] * 4 < seq_len:
+        edges.append(edges[-1] * 4)
+    edges.append(seq_len)
+    return [(lo, hi) for lo, hi in zip(edges, edges[1:]) if hi > lo]
+
+
+def binned_gain(gain: np.ndarray, key: np.ndarray, edges: list[tuple[float, float]], labels: list[str]) -> list[dict]:
+    rows = []
+    for (lo, hi), label in zip(edges, labels):
+        mask = (key >= lo) & (key < hi)
+        values = gain[mask]
+        n = int(mask.sum())
+        rows.append({
+            "bin": label,
+            "lo": float(lo),
+            "hi": float(hi),
+            "tokens": n,
+            "mean_gain": float(values.mean()) if n else None,
+            "stderr": float(values.std(ddof=1) / np.sqrt(n)) if n > 1 else None,
+        })
+    return rows
+
+
+def gain_analysis(student_lp: np.ndarray, baseline_lp: np.ndarray, baseline_entropy: np.ndarray,
+                  positions: np.ndarray, seq_len: int) -> dict:
+    """Student minus baseline ground-truth log-prob, by baseline-entropy quintile and by position."""
+    gain = student_lp - baseline_lp
+    quantiles = np.quantile(baseline_entropy, [0.2, 0.4, 0.6, 0.8])
+    edges = list(zip([-np.inf, *quantiles], [*quantiles, np.inf]))
+    by_entropy = binned_gain(gain, baseline_entropy, edges, [f"Q{i + 1}" for i in range(5)])
+    buckets = position_buckets(seq_len)
+    by_position = binned_gain(gain, positions, buckets, [f"{lo}-{hi - 1}" for lo, hi in buckets])
+    return {"mean_gain": float(gain.mean()), "tokens": int(gain.size), "by_entropy_quintile": by_entropy,
+            "by_position": by_position}
+
+
+@torch.inference_mode()
+def analyze(
+    models: dict[str, Path],
+    tokens: np.ndarray,
+    seq_len: int,
+    max_windows: int,
+    out_dir: Path,
+    pairs: list[tuple[str, str]] | None = None,
+    gain: tuple[str, str] | None = None,
+    batch_size: int = 4,
+    vocab_size: int | None = None,
+    device: torch.device = torch.device("cpu"),
+    set_name: str = "",
+    log=print,
+) -> dict:
+    """Run every model over the same windows; write analysis.json and the plots into `out_dir`."""
+    from distillab.evaluate.perplexity import vocab_limit, window_starts
+    from distillab.teacher import load_causal_lm
+
+    loaded = {name: load_causal_lm(path, device, key=f"--model {name}").eval() for name, path in models.items()}
+    pairs = pairs or []
+    starts = window_starts(len(tokens), seq_len, max_windows)
+    sums_model = {name: {m: 0.0 for m in MODEL_METRICS} for name in loaded}
+    sums_pair = {f"{a}|{b}": {m: 0.0 for m in PAIR_METRICS} for a, b in pairs}
+    gain_parts: dict[str, list] = {"student": [], "baseline": [], "entropy": [], "position": []}
+    count = 0
+    for i in range(0, len(starts), batch_size):
+        window = torch.from_numpy(np.stack([
+            np.asarray(tokens[s : s + seq_len + 1], dtype=np.int64) for s in starts[i : i + batch_size]
+        ])).to(device)
+        targets = window[:, 1:].reshape(-1)
+        logits = {}
+        for name, model in loaded.items():
+            out = model(input_ids=window[:, :-1], use_cache=False).logits
+            limit = vocab_limit(model, vocab_size)
+            if limit:
+                out = out[..., :limit]
+            logits[name] = out.reshape(-1, out.shape[-1])
+        per_model = {name: model_token_metrics(z, targets) for name, z in logits.items()}
+        for name, metrics in per_model.items():
+            for metric, values in metrics.items():
+                sums_model[name][metric] += float(values.sum())
+        for a, b in pairs:
+            for metric, values in pair_token_metrics(logits[a], logits[b]).items():
+                sums_pair[f"{a}|{b}"][metric] += float(values.sum())
+        if gain:
+            student, baseline = gain
+            gain_parts["student"].append(per_model[student]["gt_logprob"].cpu().numpy())
+            gain_parts["baseline"].append(per_model[baseline]["gt_logprob"].cpu().numpy())
+            gain_parts["entropy"].append(per_model[baseline]["entropy"].cpu().numpy())
+            gain_parts["position"].append(np.tile(np.arange(seq_len), window.shape[0]))
+        count += targets.numel()
+    result = {
+        "set": set_name,
+        "seq_len": seq_len,
+        "windows": int(len(starts)),
+        "tokens": count,
+        "checkpoints": {name: str(path) for name, path in models.items()},
+        "models": {name: {m: v / count for m, v in sums.items()} for name, sums in sums_model.items()},
+        "pairs": {name: {m: v / count for m, v in sums.items()} for name, sums in sums_pair.items()},
+    }
+    if gain:
+        result["gain"] = {"student": gain[0], "baseline": gain[1], **gain_analysis(
+            *(np.concatenate(gain_parts[k]) for k in ("student", "baseline", "entropy", "position")), seq_len)}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out_dir / "analysis.json", result)
+    plot_analysis(result, out_dir)
+    log(f"analyze: {count:,} tokens over {len(starts)} windows; wrote {out_dir / 'analysis.json'} and plots")
+    return result
+
+
+def plot_analysis(result: dict, out_dir: Path) -> list[Path]:
+    """One PNG per view: per-model metrics, per-pair metrics, gain by difficulty, gain by position."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+
+    def grid(table: dict, metrics: tuple, title: str, file: str):
+        names = list(table)
+        if not names:
+            return
+        fig, axes = plt.subplots(2, 4, figsize=(14, 6))
+        for ax, metric in zip(axes.flat, metrics):
+            ax.bar(range(len(names)), [table[n][metric] for n in names], color="tab:blue")
+            ax.set_xticks(range(len(names)), [n.replace("|", "\nvs ") for n in names], fontsize=8)
+            ax.set_title(metric, fontsize=10)
+        fig.suptitle(title)
+        fig.tight_layout()
+        fig.savefig(out_dir / file, dpi=100)
+        plt.close(fig)
+        written.append(out_dir / file)
+
+    grid(result["models"], MODEL_METRICS, f"per-model metrics on {result['set']}", "models.png")
+    grid(result["pairs"], PAIR_METRICS, f"pairwise agreement on {result['set']}", "pairs.png")
+    if "gain" in result:
+        gain = result["gain"]
+        for key, file, xlabel in (("by_entropy_quintile", "gain_by_difficulty.png", "baseline entropy quintile (Q5 = hardest)"),
+                                  ("by_position", "gain_by_position.png", "position in window")):
+            rows = [r for r in gain[key] if r["mean_gain"] is not None]
+            fig, ax = plt.subplots(figsize=(7, 4))
+            ax.bar([r["bin"] for r in rows], [r["mean_gain"] for r in rows],
+                   yerr=[1.96 * (r["stderr"] or 0) for r in rows], color="tab:green", capsize=3)
+            ax.axhline(0, color="black", linewidth=0.8)
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel(f"{gain['student']} - {gain['baseline']} log-prob (nats)")
+            ax.set_title("distillation gain per token (95% CI)")
+            fig.tight_layout()
+            fig.savefig(out_dir / file, dpi=100)
+            plt.close(fig)
+            written.append(out_dir / file)
+    return written
+
+
+def load_analysis(path: Path) -> dict:
+    return json.loads(Path(path).read_text())
