@@ -169,6 +169,45 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_sweep(args) -> int:
+    from pathlib import Path
+
+    from distillab.sweep import compute_summary, format_plan, load_grid, plan, run_sweep
+
+    spec = load_grid(args.grid)
+    out = Path(args.out or f"sweeps/{spec.name}")
+    if args.dry_run:
+        runs = plan(spec, out)
+        print(format_plan(runs, compute_summary(runs, spec, device=args.device, mfu=args.mfu)))
+        return 0
+    slurm = {}
+    for item in args.slurm or []:
+        key, _, value = item.partition("=")
+        slurm[key] = int(value) if value.isdigit() else value
+    status = run_sweep(spec, out, workers=args.workers, executor=args.executor, retry_failed=args.retry_failed,
+                       slurm=slurm)
+    from distillab.report import write_report
+
+    report = write_report(out)
+    print(f"sweep: report in {report}")
+    return 0 if all(s == "done" for s in status.values()) else 1
+
+
+def cmd_sweep_run(args) -> int:
+    from distillab.sweep import execute_run
+
+    execute_run(args.sweep_dir, args.run_id, threads=args.threads)
+    return 0
+
+
+def cmd_report(args) -> int:
+    from distillab.report import write_report
+
+    path = write_report(args.sweep_dir, tolerance=args.tolerance)
+    print(f"report: wrote {path} and {path.with_suffix('.html')}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from distillab.demo import run_demo
 
@@ -261,6 +300,35 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--threads", type=int, default=None)
     bench.add_argument("--json", action="store_true", help="print the measurements as JSON")
     bench.set_defaults(func=cmd_bench)
+
+    sweep = sub.add_parser(
+        "sweep", help="run a grid: teacher pool -> students + baselines -> evaluation -> report (resumable)",
+        description="Expand a grid spec into content-addressed runs and execute the unfinished ones, teachers "
+        "before their students. Rerunning skips finished runs and resumes interrupted ones.",
+    )
+    sweep.add_argument("grid", help="grid spec (YAML); see configs/examples/grid_small.yaml")
+    sweep.add_argument("--out", default=None, help="sweep directory (default sweeps/<name>)")
+    sweep.add_argument("--dry-run", action="store_true", help="print runs, dependencies and compute; run nothing")
+    sweep.add_argument("--device", default="cpu", help="compute estimate for: cpu, h100, tpu-v6e (default cpu)")
+    sweep.add_argument("--mfu", type=float, default=0.4, help="model FLOP utilisation for h100 / tpu-v6e estimates")
+    sweep.add_argument("--workers", type=int, default=1, help="runs at once (each gets cores / workers threads)")
+    sweep.add_argument("--executor", choices=["local", "slurm", "submitit-local"], default="local")
+    sweep.add_argument("--slurm", nargs="*", metavar="KEY=VALUE",
+                       help="submitit parameters, e.g. slurm_partition=gpu gpus_per_node=1 timeout_min=600")
+    sweep.add_argument("--retry-failed", action="store_true", help="run failed runs again")
+    sweep.set_defaults(func=cmd_sweep)
+
+    sweep_run = sub.add_parser("sweep-run", help="(internal) train and evaluate one run of a planned sweep")
+    sweep_run.add_argument("sweep_dir")
+    sweep_run.add_argument("run_id")
+    sweep_run.add_argument("--threads", type=int, default=None)
+    sweep_run.set_defaults(func=cmd_sweep_run)
+
+    report = sub.add_parser("report", help="results table, gains, labels and report.md / report.html of a sweep")
+    report.add_argument("sweep_dir")
+    report.add_argument("--tolerance", type=float, default=None,
+                        help="same-level band in nats of held-out loss (default: the grid's label_tolerance)")
+    report.set_defaults(func=cmd_report)
 
     demo = sub.add_parser("demo", help="train a teacher and a distilled student on a real corpus, end to end")
     demo.add_argument("--quick", action="store_true", help="a ~1 minute smoke version")

@@ -217,6 +217,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return str(value)
     if tp is Any:
         return value
+    if tp is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(key, f"must be a mapping, got {value!r}")
+        return value
     raise ConfigError(key, f"unsupported type {tp}")
 
 

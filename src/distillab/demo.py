@@ -45,7 +45,7 @@ def run_demo(quick: bool = False, out_dir: str | Path = "runs/demo", log=print) 
     out_dir = Path(out_dir) / ("quick" if quick else "default")
     started = time.perf_counter()
     results = {}
-    sets = ["validation", "packaged:milton"]
+    sets = ["validation", "milton"]
     for spec in demo_runs(out_dir, quick):
         config = config_from_dict(spec)
         result = train(config, log=log)

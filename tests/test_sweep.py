@@ -1,0 +1,141 @@
+import json
+import math
+import os
+import statistics
+from pathlib import Path
+
+import pytest
+import yaml
+
+from distillab.errors import ConfigError
+from distillab.report import add_gains_and_labels, label_by_loss, label_by_size, mean_ci, write_report
+from distillab.sweep import compute_summary, format_plan, load_grid, plan, run_sweep
+
+
+def grid_file(tmp_path: Path, cache_dir: Path, **changes) -> Path:
+    grid = {
+        "name": "tiny",
+        "base": {
+            "data": {"corpus": {"source": "packaged", "name": "shakespeare"}, "tokenizer": {"vocab_size": 512},
+                     "validation_fraction": 0.08, "cache_dir": str(cache_dir)},
+            "train": {"batch_size": 4, "seq_len": 32, "eval_every": 1000, "checkpoint_every": 2, "log_every": 2,
+                      "threads": 1},
+            "eval": {"max_windows": 4},
+        },
+        "teachers": {"models": ["cpu-0.1m"], "tokens": [1024], "seeds": [42]},
+        "students": {"models": ["cpu-0.1m"], "tokens": [512], "seeds": [43]},
+        "kd": {"alpha": [0.5]},
+        "eval": {"sets": ["in-domain"], "max_windows": 4},
+    }
+    for key, value in changes.items():
+        grid[key] = value
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(grid))
+    return path
+
+
+def test_labels_and_gains_on_hand_made_results():
+    assert label_by_loss(4.50, 4.60, 0.02) == "strong-to-weak"
+    assert label_by_loss(4.61, 4.60, 0.02) == "same-level"
+    assert label_by_loss(4.70, 4.60, 0.02) == "weak-to-strong"
+    assert label_by_size(3e6, 1e6) == "strong-to-weak" and label_by_size(1e6, 1e6) == "same-level"
+    base = {"model": "cpu-1m", "tokens": 100, "init_seed": 43, "data_seed": 43, "non_embedding_parameters": 1_000_000,
+            "domain/validation": "in-domain", "domain/milton": "ood", "domain/code": "ood"}
+    rows = [
+        {**base, "run_id": "t", "role": "teacher", "model": "cpu-3m", "tokens": 400, "init_seed": 42, "data_seed": 42,
+         "non_embedding_parameters": 3_000_000, "loss/validation": 4.40},
+        {**base, "run_id": "b", "role": "baseline", "loss/validation": 4.50, "loss/milton": 5.50, "loss/code": 7.0,
+         "acc/piqa": 0.55},
+        {**base, "run_id": "s", "role": "student", "teacher_id": "t", "loss/validation": 4.48, "loss/milton": 5.40,
+         "loss/code": 7.1, "acc/piqa": 0.58},
+    ]
+    student = add_gains_and_labels(rows, tolerance=0.05)[2]
+    assert student["baseline_id"] == "b"
+    assert student["label_by_loss"] == "strong-to-weak"  # 4.40 < 4.50 - 0.05
+    assert student["label_by_params"] == "strong-to-weak" and student["label_by_tokens"] == "strong-to-weak"
+    assert student["gain/validation"] == pytest.approx(0.02)
+    assert student["gain/in_domain"] == pytest.approx(0.02)
+    assert student["gain/ood"] == pytest.approx(((5.50 - 5.40) + (7.0 - 7.1)) / 2)
+    assert student["gain/downstream"] == pytest.approx(0.03)
+
+
+def test_mean_ci_matches_the_t_interval():
+    values = [0.01, 0.05, -0.02]
+    ci = mean_ci(values)
+    half = 4.303 * statistics.stdev(values) / math.sqrt(3)
+    assert ci["mean"] == pytest.approx(statistics.fmean(values))
+    assert ci["lo"] == pytest.approx(ci["mean"] - half) and ci["hi"] == pytest.approx(ci["mean"] + half)
+    assert mean_ci([0.1])["lo"] is None and mean_ci([])["mean"] is None
+
+
+def test_plan_collapses_shared_runs_and_orders_teachers_first(tmp_path, cache_dir):
+    spec = load_grid(grid_file(tmp_path, cache_dir, students={"models": ["cpu-0.1m"], "tokens": [1024],
+                                                               "seeds": [42, 43]}))
+    runs = plan(spec, tmp_path / "sweep")
+    roles = [r.role for r in runs]
+    # the seed-42 baseline is the teacher itself (same model, tokens and seeds): one run, not two
+    assert roles.count("teacher") == 1 and roles.count("baseline") == 1 and roles.count("student") == 2
+    assert roles.index("teacher") < roles.index("student")
+    again = plan(spec, tmp_path / "elsewhere")
+    assert [r.id for r in runs] == [r.id for r in again]  # ids do not depend on where the sweep lives
+    text = format_plan(runs, compute_summary(runs, spec, device="h100"))
+    assert "teacher_inference" in text and "->" in text
+
+
+def test_bad_grid_names_the_key(tmp_path, cache_dir):
+    with pytest.raises(ConfigError) as info:
+        load_grid(grid_file(tmp_path, cache_dir, kd={"alpha": [0.0]}))
+    assert info.value.key == "kd.alpha[0]"
+    with pytest.raises(ConfigError) as info:
+        load_grid(grid_file(tmp_path, cache_dir, teachers={"models": ["gpt-9"], "tokens": [1]}))
+    assert info.value.key == "teachers.models[0]"
+    with pytest.raises(ConfigError) as info:
+        plan(load_grid(grid_file(tmp_path, cache_dir, base={"train": {"lr": "fast"}})), tmp_path / "s")
+    assert info.value.key == "train.lr"
+
+
+def test_grid_runs_fails_retries_and_reports(tmp_path, cache_dir):
+    spec = load_grid(grid_file(tmp_path, cache_dir))
+    sweep_dir = tmp_path / "sweep"
+    runs = plan(spec, sweep_dir)
+    teacher = next(r for r in runs if r.role == "teacher")
+    os.environ["DISTILLAB_INJECT_FAILURE"] = teacher.id
+    try:
+        status = run_sweep(spec, sweep_dir, workers=2, log=lambda *a: None)
+    finally:
+        del os.environ["DISTILLAB_INJECT_FAILURE"]
+    assert status[teacher.id] == "failed"
+    assert [status[r.id] for r in runs if r.role == "baseline"] == ["done"]  # unrelated run not blocked
+    assert [status[r.id] for r in runs if r.role == "student"] == ["blocked"]
+    recorded = json.loads((sweep_dir / "runs" / teacher.id / "status.json").read_text())
+    assert "injected failure" in recorded["error"]
+
+    baseline = next(r for r in runs if r.role == "baseline")
+    final_stamp = (sweep_dir / "runs" / baseline.id / "final" / "model.safetensors").stat().st_mtime_ns
+    without_retry = run_sweep(spec, sweep_dir, log=lambda *a: None)
+    assert without_retry[teacher.id] == "failed"
+    status = run_sweep(spec, sweep_dir, retry_failed=True, log=lambda *a: None)
+    assert all(s == "done" for s in status.values())
+    # finished runs were not redone
+    assert (sweep_dir / "runs" / baseline.id / "final" / "model.safetensors").stat().st_mtime_ns == final_stamp
+    assert json.loads((sweep_dir / "runs" / baseline.id / "status.json").read_text())["attempts"] == 1
+
+    report = write_report(sweep_dir)
+    text = report.read_text()
+    assert "Gains over the matched baseline" in text and (sweep_dir / "report.html").exists()
+    assert (sweep_dir / "results.csv").exists() and (sweep_dir / "results.parquet").exists()
+    import csv
+
+    rows = list(csv.DictReader(open(sweep_dir / "results.csv")))
+    student = next(r for r in rows if r["role"] == "student")
+    base_row = next(r for r in rows if r["role"] == "baseline")
+    assert float(student["gain/validation"]) == pytest.approx(
+        float(base_row["loss/validation"]) - float(student["loss/validation"]))
+
+
+def test_submitit_local_executor_runs_the_grid(tmp_path, cache_dir):
+    pytest.importorskip("submitit")
+    spec = load_grid(grid_file(tmp_path, cache_dir, students={"models": ["cpu-0.1m"], "tokens": [256],
+                                                               "seeds": [43]}))
+    status = run_sweep(spec, tmp_path / "sweep", executor="submitit-local", log=lambda *a: None)
+    assert all(s == "done" for s in status.values()), status
