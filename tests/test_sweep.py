@@ -139,3 +139,52 @@ def test_submitit_local_executor_runs_the_grid(tmp_path, cache_dir):
                                                                "seeds": [43]}))
     status = run_sweep(spec, tmp_path / "sweep", executor="submitit-local", log=lambda *a: None)
     assert all(s == "done" for s in status.values()), status
+
+
+def test_killed_sweep_completes_without_redoing_finished_runs(tmp_path, cache_dir):
+    """Kill the sweep process (and its workers) once a run is done; the rerun finishes the rest."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    grid = grid_file(tmp_path, cache_dir, students={"models": ["cpu-0.1m"], "tokens": [512], "seeds": [43, 44]})
+    sweep_dir = tmp_path / "sweep"
+    env = {**os.environ, "DISTILLAB_CACHE": str(cache_dir)}
+    command = [sys.executable, "-m", "distillab.cli", "sweep", str(grid), "--out", str(sweep_dir)]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+    deadline = time.time() + 180
+    done_first = []
+    while time.time() < deadline and process.poll() is None:
+        done_first = [p.parent.name for p in sweep_dir.glob("runs/*/status.json")
+                      if json.loads(p.read_text() or "{}").get("status") == "done"]
+        if done_first:
+            break
+        time.sleep(0.2)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert done_first, "no run finished before the deadline"
+    stamps = {run_id: (sweep_dir / "runs" / run_id / "final" / "model.safetensors").stat().st_mtime_ns
+              for run_id in done_first}
+    finished = subprocess.run(command, env=env, capture_output=True, text=True)
+    assert finished.returncode == 0, finished.stdout + finished.stderr
+    assert "already done" in finished.stdout
+    statuses = [json.loads(p.read_text())["status"] for p in sweep_dir.glob("runs/*/status.json")]
+    assert statuses and all(s == "done" for s in statuses)
+    for run_id, stamp in stamps.items():
+        assert (sweep_dir / "runs" / run_id / "final" / "model.safetensors").stat().st_mtime_ns == stamp
+    assert (sweep_dir / "report.md").exists()
+
+
+@pytest.mark.parametrize("preset", sorted(p.name for p in (Path(__file__).parent.parent / "configs" / "paper").glob("*.yaml")))
+def test_paper_presets_dry_run(preset, tmp_path):
+    import subprocess
+    import sys
+
+    path = Path(__file__).parent.parent / "configs" / "paper" / preset
+    result = subprocess.run([sys.executable, "-m", "distillab.cli", "sweep", str(path), "--dry-run", "--device", "h100",
+                             "--out", str(tmp_path / "s")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "teacher_inference" in result.stdout and "student" in result.stdout
+    assert not (tmp_path / "s").exists()  # a dry run writes nothing

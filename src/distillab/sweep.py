@@ -47,6 +47,7 @@ class TeacherPool:
     tokens: list[int] = field(default_factory=list)
     seeds: list[int] = field(default_factory=lambda: [42])
     train: dict = field(default_factory=dict)  # overrides of the base train section
+    overrides: dict = field(default_factory=dict)  # any other run-config overrides (e.g. data)
 
 
 @dataclass
@@ -55,6 +56,7 @@ class StudentSet:
     tokens: list[int] = field(default_factory=list)
     seeds: list[int] = field(default_factory=lambda: [43])
     train: dict = field(default_factory=dict)
+    overrides: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -177,14 +179,15 @@ def plan(spec: GridSpec, sweep_dir: Path) -> list[Run]:
             for seed in spec.teachers.seeds:
                 config = _merge(spec.base, {"model": {"name": model}, "kd": {"alpha": 0.0, "teacher": None},
                                             "train": {"token_budget": tokens, "init_seed": seed, "data_seed": seed}},
-                                {"train": spec.teachers.train})
+                                {"train": spec.teachers.train}, spec.teachers.overrides)
                 teachers.append(add("teacher", config, None, {"model": model, "tokens": tokens, "seed": seed}))
     for model in spec.students.models:
         for tokens in spec.students.tokens:
             for seed in spec.students.seeds:
                 student_base = _merge(spec.base, {"model": {"name": model},
                                                   "train": {"token_budget": tokens, "init_seed": seed,
-                                                            "data_seed": seed}}, {"train": spec.students.train})
+                                                            "data_seed": seed}}, {"train": spec.students.train},
+                                      spec.students.overrides)
                 info = {"model": model, "tokens": tokens, "seed": seed}
                 if spec.baselines:
                     add("baseline", _merge(student_base, {"kd": {"alpha": 0.0, "teacher": None}}), None, info)
@@ -248,7 +251,7 @@ def compute_summary(runs: list[Run], spec: GridSpec, device: str = "cpu", mfu: f
 def format_plan(runs: list[Run], summary: dict) -> str:
     lines = [f"{len(runs)} runs ({sum(r.role == 'teacher' for r in runs)} teachers, "
              f"{sum(r.role == 'baseline' for r in runs)} baselines, {sum(r.role == 'student' for r in runs)} students)",
-             f"compute on {summary['device']}: {summary['rate_note']}", "",
+             f"compute on {summary['device']}: {summary['rate_note']}; hours are device-hours", "",
              f"{'id':12s} {'role':8s} {'model':12s} {'tokens':>14s} {'seed':>5s} {'teacher':12s} {'alpha':>5s} "
              f"{'T':>4s} {'PFLOP':>9s} {'hours':>8s}"]
     for run in runs:

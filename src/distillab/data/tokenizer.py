@@ -50,19 +50,25 @@ def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int, out_dir
 def load_tokenizer(path: str | Path):
     from transformers import AutoTokenizer
 
-    path = Path(path)
-    if not path.exists():
+    local = Path(path)
+    if not local.exists() and not _looks_like_hub_id(str(path)):
         raise DataError(f"{path}: tokenizer directory not found")
     try:
+        # a local directory, or a hub id such as meta-llama/Meta-Llama-3-8B (needs hub access)
         tokenizer = AutoTokenizer.from_pretrained(str(path))
-    except (OSError, ValueError) as exc:
+    except Exception as exc:  # transformers raises many kinds for a missing or broken tokenizer
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise DataError(f"{path}: not a loadable HF tokenizer directory ({first})") from None
+        raise DataError(f"{path}: not a loadable HF tokenizer ({first})") from None
     if not getattr(tokenizer, "is_fast", False):
         raise DataError(f"{path}: distillab needs a fast (Rust) HF tokenizer (tokenizer.json)")
     if tokenizer.eos_token_id is None:
         raise DataError(f"{path}: the tokenizer defines no end-of-text (eos) token")
     return tokenizer
+
+
+def _looks_like_hub_id(text: str) -> bool:
+    parts = text.split("/")
+    return len(parts) == 2 and all(parts) and not text.startswith((".", "~"))
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
