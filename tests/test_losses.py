@@ -172,3 +172,69 @@ def test_extreme_logits_stay_finite_and_exact():
     total, ce, kd = numpy_objective(s.numpy(), t.numpy(), y.numpy(), 0.5, 1.0)
     assert float(out.ce) == pytest.approx(ce, rel=1e-5)
     assert float(out.kd) == pytest.approx(kd, rel=1e-5)
+
+
+def numpy_top_k_objective(s, t, y, alpha, temperature, k):
+    """(1-a) CE + a T^2 KL(p_k || q_T), p_k = teacher softmax renormalised over its top k."""
+    s = s.reshape(-1, s.shape[-1]).astype(np.float64)
+    t = t.reshape(-1, t.shape[-1]).astype(np.float64)
+    y = y.reshape(-1)
+    ce_terms, kl_terms = [], []
+    for row in range(s.shape[0]):
+        if y[row] == -100:
+            continue
+        z = s[row] - s[row].max()
+        ce_terms.append(-(z[y[row]] - np.log(np.exp(z).sum())))
+        top = np.argsort(-t[row], kind="stable")[:k]
+        pk = np.exp(t[row][top] / temperature - (t[row][top] / temperature).max())
+        pk /= pk.sum()
+        zs = s[row] / temperature
+        log_qt = zs - zs.max() - np.log(np.exp(zs - zs.max()).sum())
+        kl_terms.append(np.sum(pk * (np.log(pk) - log_qt[top])))
+    ce, kl = np.mean(ce_terms), np.mean(kl_terms)
+    return (1 - alpha) * ce + alpha * temperature**2 * kl, ce, temperature**2 * kl
+
+
+@pytest.mark.parametrize("k, temperature", [(1, 1.0), (3, 1.0), (3, 2.0), (13, 0.5)])
+def test_top_k_matches_float64_formula(k, temperature):
+    rng = np.random.default_rng(5)
+    s = rng.normal(scale=2.0, size=(3, 4, 13))
+    t = rng.normal(scale=2.0, size=(3, 4, 13))
+    y = rng.integers(0, 13, size=(3, 4))
+    y[2, 1] = -100
+    student = torch.tensor(s, requires_grad=True)
+    out = distillation_loss(student, torch.tensor(t), torch.tensor(y), alpha=0.6, temperature=temperature, top_k=k)
+    total, ce, kd = numpy_top_k_objective(s, t, y, 0.6, temperature, k)
+    assert float(out.total.detach()) == pytest.approx(total, rel=1e-10)
+    assert float(out.kd) == pytest.approx(kd, rel=1e-9, abs=1e-12)
+    out.total.backward()
+    grad = np.zeros_like(s)
+    eps = 1e-6
+    it = np.nditer(s, flags=["multi_index"])
+    for _ in it:
+        i = it.multi_index
+        up, down = s.copy(), s.copy()
+        up[i] += eps
+        down[i] -= eps
+        grad[i] = (numpy_top_k_objective(up, t, y, 0.6, temperature, k)[0]
+                   - numpy_top_k_objective(down, t, y, 0.6, temperature, k)[0]) / (2 * eps)
+    np.testing.assert_allclose(student.grad.numpy(), grad, atol=1e-7)
+    reference = losses.reference_distillation_loss(torch.tensor(s), torch.tensor(t), torch.tensor(y), alpha=0.6,
+                                                   temperature=temperature, top_k=k)
+    assert float(reference.total) == pytest.approx(total, rel=1e-10)
+
+
+def test_hard_labels_are_cross_entropy_against_the_teacher_argmax():
+    rng = np.random.default_rng(6)
+    s = torch.tensor(rng.normal(size=(7, 9)))
+    t = torch.tensor(rng.normal(size=(7, 9)))
+    y = torch.tensor(rng.integers(0, 9, size=7))
+    out = distillation_loss(s, t, y, alpha=0.3, hard_labels=True)
+    ce = torch.nn.functional.cross_entropy(s, y)
+    hard = torch.nn.functional.cross_entropy(s, t.argmax(-1))
+    assert float(out.kd) == pytest.approx(float(hard), rel=1e-12)
+    assert float(out.total) == pytest.approx(float(0.7 * ce + 0.3 * hard), rel=1e-12)
+    with pytest.raises(ValueError, match="temperature"):
+        distillation_loss(s, t, y, alpha=0.3, hard_labels=True, temperature=2.0)
+    with pytest.raises(ValueError, match="top_k"):
+        distillation_loss(s, t, y, alpha=0.3, top_k=0)

@@ -225,3 +225,17 @@ def test_teacher_with_padded_vocabulary_is_sliced(tmp_path, cache_dir):
     student = train(config_from_dict(tiny_run(tmp_path, cache_dir, "s", kd={"teacher": str(padded), "alpha": 0.5})),
                     log=quiet)
     assert student.completed
+
+
+def test_top_k_and_hard_label_students_train(tmp_path, cache_dir):
+    teacher = train(config_from_dict(tiny_run(tmp_path, cache_dir, "t", train={"token_budget": 4 * 4 * 32})), log=quiet)
+    for name, kd in (("topk", {"top_k": 5}), ("hard", {"hard_labels": True})):
+        cfg = config_from_dict(tiny_run(tmp_path, cache_dir, name, train={"token_budget": 4 * 4 * 32},
+                                        kd={"teacher": str(teacher.final_dir), "alpha": 0.5, **kd}))
+        result = train(cfg, log=quiet)
+        rows = [json.loads(l) for l in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+        assert result.completed and all(r["kd"] > 0 for r in rows)
+    with pytest.raises(ConfigError) as info:
+        train(config_from_dict(tiny_run(tmp_path, cache_dir, "big-k", kd={"teacher": str(teacher.final_dir),
+                                                                         "alpha": 0.5, "top_k": 100_000})), log=quiet)
+    assert info.value.key == "kd.top_k"

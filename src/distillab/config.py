@@ -119,6 +119,10 @@ class KDConfig:
     teacher: str | None = None
     alpha: float = 0.0
     temperature: float = 1.0
+    # truncate the teacher's distribution to its k most likely tokens (renormalised)
+    top_k: int | None = None
+    # KD term = cross-entropy against the teacher's most likely token (temperature must be 1)
+    hard_labels: bool = False
 
 
 @dataclass
@@ -311,6 +315,10 @@ def validate(c: RunConfig) -> None:
         "kd.alpha",
         f"is {kd.alpha} but kd.teacher is unset: name a teacher checkpoint or set kd.alpha=0",
     )
+    _require(kd.top_k is None or kd.top_k >= 1, "kd.top_k", f"must be >= 1, got {kd.top_k}")
+    _require(not kd.hard_labels or kd.temperature == 1.0, "kd.temperature",
+             "must be 1 with kd.hard_labels (the teacher's argmax has no temperature)")
+    _require(not (kd.hard_labels and kd.top_k is not None), "kd.top_k", "leave unset with kd.hard_labels")
     _require(t.token_budget > 0, "train.token_budget", f"must be > 0, got {t.token_budget}")
     for key in ("batch_size", "seq_len", "grad_accum", "log_every", "eval_every", "checkpoint_every"):
         value = getattr(t, key)

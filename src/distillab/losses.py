@@ -65,6 +65,7 @@ def _fused_rows(
     temperature: float,
     grad_out: torch.Tensor,
     work: dict,
+    top_k: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One chunk of rows: (summed CE, summed KL) over all rows; unscaled d(total)/d(student) into `grad_out`.
 
@@ -72,8 +73,9 @@ def _fused_rows(
     p = softmax(t / T), q_T = softmax(s / T), the gradient of (1-a) CE + a T^2 KL(p || q_T) is
         T = 1:  q - a p - (1-a) onehot
         T != 1: (1-a) (q - onehot) + a T (q_T - p)
-    and KL(p || q_T) = sum p (t - s) / T - lse(t / T) + lse(s / T).
-    Rows with label < 0 are masked by the caller.
+    and KL(p || q_T) = sum p (t - s) / T - lse(t / T) + lse(s / T). With `top_k`, p is the
+    teacher's distribution renormalised over its k most likely tokens and lse(t / T) is taken
+    over those k. Rows with label < 0 are masked by the caller.
     """
     rows = student.shape[0]
     safe_labels = labels.clamp(min=0).unsqueeze(1)
@@ -81,16 +83,25 @@ def _fused_rows(
     student_max = student.amax(dim=-1)
     kl_rows = None
     if teacher is not None:
-        diff = work["diff"][:rows]
         p = work["p"][:rows]
         inv_t = 1.0 / temperature
-        torch.sub(teacher, student, out=diff)  # t - s
-        if temperature == 1.0:
-            _softmax_into(teacher, p)
+        if top_k is not None:
+            # the teacher's distribution renormalised over its top k tokens (zero elsewhere)
+            values, index = teacher.topk(top_k, dim=-1)
+            scaled = values * inv_t
+            lse_teacher = torch.logsumexp(scaled, dim=-1)
+            probs = torch.exp(scaled - lse_teacher[:, None])
+            p.zero_().scatter_(1, index, probs)
+            cross = (probs * (values - student.gather(1, index))).sum(dim=-1) * inv_t
         else:
-            _softmax_into(torch.mul(teacher, inv_t, out=p), p)
-        lse_teacher = _log_normalizer(teacher.amax(dim=-1) * inv_t, p)
-        cross = diff.mul_(p).sum(dim=-1) * inv_t  # sum p (t - s) / T
+            diff = work["diff"][:rows]
+            torch.sub(teacher, student, out=diff)  # t - s
+            if temperature == 1.0:
+                _softmax_into(teacher, p)
+            else:
+                _softmax_into(torch.mul(teacher, inv_t, out=p), p)
+            lse_teacher = _log_normalizer(teacher.amax(dim=-1) * inv_t, p)
+            cross = diff.mul_(p).sum(dim=-1) * inv_t  # sum p (t - s) / T
         if temperature != 1.0:
             q_t = work["q_t"][:rows]
             _softmax_into(torch.mul(student, inv_t, out=q_t), q_t)
@@ -121,7 +132,7 @@ def _fused_rows(
 
 class _FusedDistillation(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, student_logits, teacher_logits, labels, alpha, temperature, overwrite):
+    def forward(ctx, student_logits, teacher_logits, labels, alpha, temperature, overwrite, top_k):
         vocab = student_logits.shape[-1]
         student = student_logits.detach().reshape(-1, vocab)
         teacher = None if teacher_logits is None else teacher_logits.detach().reshape(-1, vocab)
@@ -143,7 +154,8 @@ class _FusedDistillation(torch.autograd.Function):
             end = min(start + chunk, student.shape[0])
             s = student[start:end].to(compute_dtype)
             t = None if teacher is None else teacher[start:end].to(compute_dtype)
-            ce_sum, kl_sum = _fused_rows(s, t, flat_labels[start:end], alpha, temperature, grad[start:end], work)
+            ce_sum, kl_sum = _fused_rows(s, t, flat_labels[start:end], alpha, temperature, grad[start:end], work,
+                                         top_k)
             ce_total += ce_sum
             kl_total += kl_sum
         ce = (ce_total * scale).to(compute_dtype)
@@ -165,7 +177,7 @@ class _FusedDistillation(torch.autograd.Function):
         ctx.backward_done = True
         # scaled in place: no second batch x sequence x vocabulary buffer
         grad_logits = grad.mul_(grad_total * ctx.scale).to(ctx.logits_dtype).reshape(ctx.logits_shape)
-        return grad_logits, None, None, None, None, None
+        return grad_logits, None, None, None, None, None, None
 
 
 def _normalize_labels(labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
@@ -184,6 +196,8 @@ def distillation_loss(
     temperature: float = 1.0,
     ignore_index: int = -100,
     overwrite_logits: bool = False,
+    top_k: int | None = None,
+    hard_labels: bool = False,
 ) -> LossOutput:
     """(1 - alpha) * CE + alpha * T^2 * KL(p_T || p_S), averaged over target tokens.
 
@@ -191,6 +205,9 @@ def distillation_loss(
     (then alpha must be 0); labels: [...] token ids, `ignore_index` where there is no target.
     overwrite_logits: reuse the student logits' memory for their gradient (the training loop
     does; the logits hold garbage afterwards). Saves one batch x sequence x vocabulary buffer.
+    top_k: p_T is the teacher's distribution renormalised over its k most likely tokens.
+    hard_labels: the KD term is the cross-entropy against the teacher's most likely token
+    (the same as top_k=1 at T = 1; temperature must then be 1).
     """
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
@@ -198,6 +215,12 @@ def distillation_loss(
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if teacher_logits is None and alpha != 0:
         raise ValueError("alpha > 0 needs teacher_logits")
+    if hard_labels:
+        if temperature != 1.0:
+            raise ValueError("hard_labels uses the teacher's argmax; leave temperature at 1")
+        top_k = 1
+    if top_k is not None and not 1 <= top_k <= student_logits.shape[-1]:
+        raise ValueError(f"top_k must be in [1, vocabulary size {student_logits.shape[-1]}], got {top_k}")
     if teacher_logits is not None and teacher_logits.shape != student_logits.shape:
         raise ValueError(
             f"teacher logits {tuple(teacher_logits.shape)} and student logits {tuple(student_logits.shape)} "
@@ -208,7 +231,8 @@ def distillation_loss(
     labels = _normalize_labels(labels, ignore_index)
     n_tokens = int((labels >= 0).sum())
     total, ce, kd = _FusedDistillation.apply(
-        student_logits, teacher_logits, labels, float(alpha), float(temperature), bool(overwrite_logits)
+        student_logits, teacher_logits, labels, float(alpha), float(temperature), bool(overwrite_logits),
+        None if top_k is None else int(top_k),
     )
     return LossOutput(total=total, ce=ce, kd=kd, n_tokens=n_tokens)
 
@@ -221,6 +245,7 @@ def reference_distillation_loss(
     alpha: float,
     temperature: float = 1.0,
     ignore_index: int = -100,
+    top_k: int | None = None,
 ) -> LossOutput:
     """The same objective written directly with autograd (slower; for tests and reading)."""
     vocab = student_logits.shape[-1]
@@ -233,9 +258,12 @@ def reference_distillation_loss(
         kd = torch.zeros((), dtype=s.dtype, device=s.device)
     else:
         t = teacher_logits.reshape(-1, vocab).detach()
+        if top_k is not None:  # keep the teacher's top k logits only
+            kth = t.topk(top_k, dim=-1).values[:, -1:]
+            t = t.masked_fill(t < kth, float("-inf"))
         log_p = F.log_softmax(t / temperature, dim=-1)
         log_q = F.log_softmax(s / temperature, dim=-1)
-        kl = (log_p.exp() * (log_p - log_q)).sum(-1)
+        kl = torch.where(log_p.isinf(), torch.zeros_like(log_p), log_p.exp() * (log_p - log_q)).sum(-1)
         kd = temperature**2 * (kl * valid).sum() / n
     total = (1 - alpha) * ce + alpha * kd
     return LossOutput(total=total, ce=ce.detach(), kd=kd.detach(), n_tokens=int(valid.sum()))

@@ -103,7 +103,8 @@ def collect_rows(sweep_dir: Path) -> list[dict]:
             "alpha": cfg.kd.alpha,
             "temperature": cfg.kd.temperature,
             "divergence": "forward_kl",
-            "top_k": None,
+            "top_k": cfg.kd.top_k,
+            "hard_labels": cfg.kd.hard_labels,
             "train_flops": spec.training_flops_per_token(vocab, cfg.train.seq_len) * cfg.train.token_budget,
         }
         for name, result in report.get("sets", {}).items():
@@ -185,11 +186,12 @@ def summarize(rows: list[dict]) -> list[dict]:
     for row in rows:
         if row["role"] == "student" and row.get("baseline_id"):
             key = (row["model"], row["tokens"], row["teacher_model"], row["teacher_tokens"], row["alpha"],
-                   row["temperature"])
+                   row["temperature"], row["top_k"], row["hard_labels"])
             groups.setdefault(key, []).append(row)
     out = []
     for key, members in sorted(groups.items(), key=lambda kv: tuple(str(k) for k in kv[0])):
-        entry = dict(zip(("model", "tokens", "teacher_model", "teacher_tokens", "alpha", "temperature"), key))
+        entry = dict(zip(("model", "tokens", "teacher_model", "teacher_tokens", "alpha", "temperature", "top_k",
+                          "hard_labels"), key))
         entry["label_by_loss"] = members[0].get("label_by_loss")
         for metric in ("in_domain", "ood", "downstream"):
             entry[metric] = mean_ci([m.get(f"gain/{metric}") for m in members])
@@ -214,7 +216,9 @@ def make_plots(summary: list[dict], out_dir: Path) -> list[Path]:
     paths = []
     if not summary:
         return paths
-    teachers = sorted({(s["teacher_model"], s["teacher_tokens"]) for s in summary}, key=str)
+    # one line per teacher and objective (temperature, top-k, hard labels)
+    teachers = sorted({(s["teacher_model"], s["teacher_tokens"], s["temperature"], s["top_k"], s["hard_labels"])
+                       for s in summary}, key=str)
 
     def errorbars(entries, metric):
         means = [e[metric]["mean"] for e in entries]
@@ -225,12 +229,14 @@ def make_plots(summary: list[dict], out_dir: Path) -> list[Path]:
     fig, axes = plt.subplots(1, 3, figsize=(15, 4), sharey=False)
     for ax, metric in zip(axes, ("in_domain", "ood", "downstream")):
         for teacher in teachers:
-            entries = sorted([s for s in summary if (s["teacher_model"], s["teacher_tokens"]) == teacher
+            entries = sorted([s for s in summary if (s["teacher_model"], s["teacher_tokens"], s["temperature"],
+                                                     s["top_k"], s["hard_labels"]) == teacher
                               and s[metric]["mean"] is not None], key=lambda s: s["alpha"])
             if entries:
                 means, err = errorbars(entries, metric)
+                objective = "hard" if teacher[4] else f"T={teacher[2]:g}" + (f" k={teacher[3]}" if teacher[3] else "")
                 ax.errorbar([e["alpha"] for e in entries], means, yerr=err, marker="o", capsize=3,
-                            label=f"{teacher[0]} @ {teacher[1]:,}")
+                            label=f"{teacher[0]} @ {teacher[1]:,} {objective}")
         ax.axhline(0, color="black", linewidth=0.8)
         ax.set_xlabel("alpha")
         ax.set_title(f"{metric.replace('_', '-')} gain vs alpha")
@@ -299,11 +305,12 @@ def write_report(sweep_dir: str | Path, tolerance: float | None = None) -> Path:
     lines += ["", "## Gains over the matched baseline", "",
               "Gain = baseline − student loss (nats; positive = distillation helped), mean over seeds with a 95 % "
               "interval (Student t). Downstream: accuracy difference.", "",
-              "| student | tokens | teacher | teacher tokens | label (loss) | α | T | in-domain | OOD | downstream |",
-              "|---|---:|---|---:|---|---:|---:|---|---|---|"]
+              "| student | tokens | teacher | teacher tokens | label (loss) | α | T | top-k | in-domain | OOD | downstream |",
+              "|---|---:|---|---:|---|---:|---:|---:|---|---|---|"]
     for s in summary:
         lines.append(f"| {s['model']} | {s['tokens']:,} | {s['teacher_model']} | {s['teacher_tokens']:,} | "
-                     f"{s['label_by_loss'] or '—'} | {s['alpha']} | {s['temperature']} | {_fmt(s['in_domain'])} | "
+                     f"{s['label_by_loss'] or '—'} | {s['alpha']} | {'hard' if s['hard_labels'] else s['temperature']} | "
+                     f"{s['top_k'] or '—'} | {_fmt(s['in_domain'])} | "
                      f"{_fmt(s['ood'])} | {_fmt(s['downstream'])} |")
     lines += ["", "## Best α per teacher", "", "| student | teacher | teacher tokens | label | best α | in-domain | OOD |",
               "|---|---|---:|---|---:|---:|---:|"]

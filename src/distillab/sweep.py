@@ -63,6 +63,9 @@ class StudentSet:
 class KDSweep:
     alpha: list[float] = field(default_factory=lambda: [0.5])
     temperature: list[float] = field(default_factory=lambda: [1.0])
+    top_k: list[int | None] = field(default_factory=lambda: [None])
+    # true adds hard-label students (teacher argmax); they take T = 1 and no top-k only
+    hard_labels: list[bool] = field(default_factory=lambda: [False])
 
 
 @dataclass
@@ -134,6 +137,9 @@ def _validate_grid(spec: GridSpec) -> None:
     for i, temperature in enumerate(spec.kd.temperature):
         if temperature <= 0:
             raise ConfigError(f"kd.temperature[{i}]", f"must be > 0, got {temperature}")
+    for i, top_k in enumerate(spec.kd.top_k):
+        if top_k is not None and top_k < 1:
+            raise ConfigError(f"kd.top_k[{i}]", f"must be >= 1 or null, got {top_k}")
 
 
 def _merge(base: dict, *updates: dict) -> dict:
@@ -191,15 +197,20 @@ def plan(spec: GridSpec, sweep_dir: Path) -> list[Run]:
                 info = {"model": model, "tokens": tokens, "seed": seed}
                 if spec.baselines:
                     add("baseline", _merge(student_base, {"kd": {"alpha": 0.0, "teacher": None}}), None, info)
+                objectives = [(t, k, False) for t in spec.kd.temperature for k in spec.kd.top_k]
+                if True in spec.kd.hard_labels:
+                    objectives = [o for o in objectives if False in spec.kd.hard_labels] + [(1.0, None, True)]
                 for teacher in teachers:
                     for alpha in spec.kd.alpha:
-                        for temperature in spec.kd.temperature:
+                        for temperature, top_k, hard in objectives:
                             config = _merge(student_base, {"kd": {"alpha": alpha, "temperature": temperature,
+                                                                  "top_k": top_k, "hard_labels": hard,
                                                                   "teacher": "pending"}})
                             add("student", config, teacher, {**info, "teacher": teacher.id,
                                                              "teacher_model": teacher.info["model"],
                                                              "teacher_tokens": teacher.info["tokens"],
-                                                             "alpha": alpha, "temperature": temperature})
+                                                             "alpha": alpha, "temperature": temperature,
+                                                             "top_k": top_k, "hard_labels": hard})
     order = {"teacher": 0, "baseline": 1, "student": 2}
     return sorted(runs.values(), key=lambda r: order[r.role])
 
@@ -253,12 +264,13 @@ def format_plan(runs: list[Run], summary: dict) -> str:
              f"{sum(r.role == 'baseline' for r in runs)} baselines, {sum(r.role == 'student' for r in runs)} students)",
              f"compute on {summary['device']}: {summary['rate_note']}; hours are device-hours", "",
              f"{'id':12s} {'role':8s} {'model':12s} {'tokens':>14s} {'seed':>5s} {'teacher':12s} {'alpha':>5s} "
-             f"{'T':>4s} {'PFLOP':>9s} {'hours':>8s}"]
+             f"{'T':>4s} {'top-k':>6s} {'PFLOP':>9s} {'hours':>8s}"]
     for run in runs:
         info, cost = run.info, summary["per_run"][run.id]
         lines.append(
             f"{run.id:12s} {run.role:8s} {info['model']:12s} {info['tokens']:14,d} {info['seed']:5d} "
             f"{info.get('teacher', '-'):12s} {info.get('alpha', 0):5.2f} {info.get('temperature', 1):4.1f} "
+            f"{'hard' if info.get('hard_labels') else (info.get('top_k') or '-'):>6} "
             f"{(cost['train'] + cost['teacher_inference']) / 1e15:9.3f} {cost['hours']:8.2f}"
         )
     lines += ["", "dependencies: " + (", ".join(f"{r.depends_on[0]} -> {r.id}" for r in runs if r.depends_on)

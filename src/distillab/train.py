@@ -240,6 +240,8 @@ def _run_meta(config: RunConfig, spec: ModelSpec, data: PreparedData, step: int,
         "teacher": config.kd.teacher,
         "alpha": config.kd.alpha,
         "temperature": config.kd.temperature,
+        "top_k": config.kd.top_k,
+        "hard_labels": config.kd.hard_labels,
     }
 
 
@@ -253,6 +255,8 @@ def train_step(
     grad_clip: float,
     device: torch.device,
     precision: str = "float32",
+    top_k: int | None = None,
+    hard_labels: bool = False,
 ) -> dict:
     """One optimizer step over micro-batches; each is weighted by its share of the target tokens."""
     step_targets = sum(int((labels >= 0).sum()) for _, labels in batches)
@@ -265,7 +269,8 @@ def train_step(
         with autocast(device, precision):
             student_logits = model(input_ids=inputs, use_cache=False).logits
         out = distillation_loss(
-            student_logits, teacher_logits, labels, alpha=alpha, temperature=temperature, overwrite_logits=True
+            student_logits, teacher_logits, labels, alpha=alpha, temperature=temperature, overwrite_logits=True,
+            top_k=top_k, hard_labels=hard_labels,
         )
         share = out.n_tokens / step_targets
         (out.total * share).backward()
@@ -306,6 +311,8 @@ def train(config: RunConfig, *, stop_after_steps: int | None = None, log=print) 
     spec = resolve_spec(config.model)
     model = build_model(spec, data.vocab_size, t_cfg.seq_len, t_cfg.init_seed, tokenizer.eos_token_id).to(device)
     teacher: TeacherSignal | None = None
+    if kd.top_k is not None and kd.top_k > data.vocab_size:
+        raise ConfigError("kd.top_k", f"is {kd.top_k} but the vocabulary has {data.vocab_size} tokens")
     if kd.alpha > 0:
         teacher = OnlineTeacher(kd.teacher, tokenizer, device, t_cfg.precision)
     optimizer = make_optimizer(model, t_cfg)
@@ -345,7 +352,8 @@ def train(config: RunConfig, *, stop_after_steps: int | None = None, log=print) 
     log(
         f"train: {config.name}: {spec.name} ({spec.non_embedding_parameters():,} non-embedding / {n_params:,} "
         f"parameters), {plan.steps} steps x {plan.tokens_per_step:,} tokens"
-        + (f", alpha={kd.alpha} T={kd.temperature} teacher={kd.teacher}" if teacher else ", LM only")
+        + (f", alpha={kd.alpha} T={kd.temperature}" + (f" top_k={kd.top_k}" if kd.top_k else "")
+           + (" hard labels" if kd.hard_labels else "") + f" teacher={kd.teacher}" if teacher else ", LM only")
     )
 
     def checkpoint_state() -> dict:
@@ -380,7 +388,7 @@ def train(config: RunConfig, *, stop_after_steps: int | None = None, log=print) 
                 group["lr"] = lr
             batches = [stream.batch(sequences + i * micro_batch, micro_batch) for i in range(t_cfg.grad_accum)]
             sums = train_step(model, optimizer, batches, teacher, kd.alpha, kd.temperature, t_cfg.grad_clip,
-                              device, t_cfg.precision)
+                              device, t_cfg.precision, top_k=kd.top_k, hard_labels=kd.hard_labels)
             grad_norm, step_targets = sums["grad_norm"], sums["targets"]
             step += 1
             tokens += step_targets
