@@ -188,3 +188,30 @@ def test_paper_presets_dry_run(preset, tmp_path):
     assert result.returncode == 0, result.stderr
     assert "teacher_inference" in result.stdout and "student" in result.stdout
     assert not (tmp_path / "s").exists()  # a dry run writes nothing
+
+
+def test_wsd_branched_teacher_pool(tmp_path, cache_dir):
+    """One trunk per teacher, branches for smaller budgets, independent twins for comparison."""
+    teachers = {"models": ["cpu-0.1m"], "tokens": [1024, 2048], "seeds": [42], "wsd_branch": True,
+                "compare_independent": True}
+    spec = load_grid(grid_file(tmp_path, cache_dir, teachers=teachers,
+                               students={"models": ["cpu-0.1m"], "tokens": [256], "seeds": [43]}))
+    runs = plan(spec, tmp_path / "sweep")
+    kinds = sorted(r.info["teacher_kind"] for r in runs if r.role == "teacher")
+    assert kinds == ["independent", "wsd-branch", "wsd-trunk"]
+    trunk = next(r for r in runs if r.info.get("teacher_kind") == "wsd-trunk")
+    branch = next(r for r in runs if r.info.get("teacher_kind") == "wsd-branch")
+    assert branch.depends_on == [trunk.id] and branch.config["train"]["branch_from"].endswith("step_00000006")
+    assert trunk.config["train"]["keep_steps"] == [6]
+    summary = compute_summary(runs, spec)
+    assert summary["per_run"][branch.id]["train"] < summary["per_run"][trunk.id]["train"] / 4
+    status = run_sweep(spec, tmp_path / "sweep", workers=2, log=lambda *a: None)
+    assert all(s == "done" for s in status.values()), status
+    text = write_report(tmp_path / "sweep").read_text()
+    assert "WSD-branched vs independently trained teachers" in text
+    import safetensors.torch as st
+
+    independent = next(r for r in runs if r.info.get("teacher_kind") == "independent")
+    a = st.load_file(str(tmp_path / "sweep" / "runs" / branch.id / "final" / "model.safetensors"))
+    b = st.load_file(str(tmp_path / "sweep" / "runs" / independent.id / "final" / "model.safetensors"))
+    assert all((a[k] == b[k]).all() for k in a)  # the branch equals training that budget alone

@@ -239,3 +239,32 @@ def test_top_k_and_hard_label_students_train(tmp_path, cache_dir):
         train(config_from_dict(tiny_run(tmp_path, cache_dir, "big-k", kd={"teacher": str(teacher.final_dir),
                                                                          "alpha": 0.5, "top_k": 100_000})), log=quiet)
     assert info.value.key == "kd.top_k"
+
+
+def test_wsd_branch_equals_an_independent_run(tmp_path, cache_dir):
+    """A budget branched from a WSD trunk's stable phase ends bit-identical to training it alone."""
+    per_step = 4 * 32
+    wsd = {"schedule": "wsd", "warmup_steps": 2, "decay_fraction": 0.25, "checkpoint_every": 100}
+    trunk = train(config_from_dict(tiny_run(tmp_path, cache_dir, "trunk",
+                                            train={**wsd, "token_budget": 24 * per_step, "keep_steps": [9]})),
+                  log=quiet)
+    branch_point = tmp_path / "trunk" / "checkpoints" / "step_00000009"
+    assert branch_point.exists() and trunk.completed
+    branch = train(config_from_dict(tiny_run(tmp_path, cache_dir, "branch",
+                                             train={**wsd, "token_budget": 12 * per_step,
+                                                    "branch_from": str(branch_point)})), log=quiet)
+    alone = train(config_from_dict(tiny_run(tmp_path, cache_dir, "alone", train={**wsd, "token_budget": 12 * per_step})),
+                  log=quiet)
+    assert branch.steps == alone.steps == 12
+    assert_bit_identical(weights(branch.run_dir), weights(alone.run_dir))
+    rows = [json.loads(l) for l in (branch.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["step"] > 9  # the branch trained only the decay
+
+    with pytest.raises(ConfigError, match="only in train.token_budget"):
+        train(config_from_dict(tiny_run(tmp_path, cache_dir, "other-lr",
+                                        train={**wsd, "lr": 1e-3, "token_budget": 12 * per_step,
+                                               "branch_from": str(branch_point)})), log=quiet)
+    with pytest.raises(ConfigError, match="decay starts at step"):
+        train(config_from_dict(tiny_run(tmp_path, cache_dir, "other-budget",
+                                        train={**wsd, "token_budget": 16 * per_step,
+                                               "branch_from": str(branch_point)})), log=quiet)

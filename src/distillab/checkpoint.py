@@ -128,10 +128,12 @@ def list_checkpoints(checkpoints: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def prune_checkpoints(checkpoints: Path, keep: int) -> None:
+def prune_checkpoints(checkpoints: Path, keep: int, protected: list[int] | tuple = ()) -> None:
+    """Keep the newest `keep` checkpoints and every step in `protected`; remove the rest."""
     complete = list_checkpoints(checkpoints)
-    for _, path in complete[:-keep]:
-        shutil.rmtree(path, ignore_errors=True)
+    for step, path in complete[:-keep]:
+        if step not in protected:
+            shutil.rmtree(path, ignore_errors=True)
     # leftovers of interrupted writes
     for child in Path(checkpoints).glob(".tmp-*"):
         shutil.rmtree(child, ignore_errors=True)

@@ -91,8 +91,15 @@ class TrainConfig:
     lr: float = 3e-3
     schedule: Literal["cosine", "wsd"] = "cosine"
     warmup_fraction: float = 0.05
+    # absolute warmup steps, overriding warmup_fraction (branched WSD runs share their trunk's)
+    warmup_steps: int | None = None
     # wsd: share of steps in the final decay
     decay_fraction: float = 0.2
+    # steps whose checkpoints are kept for good (branch points of a WSD trunk)
+    keep_steps: list[int] = field(default_factory=list)
+    # wsd: start from a stable-phase checkpoint of another run (its step must be this run's
+    # decay start) instead of from scratch; that run must differ only in token budget
+    branch_from: str | None = None
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.1
     beta1: float = 0.9
@@ -339,6 +346,9 @@ def validate(c: RunConfig) -> None:
     _require(t.eps > 0, "train.eps", "must be > 0")
     _require(t.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 disables clipping)")
     _require(t.threads is None or t.threads > 0, "train.threads", "must be > 0")
+    _require(t.warmup_steps is None or t.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
+    _require(t.branch_from is None or t.schedule == "wsd", "train.branch_from",
+             "branching needs train.schedule=wsd (a stable phase to branch from)")
     _require(
         t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"),
         "train.device",

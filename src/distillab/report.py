@@ -100,6 +100,8 @@ def collect_rows(sweep_dir: Path) -> list[dict]:
             "teacher_id": info.get("teacher"),
             "teacher_model": info.get("teacher_model"),
             "teacher_tokens": info.get("teacher_tokens"),
+            "teacher_kind": info.get("teacher_kind") if run["role"] != "teacher" else None,
+            "kind": info.get("teacher_kind") if run["role"] == "teacher" else None,
             "alpha": cfg.kd.alpha,
             "temperature": cfg.kd.temperature,
             "divergence": "forward_kl",
@@ -186,12 +188,12 @@ def summarize(rows: list[dict]) -> list[dict]:
     for row in rows:
         if row["role"] == "student" and row.get("baseline_id"):
             key = (row["model"], row["tokens"], row["teacher_model"], row["teacher_tokens"], row["alpha"],
-                   row["temperature"], row["top_k"], row["hard_labels"])
+                   row["temperature"], row["top_k"], row["hard_labels"], row["teacher_kind"])
             groups.setdefault(key, []).append(row)
     out = []
     for key, members in sorted(groups.items(), key=lambda kv: tuple(str(k) for k in kv[0])):
         entry = dict(zip(("model", "tokens", "teacher_model", "teacher_tokens", "alpha", "temperature", "top_k",
-                          "hard_labels"), key))
+                          "hard_labels", "teacher_kind"), key))
         entry["label_by_loss"] = members[0].get("label_by_loss")
         for metric in ("in_domain", "ood", "downstream"):
             entry[metric] = mean_ci([m.get(f"gain/{metric}") for m in members])
@@ -312,6 +314,15 @@ def write_report(sweep_dir: str | Path, tolerance: float | None = None) -> Path:
                      f"{s['label_by_loss'] or '—'} | {s['alpha']} | {'hard' if s['hard_labels'] else s['temperature']} | "
                      f"{s['top_k'] or '—'} | {_fmt(s['in_domain'])} | "
                      f"{_fmt(s['ood'])} | {_fmt(s['downstream'])} |")
+    kinds = [r for r in rows if r["role"] == "teacher" and r.get("kind") in ("wsd-branch", "independent", "wsd-trunk")]
+    if any(r["kind"] == "wsd-branch" for r in kinds):
+        lines += ["", "## WSD-branched vs independently trained teachers", "",
+                  "Held-out loss of each teacher; a branch is a short decay from the trunk's stable phase.", "",
+                  "| model | tokens | seed | kind | held-out loss | training FLOPs |", "|---|---:|---:|---|---:|---:|"]
+        for r in sorted(kinds, key=lambda r: (r["model"], r["tokens"], str(r["kind"]))):
+            loss = r.get(f"loss/{HELD_OUT}")
+            lines.append(f"| {r['model']} | {r['tokens']:,} | {r['init_seed']} | {r['kind']} | "
+                         f"{f'{loss:.4f}' if loss is not None else '—'} | {r['train_flops']:.3g} |")
     lines += ["", "## Best α per teacher", "", "| student | teacher | teacher tokens | label | best α | in-domain | OOD |",
               "|---|---|---:|---|---:|---:|---:|"]
     for b in best_alpha(summary):

@@ -48,6 +48,11 @@ class TeacherPool:
     seeds: list[int] = field(default_factory=lambda: [42])
     train: dict = field(default_factory=dict)  # overrides of the base train section
     overrides: dict = field(default_factory=dict)  # any other run-config overrides (e.g. data)
+    # one warmup-stable-decay trunk per model and seed (the largest budget); every smaller
+    # budget is a short decay branched from the trunk's stable phase
+    wsd_branch: bool = False
+    # with wsd_branch: also train each budget independently (same schedule), for comparison
+    compare_independent: bool = False
 
 
 @dataclass
@@ -166,7 +171,7 @@ def plan(spec: GridSpec, sweep_dir: Path) -> list[Run]:
     sweep_dir = Path(sweep_dir).resolve()
     runs: dict[str, Run] = {}
 
-    def add(role: str, config: dict, teacher: Run | None, info: dict) -> Run:
+    def add(role: str, config: dict, teacher: Run | None, info: dict, after: Run | None = None) -> Run:
         run_id = _run_id(config, teacher.id if teacher else None)
         if run_id in runs:
             return runs[run_id]
@@ -174,19 +179,30 @@ def plan(spec: GridSpec, sweep_dir: Path) -> list[Run]:
                                  "run_dir": str(sweep_dir / "runs" / run_id)})
         if teacher is not None:
             config["kd"]["teacher"] = str(sweep_dir / "runs" / teacher.id / "final")
+        if after is not None:  # a WSD branch starts from its trunk's checkpoint
+            step = config["train"]["branch_from"]
+            config["train"]["branch_from"] = str(sweep_dir / "runs" / after.id / "checkpoints" / f"step_{step:08d}")
         config_from_dict(config)  # validates: a bad grid fails here, with the key
-        run = Run(run_id, role, config, [teacher.id] if teacher else [], info)
+        depends = [teacher.id] if teacher else [after.id] if after else []
+        run = Run(run_id, role, config, depends, info)
         runs[run_id] = run
         return run
 
     teachers = []
     for model in spec.teachers.models:
-        for tokens in spec.teachers.tokens:
-            for seed in spec.teachers.seeds:
-                config = _merge(spec.base, {"model": {"name": model}, "kd": {"alpha": 0.0, "teacher": None},
-                                            "train": {"token_budget": tokens, "init_seed": seed, "data_seed": seed}},
-                                {"train": spec.teachers.train}, spec.teachers.overrides)
-                teachers.append(add("teacher", config, None, {"model": model, "tokens": tokens, "seed": seed}))
+        for seed in spec.teachers.seeds:
+            def teacher_config(tokens: int, extra: dict | None = None) -> dict:
+                return _merge(spec.base, {"model": {"name": model}, "kd": {"alpha": 0.0, "teacher": None},
+                                          "train": {"token_budget": tokens, "init_seed": seed, "data_seed": seed}},
+                              {"train": spec.teachers.train}, spec.teachers.overrides, extra or {})
+
+            info = {"model": model, "seed": seed}
+            if not spec.teachers.wsd_branch:
+                for tokens in spec.teachers.tokens:
+                    teachers.append(add("teacher", teacher_config(tokens), None,
+                                        {**info, "tokens": tokens, "teacher_kind": "independent"}))
+                continue
+            teachers.extend(_wsd_teachers(spec, teacher_config, add, info))
     for model in spec.students.models:
         for tokens in spec.students.tokens:
             for seed in spec.students.seeds:
@@ -209,10 +225,37 @@ def plan(spec: GridSpec, sweep_dir: Path) -> list[Run]:
                             add("student", config, teacher, {**info, "teacher": teacher.id,
                                                              "teacher_model": teacher.info["model"],
                                                              "teacher_tokens": teacher.info["tokens"],
+                                                             "teacher_kind": teacher.info["teacher_kind"],
                                                              "alpha": alpha, "temperature": temperature,
                                                              "top_k": top_k, "hard_labels": hard})
     order = {"teacher": 0, "baseline": 1, "student": 2}
     return sorted(runs.values(), key=lambda r: order[r.role])
+
+
+def _wsd_teachers(spec: GridSpec, teacher_config, add, info: dict) -> list[Run]:
+    """A WSD trunk at the largest budget and a decay branch per smaller budget (plus, if asked,
+    each budget trained independently with the same schedule)."""
+    from distillab.train import make_plan
+
+    budgets = sorted(set(spec.teachers.tokens))
+    longest = config_from_dict(teacher_config(budgets[-1], {"train": {"schedule": "wsd"}})).train
+    warmup = make_plan(longest).warmup_steps
+    shared = {"train": {"schedule": "wsd", "warmup_steps": warmup}}
+    branch_steps = {}
+    for tokens in budgets[:-1]:
+        branch_cfg = config_from_dict(teacher_config(tokens, shared)).train
+        branch_steps[tokens] = make_plan(branch_cfg).decay_start
+    trunk = add("teacher", teacher_config(budgets[-1], _merge(shared, {"train": {
+        "keep_steps": sorted(set(branch_steps.values()))}})), None,
+        {**info, "tokens": budgets[-1], "teacher_kind": "wsd-trunk"})
+    out = [trunk]
+    for tokens, step in branch_steps.items():
+        branch = teacher_config(tokens, _merge(shared, {"train": {"branch_from": step}}))
+        out.append(add("teacher", branch, None, {**info, "tokens": tokens, "teacher_kind": "wsd-branch"}, after=trunk))
+        if spec.teachers.compare_independent:
+            out.append(add("teacher", teacher_config(tokens, shared), None,
+                           {**info, "tokens": tokens, "teacher_kind": "independent"}))
+    return out
 
 
 # ----------------------------------------------------------------------------- compute
@@ -224,6 +267,11 @@ def run_flops(run: Run, runs_by_id: dict[str, Run]) -> dict:
     spec = resolve_spec(cfg.model)
     vocab = cfg.data.tokenizer.vocab_size
     tokens = cfg.train.token_budget
+    if cfg.train.branch_from:  # a WSD branch trains only its decay
+        from distillab.train import make_plan
+
+        branch_plan = make_plan(cfg.train)
+        tokens = (branch_plan.steps - branch_plan.decay_start) * branch_plan.tokens_per_step
     train_flops = spec.training_flops_per_token(vocab, cfg.train.seq_len) * tokens
     teacher_flops = 0.0
     if run.depends_on:

@@ -54,6 +54,7 @@ OPERATIONAL_KEYS = {
     "train.keep_checkpoints",
     "train.threads",
     "train.device",
+    "train.keep_steps",
     "eval.max_windows",
     "eval.batch_size",
     "eval.sets",
@@ -77,7 +78,8 @@ class Plan:
 def make_plan(train: TrainConfig) -> Plan:
     tokens_per_step = train.batch_size * train.seq_len * train.grad_accum
     steps = max(1, train.token_budget // tokens_per_step)
-    warmup = int(round(train.warmup_fraction * steps))
+    warmup = train.warmup_steps if train.warmup_steps is not None else int(round(train.warmup_fraction * steps))
+    warmup = min(warmup, steps - 1)
     if train.schedule == "wsd":
         decay_start = steps - max(1, int(round(train.decay_fraction * steps)))
         decay_start = max(decay_start, warmup)
@@ -172,6 +174,37 @@ def _truncate_metrics(path: Path, last_step: int) -> None:
     os.replace(tmp, path)
 
 
+# Keys in which a WSD branch may differ from the trunk it starts from.
+BRANCH_KEYS = {"train.token_budget", "train.branch_from", "name"}
+
+
+def _check_branch_point(source: Path, config: RunConfig, plan: Plan) -> Path:
+    """The checkpoint to branch from, after checking it is this run's own trajectory so far."""
+    from distillab.checkpoint import read_meta, verify_checkpoint
+
+    try:
+        verify_checkpoint(source)
+    except Exception as exc:
+        raise ConfigError("train.branch_from", str(exc)) from None
+    meta = read_meta(source)
+    trunk = meta.get("results_config") or {}
+    mine = results_config(config)
+    for key in sorted(set(trunk) | set(mine)):
+        if key not in BRANCH_KEYS and trunk.get(key) != mine.get(key):
+            raise ConfigError(
+                "train.branch_from",
+                f"{source} comes from a run with {key}={trunk.get(key)!r}, this run has {mine.get(key)!r}; "
+                "a branch may differ from its trunk only in train.token_budget",
+            )
+    if meta.get("step") != plan.decay_start:
+        raise ConfigError(
+            "train.branch_from",
+            f"{source} is at step {meta.get('step')} but this run's decay starts at step {plan.decay_start}; "
+            "keep the trunk's checkpoint at that step (train.keep_steps)",
+        )
+    return source
+
+
 # ----------------------------------------------------------------------------- the loop
 
 
@@ -231,6 +264,7 @@ def _run_meta(config: RunConfig, spec: ModelSpec, data: PreparedData, step: int,
         "run_name": config.name,
         "role": "student" if config.kd.alpha > 0 else "lm",
         "config_hash": config_hash(config),
+        "results_config": results_config(config),
         "model": dataclasses.asdict(spec),
         "step": step,
         "tokens": tokens,
@@ -325,27 +359,36 @@ def train(config: RunConfig, *, stop_after_steps: int | None = None, log=print) 
     checkpoints = run_dir / "checkpoints"
     metrics_path = run_dir / "metrics.jsonl"
     step = tokens = sequences = 0
-    existing = list_checkpoints(checkpoints)
-    if existing:
-        resumed_step, resume_dir = existing[-1]
+    def restore(source: Path) -> dict:
         from safetensors.torch import load_file
 
-        state = load_trainer_state(resume_dir)
-        weights = load_file(str(resume_dir / "model.safetensors"), device=str(device))
+        state = load_trainer_state(source)
+        weights = load_file(str(source / "model.safetensors"), device=str(device))
         missing, unexpected = model.load_state_dict(weights, strict=False)
         tied = {"lm_head.weight"} if spec.tie_embeddings else set()
         if unexpected or set(missing) - tied:
-            raise ConfigError("model", f"checkpoint {resume_dir} does not match the configured model")
+            raise ConfigError("model", f"checkpoint {source} does not match the configured model")
         if spec.tie_embeddings:
             model.tie_weights()
         optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["torch_rng"])
+        return state
+
+    existing = list_checkpoints(checkpoints)
+    restored_window = None
+    if existing:
+        state = restore(existing[-1][1])
         step, tokens, sequences = state["step"], state["tokens"], state["sequences"]
         restored_window = state.get("log_window")
         _truncate_metrics(metrics_path, step)
         log(f"train: resuming {run_dir} from step {step} ({tokens:,} tokens)")
+    elif t_cfg.branch_from:
+        source = _check_branch_point(Path(t_cfg.branch_from), config, plan)
+        state = restore(source)
+        step, tokens, sequences = state["step"], state["tokens"], state["sequences"]
+        _truncate_metrics(metrics_path, -1)
+        log(f"train: branching from {source} at step {step} (this run's decay starts there)")
     else:
-        restored_window = None
         _truncate_metrics(metrics_path, -1)
 
     n_params = sum(p.numel() for p in model.parameters())
@@ -371,7 +414,7 @@ def train(config: RunConfig, *, stop_after_steps: int | None = None, log=print) 
         save_checkpoint(
             step_dir(checkpoints, step), model, tokenizer, _run_meta(config, spec, data, step, tokens), checkpoint_state()
         )
-        prune_checkpoints(checkpoints, t_cfg.keep_checkpoints)
+        prune_checkpoints(checkpoints, t_cfg.keep_checkpoints, protected=t_cfg.keep_steps)
 
     model.train()
     last_eval: dict = {}
@@ -427,7 +470,7 @@ def train(config: RunConfig, *, stop_after_steps: int | None = None, log=print) 
             if is_last:
                 break
             stop_now = stop.requested or (stop_after_steps is not None and step >= stop_after_steps)
-            if step % t_cfg.checkpoint_every == 0 or stop_now:
+            if step % t_cfg.checkpoint_every == 0 or stop_now or step in t_cfg.keep_steps:
                 write_checkpoint()
             if stop_now:
                 bar.close()
@@ -451,7 +494,7 @@ def train(config: RunConfig, *, stop_after_steps: int | None = None, log=print) 
         "config_hash": config_hash(config),
     }
     write_json_atomic(summary_path, summary)
-    prune_checkpoints(checkpoints, t_cfg.keep_checkpoints)
+    prune_checkpoints(checkpoints, t_cfg.keep_checkpoints, protected=t_cfg.keep_steps)
     evals = ", ".join(f"{name} loss {r['loss']:.4f} (ppl {r['ppl']:.2f})" for name, r in last_eval.items())
     log(f"train: {config.name} done: {step} steps, {tokens:,} tokens; {evals}; model in {final_dir}")
     return TrainResult(run_dir, final_dir, step, tokens, last_eval, True)
