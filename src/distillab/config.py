@@ -115,8 +115,11 @@ class TrainConfig:
     device: str = "auto"
     # float32 everywhere on the CPU (bf16 is slower there); bfloat16 autocast on GPUs
     precision: Literal["float32", "bfloat16"] = "float32"
-    # CPU threads; unset = all cores
+    # CPU threads; unset = all cores (divided among processes on one machine)
     threads: int | None = None
+    # data-parallel processes (GPUs) per run: launch with torchrun --nproc_per_node N (sweeps do);
+    # the global batch is batch_size x grad_accum x processes
+    processes: int = 1
 
 
 @dataclass
@@ -331,6 +334,7 @@ def validate(c: RunConfig) -> None:
         value = getattr(t, key)
         _require(value > 0, f"train.{key}", f"must be > 0, got {value}")
     _require(t.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
+    _require(t.processes >= 1, "train.processes", "must be >= 1")
     _require(t.lr > 0, "train.lr", f"must be > 0, got {t.lr}")
     _require(0 <= t.warmup_fraction < 1, "train.warmup_fraction", "must be in [0, 1)")
     _require(0 < t.decay_fraction <= 1, "train.decay_fraction", "must be in (0, 1]")

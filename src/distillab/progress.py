@@ -21,5 +21,5 @@ def progress(iterable: Iterable[T], **kwargs) -> Iterable[T]:
     return tqdm(iterable, disable=_disabled(), dynamic_ncols=True, leave=False, **kwargs)
 
 
-def progress_bar(**kwargs) -> tqdm:
-    return tqdm(disable=_disabled(), dynamic_ncols=True, leave=False, **kwargs)
+def progress_bar(disable: bool = False, **kwargs) -> tqdm:
+    return tqdm(disable=True if disable else _disabled(), dynamic_ncols=True, leave=False, **kwargs)

