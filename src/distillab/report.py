@@ -22,7 +22,7 @@ import math
 import statistics
 from pathlib import Path
 
-from distillab.config import config_from_dict
+from distillab.config import ModelConfig, config_from_dict
 from distillab.data.shards import write_json_atomic
 from distillab.errors import DataError
 from distillab.models import resolve_spec
@@ -108,6 +108,10 @@ def collect_rows(sweep_dir: Path) -> list[dict]:
             "top_k": cfg.kd.top_k,
             "hard_labels": cfg.kd.hard_labels,
             "train_flops": spec.training_flops_per_token(vocab, cfg.train.seq_len) * cfg.train.token_budget,
+            "teacher_inference_flops": (
+                resolve_spec(ModelConfig(name=info["teacher_model"])).forward_flops_per_token(vocab, cfg.train.seq_len)
+                * cfg.train.token_budget if info.get("teacher_model") else 0.0
+            ),
         }
         for name, result in report.get("sets", {}).items():
             row[f"loss/{name}"] = result["loss"]
