@@ -1,5 +1,4 @@
 import json
-import os
 import sysconfig
 from pathlib import Path
 
@@ -8,7 +7,7 @@ import pytest
 
 from distillab.config import CorpusConfig, DataConfig, TokenizerConfig
 from distillab.data.loader import WindowStream
-from distillab.data.shards import load_prepared, prepare_data
+from distillab.data.shards import prepare_data
 from distillab.data.sources import iter_documents
 from distillab.errors import DataError
 

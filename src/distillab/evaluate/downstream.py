@@ -25,7 +25,7 @@ import yaml
 
 from distillab.config import stable_hash
 from distillab.data.packaged import PACKAGED_CORPORA, fetch_archive, iter_archive_members
-from distillab.data.shards import file_lock, write_json_atomic
+from distillab.data.shards import file_lock
 from distillab.errors import DataError
 
 
