@@ -168,7 +168,8 @@ def test_teacher_with_another_tokenizer_is_refused(tmp_path, cache_dir):
 
 def test_killed_process_resumes_to_the_same_weights(tmp_path, cache_dir):
     """SIGKILL at an arbitrary moment (possibly mid-checkpoint), rerun, compare with an uninterrupted run."""
-    budget = {"token_budget": 24 * 4 * 32, "checkpoint_every": 2, "log_every": 4, "eval_every": 100}
+    # long enough (200 steps) that the kill lands mid-run even on a fast machine
+    budget = {"token_budget": 200 * 4 * 32, "checkpoint_every": 2, "log_every": 4, "eval_every": 1000}
     straight = train(config_from_dict(tiny_run(tmp_path, cache_dir, "straight", train=budget)), log=quiet)
     config_path = tmp_path / "killed.yaml"
     config_path.write_text(yaml.safe_dump(tiny_run(tmp_path, cache_dir, "killed", train=budget)))
@@ -178,8 +179,7 @@ def test_killed_process_resumes_to_the_same_weights(tmp_path, cache_dir):
     checkpoints = tmp_path / "killed" / "checkpoints"
     deadline = time.time() + 120
     while time.time() < deadline and not any(checkpoints.glob("step_*")) and process.poll() is None:
-        time.sleep(0.05)
-    time.sleep(0.3)
+        time.sleep(0.02)
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert not (tmp_path / "killed" / "summary.json").exists(), "the run finished before it could be killed"
