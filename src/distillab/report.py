@@ -292,17 +292,27 @@ def best_alpha(summary: list[dict]) -> list[dict]:
     return out
 
 
-def write_report(sweep_dir: str | Path, tolerance: float | None = None) -> Path:
+def write_report(sweep_dir: str | Path, tolerance: float | None = None, about: list[str] | None = None,
+                 title: str | None = None) -> Path:
+    """report.md + report.html: verdicts first, then `about` (free lines), gains, teachers, plots."""
+    from distillab.verdicts import verdict_sections
+
     sweep_dir = Path(sweep_dir)
     planned = json.loads((sweep_dir / "plan.json").read_text()) if (sweep_dir / "plan.json").exists() else {}
+    spec = planned.get("spec", {})
     if tolerance is None:
-        tolerance = planned.get("spec", {}).get("label_tolerance", 0.02)
+        tolerance = spec.get("label_tolerance", 0.02)
     rows = add_gains_and_labels(collect_rows(sweep_dir), tolerance)
     csv_path, parquet_path = write_table(rows, sweep_dir)
     summary = summarize(rows)
-    write_json_atomic(sweep_dir / "summary.json", {"groups": summary, "best_alpha": best_alpha(summary)})
+    verdict_lines, verdict_data = verdict_sections(rows, tolerance, spec.get("verdict_margin", 0.02))
+    write_json_atomic(sweep_dir / "summary.json", {"groups": summary, "best_alpha": best_alpha(summary),
+                                                   "verdicts": verdict_data})
     plots = make_plots(summary, sweep_dir)
-    lines = [f"# Sweep report: {planned.get('name', sweep_dir.name)}", ""]
+    lines = [f"# {title or 'Sweep report: ' + planned.get('name', sweep_dir.name)}", ""]
+    lines += verdict_lines
+    if about:
+        lines += ["## About this run", ""] + about + [""]
     counts = {s: sum(r["status"] == s for r in rows) for s in ("done", "failed", "blocked", "running", "pending")}
     lines.append("Runs: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n) + ".")
     failed = [r for r in rows if r["status"] == "failed"]
@@ -345,6 +355,10 @@ def write_report(sweep_dir: str | Path, tolerance: float | None = None) -> Path:
 def _to_html(markdown: str, folder: Path) -> str:
     """A self-contained HTML page: tables and headings from the markdown, plots inlined as base64."""
     import html
+    import re
+
+    def inline(text: str) -> str:
+        return re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", html.escape(text))
 
     out = ["<!doctype html><meta charset='utf-8'><title>distillab report</title>",
            "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}"
@@ -358,9 +372,9 @@ def _to_html(markdown: str, folder: Path) -> str:
             if not in_table:
                 out.append("<table>")
                 in_table = True
-                out.append("<tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in cells) + "</tr>")
+                out.append("<tr>" + "".join(f"<th>{inline(c)}</th>" for c in cells) + "</tr>")
                 continue
-            out.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
+            out.append("<tr>" + "".join(f"<td>{inline(c)}</td>" for c in cells) + "</tr>")
             continue
         if in_table:
             out.append("</table>")
@@ -369,12 +383,14 @@ def _to_html(markdown: str, folder: Path) -> str:
             name = line[line.index("(") + 1 : line.rindex(")")]
             data = base64.b64encode((folder / name).read_bytes()).decode()
             out.append(f"<p><img alt='{html.escape(name)}' src='data:image/png;base64,{data}'></p>")
+        elif line.startswith("### "):
+            out.append(f"<h3>{html.escape(line[4:])}</h3>")
         elif line.startswith("## "):
             out.append(f"<h2>{html.escape(line[3:])}</h2>")
         elif line.startswith("# "):
             out.append(f"<h1>{html.escape(line[2:])}</h1>")
         elif line.strip():
-            out.append(f"<p>{html.escape(line)}</p>")
+            out.append(f"<p>{inline(line)}</p>")
     if in_table:
         out.append("</table>")
     return "\n".join(out) + "\n"

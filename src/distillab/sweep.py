@@ -93,6 +93,8 @@ class GridSpec:
     baselines: bool = True
     # teacher vs student-baseline held-out loss within this many nats = same-level
     label_tolerance: float = 0.02
+    # verdicts: an interval inside +-margin nats counts as "no effect" (see distillab.verdicts)
+    verdict_margin: float = 0.02
     # CPU throughput for estimates (GFLOP/s achieved in training); measure with `distillab bench`
     cpu_gflops: float = 120.0
 

