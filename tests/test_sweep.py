@@ -82,6 +82,20 @@ def test_plan_collapses_shared_runs_and_orders_teachers_first(tmp_path, cache_di
     assert "teacher_inference" in text and "->" in text
 
 
+def test_hand_picked_teacher_members_join_the_pool(tmp_path, cache_dir):
+    members = [{"model": "cpu-0.3m", "tokens": 2048}, {"model": "cpu-0.1m", "tokens": 1024, "seed": 42}]
+    spec = load_grid(grid_file(tmp_path, cache_dir, teachers={"models": ["cpu-0.1m"], "tokens": [1024],
+                                                              "members": members}))
+    runs = plan(spec, tmp_path / "sweep")
+    teachers = sorted((r.info["model"], r.info["tokens"]) for r in runs if r.role == "teacher")
+    # the second member is the cross product's own teacher: it is planned once
+    assert teachers == [("cpu-0.1m", 1024), ("cpu-0.3m", 2048)]
+    assert sorted(r.info["teacher_model"] for r in runs if r.role == "student") == ["cpu-0.1m", "cpu-0.3m"]
+    with pytest.raises(ConfigError) as info:
+        load_grid(grid_file(tmp_path, cache_dir, teachers={"members": [{"model": "gpt-9", "tokens": 1}]}))
+    assert info.value.key == "teachers.members[0].model"
+
+
 def test_bad_grid_names_the_key(tmp_path, cache_dir):
     with pytest.raises(ConfigError) as info:
         load_grid(grid_file(tmp_path, cache_dir, kd={"alpha": [0.0]}))

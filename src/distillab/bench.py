@@ -54,6 +54,7 @@ def run_bench(
     vocab_size: int = 4096,
     device: str = "auto",
     threads: int | None = None,
+    precision: str = "float32",
     log=print,
 ) -> dict:
     setup_runtime(threads)
@@ -77,6 +78,7 @@ def run_bench(
         "seq_len": seq_len,
         "vocab_size": vocab_size,
         "steps": steps,
+        "precision": precision,
     }
     result["matmul_gflops"] = matmul_ceiling(torch_device)
     log(f"bench: fp32 matmul ceiling {result['matmul_gflops']:.0f} GFLOP/s")
@@ -91,29 +93,32 @@ def run_bench(
     student = build_model(student_spec, vocab_size, seq_len, seed=0).to(torch_device)
     optimizer = make_optimizer(student, train_cfg)
 
+    from distillab.runtime import autocast
+
     def plain_step():
-        logits = student(input_ids=inputs, use_cache=False).logits
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+        with autocast(torch_device, precision):
+            logits = student(input_ids=inputs, use_cache=False).logits
+        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0, foreach=True)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
     def lm_step():
-        train_step(student, optimizer, [(inputs, labels)], None, 0.0, 1.0, 1.0, torch_device)
+        train_step(student, optimizer, [(inputs, labels)], None, 0.0, 1.0, 1.0, torch_device, precision)
 
     steps_by_name = {"plain_step": plain_step, "lm_step": lm_step}
     flops_by_name = {"plain_step": flops_student, "lm_step": flops_student}
     if teacher is not None:
         teacher_spec = resolve_spec(ModelConfig(name=teacher))
         teacher_model = build_model(teacher_spec, vocab_size, seq_len, seed=1)
-        signal = OnlineTeacher.from_model(teacher_model, vocab_size, torch_device)
+        signal = OnlineTeacher.from_model(teacher_model, vocab_size, torch_device, precision)
 
         def teacher_forward():
             signal.logits(inputs)
 
         def kd_step():
-            train_step(student, optimizer, [(inputs, labels)], signal, 0.5, 1.0, 1.0, torch_device)
+            train_step(student, optimizer, [(inputs, labels)], signal, 0.5, 1.0, 1.0, torch_device, precision)
 
         steps_by_name["teacher_forward"] = teacher_forward
         steps_by_name["kd_step"] = kd_step

@@ -42,6 +42,14 @@ DEFAULT_MFU = 0.40
 
 
 @dataclass
+class TeacherMember:
+    """One hand-picked teacher of the pool, beside the models x tokens x seeds cross product."""
+    model: str = ""
+    tokens: int = 0
+    seed: int = 42
+
+
+@dataclass
 class TeacherPool:
     models: list[str] = field(default_factory=list)
     tokens: list[int] = field(default_factory=list)
@@ -53,6 +61,8 @@ class TeacherPool:
     wsd_branch: bool = False
     # with wsd_branch: also train each budget independently (same schedule), for comparison
     compare_independent: bool = False
+    # hand-picked teachers added to the cross product (e.g. only the sizes and budgets a study needs)
+    members: list[TeacherMember] = field(default_factory=list)
 
 
 @dataclass
@@ -136,6 +146,12 @@ def _validate_grid(spec: GridSpec) -> None:
         for i, value in enumerate(tokens):
             if value <= 0:
                 raise ConfigError(f"{section}.tokens[{i}]", f"must be > 0, got {value}")
+    for i, member in enumerate(spec.teachers.members):
+        if member.model not in LADDER:
+            raise ConfigError(f"teachers.members[{i}].model",
+                              f"unknown model {member.model!r}; `distillab models` lists them")
+        if member.tokens <= 0:
+            raise ConfigError(f"teachers.members[{i}].tokens", f"must be > 0, got {member.tokens}")
     if not spec.students.models or not spec.students.tokens:
         raise ConfigError("students", "name at least one student model and token budget")
     for i, alpha in enumerate(spec.kd.alpha):
@@ -190,21 +206,28 @@ def plan(spec: GridSpec, sweep_dir: Path) -> list[Run]:
         runs[run_id] = run
         return run
 
+    def teacher_config(model: str, seed: int, tokens: int, extra: dict | None = None) -> dict:
+        return _merge(spec.base, {"model": {"name": model}, "kd": {"alpha": 0.0, "teacher": None},
+                                  "train": {"token_budget": tokens, "init_seed": seed, "data_seed": seed}},
+                      {"train": spec.teachers.train}, spec.teachers.overrides, extra or {})
+
     teachers = []
     for model in spec.teachers.models:
         for seed in spec.teachers.seeds:
-            def teacher_config(tokens: int, extra: dict | None = None) -> dict:
-                return _merge(spec.base, {"model": {"name": model}, "kd": {"alpha": 0.0, "teacher": None},
-                                          "train": {"token_budget": tokens, "init_seed": seed, "data_seed": seed}},
-                              {"train": spec.teachers.train}, spec.teachers.overrides, extra or {})
-
             info = {"model": model, "seed": seed}
             if not spec.teachers.wsd_branch:
                 for tokens in spec.teachers.tokens:
-                    teachers.append(add("teacher", teacher_config(tokens), None,
+                    teachers.append(add("teacher", teacher_config(model, seed, tokens), None,
                                         {**info, "tokens": tokens, "teacher_kind": "independent"}))
                 continue
-            teachers.extend(_wsd_teachers(spec, teacher_config, add, info))
+            teachers.extend(_wsd_teachers(
+                spec, lambda tokens, extra=None, m=model, s=seed: teacher_config(m, s, tokens, extra), add, info))
+    for member in spec.teachers.members:
+        teacher = add("teacher", teacher_config(member.model, member.seed, member.tokens), None,
+                      {"model": member.model, "seed": member.seed, "tokens": member.tokens,
+                       "teacher_kind": "independent"})
+        if teacher not in teachers:
+            teachers.append(teacher)
     for model in spec.students.models:
         for tokens in spec.students.tokens:
             for seed in spec.students.seeds:
