@@ -11,7 +11,7 @@ def test_quick_demo_runs_the_pipeline_and_the_report_has_every_section(tmp_path,
     result = run_demo("quick", out_dir=tmp_path, log=lambda *args: None)
     out = tmp_path / "quick"
     grid = demo_grid("quick")
-    n_teachers = len(grid["teachers"]["models"]) * len(grid["teachers"]["tokens"])
+    n_teachers = len(grid["teachers"]["members"])
     n_seeds = len(grid["students"]["seeds"])
     n_runs = n_teachers + n_seeds + n_teachers * n_seeds * len(grid["kd"]["alpha"])
     assert result["runs"] == {"done": n_runs}
@@ -24,6 +24,9 @@ def test_quick_demo_runs_the_pipeline_and_the_report_has_every_section(tmp_path,
     for finding in ("F1", "F2", "F3-OOD", "F3-downstream"):
         assert f"| {finding} |" in report
     assert "trained on the in-domain training split only" in report
+    train_tokens = int(report.split("In-domain training split: ")[1].split(" tokens")[0].replace(",", ""))
+    longest = max([m["tokens"] for m in grid["teachers"]["members"]] + grid["students"]["tokens"])
+    assert f"The largest run sees {longest / train_tokens:.2f} of an epoch" in report
     assert "wall time" in report and "CPU cores" in report
     for plot in ("gain_vs_alpha.png", "gain_vs_teacher.png"):
         assert (out / plot).stat().st_size > 1000

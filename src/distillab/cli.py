@@ -338,11 +338,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser(
         "demo", help="the paper's three questions on a CPU: a teacher pool, students over alpha and seeds, verdicts",
         description="Runs a fixed sweep on real text and writes OUT/SIZE/report.md (+ report.html) that opens with a "
-                    "verdict per finding. Default: pip-only corpora, about 25 minutes on 2 cores. Rerunning resumes.")
+                    "verdict per finding. Default: pip-only corpora, about 20 minutes on 2 cores. Rerunning resumes.")
     size = demo.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="a 1-2 minute smoke test of the whole pipeline")
     size.add_argument("--full", action="store_true",
-                      help="the larger study (npm corpora, 5 seeds, 4 alphas): about 75 minutes on 2 cores")
+                      help="the larger study (npm corpora, 5 seeds, 4 alphas): about an hour on 2 cores")
     demo.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
     demo.add_argument("--workers", type=int, default=2,
                       help="runs side by side, one thread each (default 2: two single-thread runs use 2 cores best)")

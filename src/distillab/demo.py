@@ -50,7 +50,7 @@ def demo_grid(size: str) -> dict:
                               "tokenizer": {"vocab_size": 1024}, "validation_fraction": 0.08},
                      "train": {"batch_size": 8, "seq_len": 64, "lr": 3e-3, "log_every": 8, "eval_every": 10_000,
                                "checkpoint_every": 10_000}},
-            "teachers": {"models": ["cpu-0.1m"], "tokens": [8_192, 16_384], "seeds": [42]},
+            "teachers": {"members": [{"model": "cpu-0.1m", "tokens": 8_192}, {"model": "cpu-0.1m", "tokens": 16_384}]},
             "students": {"models": ["cpu-0.1m"], "tokens": [8_192], "seeds": [1, 2]},
             "kd": {"alpha": [0.2, 0.5], "temperature": [1.0]},
             "eval": {"sets": ["validation", "milton"], "tasks": ["piqa"], "limit": 8, "max_windows": 8},
@@ -122,7 +122,7 @@ def _epochs_note(spec, log) -> str:
     data = config_from_dict({"name": "demo-data", "run_dir": "unused", **{"data": spec.base["data"]}}).data
     prepared = prepare_data(data, log=log)
     train_tokens = prepared.manifest["splits"]["train"]["tokens"]
-    largest = max(spec.teachers.tokens + spec.students.tokens)
+    largest = max(spec.teachers.tokens + [m.tokens for m in spec.teachers.members] + spec.students.tokens)
     if largest > train_tokens:
         raise DistillabError(f"demo: a run of {largest:,} tokens would repeat the {train_tokens:,}-token training split")
     validation = prepared.manifest["splits"]["validation"]
