@@ -3,7 +3,10 @@
 import csv
 import json
 
+import pytest
+
 from distillab.demo import demo_grid, run_demo
+from distillab.errors import DistillabError
 from distillab.verdicts import INCONCLUSIVE, NOT_REPRODUCED, REPRODUCED
 
 
@@ -48,10 +51,6 @@ def test_quick_demo_runs_the_pipeline_and_the_report_has_every_section(tmp_path,
 
 
 def test_full_demo_without_npm_names_the_missing_client_and_the_pip_only_demo(monkeypatch, tmp_path):
-    import pytest
-
-    from distillab.errors import DistillabError
-
     monkeypatch.setenv("PATH", str(tmp_path))  # no npm on the PATH
     with pytest.raises(DistillabError, match="`npm` is not installed.*pip-only `distillab demo`"):
         run_demo("full", out_dir=tmp_path)
