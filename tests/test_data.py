@@ -157,12 +157,14 @@ def test_jsonl_parquet_and_hf_sources(tmp_path):
 def test_window_stream_is_a_function_of_seed_and_position():
     tokens = np.arange(1000, dtype=np.uint16)
     stream = WindowStream(tokens, seq_len=9, data_seed=5)
-    inputs, labels = stream.batch(0, 4)
+    batch = stream.batch(0, 4)
+    inputs, labels = batch.inputs, batch.labels
     assert inputs.shape == (4, 9)
     np.testing.assert_array_equal(labels[:, :-1].numpy(), inputs[:, 1:].numpy())
     np.testing.assert_array_equal(inputs[:, 0].numpy() % 9, 0)  # windows start on the grid
+    np.testing.assert_array_equal(inputs[:, 0].numpy() // 9, batch.window_ids.numpy())  # ids name the windows
     again = WindowStream(tokens, seq_len=9, data_seed=5)
-    np.testing.assert_array_equal(again.batch(3, 5)[0].numpy(), stream.batch(3, 5)[0].numpy())
+    np.testing.assert_array_equal(again.batch(3, 5).inputs.numpy(), stream.batch(3, 5).inputs.numpy())
     epoch = stream.window_indices(0, stream.n_windows)
     assert sorted(epoch.tolist()) == list(range(stream.n_windows))
     other = WindowStream(tokens, seq_len=9, data_seed=6).window_indices(0, stream.n_windows)

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import distillab.losses as losses
+import distillab.losses.fused as fused
 from distillab.losses import distillation_loss
 
 
@@ -71,7 +72,7 @@ def test_chunked_rows_match_unchunked(monkeypatch):
     y = torch.tensor(rng.integers(0, 50, size=(3, 37)))
     results = []
     for chunk in (7, 4096):
-        monkeypatch.setattr(losses, "CHUNK_ROWS", chunk)
+        monkeypatch.setattr(fused, "CHUNK_ROWS", chunk)
         student = s.clone().requires_grad_(True)
         out = distillation_loss(student, t, y, alpha=0.4, temperature=2.0)
         out.total.backward()
@@ -221,12 +222,12 @@ def test_hard_labels_are_cross_entropy_against_the_teacher_argmax():
     s = torch.tensor(rng.normal(size=(7, 9)))
     t = torch.tensor(rng.normal(size=(7, 9)))
     y = torch.tensor(rng.integers(0, 9, size=7))
-    out = distillation_loss(s, t, y, alpha=0.3, hard_labels=True)
+    out = distillation_loss(s, t, y, alpha=0.3, divergence="hard")
     ce = torch.nn.functional.cross_entropy(s, y)
     hard = torch.nn.functional.cross_entropy(s, t.argmax(-1))
     assert float(out.kd) == pytest.approx(float(hard), rel=1e-12)
     assert float(out.total) == pytest.approx(float(0.7 * ce + 0.3 * hard), rel=1e-12)
     with pytest.raises(ValueError, match="temperature"):
-        distillation_loss(s, t, y, alpha=0.3, hard_labels=True, temperature=2.0)
+        distillation_loss(s, t, y, alpha=0.3, divergence="hard", temperature=2.0)
     with pytest.raises(ValueError, match="top_k"):
         distillation_loss(s, t, y, alpha=0.3, top_k=0)

@@ -8,7 +8,10 @@ import pytest
 import yaml
 
 from distillab.errors import ConfigError
-from distillab.report import add_gains_and_labels, label_by_loss, label_by_size, mean_ci, write_report
+from distillab.files import exclusive_lock
+from distillab.report import write_report
+from distillab.results import add_gains_and_labels, label_by_loss, label_by_size
+from distillab.stats import mean_ci
 from distillab.sweep import compute_summary, format_plan, load_grid, plan, run_sweep
 
 
@@ -113,16 +116,14 @@ def test_grid_runs_fails_retries_and_reports(tmp_path, cache_dir):
     sweep_dir = tmp_path / "sweep"
     runs = plan(spec, sweep_dir)
     teacher = next(r for r in runs if r.role == "teacher")
-    os.environ["DISTILLAB_INJECT_FAILURE"] = teacher.id
-    try:
+    # a real fault: another process holds the teacher's run directory while the sweep runs
+    with exclusive_lock(sweep_dir / "runs" / teacher.id / ".lock", "test"):
         status = run_sweep(spec, sweep_dir, workers=2, log=lambda *a: None)
-    finally:
-        del os.environ["DISTILLAB_INJECT_FAILURE"]
     assert status[teacher.id] == "failed"
     assert [status[r.id] for r in runs if r.role == "baseline"] == ["done"]  # unrelated run not blocked
     assert [status[r.id] for r in runs if r.role == "student"] == ["blocked"]
     recorded = json.loads((sweep_dir / "runs" / teacher.id / "status.json").read_text())
-    assert "injected failure" in recorded["error"]
+    assert f"in use by another process (pid {os.getpid()})" in recorded["error"]
 
     baseline = next(r for r in runs if r.role == "baseline")
     final_stamp = (sweep_dir / "runs" / baseline.id / "final" / "model.safetensors").stat().st_mtime_ns

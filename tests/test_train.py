@@ -143,12 +143,17 @@ def test_gradient_accumulation_weights_micro_batches_by_target_tokens():
     logits = reference(input_ids=inputs).logits
     torch.nn.functional.cross_entropy(logits.reshape(-1, 64), labels.reshape(-1), ignore_index=-100).backward()
 
+    from distillab.data.loader import Batch
+    from distillab.objective import KDObjective
+    from distillab.train.parallel import SingleProcess
+
     accumulated = copy.deepcopy(model)
     before = {n: p.detach().clone() for n, p in accumulated.named_parameters()}
     sgd = torch.optim.SGD(accumulated.parameters(), lr=1.0)  # new = old - grad
-    out = train_step(accumulated, sgd, [(inputs[:4], labels[:4]), (inputs[4:], labels[4:])], None, 0.0, 1.0, 0.0,
-                     torch.device("cpu"))
-    assert out["targets"] == 8 * 16 - 30
+    batches = [Batch(inputs[:4], labels[:4], torch.arange(4)), Batch(inputs[4:], labels[4:], torch.arange(4, 8))]
+    out = train_step(accumulated, sgd, batches, KDObjective(), None, SingleProcess(torch.device("cpu")), step=0,
+                     steps=1, grad_clip=0.0)
+    assert out.targets == 8 * 16 - 30
     for name, param in accumulated.named_parameters():
         expected = dict(reference.named_parameters())[name].grad
         torch.testing.assert_close(before[name] - param.detach(), expected, rtol=1e-4, atol=1e-7)
@@ -206,8 +211,11 @@ def test_teacher_with_padded_vocabulary_is_sliced(tmp_path, cache_dir):
     assert model.config.vocab_size == len(tokenizer) + 64
 
     ids = torch.randint(0, len(tokenizer), (2, 16), generator=torch.Generator().manual_seed(0))
-    plain = OnlineTeacher(teacher.final_dir, tokenizer, torch.device("cpu")).logits(ids)
-    sliced = OnlineTeacher(padded, tokenizer, torch.device("cpu")).logits(ids)
+    from distillab.data.loader import Batch
+
+    batch = Batch(ids, ids, torch.arange(2))
+    plain = OnlineTeacher.load(teacher.final_dir, tokenizer, torch.device("cpu")).signal(batch)
+    sliced = OnlineTeacher.load(padded, tokenizer, torch.device("cpu")).signal(batch)
     assert sliced.shape == plain.shape == (2, 16, len(tokenizer))
     torch.testing.assert_close(sliced, plain)
     with torch.no_grad():  # the teacher's projection path equals the model's own forward
@@ -229,7 +237,7 @@ def test_teacher_with_padded_vocabulary_is_sliced(tmp_path, cache_dir):
 
 def test_top_k_and_hard_label_students_train(tmp_path, cache_dir):
     teacher = train(config_from_dict(tiny_run(tmp_path, cache_dir, "t", train={"token_budget": 4 * 4 * 32})), log=quiet)
-    for name, kd in (("topk", {"top_k": 5}), ("hard", {"hard_labels": True})):
+    for name, kd in (("topk", {"top_k": 5}), ("hard", {"divergence": "hard"})):
         cfg = config_from_dict(tiny_run(tmp_path, cache_dir, name, train={"token_budget": 4 * 4 * 32},
                                         kd={"teacher": str(teacher.final_dir), "alpha": 0.5, **kd}))
         result = train(cfg, log=quiet)

@@ -30,7 +30,7 @@ def baseline(seed, loss):
 def student(teacher_id, seed, alpha, in_domain, ood, downstream=None):
     return {"run_id": f"{teacher_id}-{seed}-{alpha}", "role": "student", "model": "s", "tokens": 100,
             "non_embedding_parameters": 300, "init_seed": seed, "data_seed": seed, "teacher_id": teacher_id,
-            "alpha": alpha, "temperature": 1.0, "top_k": None, "hard_labels": False, "baseline_id": f"b{seed}",
+            "alpha": alpha, "objective_key": "lm", "objective": "forward KL, T 1", "baseline_id": f"b{seed}",
             "gain/in_domain": in_domain, "gain/ood": ood, "gain/downstream": downstream}
 
 

@@ -5,9 +5,11 @@ Measures, on random tokens of the given shape:
   - `lm_step`: distillab's training step with alpha = 0 (forward, fused CE, backward, clip, AdamW),
   - `plain_step`: the same HF model in a plain PyTorch loop (logits -> F.cross_entropy), the yardstick,
   - `teacher_forward`: the teacher alone under inference mode,
-  - `kd_step`: distillab's training step with the teacher signal (alpha = 0.5),
-and reports tokens/s, achieved GFLOP/s (model FLOPs per token x tokens/s) and
-kd_step / (lm_step + teacher_forward), the overhead of distillation beyond its two passes.
+  - `kd_step`: distillab's training step with the online teacher (alpha = 0.5, the chosen divergence),
+  - `cached_kd_step` (with --cached-k K): the step with the teacher's top-K read from memory,
+and reports tokens/s, achieved GFLOP/s (model FLOPs per token x tokens/s), MFU against the
+device's bf16 dense peak on GPUs, kd_step / (lm_step + teacher_forward) (the overhead of
+distillation beyond its two passes) and cached_kd_step / lm_step.
 """
 
 from __future__ import annotations
@@ -20,10 +22,24 @@ import torch
 import torch.nn.functional as F
 
 from distillab.config import ModelConfig, TrainConfig
+from distillab.data.loader import Batch
+from distillab.losses import SparseTeacher
+from distillab.losses.teacher_rows import truncate_dense
 from distillab.models import build_model, resolve_spec
-from distillab.runtime import resolve_device, setup_runtime
+from distillab.objective import KDObjective
+from distillab.runtime import autocast, resolve_device, setup_runtime
 from distillab.teacher import OnlineTeacher
-from distillab.train import make_optimizer, train_step
+from distillab.train.parallel import SingleProcess
+from distillab.train.schedule import make_optimizer
+from distillab.train.step import train_step
+
+# Dense bf16 peak of common GPUs (FLOP/s), for MFU.
+GPU_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "L4": 121e12}
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
 
 
 def matmul_ceiling(device: torch.device, size: int = 2048, repeats: int = 10) -> float:
@@ -31,119 +47,135 @@ def matmul_ceiling(device: torch.device, size: int = 2048, repeats: int = 10) ->
     b = torch.randn(size, size, device=device)
     for _ in range(2):
         a @ b
-    _sync(device)
+    sync(device)
     started = time.perf_counter()
     for _ in range(repeats):
         a @ b
-    _sync(device)
+    sync(device)
     return 2 * size**3 * repeats / (time.perf_counter() - started) / 1e9
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+def device_peak(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in GPU_PEAK_FLOPS.items() if key in name), None)
 
 
-def run_bench(
-    model: str,
-    teacher: str | None = None,
-    batch_size: int = 16,
-    seq_len: int = 256,
-    steps: int = 10,
-    warmup: int = 3,
-    vocab_size: int = 4096,
-    device: str = "auto",
-    threads: int | None = None,
-    precision: str = "float32",
-    log=print,
-) -> dict:
-    setup_runtime(threads)
-    torch_device = resolve_device(device)
-    train_cfg = TrainConfig(batch_size=batch_size, seq_len=seq_len, lr=1e-3)
-    student_spec = resolve_spec(ModelConfig(name=model))
-    tokens_per_step = batch_size * seq_len
-    generator = torch.Generator().manual_seed(0)
-    window = torch.randint(0, vocab_size, (batch_size, seq_len + 1), generator=generator)
-    inputs, labels = window[:, :-1].to(torch_device), window[:, 1:].to(torch_device)
-    flops_student = student_spec.training_flops_per_token(vocab_size, seq_len)
+class StepTimer:
+    """Rounds of one call of every step in turn, so drift in the machine's speed touches all alike."""
 
-    result: dict = {
-        "device": str(torch_device),
-        "machine": platform.processor() or platform.machine(),
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "model": model,
-        "teacher": teacher,
-        "batch_size": batch_size,
-        "seq_len": seq_len,
-        "vocab_size": vocab_size,
-        "steps": steps,
-        "precision": precision,
-    }
-    result["matmul_gflops"] = matmul_ceiling(torch_device)
-    log(f"bench: fp32 matmul ceiling {result['matmul_gflops']:.0f} GFLOP/s")
+    def __init__(self, device: torch.device):
+        self.device, self.steps, self.flops = device, {}, {}
 
-    def measure(name: str, seconds: float, flops_per_token: float) -> None:
-        tok_s = tokens_per_step / seconds
-        gflops = flops_per_token * tok_s / 1e9
-        result[name] = {"seconds": seconds, "tokens_per_s": tok_s, "gflops": gflops,
-                        "mfu_vs_matmul": gflops / result["matmul_gflops"]}
-        log(f"bench: {name:16s} {seconds * 1000:8.1f} ms/step  {tok_s:10,.0f} tok/s  {gflops:7.1f} GFLOP/s")
+    def add(self, name: str, fn, flops_per_token: float) -> None:
+        self.steps[name], self.flops[name] = fn, flops_per_token
 
-    student = build_model(student_spec, vocab_size, seq_len, seed=0).to(torch_device)
-    optimizer = make_optimizer(student, train_cfg)
+    def run(self, rounds: int, warmup: int) -> dict[str, list[float]]:
+        for fn in self.steps.values():
+            for _ in range(warmup):
+                fn()
+        times: dict[str, list[float]] = {name: [] for name in self.steps}
+        for _ in range(rounds):
+            for name, fn in self.steps.items():
+                sync(self.device)
+                started = time.perf_counter()
+                fn()
+                sync(self.device)
+                times[name].append(time.perf_counter() - started)
+        return times
 
-    from distillab.runtime import autocast
+
+def add_steps(timer: StepTimer, student, optimizer, batch: Batch, teacher, objective: KDObjective, precision: str,
+              cached_k: int | None, flops_student: float, flops_teacher: float) -> None:
+    device, parallel = batch.inputs.device, SingleProcess(batch.inputs.device)
 
     def plain_step():
-        with autocast(torch_device, precision):
-            logits = student(input_ids=inputs, use_cache=False).logits
-        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1))
+        with autocast(device, precision):
+            logits = student(input_ids=batch.inputs, use_cache=False).logits
+        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), batch.labels.reshape(-1))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0, foreach=True)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    def lm_step():
-        train_step(student, optimizer, [(inputs, labels)], None, 0.0, 1.0, 1.0, torch_device, precision)
+    def step_with(signal, kd: KDObjective):
+        return lambda: train_step(student, optimizer, [batch], kd, signal, parallel, step=0, steps=1, grad_clip=1.0,
+                                  precision=precision)
 
-    steps_by_name = {"plain_step": plain_step, "lm_step": lm_step}
-    flops_by_name = {"plain_step": flops_student, "lm_step": flops_student}
+    timer.add("plain_step", plain_step, flops_student)
+    timer.add("lm_step", step_with(None, KDObjective()), flops_student)
+    if teacher is None:
+        return
+    timer.add("teacher_forward", lambda: teacher.signal(batch), flops_teacher)
+    timer.add("kd_step", step_with(teacher, objective), flops_student + flops_teacher)
+    if cached_k:
+        timer.add("cached_kd_step", step_with(MemoryCache(teacher, batch, cached_k), objective), flops_student)
+
+
+class MemoryCache:
+    """The teacher's top-K of one batch held in memory: what a cached teacher hands the loss."""
+
+    def __init__(self, teacher: OnlineTeacher, batch: Batch, k: int):
+        logits = teacher.signal(batch)
+        rows = truncate_dense(logits.reshape(-1, logits.shape[-1]).float(), k, None)
+        shape = batch.inputs.shape
+        self.sparse = SparseTeacher(rows.indices.reshape(*shape, k), rows.logprobs.reshape(*shape, k).half(),
+                                    rows.log_tail.reshape(shape))
+
+    def signal(self, batch: Batch, head: bool = False) -> SparseTeacher:
+        return self.sparse
+
+
+def run_bench(model: str, teacher: str | None = None, batch_size: int = 16, seq_len: int = 256, steps: int = 10,
+              warmup: int = 3, vocab_size: int = 4096, device: str = "auto", threads: int | None = None,
+              precision: str = "float32", divergence: str = "forward_kl", cached_k: int | None = None,
+              log=print) -> dict:
+    setup_runtime(threads)
+    torch_device = resolve_device(device, key="--device")
+    student_spec = resolve_spec(ModelConfig(name=model))
+    window = torch.randint(0, vocab_size, (batch_size, seq_len + 1), generator=torch.Generator().manual_seed(0))
+    batch = Batch(window[:, :-1], window[:, 1:], torch.arange(batch_size)).to(torch_device)
+    result: dict = {"device": str(torch_device), "machine": platform.processor() or platform.machine(),
+                    "gpu": torch.cuda.get_device_name(torch_device) if torch_device.type == "cuda" else None,
+                    "threads": torch.get_num_threads(), "torch": torch.__version__, "model": model, "teacher": teacher,
+                    "batch_size": batch_size, "seq_len": seq_len, "vocab_size": vocab_size, "steps": steps,
+                    "precision": precision, "divergence": divergence, "cached_k": cached_k,
+                    "matmul_gflops": matmul_ceiling(torch_device), "peak_flops": device_peak(torch_device)}
+    log(f"bench: fp32 matmul ceiling {result['matmul_gflops']:.0f} GFLOP/s")
+    student = build_model(student_spec, vocab_size, seq_len, seed=0, device=torch_device)
+    optimizer = make_optimizer(student, TrainConfig(batch_size=batch_size, seq_len=seq_len, lr=1e-3))
+    signal, flops_teacher = None, 0.0
     if teacher is not None:
         teacher_spec = resolve_spec(ModelConfig(name=teacher))
-        teacher_model = build_model(teacher_spec, vocab_size, seq_len, seed=1)
-        signal = OnlineTeacher.from_model(teacher_model, vocab_size, torch_device, precision)
+        signal = OnlineTeacher(build_model(teacher_spec, vocab_size, seq_len, seed=1), vocab_size, torch_device,
+                               precision)
+        flops_teacher = teacher_spec.forward_flops_per_token(vocab_size, seq_len)
+    timer = StepTimer(torch_device)
+    objective = KDObjective(alpha=0.5, divergence=divergence, top_k=cached_k)
+    add_steps(timer, student, optimizer, batch, signal, objective, precision, cached_k,
+              student_spec.training_flops_per_token(vocab_size, seq_len), flops_teacher)
+    report(result, timer, timer.run(steps, warmup), batch_size * seq_len, log)
+    return result
 
-        def teacher_forward():
-            signal.logits(inputs)
 
-        def kd_step():
-            train_step(student, optimizer, [(inputs, labels)], signal, 0.5, 1.0, 1.0, torch_device, precision)
-
-        steps_by_name["teacher_forward"] = teacher_forward
-        steps_by_name["kd_step"] = kd_step
-        flops_by_name["teacher_forward"] = teacher_spec.forward_flops_per_token(vocab_size, seq_len)
-        flops_by_name["kd_step"] = flops_student + flops_by_name["teacher_forward"]
-
-    # Rounds of one call each, interleaved, so that drift in the machine's speed (shared or
-    # throttled CPUs) touches every measurement alike; the median round is reported.
-    for fn in steps_by_name.values():
-        for _ in range(warmup):
-            fn()
-    times: dict[str, list[float]] = {name: [] for name in steps_by_name}
-    for _ in range(steps):
-        for name, fn in steps_by_name.items():
-            _sync(torch_device)
-            started = time.perf_counter()
-            fn()
-            _sync(torch_device)
-            times[name].append(time.perf_counter() - started)
-    for name in steps_by_name:
-        measure(name, statistics.median(times[name]), flops_by_name[name])
+def report(result: dict, timer: StepTimer, times: dict[str, list[float]], tokens: int, log) -> None:
+    """Medians per step type and the ratios, into `result` (and the log)."""
+    for name, seconds in times.items():
+        median = statistics.median(seconds)
+        gflops = timer.flops[name] * tokens / median / 1e9
+        result[name] = {"seconds": median, "tokens_per_s": tokens / median, "gflops": gflops,
+                        "mfu_vs_matmul": gflops / result["matmul_gflops"]}
+        if result["peak_flops"]:
+            result[name]["mfu"] = gflops * 1e9 / result["peak_flops"]
+        log(f"bench: {name:16s} {median * 1000:8.1f} ms/step  {tokens / median:10,.0f} tok/s  {gflops:7.1f} GFLOP/s")
     result["lm_vs_plain"] = result["plain_step"]["seconds"] / result["lm_step"]["seconds"]
-    if teacher is not None:
+    log(f"bench: lm_step is {result['lm_vs_plain']:.3f}x the speed of the plain loop")
+    if "kd_step" in times:
         ratios = [k / (l + t) for k, l, t in zip(times["kd_step"], times["lm_step"], times["teacher_forward"])]
         result["kd_overhead"] = statistics.median(ratios)
-        log(f"bench: kd_step / (lm_step + teacher_forward) = {result['kd_overhead']:.3f} (median of {steps} rounds)")
-    log(f"bench: lm_step is {result['lm_vs_plain']:.3f}x the speed of the plain loop")
-    return result
+        log(f"bench: kd_step / (lm_step + teacher_forward) = {result['kd_overhead']:.3f} (median of {len(ratios)})")
+    if "cached_kd_step" in times:
+        ratios = [c / l for c, l in zip(times["cached_kd_step"], times["lm_step"])]
+        result["cached_overhead"] = statistics.median(ratios)
+        log(f"bench: cached_kd_step / lm_step = {result['cached_overhead']:.3f} (median of {len(ratios)})")

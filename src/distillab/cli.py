@@ -71,60 +71,10 @@ def cmd_eval(args) -> int:
 
 
 def cmd_analyze(args) -> int:
-    from pathlib import Path
+    from distillab.evaluate.analysis import analyze_checkpoints
 
-    from distillab.checkpoint import read_meta
-    from distillab.data.packaged import default_cache_dir
-    from distillab.data.shards import load_prepared, prepare_corpus_tokens
-    from distillab.data.tokenizer import load_tokenizer, tokenizer_fingerprint
-    from distillab.errors import DistillabError
-    from distillab.evaluate.analysis import analyze
-    from distillab.evaluate.sets import resolve_set
-    from distillab.runtime import resolve_device, setup_runtime
-
-    setup_runtime(None)
-    models = {}
-    for item in args.model:
-        name, sep, path = item.partition("=")
-        if not sep or not name or not path:
-            raise DistillabError(f"--model: {item!r} must look like NAME=DIR (e.g. student=runs/s/final)")
-        if not Path(path, "config.json").is_file():
-            raise DistillabError(f"--model {name}: {path} is not an HF model directory (no config.json)")
-        models[name] = Path(path)
-    first = next(iter(models.values()))
-    tokenizer = load_tokenizer(first)
-    fingerprint = tokenizer_fingerprint(tokenizer)
-    for name, path in models.items():
-        if tokenizer_fingerprint(load_tokenizer(path)) != fingerprint:
-            raise DistillabError(f"--model {name}: {path} has another tokenizer than {first}; models must share one")
-    pairs = []
-    for item in args.pairs or []:
-        a, sep, b = item.partition(":")
-        if not sep or a not in models or b not in models:
-            raise DistillabError(f"--pairs: {item!r} must be A:B with A and B among --model names ({', '.join(models)})")
-        pairs.append((a, b))
-    if not args.pairs:
-        pairs = [(a, b) for a, b in (("student", "teacher"), ("student", "baseline")) if a in models and b in models]
-    gain = None
-    if args.gain:
-        a, sep, b = args.gain.partition(":")
-        if not sep or a not in models or b not in models:
-            raise DistillabError(f"--gain: {args.gain!r} must be STUDENT:BASELINE among --model names")
-        gain = (a, b)
-    elif "student" in models and "baseline" in models:
-        gain = ("student", "baseline")
-    eval_set = resolve_set(args.set)
-    if eval_set.split is not None:
-        meta = read_meta(first)
-        if not meta.get("data_dir"):
-            raise DistillabError(f"--set {args.set}: {first} does not name its training data; use another set")
-        tokens = load_prepared(Path(meta["data_dir"])).tokens(eval_set.split)
-    else:
-        tokens = prepare_corpus_tokens(eval_set.corpus, tokenizer, default_cache_dir()).tokens("all")
-    config_len = json.loads((first / "config.json").read_text()).get("max_position_embeddings") or 256
-    analyze(models, tokens, args.seq_len or int(config_len), args.max_windows, Path(args.out), pairs=pairs,
-            gain=gain, batch_size=args.batch_size, vocab_size=len(tokenizer), device=resolve_device(args.device),
-            set_name=args.set)
+    analyze_checkpoints(args.model, args.pairs, args.gain, args.set, args.seq_len, args.max_windows, args.out,
+                        args.batch_size, args.device)
     return 0
 
 
@@ -164,6 +114,8 @@ def cmd_bench(args) -> int:
         device=args.device,
         precision=args.precision,
         threads=args.threads,
+        divergence=args.divergence,
+        cached_k=args.cached_k,
         log=log,
     )
     if args.json:
@@ -174,10 +126,11 @@ def cmd_bench(args) -> int:
 def cmd_sweep(args) -> int:
     from pathlib import Path
 
+    from distillab.files import inside
     from distillab.sweep import compute_summary, format_plan, load_grid, plan, run_sweep
 
     spec = load_grid(args.grid)
-    out = Path(args.out or f"sweeps/{spec.name}")
+    out = Path(args.out) if args.out else inside(Path("sweeps"), spec.name, "name")
     if args.dry_run:
         runs = plan(spec, out)
         print(format_plan(runs, compute_summary(runs, spec, device=args.device, mfu=args.mfu)))
@@ -224,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Knowledge distillation during LLM pretraining: train teachers and students, evaluate, compare.",
     )
     parser.add_argument("--version", action="version", version=f"distillab {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     data = sub.add_parser("data", help="prepare corpora: tokenizer and token shards")
@@ -303,6 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--vocab-size", type=int, default=4096)
     bench.add_argument("--device", default="auto")
     bench.add_argument("--threads", type=int, default=None)
+    bench.add_argument("--divergence", default="forward_kl", help="KD divergence of kd_step (default forward_kl)")
+    bench.add_argument("--cached-k", type=int, default=None, metavar="K",
+                       help="also time a KD step whose teacher is its top-K held in memory (a cache's signal)")
     bench.add_argument("--json", action="store_true", help="print the measurements as JSON")
     bench.set_defaults(func=cmd_bench)
 
@@ -359,12 +316,21 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except DistillabError as exc:
-        print(f"distillab: error: {exc}", file=sys.stderr)
+    except (DistillabError, PermissionError) as exc:
+        if args.debug:
+            raise
+        print(f"distillab: error: {one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("distillab: interrupted", file=sys.stderr)
         return 130
+
+
+def one_line(exc: BaseException) -> str:
+    if isinstance(exc, PermissionError):
+        return f"{exc.filename or exc}: permission denied; choose a directory you can write (run_dir, " \
+               "data.cache_dir or DISTILLAB_CACHE)"
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
 if __name__ == "__main__":

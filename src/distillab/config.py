@@ -8,8 +8,6 @@ names the dotted key.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import re
 import types
 import typing
@@ -20,6 +18,7 @@ from typing import Any, Literal
 import yaml
 
 from distillab.errors import ConfigError
+from distillab.files import inside
 
 
 @dataclass
@@ -64,6 +63,9 @@ class DataConfig:
     # where prepared tokenizers and token shards live (content-addressed subdirectories);
     # unset: $DISTILLAB_CACHE or ~/.cache/distillab
     cache_dir: str | None = None
+    # concat: fixed windows over the concatenated stream (documents joined by end-of-text);
+    # documents: whole documents packed into windows, attention and positions reset per document
+    packing: Literal["concat", "documents"] = "concat"
 
 
 @dataclass
@@ -80,6 +82,9 @@ class ModelConfig:
     ffn: int | None = None
     rope_theta: float | None = None
     tie_embeddings: bool | None = None
+    norm_eps: float | None = None
+    # output rows of the embedding / head; unset = the tokenizer's size (rows beyond it stay unused)
+    vocab_size: int | None = None
 
 
 @dataclass
@@ -120,6 +125,36 @@ class TrainConfig:
     # data-parallel processes (GPUs) per run: launch with torchrun --nproc_per_node N (sweeps do);
     # the global batch is batch_size x grad_accum x processes
     processes: int = 1
+    # how the model is spread over processes: ddp (replicated) or fsdp (FSDP2, sharded per block)
+    parallel: Literal["ddp", "fsdp"] = "ddp"
+    # recompute each transformer block's activations in backward instead of keeping them
+    activation_checkpointing: bool = False
+    # a non-finite loss, gradient norm or weight: stop (keep the last good checkpoint) or skip:N
+    # (drop that step's update, at most N times in the run, then stop)
+    nonfinite: str = "stop"
+    # metrics: metrics.jsonl always; TensorBoard event files under tensorboard/; Weights & Biases
+    # when a project is named here and wandb is installed
+    tensorboard: bool = True
+    wandb_project: str | None = None
+
+
+@dataclass
+class ScheduleConfig:
+    """How a KD weight or temperature moves over training (fractions of the run's steps).
+
+    constant: the value throughout; linear / cosine: from `start` to `end` (default: the value);
+    wsd: `start` -> the value over `warmup_fraction`, hold, then -> `end` over the last
+    `decay_fraction`. `start` and `end` default to 0 for wsd and to the value otherwise.
+    """
+
+    shape: Literal["constant", "linear", "cosine", "wsd"] = "constant"
+    start: float | None = None
+    end: float | None = None
+    warmup_fraction: float = 0.1
+    decay_fraction: float = 0.2
+
+
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd", "hard")
 
 
 @dataclass
@@ -129,10 +164,22 @@ class KDConfig:
     teacher: str | None = None
     alpha: float = 0.0
     temperature: float = 1.0
-    # truncate the teacher's distribution to its k most likely tokens (renormalised)
+    # KL(p_T || p_S) by default; hard = cross-entropy against the teacher's argmax (no T^2)
+    divergence: Literal["forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd",
+                        "hard"] = "forward_kl"
+    beta: float = 0.5  # jsd: weight of the teacher in the mixture m = beta p_T + (1 - beta) p_S
+    skew: float = 0.1  # skew KL: the mixture weight lambda
+    scale_by_t2: bool = True  # multiply the KD term by T^2 (keeps gradient scale across T)
+    # truncate the teacher to its k most likely tokens, or to the smallest set holding p of its
+    # mass (at T = 1); renormalised over the kept tokens, or the rest kept as one tail category
     top_k: int | None = None
-    # KD term = cross-entropy against the teacher's most likely token (temperature must be 1)
-    hard_labels: bool = False
+    top_p: float | None = None
+    tail_bucket: bool = False
+    label_smoothing: float = 0.0  # on the CE term
+    # mix: (1 - alpha) CE + alpha KD; ce_fixed: CE + alpha KD; kd_fixed: (1 - alpha) CE + KD
+    loss_scale: Literal["mix", "ce_fixed", "kd_fixed"] = "mix"
+    alpha_schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    temperature_schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
 
 
 @dataclass
@@ -157,7 +204,8 @@ class RunConfig:
 
     @property
     def resolved_run_dir(self) -> Path:
-        return Path(self.run_dir) if self.run_dir else Path("runs") / self.name
+        """`run_dir` when given; else runs/<name>, which must stay inside runs/."""
+        return Path(self.run_dir) if self.run_dir else inside(Path("runs"), self.name, "name")
 
 
 # ----------------------------------------------------------------------------- loading
@@ -198,7 +246,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(key, f"expected a mapping, got {value!r}")
-        return _build(tp, value, key)
+        return build_dataclass(tp, value, key)
     if origin is Literal:
         if value not in typing.get_args(tp):
             raise ConfigError(key, f"must be {_type_name(tp)}, got {value!r}")
@@ -238,19 +286,28 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise ConfigError(key, f"unsupported type {tp}")
 
 
-def _build(cls: type, values: dict, prefix: str = "") -> Any:
+def build_dataclass(cls: type, values: dict, prefix: str = "") -> Any:
+    """An instance of the dataclass `cls` from plain values, each coerced and checked by its type.
+
+    Unknown keys and values of the wrong type raise a ConfigError naming the dotted key.
+    """
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
     for key in values:
         if key not in known:
             dotted = f"{prefix}.{key}" if prefix else str(key)
-            raise ConfigError(dotted, f"unknown key (known here: {', '.join(sorted(known))})")
+            hint = RENAMED_KEYS.get(dotted)
+            raise ConfigError(dotted, hint or f"unknown key (known here: {', '.join(sorted(known))})")
     kwargs = {}
     for name in known:
         if name in values:
             dotted = f"{prefix}.{name}" if prefix else name
             kwargs[name] = _coerce(values[name], hints[name], dotted)
     return cls(**kwargs)
+
+
+# Keys that existed once and what replaced them.
+RENAMED_KEYS = {"kd.hard_labels": "replaced by kd.divergence=hard (cross-entropy against the teacher's argmax)"}
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -284,111 +341,222 @@ def apply_overrides(values: dict, overrides: list[str]) -> dict:
 
 
 def config_from_dict(values: dict) -> RunConfig:
-    config = _build(RunConfig, values)
+    config = build_dataclass(RunConfig, values)
     validate(config)
     return config
 
 
+def read_yaml_mapping(path: str | Path, what: str = "config") -> dict:
+    """The top-level mapping of a YAML file, or a one-line ConfigError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(str(path), f"{what} file not found")
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        line = getattr(getattr(exc, "problem_mark", None), "line", None)
+        where = f" (line {line + 1})" if line is not None else ""
+        raise ConfigError(str(path), f"not valid YAML{where}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(str(path), "not a text file") from None
+    if loaded is None:
+        raise ConfigError(str(path), f"the file is empty; a {what} names at least what to run (see configs/examples/)")
+    if not isinstance(loaded, dict):
+        raise ConfigError(str(path), "the top level must be a mapping of keys")
+    return loaded
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
-    values: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(str(path), "config file not found")
-        try:
-            loaded = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as exc:
-            line = getattr(getattr(exc, "problem_mark", None), "line", None)
-            where = f" (line {line + 1})" if line is not None else ""
-            raise ConfigError(str(path), f"not valid YAML{where}") from None
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(str(path), "the top level must be a mapping of keys")
-        values = loaded
+    values = read_yaml_mapping(path) if path is not None else {}
     values = apply_overrides(values, overrides or [])
     return config_from_dict(values)
 
 
-def _require(ok: bool, key: str, message: str) -> None:
+def require(ok: bool, key: str, message: str) -> None:
+    """Raise ConfigError(key, message) unless `ok`."""
     if not ok:
         raise ConfigError(key, message)
 
 
 def validate(c: RunConfig) -> None:
     """Range checks that types alone cannot express."""
-    t, kd, d = c.train, c.kd, c.data
-    _require(0.0 <= kd.alpha <= 1.0, "kd.alpha", f"must be in [0, 1], got {kd.alpha}")
-    _require(kd.temperature > 0, "kd.temperature", f"must be > 0, got {kd.temperature}")
-    _require(
-        kd.alpha == 0 or kd.teacher is not None,
-        "kd.alpha",
-        f"is {kd.alpha} but kd.teacher is unset: name a teacher checkpoint or set kd.alpha=0",
-    )
-    _require(kd.top_k is None or kd.top_k >= 1, "kd.top_k", f"must be >= 1, got {kd.top_k}")
-    _require(not kd.hard_labels or kd.temperature == 1.0, "kd.temperature",
-             "must be 1 with kd.hard_labels (the teacher's argmax has no temperature)")
-    _require(not (kd.hard_labels and kd.top_k is not None), "kd.top_k", "leave unset with kd.hard_labels")
-    _require(t.token_budget > 0, "train.token_budget", f"must be > 0, got {t.token_budget}")
+    validate_kd(c.kd)
+    validate_train(c.train)
+    validate_data(c.data)
+    validate_eval(c.eval)
+    require(bool(c.name.strip()), "name", "must not be empty")
+    if not c.run_dir:
+        c.resolved_run_dir  # noqa: B018  (raises when the name would leave runs/)
+
+
+def validate_kd(kd: KDConfig) -> None:
+    require(0.0 <= kd.alpha <= 1.0, "kd.alpha", f"must be in [0, 1], got {kd.alpha}")
+    require(kd.temperature > 0, "kd.temperature", f"must be > 0, got {kd.temperature}")
+    distills = kd.alpha > 0 or kd.alpha_schedule.shape != "constant"
+    require(not distills or kd.teacher is not None, "kd.alpha",
+            f"is {kd.alpha} but kd.teacher is unset: name a teacher checkpoint or set kd.alpha=0")
+    require(kd.top_k is None or kd.top_k >= 1, "kd.top_k", f"must be >= 1, got {kd.top_k}")
+    require(kd.top_p is None or 0 < kd.top_p <= 1, "kd.top_p", f"must be in (0, 1], got {kd.top_p}")
+    require(kd.top_k is None or kd.top_p is None, "kd.top_p",
+            "set kd.top_k or kd.top_p, not both (which would apply first is ambiguous)")
+    require(not kd.tail_bucket or kd.top_k is not None or kd.top_p is not None, "kd.tail_bucket",
+            "needs a truncation (kd.top_k or kd.top_p) whose dropped mass forms the tail")
+    if kd.divergence == "hard":
+        require(kd.temperature == 1.0 and kd.temperature_schedule.shape == "constant", "kd.temperature",
+                "must be 1 with kd.divergence=hard (the teacher's argmax has no temperature)")
+        for key in ("top_k", "top_p"):
+            require(getattr(kd, key) is None, f"kd.{key}", f"leave unset with kd.divergence=hard (ambiguous with "
+                    "the argmax)")
+        require(not kd.tail_bucket, "kd.tail_bucket", "leave unset with kd.divergence=hard")
+    require(0 < kd.beta < 1, "kd.beta", f"must be in (0, 1), got {kd.beta}")
+    require(0 <= kd.skew < 1, "kd.skew", f"must be in [0, 1), got {kd.skew}")
+    require(0 <= kd.label_smoothing < 1, "kd.label_smoothing", f"must be in [0, 1), got {kd.label_smoothing}")
+    for name in ("alpha_schedule", "temperature_schedule"):
+        schedule = getattr(kd, name)
+        for part in ("warmup_fraction", "decay_fraction"):
+            value = getattr(schedule, part)
+            require(0 <= value <= 1, f"kd.{name}.{part}", f"must be in [0, 1], got {value}")
+        require(schedule.warmup_fraction + schedule.decay_fraction <= 1, f"kd.{name}.decay_fraction",
+                "warmup_fraction + decay_fraction must be <= 1")
+    for end in ("start", "end"):
+        value = getattr(kd.alpha_schedule, end)
+        require(value is None or 0 <= value <= 1, f"kd.alpha_schedule.{end}", f"must be in [0, 1], got {value}")
+        value = getattr(kd.temperature_schedule, end)
+        require(value is None or value > 0, f"kd.temperature_schedule.{end}", f"must be > 0, got {value}")
+
+
+NONFINITE = re.compile(r"^(stop|skip:[1-9][0-9]*)$")
+
+
+def validate_train(t: TrainConfig) -> None:
+    require(t.token_budget > 0, "train.token_budget", f"must be > 0, got {t.token_budget}")
     for key in ("batch_size", "seq_len", "grad_accum", "log_every", "eval_every", "checkpoint_every"):
         value = getattr(t, key)
-        _require(value > 0, f"train.{key}", f"must be > 0, got {value}")
-    _require(t.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
-    _require(t.processes >= 1, "train.processes", "must be >= 1")
-    _require(t.lr > 0, "train.lr", f"must be > 0, got {t.lr}")
-    _require(0 <= t.warmup_fraction < 1, "train.warmup_fraction", "must be in [0, 1)")
-    _require(0 < t.decay_fraction <= 1, "train.decay_fraction", "must be in (0, 1]")
-    _require(
-        t.warmup_fraction + (t.decay_fraction if t.schedule == "wsd" else 0) <= 1,
-        "train.decay_fraction",
-        "warmup_fraction + decay_fraction must be <= 1",
-    )
-    _require(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", "must be in [0, 1]")
-    _require(t.weight_decay >= 0, "train.weight_decay", "must be >= 0")
-    _require(0 <= t.beta1 < 1, "train.beta1", "must be in [0, 1)")
-    _require(0 <= t.beta2 < 1, "train.beta2", "must be in [0, 1)")
-    _require(t.eps > 0, "train.eps", "must be > 0")
-    _require(t.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 disables clipping)")
-    _require(t.threads is None or t.threads > 0, "train.threads", "must be > 0")
-    _require(t.warmup_steps is None or t.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
-    _require(t.branch_from is None or t.schedule == "wsd", "train.branch_from",
-             "branching needs train.schedule=wsd (a stable phase to branch from)")
-    _require(
-        t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"),
-        "train.device",
-        f"must be auto, cpu or cuda[:N], got {t.device!r}",
-    )
-    _require(0 < d.validation_fraction < 1, "data.validation_fraction", "must be in (0, 1)")
-    _require(
-        d.tokenizer.path is not None or 257 <= d.tokenizer.vocab_size <= 2**32 - 1,
-        "data.tokenizer.vocab_size",
-        "must be at least 257 (256 bytes + the end-of-text token)",
-    )
+        require(value > 0, f"train.{key}", f"must be > 0, got {value}")
+    require(t.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
+    require(t.processes >= 1, "train.processes", "must be >= 1")
+    require(t.lr > 0, "train.lr", f"must be > 0, got {t.lr}")
+    require(0 <= t.warmup_fraction < 1, "train.warmup_fraction", "must be in [0, 1)")
+    require(0 < t.decay_fraction <= 1, "train.decay_fraction", "must be in (0, 1]")
+    require(t.warmup_fraction + (t.decay_fraction if t.schedule == "wsd" else 0) <= 1, "train.decay_fraction",
+            "warmup_fraction + decay_fraction must be <= 1")
+    require(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", "must be in [0, 1]")
+    require(t.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+    require(0 <= t.beta1 < 1, "train.beta1", "must be in [0, 1)")
+    require(0 <= t.beta2 < 1, "train.beta2", "must be in [0, 1)")
+    require(t.eps > 0, "train.eps", "must be > 0")
+    require(t.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 disables clipping)")
+    require(t.threads is None or t.threads > 0, "train.threads", "must be > 0")
+    require(t.warmup_steps is None or t.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
+    require(t.branch_from is None or t.schedule == "wsd", "train.branch_from",
+            "branching needs train.schedule=wsd (a stable phase to branch from)")
+    require(t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"), "train.device",
+            f"must be auto, cpu or cuda[:N], got {t.device!r}")
+    require(bool(NONFINITE.match(t.nonfinite)), "train.nonfinite", f"must be stop or skip:N (N >= 1), got "
+            f"{t.nonfinite!r}")
+
+
+def validate_data(d: DataConfig) -> None:
+    require(0 < d.validation_fraction < 1, "data.validation_fraction", "must be in (0, 1)")
+    require(d.tokenizer.path is not None or 257 <= d.tokenizer.vocab_size <= 2**32 - 1, "data.tokenizer.vocab_size",
+            "must be at least 257 (256 bytes + the end-of-text token)")
     cp = d.corpus
     if cp.source == "packaged":
-        _require(bool(cp.name), "data.corpus.name", "name a packaged corpus (see `distillab data list`)")
+        require(bool(cp.name), "data.corpus.name", "name a packaged corpus (see `distillab data list`)")
     elif cp.source == "files":
-        _require(bool(cp.paths), "data.corpus.paths", "list at least one file or glob")
+        require(bool(cp.paths), "data.corpus.paths", "list at least one file or glob")
     elif cp.source == "hf":
-        _require(bool(cp.path), "data.corpus.path", "name an HF dataset or a local dataset directory")
-    _require(cp.limit is None or cp.limit > 0, "data.corpus.limit", "must be > 0")
-    e = c.eval
-    _require(e.max_windows > 0, "eval.max_windows", "must be > 0")
-    _require(e.batch_size > 0, "eval.batch_size", "must be > 0")
-    _require(e.seq_len is None or e.seq_len > 1, "eval.seq_len", "must be > 1")
+        require(bool(cp.path), "data.corpus.path", "name an HF dataset or a local dataset directory")
+    require(cp.limit is None or cp.limit > 0, "data.corpus.limit", "must be > 0")
+
+
+def validate_eval(e: EvalConfig) -> None:
+    require(e.max_windows > 0, "eval.max_windows", "must be > 0")
+    require(e.batch_size > 0, "eval.batch_size", "must be > 0")
+    require(e.seq_len is None or e.seq_len > 1, "eval.seq_len", "must be > 1")
     for i, name in enumerate(e.sets):
-        _require(name in ("validation", "train"), f"eval.sets[{i}]", "must be validation or train")
+        require(name in ("validation", "train"), f"eval.sets[{i}]", "must be validation or train")
 
 
 def to_dict(config: Any) -> dict:
     return dataclasses.asdict(config)
 
 
-def stable_hash(obj: Any, length: int = 16) -> str:
-    """sha256 of the canonical JSON of `obj`: the same content always gives the same id."""
-    blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode()
-    return hashlib.sha256(blob).hexdigest()[:length]
-
-
 def dump_yaml(config: RunConfig) -> str:
     return yaml.safe_dump(to_dict(config), sort_keys=False)
+
+
+# ----------------------------------------------------------------------------- run identity
+
+# Keys that change how a run is operated or logged but not what it computes: a resumed run may
+# change these; any other difference from the run's recorded config is refused.
+OPERATIONAL_KEYS = {
+    "train.log_every",
+    "train.eval_every",
+    "train.checkpoint_every",
+    "train.keep_checkpoints",
+    "train.threads",
+    "train.device",
+    "train.keep_steps",
+    "train.tensorboard",
+    "train.wandb_project",
+    "train.activation_checkpointing",
+    "eval.max_windows",
+    "eval.batch_size",
+    "eval.sets",
+    "eval.seq_len",
+    "data.cache_dir",
+    "run_dir",
+}
+
+# Keys added after run ids were first published. They enter a run's identity only when set
+# away from their default, so the id of a run that does not use them never changes.
+LATER_KEYS = (
+    "data.packing", "model.norm_eps", "model.vocab_size", "train.parallel", "train.nonfinite",
+    "kd.divergence", "kd.beta", "kd.skew", "kd.scale_by_t2", "kd.top_p", "kd.tail_bucket",
+    "kd.label_smoothing", "kd.loss_scale", "kd.alpha_schedule.shape", "kd.alpha_schedule.start",
+    "kd.alpha_schedule.end", "kd.alpha_schedule.warmup_fraction", "kd.alpha_schedule.decay_fraction",
+    "kd.temperature_schedule.shape", "kd.temperature_schedule.start", "kd.temperature_schedule.end",
+    "kd.temperature_schedule.warmup_fraction", "kd.temperature_schedule.decay_fraction",
+)
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    """{"a": {"b": 1}} -> {"a.b": 1}."""
+    out = {}
+    for key, value in d.items():
+        dotted = f"{prefix}.{key}" if prefix else key
+        if isinstance(value, dict):
+            out.update(flatten(value, dotted))
+        else:
+            out[dotted] = value
+    return out
+
+
+def results_view(config: RunConfig) -> dict:
+    """Every flat key that decides a run's results, with its value (operational keys left out)."""
+    out = {k: v for k, v in flatten(to_dict(config)).items() if k not in OPERATIONAL_KEYS}
+    # kd.hard_labels (a bool) was the first spelling of kd.divergence=hard; ids keep it
+    out["kd.hard_labels"] = config.kd.divergence == "hard"
+    return out
+
+
+def results_config(config: RunConfig) -> dict:
+    """The part of the config that decides the results, as hashed into run ids and recorded in
+    checkpoints: `results_view` without the later keys that are at their default."""
+    defaults = results_view(RunConfig())
+    return {k: v for k, v in results_view(config).items() if not (k in LATER_KEYS and v == defaults[k])}
+
+
+def first_difference(recorded: dict, config: RunConfig, allowed: set = frozenset()) -> tuple | None:
+    """(key, recorded value, current value) of the first results key in which `config` differs from
+    a recorded `results_config`; None when they agree. A later key missing from the record had
+    its default there."""
+    current, defaults = results_view(config), results_view(RunConfig())
+    for key in sorted(set(recorded) | set(current)):
+        if key in allowed or key not in current:
+            continue
+        was = recorded.get(key, defaults[key] if key in LATER_KEYS else current[key])
+        if was != current[key]:
+            return key, was, current[key]
+    return None

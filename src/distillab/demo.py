@@ -25,7 +25,7 @@ import platform
 import time
 from pathlib import Path
 
-from distillab.config import _build, config_from_dict
+from distillab.config import config_from_dict
 from distillab.errors import DistillabError
 
 DEMO_SETS = ["validation", "milton", "wikipedia", "python-stdlib"]
@@ -126,15 +126,14 @@ def _epochs_note(spec, log) -> str:
 
 
 def run_demo(size: str = "default", out_dir: str | Path = "runs/demo", workers: int = 2, log=print) -> dict:
-    from distillab.data.shards import write_json_atomic
+    from distillab.files import write_json_atomic
     from distillab.report import write_report
-    from distillab.sweep import GridSpec, _validate_grid, run_sweep
+    from distillab.sweep import grid_from_dict, run_sweep
 
     started = time.perf_counter()
     _check_corpora(size)
     values = demo_grid(size)
-    spec = _build(GridSpec, values)
-    _validate_grid(spec)
+    spec = grid_from_dict(values)
     sweep_dir = Path(out_dir) / size
     epochs = _epochs_note(spec, log)
     status = run_sweep(spec, sweep_dir, workers=workers, log=log)

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from distillab.config import ModelConfig
-from distillab.errors import ConfigError
+from distillab.errors import CheckpointError, ConfigError
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,10 @@ class ModelSpec:
     rope_theta: float
     tie_embeddings: bool
     note: str = ""
+    norm_eps: float = 1e-6
+    # output rows of the embedding and head; None = the tokenizer's size. More rows than the
+    # tokenizer has are padding that no token uses (the paper's Qwen3 ladder: 151,936 rows)
+    vocab_rows: int | None = None
 
     def non_embedding_parameters(self) -> int:
         """Parameters outside the token embedding and the output head."""
@@ -37,8 +42,12 @@ class ModelSpec:
         norms = 2 * self.d_model + (2 * self.head_dim if self.family == "qwen3" else 0)
         return self.layers * (attention + mlp + norms) + self.d_model  # + final norm
 
+    def rows(self, vocab_size: int) -> int:
+        """Embedding / output rows for a tokenizer of `vocab_size` tokens."""
+        return max(vocab_size, self.vocab_rows or 0)
+
     def embedding_parameters(self, vocab_size: int) -> int:
-        return vocab_size * self.d_model * (1 if self.tie_embeddings else 2)
+        return self.rows(vocab_size) * self.d_model * (1 if self.tie_embeddings else 2)
 
     def total_parameters(self, vocab_size: int) -> int:
         return self.non_embedding_parameters() + self.embedding_parameters(vocab_size)
@@ -51,7 +60,7 @@ class ModelSpec:
         """
         matmul = self.layers * (
             self.d_model * self.head_dim * (2 * self.heads + 2 * self.kv_heads) + 3 * self.d_model * self.ffn
-        ) + vocab_size * self.d_model
+        ) + self.rows(vocab_size) * self.d_model
         attention = 12 * self.layers * seq_len * self.heads * self.head_dim
         return 6.0 * matmul + attention
 
@@ -64,11 +73,12 @@ def _cpu(name, layers, d_model, heads, ffn, note=""):
 
 
 def _llama(name, layers, d_model, ffn, note=""):
-    return ModelSpec(name, "llama", layers, d_model, 32, 8, 128, ffn, 500_000.0, False, note)
+    return ModelSpec(name, "llama", layers, d_model, 32, 8, 128, ffn, 500_000.0, False, note, norm_eps=1e-5)
 
 
 def _qwen3(name, layers, d_model, heads, kv_heads, head_dim, ffn, note=""):
-    return ModelSpec(name, "qwen3", layers, d_model, heads, kv_heads, head_dim, ffn, 1_000_000.0, True, note)
+    return ModelSpec(name, "qwen3", layers, d_model, heads, kv_heads, head_dim, ffn, 1_000_000.0, True, note,
+                     norm_eps=1e-6, vocab_rows=151_936)
 
 
 LADDER: dict[str, ModelSpec] = {
@@ -96,8 +106,9 @@ def resolve_spec(model: ModelConfig) -> ModelSpec:
     if model.name not in LADDER:
         raise ConfigError("model.name", f"unknown model {model.name!r}; `distillab models` lists the ladder")
     spec = LADDER[model.name]
+    renamed = {"vocab_size": "vocab_rows"}
     changes = {
-        f.name: getattr(model, f.name)
+        renamed.get(f.name, f.name): getattr(model, f.name)
         for f in dataclasses.fields(model)
         if f.name != "name" and getattr(model, f.name) is not None
     }
@@ -112,8 +123,9 @@ def resolve_spec(model: ModelConfig) -> ModelSpec:
 
 
 def hf_config(spec: ModelSpec, vocab_size: int, max_seq_len: int, eos_token_id: int | None = None):
+    """The transformers config of a rung for a tokenizer of `vocab_size` tokens."""
     common = dict(
-        vocab_size=vocab_size,
+        vocab_size=spec.rows(vocab_size),
         hidden_size=spec.d_model,
         intermediate_size=spec.ffn,
         num_hidden_layers=spec.layers,
@@ -123,7 +135,7 @@ def hf_config(spec: ModelSpec, vocab_size: int, max_seq_len: int, eos_token_id: 
         max_position_embeddings=max_seq_len,
         rope_theta=spec.rope_theta,
         tie_word_embeddings=spec.tie_embeddings,
-        rms_norm_eps=1e-6,
+        rms_norm_eps=spec.norm_eps,
         initializer_range=0.02,
         attention_bias=False,
         bos_token_id=eos_token_id,
@@ -140,14 +152,40 @@ def hf_config(spec: ModelSpec, vocab_size: int, max_seq_len: int, eos_token_id: 
     return Qwen3Config(use_sliding_window=False, **common)
 
 
-def build_model(spec: ModelSpec, vocab_size: int, max_seq_len: int, seed: int, eos_token_id: int | None = None):
-    """A freshly initialised HF causal LM; the same seed always gives the same weights."""
+def build_model(spec: ModelSpec, vocab_size: int, max_seq_len: int, seed: int, eos_token_id: int | None = None,
+                device: torch.device | str = "cpu"):
+    """A freshly initialised HF causal LM; the same seed always gives the same weights.
+
+    Initialised on the CPU from its own generator state (the global RNG is left as it was), so
+    every process and device starts from identical weights; then moved to `device`.
+    """
     from transformers import AutoModelForCausalLM
 
     config = hf_config(spec, vocab_size, max_seq_len, eos_token_id)
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
-    return model
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
+    return model.to(device)
+
+
+def load_causal_lm(path: str | Path, device: torch.device | str, key: str = "kd.teacher"):
+    """An HF causal LM from a directory, in fp32, or a one-line error naming `key`."""
+    from transformers import AutoModelForCausalLM
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise ConfigError(key, f"{path} is not an HF model directory (no config.json)")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, attn_implementation="sdpa")
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise CheckpointError(f"{path}: cannot load as a causal LM ({first})") from None
+    return model.to(device)
+
+
+def max_positions(model) -> int:
+    """The longest sequence a model was built (and, for distillab runs, trained) for."""
+    return int(getattr(model.config, "max_position_embeddings", 0) or 0)
 
 
 def ladder_table(vocab_size: int, seq_len: int) -> list[dict]:

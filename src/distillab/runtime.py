@@ -1,10 +1,13 @@
-"""Process-wide settings for fast, deterministic training."""
+"""Process-wide settings for fast, deterministic training, and the device a run computes on."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
+
+from distillab.errors import ConfigError
 
 
 def setup_runtime(threads: int | None = None) -> None:
@@ -24,50 +27,21 @@ def quiet_transformers() -> None:
     hf_logging.set_verbosity_error()
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, key: str = "train.device") -> torch.device:
+    """`auto` -> cuda when available, else cpu; a CUDA device without CUDA is a ConfigError naming `key`."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(key, f"must be auto, cpu or cuda[:N], got {name!r}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        from distillab.errors import ConfigError
-
-        raise ConfigError("train.device", f"{name} requested but no CUDA device is available; use cpu or auto")
+        raise ConfigError(key, f"{name} requested but no CUDA device is available; use cpu or auto")
     return device
 
 
 def autocast(device: torch.device, precision: str):
     """bf16 autocast on GPUs when asked; plain fp32 otherwise (bf16 is slower on these CPUs)."""
-    import contextlib
-
     if precision == "bfloat16" and device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
-
-
-def init_distributed(device_type: str) -> tuple[int, int, int]:
-    """(rank, world size, local rank); starts the process group when launched by torchrun."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1, 0
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
-    return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0"))
-
-
-def barrier(world: int) -> None:
-    if world > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
-
-
-def all_reduce_sum(values: list[float], world: int, device: torch.device) -> list[float]:
-    if world <= 1:
-        return values
-    import torch.distributed as dist
-
-    tensor = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(tensor)
-    return tensor.tolist()

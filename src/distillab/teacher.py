@@ -1,8 +1,15 @@
 """Teacher signals: what the loss sees of the teacher for a batch.
 
-`OnlineTeacher` runs a frozen HF causal LM on the student's batch. A later offline cache of
-top-k teacher logits implements the same `TeacherSignal` protocol, so the training loop and
-the loss do not change when the signal does.
+A teacher signal turns a `Batch` (inputs, and the ids of its windows) into what the loss
+consumes: dense logits [batch, seq, vocab], the teacher's final hidden states with its output
+layer (`Head`, for the fused LM-head path), or its top-K per position (`SparseTeacher`).
+
+    OnlineTeacher   a frozen HF causal LM run on the student's batch
+    CachedTeacher   top-K outputs captured once (`distillab teacher cache`), read by window id
+
+`build_teacher_signal` makes the right one from a run's config; the training loop only ever
+calls `signal(batch)`. Each signal also states what it costs per student token (the FLOPs of
+the teacher's forward pass, 0 for a cache), which sweeps and reports count.
 """
 
 from __future__ import annotations
@@ -13,113 +20,145 @@ from typing import Protocol
 
 import torch
 
+from distillab.config import KDConfig
+from distillab.data.loader import Batch, model_inputs
 from distillab.data.tokenizer import load_tokenizer, tokenizer_fingerprint
-from distillab.errors import CheckpointError, ConfigError
+from distillab.errors import ConfigError
+from distillab.losses import Head, SparseTeacher
+from distillab.models import load_causal_lm, max_positions
+from distillab.runtime import autocast
 
 log = logging.getLogger("distillab")
 
 # Architectures whose logits are exactly the last hidden state times the output embedding.
-_PLAIN_HEAD_MODELS = {"llama", "qwen2", "qwen3", "mistral"}
+PLAIN_HEAD_MODELS = {"llama", "qwen2", "qwen3", "mistral"}
 
 
 class TeacherSignal(Protocol):
-    """Produces teacher logits aligned with the student's, for one batch of input ids."""
+    """The teacher's distribution for the student's batch, aligned with the student's logits."""
 
     description: str
 
-    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """[batch, seq, vocab] logits over the shared tokenizer's vocabulary; never needs grad.
-
-        The returned tensor may be reused by the next call: consume it before asking again.
-        """
+    def signal(self, batch: Batch, head: bool = False) -> torch.Tensor | Head | SparseTeacher:
+        """Dense logits over the shared tokenizer's vocabulary [batch, seq, vocab] (or, with
+        `head`, a Head when the signal can give one); never needs grad. The returned tensors
+        may be reused by the next call: consume them before asking again."""
         ...
 
-
-def load_causal_lm(path: str | Path, device: torch.device, key: str = "kd.teacher"):
-    """An HF causal LM from a directory, in fp32, or a one-line error naming `key`."""
-    from transformers import AutoModelForCausalLM
-
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        raise ConfigError(key, f"{path} is not an HF model directory (no config.json)")
-    try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, attn_implementation="sdpa")
-    except (OSError, ValueError, KeyError) as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise CheckpointError(f"{path}: cannot load as a causal LM ({first})") from None
-    return model.to(device)
+    def inference_flops_per_token(self) -> float:
+        """FLOPs the signal spends per student token (a forward pass; 0 when read from a cache)."""
+        ...
 
 
 class OnlineTeacher:
     """A frozen HF model run under inference mode on each student batch."""
 
-    def __init__(self, path: str | Path, tokenizer, device: torch.device, precision: str = "float32"):
-        path = Path(path)
-        try:
-            teacher_tokenizer = load_tokenizer(path)
-        except Exception:
-            raise ConfigError(
-                "kd.teacher", f"{path} holds no loadable tokenizer; a teacher must ship the run's tokenizer"
-            ) from None
-        if tokenizer_fingerprint(teacher_tokenizer) != tokenizer_fingerprint(tokenizer):
-            raise ConfigError(
-                "kd.teacher",
-                f"the tokenizer in {path} differs from the run's tokenizer; teacher and student must share one "
-                "(prepare the student's data with data.tokenizer.path set to the teacher's directory)",
-            )
-        self.model = load_causal_lm(path, device)
-        self.model.eval()
-        self.model.requires_grad_(False)
-        self.vocab_size = len(tokenizer)
-        model_vocab = self.model.config.vocab_size
-        if model_vocab < self.vocab_size:
-            raise ConfigError(
-                "kd.teacher", f"{path} has {model_vocab} output rows, fewer than the tokenizer's {self.vocab_size}"
-            )
-        if model_vocab > self.vocab_size:
-            log.info("teacher %s has %d output rows (padding); slicing logits to the tokenizer's %d",
-                     path, model_vocab, self.vocab_size)
+    def __init__(self, model, vocab_size: int, device: torch.device, precision: str = "float32",
+                 description: str = "online:<in-memory model>"):
+        self.model = model.to(device).eval().requires_grad_(False)
+        self.vocab_size = vocab_size
         self.device = device
         self.precision = precision
-        self.path = path
-        self.description = f"online:{path}"
-        self._buffer: torch.Tensor | None = None
+        self.description = description
+        self.buffer: torch.Tensor | None = None
+        rows = self.model.config.vocab_size
+        if rows < vocab_size:
+            raise ConfigError("kd.teacher", f"the teacher has {rows} output rows, fewer than the tokenizer's "
+                                            f"{vocab_size}")
+        if rows > vocab_size:
+            log.info("teacher has %d output rows (padding); using the tokenizer's %d", rows, vocab_size)
 
     @classmethod
-    def from_model(cls, model, vocab_size: int, device: torch.device, precision: str = "float32") -> "OnlineTeacher":
-        """A teacher signal over an already loaded model (benchmarks, notebooks)."""
-        teacher = cls.__new__(cls)
-        teacher.model = model.to(device).eval().requires_grad_(False)
-        teacher.vocab_size = vocab_size
-        teacher.device = device
-        teacher.precision = precision
-        teacher.path = None
-        teacher.description = "online:<in-memory model>"
-        teacher._buffer = None
-        return teacher
+    def load(cls, path: str | Path, tokenizer, device: torch.device, precision: str = "float32") -> "OnlineTeacher":
+        """The teacher in `path`, after checking it shares the run's tokenizer (else a ConfigError)."""
+        path = Path(path)
+        check_same_tokenizer(path, tokenizer)
+        return cls(load_causal_lm(path, device), len(tokenizer), device, precision, description=f"online:{path}")
 
-    def _projects_plainly(self) -> bool:
+    def positions(self) -> int:
+        return max_positions(self.model)
+
+    def inference_flops_per_token(self) -> float:
+        """2 x matmul parameters (incl. the used output rows) + attention, per token (a forward pass)."""
+        config = self.model.config
+        matmul = sum(p.numel() for name, p in self.model.named_parameters()
+                     if p.dim() >= 2 and "embed_tokens" not in name and "lm_head" not in name)
+        heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        attention = 4 * config.num_hidden_layers * self.positions() * heads * head_dim
+        return 2.0 * (matmul + self.vocab_size * config.hidden_size) + attention
+
+    def projects_plainly(self) -> bool:
         """True when logits are exactly hidden @ W_out^T (no soft-capping or scaling)."""
-        return (
-            self.model.config.model_type in _PLAIN_HEAD_MODELS
-            and self.precision == "float32"
-            and self.model.get_output_embeddings() is not None
-        )
+        return (self.model.config.model_type in PLAIN_HEAD_MODELS
+                and self.model.get_output_embeddings() is not None)
 
-    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
-        from distillab.runtime import autocast
-
+    def signal(self, batch: Batch, head: bool = False) -> torch.Tensor | Head:
         with torch.inference_mode(), autocast(self.device, self.precision):
-            if not self._projects_plainly():
-                return self.model(input_ids=input_ids, use_cache=False).logits[..., : self.vocab_size]
-            # Run the backbone, then project into a buffer kept across calls: only the tokenizer's
-            # rows of the output layer are computed, and no batch x seq x vocab tensor is
-            # allocated afresh each step (on the CPU that costs page faults on ~64 MB).
+            if not self.projects_plainly():
+                return forward_logits(self.model, batch)[..., : self.vocab_size]
             backbone = getattr(self.model, self.model.base_model_prefix)
-            hidden = backbone(input_ids=input_ids, use_cache=False).last_hidden_state
+            hidden = backbone(**model_inputs(batch)).last_hidden_state
             weight = self.model.get_output_embeddings().weight[: self.vocab_size]
+            if head:
+                return Head(hidden, weight)
+            if self.precision != "float32":
+                return (hidden @ weight.T).float()
+            # project into a buffer kept across calls: only the tokenizer's rows, and no
+            # batch x seq x vocab tensor allocated afresh each step (page faults on the CPU)
             shape = (*hidden.shape[:-1], self.vocab_size)
-            if self._buffer is None or self._buffer.shape != shape or self._buffer.dtype != hidden.dtype:
-                self._buffer = torch.empty(shape, dtype=hidden.dtype, device=hidden.device)
-            torch.matmul(hidden, weight.T, out=self._buffer)
-            return self._buffer
+            if self.buffer is None or self.buffer.shape != shape or self.buffer.dtype != hidden.dtype:
+                self.buffer = torch.empty(shape, dtype=hidden.dtype, device=hidden.device)
+            return torch.matmul(hidden, weight.T, out=self.buffer)
+
+
+def forward_logits(model, batch: Batch) -> torch.Tensor:
+    return model(**model_inputs(batch)).logits
+
+
+def check_same_tokenizer(path: Path, tokenizer, key: str = "kd.teacher") -> None:
+    try:
+        teacher_tokenizer = load_tokenizer(path)
+    except Exception:
+        raise ConfigError(key, f"{path} holds no loadable tokenizer; a teacher must ship the run's tokenizer") from None
+    if tokenizer_fingerprint(teacher_tokenizer) != tokenizer_fingerprint(tokenizer):
+        raise ConfigError(key, f"the tokenizer in {path} differs from the run's tokenizer; teacher and student must "
+                               "share one (prepare the student's data with data.tokenizer.path set to the teacher's "
+                               "directory)")
+
+
+def build_teacher_signal(kd: KDConfig, data, device: torch.device, precision: str, seq_len: int,
+                         distills: bool) -> TeacherSignal | None:
+    """The teacher signal a run's config asks for (None for teachers and baselines).
+
+    Checks, before any training: the teacher exists, shares the run's tokenizer, was built for
+    at least `seq_len` positions, and gives finite outputs.
+    """
+    if not distills:
+        return None
+    if not Path(kd.teacher or "").exists():
+        raise ConfigError("kd.teacher", f"{kd.teacher} does not exist; train the teacher first")
+    teacher = OnlineTeacher.load(kd.teacher, data.tokenizer, device, precision)
+    if 0 < teacher.positions() < seq_len:
+        raise ConfigError("train.seq_len", f"is {seq_len} but the teacher {kd.teacher} was built for "
+                                           f"{teacher.positions()} positions; its outputs beyond them are untrained "
+                                           "(use train.seq_len <= that, or a teacher trained on longer sequences)")
+    check_finite_outputs(teacher, data, seq_len, device)
+    return teacher
+
+
+def check_finite_outputs(teacher: OnlineTeacher, data, seq_len: int, device: torch.device) -> None:
+    """Refuse a teacher whose weights or outputs on the run's first validation window are not finite."""
+    for name, param in teacher.model.named_parameters():
+        if not torch.isfinite(param).all():
+            raise ConfigError("kd.teacher", f"the teacher's weight {name} holds non-finite values; it diverged or is "
+                                            "corrupt: retrain it")
+    from distillab.data.loader import WindowStream
+
+    tokens = data.tokens("validation")
+    length = min(seq_len, max(1, len(tokens) - 1))
+    probe = WindowStream(tokens, length, 0).window([0]).to(device)
+    output = teacher.signal(probe)
+    if not torch.isfinite(output).all():
+        raise ConfigError("kd.teacher", "the teacher's outputs are not finite on the validation data; it diverged "
+                                        "or is corrupt: retrain it")

@@ -27,7 +27,8 @@ from __future__ import annotations
 import statistics
 from dataclasses import dataclass, field
 
-from distillab.report import HELD_OUT, label_by_loss, mean_ci
+from distillab.results import HELD_OUT, label_by_loss
+from distillab.stats import format_ci, mean_ci
 
 REPRODUCED = "reproduced"
 NOT_REPRODUCED = "not reproduced"
@@ -107,7 +108,7 @@ def tune_alpha_leave_one_seed_out(students: list[dict]) -> tuple[dict, dict]:
 
 
 def teacher_evidence(rows: list[dict], tolerance: float) -> dict[tuple, list[TeacherEvidence]]:
-    """Per student setting (model, tokens, T, top-k, hard labels): the evidence of each teacher."""
+    """Per student setting (model, tokens, objective without alpha): the evidence of each teacher."""
     by_id = {r["run_id"]: r for r in rows}
     baselines: dict[tuple, list[float]] = {}
     for r in rows:
@@ -116,7 +117,7 @@ def teacher_evidence(rows: list[dict], tolerance: float) -> dict[tuple, list[Tea
     groups: dict[tuple, dict[str, list[dict]]] = {}
     for r in rows:
         if r["role"] == "student" and r.get("baseline_id") and r.get("teacher_id") in by_id:
-            key = (r["model"], r["tokens"], r["temperature"], r["top_k"], r["hard_labels"])
+            key = (r["model"], r["tokens"], r["objective_key"])
             groups.setdefault(key, {}).setdefault(r["teacher_id"], []).append(r)
     out: dict[tuple, list[TeacherEvidence]] = {}
     for key, per_teacher in groups.items():
@@ -250,16 +251,8 @@ def decide(evidence: list[TeacherEvidence], margin: float) -> list[dict]:
         else:
             decision = INCONCLUSIVE
         verdicts.append(_verdict("F3-downstream", down, decision, "Downstream accuracy gain (the interval shown); "
-                                 f"in-domain loss gain {_fmt_ci(in_domain)} nats." + few, in_domain=in_domain))
+                                 f"in-domain loss gain {format_ci(in_domain)} nats." + few, in_domain=in_domain))
     return verdicts
-
-
-def _fmt_ci(ci: dict | None, digits: int = 4) -> str:
-    if not ci or ci["mean"] is None:
-        return "—"
-    if ci["lo"] is None:
-        return f"{ci['mean']:+.{digits}f} (n=1)"
-    return f"{ci['mean']:+.{digits}f} [{ci['lo']:+.{digits}f}, {ci['hi']:+.{digits}f}] (n={ci['n']})"
 
 
 def verdict_sections(rows: list[dict], tolerance: float, margin: float) -> tuple[list[str], dict]:
@@ -271,16 +264,17 @@ def verdict_sections(rows: list[dict], tolerance: float, margin: float) -> tuple
         lines += ["No finished student with a finished baseline yet: no verdict.", ""]
         return lines, data
     baseline_rows = [r for r in rows if r["role"] == "baseline"]
+    labels = {r["objective_key"]: r["objective"] for r in rows if r.get("objective_key")}
     for key, evidence in sorted(evidence_by_setting.items(), key=lambda kv: str(kv[0])):
-        model, tokens, temperature, top_k, hard = key
-        objective = "hard labels" if hard else f"T = {temperature:g}" + (f", top-{top_k}" if top_k else "")
+        model, tokens, objective_key = key
+        objective = labels.get(objective_key, objective_key)
         verdicts = decide(evidence, margin)
         data["settings"].append({"student": model, "tokens": tokens, "objective": objective, "verdicts": verdicts,
                                  "teachers": [e.__dict__ for e in evidence]})
         lines += [f"Student {model} trained on {tokens:,} tokens; objective {objective}.", "",
                   "| finding | question | verdict | numbers (mean [95 % interval] over seeds) |", "|---|---|---|---|"]
         for v in verdicts:
-            numbers = _fmt_ci(v["ci"]) + (" accuracy" if v["finding"] == "F3-downstream" and v["ci"] else
+            numbers = format_ci(v["ci"]) + (" accuracy" if v["finding"] == "F3-downstream" and v["ci"] else
                                           " nats" if v["ci"] else "")
             lines.append(f"| {v['finding']} | {v['question']} | **{v['verdict']}** | {numbers} |")
         lines += ["", "What each verdict rests on:", ""]
@@ -298,8 +292,8 @@ def verdict_sections(rows: list[dict], tolerance: float, margin: float) -> tuple
             alphas = ", ".join(f"{a:g}" for _, a in sorted(e.alpha_by_seed.items()))
             loss = f"{e.held_out_loss:.4f}" if e.held_out_loss is not None else "—"
             lines.append(f"| {e.model} | {e.params:,} | {e.tokens:,} | {loss} | {e.strength} | {alphas} | "
-                         f"{_fmt_ci(e.ci('overall'))} | {_fmt_ci(e.ci('in_domain'))} | {_fmt_ci(e.ci('ood'))} | "
-                         f"{_fmt_ci(e.ci('downstream'))} |")
+                         f"{format_ci(e.ci('overall'))} | {format_ci(e.ci('in_domain'))} | {format_ci(e.ci('ood'))} | "
+                         f"{format_ci(e.ci('downstream'))} |")
         lines.append("")
     lines += ["### How the verdicts are decided", "",
               "Gains are paired (a student minus the baseline with the same initial weights and batches); overall = "

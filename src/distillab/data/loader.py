@@ -5,16 +5,53 @@ their next-token labels; windows may span document boundaries, which the end-of-
 marks). Epoch `e` visits the windows in the order `permutation(data_seed, e)`. A batch is a
 pure function of (data seed, sequence index), so the data position is one integer: resuming,
 or running a baseline with the student's data seed, sees exactly the same batches.
+
+Every batch carries the ids of its windows: a window id names the same tokens whatever the
+data seed, which is what a teacher cache is keyed by.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, fields, replace
 from functools import lru_cache
 
 import numpy as np
 import torch
 
 from distillab.errors import DataError
+
+
+@dataclass
+class Batch:
+    """Inputs and next-token labels [batch, seq] (label -100: no target), and the window ids [batch].
+
+    With document packing, `position_ids` restart at 0 at every document: HF models then attend
+    within each document only (a block-diagonal causal mask built from the position ids).
+    """
+
+    inputs: torch.Tensor
+    labels: torch.Tensor
+    window_ids: torch.Tensor
+    position_ids: torch.Tensor | None = None
+
+    def to(self, device: torch.device | str) -> "Batch":
+        return replace(self, **{f.name: getattr(self, f.name).to(device) for f in fields(self)
+                                if getattr(self, f.name) is not None})
+
+    @property
+    def targets(self) -> int:
+        return int((self.labels >= 0).sum())
+
+
+def model_inputs(batch: Batch) -> dict:
+    """Keyword arguments of an HF causal LM's forward for a batch (packed documents included)."""
+    extra = {"position_ids": batch.position_ids} if batch.position_ids is not None else {}
+    return {"input_ids": batch.inputs, "use_cache": False, **extra}
+
+
+def stack_windows(tokens: np.ndarray, starts, length: int) -> torch.Tensor:
+    """[len(starts), length] int64: the token runs tokens[s : s + length] for each start."""
+    return torch.from_numpy(np.stack([np.asarray(tokens[s : s + length], dtype=np.int64) for s in starts]))
 
 
 class WindowStream:
@@ -41,16 +78,14 @@ class WindowStream:
             out[i] = self._order(epoch)[position]
         return out
 
-    def batch(self, start: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(inputs, labels), each [count, seq_len] int64, for sequences start .. start+count-1."""
-        rows = np.stack(
-            [
-                np.asarray(self.tokens[w * self.seq_len : w * self.seq_len + self.seq_len + 1], dtype=np.int64)
-                for w in self.window_indices(start, count)
-            ]
-        )
-        window = torch.from_numpy(rows)
-        return window[:, :-1].contiguous(), window[:, 1:].contiguous()
+    def window(self, window_ids: np.ndarray) -> Batch:
+        """The batch of the given windows (in that order)."""
+        rows = stack_windows(self.tokens, np.asarray(window_ids) * self.seq_len, self.seq_len + 1)
+        return Batch(rows[:, :-1].contiguous(), rows[:, 1:].contiguous(), torch.as_tensor(window_ids))
+
+    def batch(self, start: int, count: int) -> Batch:
+        """The batch of sequences start .. start+count-1 of the stream, each [count, seq_len]."""
+        return self.window(self.window_indices(start, count))
 
     def epochs(self, sequences: int) -> float:
         return sequences / self.n_windows

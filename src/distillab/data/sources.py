@@ -13,33 +13,26 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from distillab.config import CorpusConfig
+from distillab.data.documents import Document, decode_text, normalize_text
+from distillab.data.packaged import iter_packaged
 from distillab.errors import DataError
 
 
 @dataclass(frozen=True)
-class Document:
-    id: str
-    text: str
+class Source:
+    """How one kind of corpus yields documents, which config keys name its content, and its label."""
 
-
-def normalize_text(text: str) -> str:
-    return text.replace("\r\n", "\n").replace("\r", "\n")
+    documents: Callable[[CorpusConfig, Path], Iterator[Document]]
+    identity_keys: tuple[str, ...]
+    describe: Callable[[CorpusConfig], str]
 
 
 def iter_documents(corpus: CorpusConfig, cache_dir: Path) -> Iterator[Document]:
-    if corpus.source == "files":
-        documents = _iter_files(corpus)
-    elif corpus.source == "hf":
-        documents = _iter_hf(corpus)
-    elif corpus.source == "packaged":
-        from distillab.data.packaged import iter_packaged
-
-        documents = iter_packaged(corpus.name or "", cache_dir)
-    else:  # validated by the config already
-        raise DataError(f"data.corpus.source: unknown source {corpus.source!r}")
+    """The corpus' non-empty documents in a fixed order (at most `limit`), newlines normalised."""
+    documents = SOURCES[corpus.source].documents(corpus, cache_dir)
     count = 0
     for document in documents:
         if corpus.limit is not None and count >= corpus.limit:
@@ -51,29 +44,16 @@ def iter_documents(corpus: CorpusConfig, cache_dir: Path) -> Iterator[Document]:
 
 def corpus_identity(corpus: CorpusConfig) -> dict:
     """The keys that decide which documents a corpus yields (for cache keys)."""
+    source = SOURCES[corpus.source]
     keys = {"source": corpus.source, "limit": corpus.limit}
-    if corpus.source == "files":
-        keys.update(paths=list(corpus.paths), text_field=corpus.text_field, text_fields=list(corpus.text_fields))
-    elif corpus.source == "hf":
-        keys.update(
-            path=corpus.path,
-            hf_config=corpus.hf_config,
-            split=corpus.split,
-            data_files=list(corpus.data_files),
-            text_field=corpus.text_field,
-            text_fields=list(corpus.text_fields),
-        )
-    else:
-        keys.update(name=corpus.name)
+    for name in source.identity_keys:
+        value = getattr(corpus, name)
+        keys[name] = list(value) if isinstance(value, list) else value
     return keys
 
 
 def describe(corpus: CorpusConfig) -> str:
-    if corpus.source == "files":
-        return "files:" + ",".join(corpus.paths)
-    if corpus.source == "hf":
-        return f"hf:{corpus.path}" + (f"/{corpus.hf_config}" if corpus.hf_config else "") + f"[{corpus.split}]"
-    return f"packaged:{corpus.name}"
+    return SOURCES[corpus.source].describe(corpus)
 
 
 # ----------------------------------------------------------------------------- files
@@ -119,7 +99,7 @@ def _text_of(record: object, field: str | list[str], where: str) -> str:
     return "\n\n".join(_flatten_text(record[f]) for f in fields)
 
 
-def _iter_files(corpus: CorpusConfig) -> Iterator[Document]:
+def _iter_files(corpus: CorpusConfig, cache_dir: Path) -> Iterator[Document]:
     for path in _expand(corpus.paths):
         name = path.name
         if name.endswith((".jsonl", ".jsonl.gz", ".json")):
@@ -128,18 +108,24 @@ def _iter_files(corpus: CorpusConfig) -> Iterator[Document]:
             yield from _iter_parquet(path, corpus.text_field)
         else:
             try:
-                text = path.read_text(encoding="utf-8")
-            except UnicodeDecodeError:
-                text = path.read_text(encoding="latin-1")
-            yield Document(id=path.stem, text=text)
+                raw = path.read_bytes()
+            except PermissionError:
+                raise DataError(f"{path}: not readable (permission denied); fix its permissions or leave it out of "
+                                "data.corpus.paths") from None
+            yield Document(id=path.stem, text=decode_text(raw, str(path)))
 
 
 def _iter_jsonl(path: Path, field: str | list[str]) -> Iterator[Document]:
     import gzip
 
     opener = gzip.open if path.name.endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, 1):
+    with opener(path, "rb") as handle:
+        for line_number, raw in enumerate(handle, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise DataError(f"{path}:{line_number}: not UTF-8 (byte {raw[exc.start]:#04x} at column "
+                                f"{exc.start + 1}); JSON lines must be UTF-8") from None
             if not line.strip():
                 continue
             try:
@@ -169,7 +155,7 @@ def _iter_parquet(path: Path, field: str) -> Iterator[Document]:
 # ----------------------------------------------------------------------------- hf datasets
 
 
-def _iter_hf(corpus: CorpusConfig) -> Iterator[Document]:
+def _iter_hf(corpus: CorpusConfig, cache_dir: Path) -> Iterator[Document]:
     try:
         import datasets
     except ImportError:
@@ -201,3 +187,12 @@ def _iter_hf(corpus: CorpusConfig) -> Iterator[Document]:
         text = _text_of(record, corpus.text_fields or corpus.text_field, f"hf:{path}[{index}]")
         doc_id = record.get("id", index) if isinstance(record, dict) else index
         yield Document(id=str(doc_id), text=text)
+
+
+SOURCES: dict[str, Source] = {
+    "files": Source(_iter_files, ("paths", "text_field", "text_fields"), lambda c: "files:" + ",".join(c.paths)),
+    "hf": Source(_iter_hf, ("path", "hf_config", "split", "data_files", "text_field", "text_fields"),
+                 lambda c: f"hf:{c.path}" + (f"/{c.hf_config}" if c.hf_config else "") + f"[{c.split}]"),
+    "packaged": Source(lambda c, cache_dir: iter_packaged(c.name or "", cache_dir), ("name",),
+                       lambda c: f"packaged:{c.name}"),
+}

@@ -16,13 +16,16 @@ The metric functions are pure and take logits [N, V]; `analyze` runs models over
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from distillab.data.shards import write_json_atomic
+from distillab.data.loader import stack_windows
+from distillab.errors import DistillabError
+from distillab.evaluate.perplexity import vocab_limit, window_starts
+from distillab.files import default_cache_dir, write_json_atomic
+from distillab.models import load_causal_lm
 
 MODEL_METRICS = ("entropy", "max_prob", "gt_logprob", "gt_rank", "top1_acc", "effective_vocab", "top10_mass",
                  "top50_mass")
@@ -135,9 +138,6 @@ def analyze(
     log=print,
 ) -> dict:
     """Run every model over the same windows; write analysis.json and the plots into `out_dir`."""
-    from distillab.evaluate.perplexity import vocab_limit, window_starts
-    from distillab.teacher import load_causal_lm
-
     loaded = {name: load_causal_lm(path, device, key=f"--model {name}").eval() for name, path in models.items()}
     pairs = pairs or []
     starts = window_starts(len(tokens), seq_len, max_windows)
@@ -146,9 +146,7 @@ def analyze(
     gain_parts: dict[str, list] = {"student": [], "baseline": [], "entropy": [], "position": []}
     count = 0
     for i in range(0, len(starts), batch_size):
-        window = torch.from_numpy(np.stack([
-            np.asarray(tokens[s : s + seq_len + 1], dtype=np.int64) for s in starts[i : i + batch_size]
-        ])).to(device)
+        window = stack_windows(tokens, starts[i : i + batch_size], seq_len + 1).to(device)
         targets = window[:, 1:].reshape(-1)
         logits = {}
         for name, model in loaded.items():
@@ -235,5 +233,61 @@ def plot_analysis(result: dict, out_dir: Path) -> list[Path]:
     return written
 
 
-def load_analysis(path: Path) -> dict:
-    return json.loads(Path(path).read_text())
+def parse_models(items: list[str]) -> dict[str, Path]:
+    """NAME=DIR arguments -> {name: directory}, each an HF model directory."""
+    models = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise DistillabError(f"--model: {item!r} must look like NAME=DIR (e.g. student=runs/s/final)")
+        if not Path(path, "config.json").is_file():
+            raise DistillabError(f"--model {name}: {path} is not an HF model directory (no config.json)")
+        models[name] = Path(path)
+    return models
+
+
+def parse_pair(text: str, models: dict, option: str) -> tuple[str, str]:
+    a, sep, b = text.partition(":")
+    if not sep or a not in models or b not in models:
+        raise DistillabError(f"{option}: {text!r} must be A:B with A and B among --model names ({', '.join(models)})")
+    return a, b
+
+
+def analysis_tokens(set_name: str, first: Path, tokenizer) -> np.ndarray:
+    """The tokens of an evaluation set, tokenized with the models' shared tokenizer."""
+    from distillab.checkpoint import read_meta
+    from distillab.data.shards import load_prepared, prepare_corpus_tokens
+    from distillab.evaluate.sets import resolve_set
+
+    eval_set = resolve_set(set_name)
+    if eval_set.split is None:
+        return prepare_corpus_tokens(eval_set.corpus, tokenizer, default_cache_dir()).tokens("all")
+    meta = read_meta(first)
+    if not meta.get("data_dir"):
+        raise DistillabError(f"--set {set_name}: {first} does not name its training data; use another set")
+    return load_prepared(Path(meta["data_dir"])).tokens(eval_set.split)
+
+
+def analyze_checkpoints(model_args: list[str], pair_args: list[str] | None, gain_arg: str | None, set_name: str,
+                        seq_len: int | None, max_windows: int, out: str, batch_size: int, device: str) -> dict:
+    """`distillab analyze`: checkpoints that share a tokenizer, compared on one set."""
+    import json
+
+    from distillab.data.tokenizer import load_tokenizer, tokenizer_fingerprint
+    from distillab.runtime import resolve_device, setup_runtime
+
+    setup_runtime(None)
+    models = parse_models(model_args)
+    first = next(iter(models.values()))
+    tokenizer = load_tokenizer(first)
+    for name, path in models.items():
+        if tokenizer_fingerprint(load_tokenizer(path)) != tokenizer_fingerprint(tokenizer):
+            raise DistillabError(f"--model {name}: {path} has another tokenizer than {first}; models must share one")
+    pairs = [parse_pair(p, models, "--pairs") for p in pair_args or []] or [
+        (a, b) for a, b in (("student", "teacher"), ("student", "baseline")) if a in models and b in models]
+    gain = parse_pair(gain_arg, models, "--gain") if gain_arg else (
+        ("student", "baseline") if "student" in models and "baseline" in models else None)
+    positions = json.loads((first / "config.json").read_text()).get("max_position_embeddings") or 256
+    return analyze(models, analysis_tokens(set_name, first, tokenizer), seq_len or int(positions), max_windows,
+                   Path(out), pairs=pairs, gain=gain, batch_size=batch_size, vocab_size=len(tokenizer),
+                   device=resolve_device(device, key="--device"), set_name=set_name)

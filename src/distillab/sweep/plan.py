@@ -1,0 +1,233 @@
+"""A grid expanded into runs: teachers, baselines and students, content-addressed.
+
+    teacher   alpha = 0, the teacher's seed for init and data
+    baseline  alpha = 0 with each student's seeds (added automatically)
+    student   one per (student, seed, teacher, alpha, objective)
+
+Each run's id is a hash of its resolved results config (a student names its teacher by the
+teacher's id, not its path), so re-running a grid skips finished runs, resumes interrupted
+ones and shares runs between grids, and ids do not depend on where the sweep lives.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+
+from distillab.config import config_from_dict, results_config
+from distillab.errors import ConfigError
+from distillab.files import stable_hash
+from distillab.flops import teacher_inference_flops, training_flops
+from distillab.models import resolve_spec
+from distillab.sweep.grid import DEFAULT_MFU, DEVICE_PEAK_FLOPS, GridSpec
+from distillab.train.schedule import make_plan
+
+ROLE_ORDER = {"teacher": 0, "baseline": 1, "student": 2}
+
+
+@dataclass
+class Run:
+    id: str
+    role: str  # teacher | baseline | student
+    config: dict
+    depends_on: list[str]
+    info: dict
+
+    @property
+    def name(self) -> str:
+        return self.config["name"]
+
+
+def merge(base: dict, *updates: dict) -> dict:
+    """Deep merge of nested dicts; later updates win."""
+    out = copy.deepcopy(base)
+    for update in updates:
+        for key, value in update.items():
+            if isinstance(value, dict) and isinstance(out.get(key), dict):
+                out[key] = merge(out[key], value)
+            else:
+                out[key] = copy.deepcopy(value)
+    return out
+
+
+def run_id(config: dict, teacher_id: str | None) -> str:
+    identity = dict(config)
+    identity["kd"] = {**identity.get("kd", {}), "teacher": f"run:{teacher_id}" if teacher_id else None}
+    identity.pop("run_dir", None)
+    identity.pop("name", None)
+    return stable_hash(results_config(config_from_dict(identity)))[:12]
+
+
+class Planner:
+    """Collects a grid's runs; identical configs collapse into one run."""
+
+    def __init__(self, spec: GridSpec, sweep_dir: Path):
+        self.spec, self.sweep_dir, self.runs = spec, Path(sweep_dir).resolve(), {}
+
+    def add(self, role: str, config: dict, teacher: Run | None, info: dict, after: Run | None = None) -> Run:
+        identity = run_id(config, teacher.id if teacher else None)
+        if identity in self.runs:
+            return self.runs[identity]
+        config = merge(config, {"name": f"{role}-{info['model']}-{identity[:6]}",
+                                "run_dir": str(self.sweep_dir / "runs" / identity)})
+        if teacher is not None:
+            config["kd"]["teacher"] = str(self.sweep_dir / "runs" / teacher.id / "final")
+        if after is not None:  # a WSD branch starts from its trunk's checkpoint
+            step = config["train"]["branch_from"]
+            config["train"]["branch_from"] = str(self.sweep_dir / "runs" / after.id / "checkpoints" / f"step_{step:08d}")
+        config_from_dict(config)  # validates: a bad grid fails here, with the key
+        depends = [teacher.id] if teacher else [after.id] if after else []
+        self.runs[identity] = Run(identity, role, config, depends, info)
+        return self.runs[identity]
+
+    def teacher_config(self, model: str, seed: int, tokens: int, extra: dict | None = None) -> dict:
+        spec = self.spec
+        return merge(spec.base, {"model": {"name": model}, "kd": {"alpha": 0.0, "teacher": None},
+                                 "train": {"token_budget": tokens, "init_seed": seed, "data_seed": seed}},
+                     {"train": spec.teachers.train}, spec.teachers.overrides, extra or {})
+
+    def teacher_pool(self) -> list[Run]:
+        pool, teachers = self.spec.teachers, []
+        for model in pool.models:
+            for seed in pool.seeds:
+                info = {"model": model, "seed": seed}
+                if pool.wsd_branch:
+                    teachers += self.wsd_teachers(model, seed, info)
+                    continue
+                for tokens in pool.tokens:
+                    teachers.append(self.add("teacher", self.teacher_config(model, seed, tokens), None,
+                                             {**info, "tokens": tokens, "teacher_kind": "independent"}))
+        for member in pool.members:
+            teacher = self.add("teacher", self.teacher_config(member.model, member.seed, member.tokens), None,
+                               {"model": member.model, "seed": member.seed, "tokens": member.tokens,
+                                "teacher_kind": "independent"})
+            if teacher not in teachers:
+                teachers.append(teacher)
+        return teachers
+
+    def wsd_teachers(self, model: str, seed: int, info: dict) -> list[Run]:
+        """A WSD trunk at the largest budget and a decay branch per smaller budget (plus, if asked,
+        each budget trained independently with the same schedule)."""
+        def config(tokens, extra=None):
+            return self.teacher_config(model, seed, tokens, extra)
+
+        budgets = sorted(set(self.spec.teachers.tokens))
+        warmup = make_plan(config_from_dict(config(budgets[-1], {"train": {"schedule": "wsd"}})).train).warmup_steps
+        shared = {"train": {"schedule": "wsd", "warmup_steps": warmup}}
+        branch_steps = {tokens: make_plan(config_from_dict(config(tokens, shared)).train).decay_start
+                        for tokens in budgets[:-1]}
+        trunk = self.add("teacher", config(budgets[-1], merge(shared, {"train": {
+            "keep_steps": sorted(set(branch_steps.values()))}})), None,
+            {**info, "tokens": budgets[-1], "teacher_kind": "wsd-trunk"})
+        out = [trunk]
+        for tokens, step in branch_steps.items():
+            branch = config(tokens, merge(shared, {"train": {"branch_from": step}}))
+            out.append(self.add("teacher", branch, None, {**info, "tokens": tokens, "teacher_kind": "wsd-branch"},
+                                after=trunk))
+            if self.spec.teachers.compare_independent:
+                out.append(self.add("teacher", config(tokens, shared), None,
+                                    {**info, "tokens": tokens, "teacher_kind": "independent"}))
+        return out
+
+    def students(self, teachers: list[Run]) -> None:
+        spec = self.spec
+        for model in spec.students.models:
+            for tokens in spec.students.tokens:
+                for seed in spec.students.seeds:
+                    base = merge(spec.base, {"model": {"name": model}, "train": {
+                        "token_budget": tokens, "init_seed": seed, "data_seed": seed}},
+                        {"train": spec.students.train}, spec.students.overrides)
+                    info = {"model": model, "tokens": tokens, "seed": seed}
+                    if spec.baselines:
+                        self.add("baseline", merge(base, {"kd": {"alpha": 0.0, "teacher": None}}), None, info)
+                    self.distilled(base, info, teachers)
+
+    def distilled(self, base: dict, info: dict, teachers: list[Run]) -> None:
+        for teacher in teachers:
+            for alpha in self.spec.kd.alpha:
+                for objective in self.spec.kd.objectives():
+                    config = merge(base, {"kd": {**objective, "alpha": alpha, "teacher": "pending"}})
+                    self.add("student", config, teacher, {
+                        **info, "teacher": teacher.id, "teacher_model": teacher.info["model"],
+                        "teacher_tokens": teacher.info["tokens"], "teacher_kind": teacher.info["teacher_kind"],
+                        "alpha": alpha, **objective})
+
+
+def plan(spec: GridSpec, sweep_dir: Path) -> list[Run]:
+    """Every run of the grid, teachers first."""
+    planner = Planner(spec, sweep_dir)
+    planner.students(planner.teacher_pool())
+    return sorted(planner.runs.values(), key=lambda r: ROLE_ORDER[r.role])
+
+
+# ----------------------------------------------------------------------------- compute
+
+
+def run_flops(run: Run, runs_by_id: dict[str, Run]) -> dict:
+    """Training FLOPs of the run and, for students, the teacher's forward passes over its tokens."""
+    cfg = config_from_dict(run.config)
+    vocab = cfg.data.tokenizer.vocab_size
+    teacher = None
+    if run.role == "student" and run.depends_on:
+        teacher = resolve_spec(config_from_dict(runs_by_id[run.depends_on[0]].config).model)
+    return {"train": training_flops(cfg, vocab),
+            "teacher_inference": teacher_inference_flops(teacher, vocab, cfg, bool(run.info.get("cached")))}
+
+
+def compute_rate(spec: GridSpec, device: str, mfu: float) -> tuple[float, str]:
+    if device == "cpu":
+        return spec.cpu_gflops * 1e9, f"{spec.cpu_gflops:.0f} GFLOP/s achieved (cpu_gflops in the grid; measure " \
+                                      "with distillab bench)"
+    if device in DEVICE_PEAK_FLOPS:
+        return DEVICE_PEAK_FLOPS[device] * mfu, f"{DEVICE_PEAK_FLOPS[device] / 1e12:.0f} TFLOP/s peak bf16 x MFU " \
+                                                f"{mfu:.0%}"
+    raise ConfigError("--device", f"unknown device {device!r}; use cpu, {', '.join(DEVICE_PEAK_FLOPS)}")
+
+
+def compute_summary(runs: list[Run], spec: GridSpec, device: str = "cpu", mfu: float = DEFAULT_MFU) -> dict:
+    by_id = {r.id: r for r in runs}
+    rate, rate_note = compute_rate(spec, device, mfu)
+    buckets = {"teacher_training": 0.0, "teacher_inference": 0.0, "student_training": 0.0}
+    per_run = {}
+    for run in runs:
+        flops = run_flops(run, by_id)
+        per_run[run.id] = {**flops, "hours": (flops["train"] + flops["teacher_inference"]) / rate / 3600}
+        if run.role == "teacher":
+            buckets["teacher_training"] += flops["train"]
+        else:
+            buckets["student_training"] += flops["train"]
+            buckets["teacher_inference"] += flops["teacher_inference"]
+    total = sum(buckets.values())
+    return {"device": device, "rate_flops": rate, "rate_note": rate_note, "per_run": per_run,
+            "flops": buckets, "total_flops": total,
+            "hours": {k: v / rate / 3600 for k, v in buckets.items()}, "total_hours": total / rate / 3600}
+
+
+def format_plan(runs: list[Run], summary: dict) -> str:
+    lines = [f"{len(runs)} runs ({sum(r.role == 'teacher' for r in runs)} teachers, "
+             f"{sum(r.role == 'baseline' for r in runs)} baselines, {sum(r.role == 'student' for r in runs)} students)",
+             f"compute on {summary['device']}: {summary['rate_note']}; hours are device-hours", "",
+             f"{'id':12s} {'role':8s} {'model':12s} {'tokens':>16s} {'seed':>5s} {'teacher':12s} {'alpha':>5s} "
+             f"{'objective':28s} {'PFLOP':>10s} {'hours':>9s}"]
+    for run in runs:
+        info, cost = run.info, summary["per_run"][run.id]
+        objective = ""
+        if run.role == "student":
+            from distillab.objective import KDObjective
+
+            objective = KDObjective.from_config(config_from_dict(run.config).kd).label(with_alpha=False)
+        lines.append(f"{run.id:12s} {run.role:8s} {info['model']:12s} {info['tokens']:16,d} {info['seed']:5d} "
+                     f"{info.get('teacher', '-'):12s} {info.get('alpha', 0):5.2f} {objective[:28]:28s} "
+                     f"{(cost['train'] + cost['teacher_inference']) / 1e15:10.3f} {cost['hours']:9.2f}")
+    lines += ["", "dependencies: " + (", ".join(f"{r.depends_on[0]} -> {r.id}" for r in runs if r.depends_on)
+                                     or "none")]
+    hours, flops = summary["hours"], summary["flops"]
+    lines += ["", "compute split:"]
+    for key in ("teacher_training", "teacher_inference", "student_training"):
+        lines.append(f"  {key:18s} {flops[key] / 1e15:12.3f} PFLOP  {hours[key]:10.2f} h")
+    lines.append(f"  {'total':18s} {summary['total_flops'] / 1e15:12.3f} PFLOP  {summary['total_hours']:10.2f} h")
+    teacher_cost = flops["teacher_training"] + flops["teacher_inference"]
+    lines.append(f"  distillation pays for itself only if its gain beats spending {teacher_cost / 1e15:.3f} PFLOP "
+                 "on the students instead")
+    return "\n".join(lines)

@@ -1,0 +1,95 @@
+"""A run directory and what binds a run to it.
+
+    runs/NAME/config.yaml     the resolved config (written once the run's checks have passed)
+    runs/NAME/.lock           held by the one process that trains the run (its pid inside)
+    runs/NAME/checkpoints/    resumable checkpoints (see distillab.checkpoint)
+    runs/NAME/final/          the trained model; summary.json says it is done
+
+Resuming binds a run to its inputs: the newest verified checkpoint records the results
+config, the tokenizer fingerprint and the training data's content hash, and any difference in
+a key that changes training (operational keys may change) is refused, naming the key.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+
+import yaml
+
+from distillab.config import OPERATIONAL_KEYS, RunConfig, dump_yaml, first_difference, flatten
+from distillab.errors import ConfigError, DataError
+from distillab.files import check_writable, exclusive_lock, write_json_atomic, write_text_atomic
+
+
+class RunDirectory:
+    def __init__(self, config: RunConfig):
+        self.config = config
+        self.path = config.resolved_run_dir
+        self.checkpoints = self.path / "checkpoints"
+        self.final = self.path / "final"
+        self.summary_path = self.path / "summary.json"
+
+    def completed_summary(self) -> dict | None:
+        """The summary of a finished run (final model written, summary says done), else None."""
+        if not ((self.final / "manifest.json").exists() and self.summary_path.exists()):
+            return None
+        try:
+            summary = json.loads(self.summary_path.read_text())
+        except json.JSONDecodeError:
+            return None
+        return summary if summary.get("status", "done") == "done" else None
+
+    def has_progress(self) -> bool:
+        """Whether the directory holds anything to resume (a checkpoint or a final model)."""
+        return any(self.checkpoints.glob("step_*")) or self.final.exists()
+
+    def check_before_writing(self) -> None:
+        """Read-only checks: writable, and (when there is progress) the same recorded config."""
+        check_writable(self.path, "run_dir")
+        recorded = self.path / "config.yaml"
+        if recorded.exists() and self.has_progress():
+            try:
+                existing = flatten(yaml.safe_load(recorded.read_text()) or {})
+            except yaml.YAMLError:
+                existing = {}
+            refuse_differences(existing, self.config, f"the run in {self.path}")
+
+    @contextlib.contextmanager
+    def claim(self, is_main: bool):
+        """Hold the run's lock (main process) and record the config; refused at once when held."""
+        if not is_main:
+            yield
+            return
+        self.path.mkdir(parents=True, exist_ok=True)
+        with exclusive_lock(self.path / ".lock", f"run directory {self.path}"):
+            write_text_atomic(self.path / "config.yaml", dump_yaml(self.config))
+            yield
+
+    def write_summary(self, summary: dict) -> None:
+        write_json_atomic(self.summary_path, summary)
+
+
+def refuse_differences(recorded: dict, config: RunConfig, where: str, allowed: set = frozenset()) -> None:
+    """ConfigError naming the first results key whose value differs from what `where` recorded."""
+    difference = first_difference({k: v for k, v in recorded.items() if k not in OPERATIONAL_KEYS}, config, allowed)
+    if difference is not None:
+        key, was, now = difference
+        raise ConfigError(key, f"is {now!r} but {where} was started with {was!r}; use a new run_dir or delete the "
+                               "old one")
+
+
+def check_inputs(meta: dict, config: RunConfig, data, source: Path, check_config: bool = True) -> None:
+    """Refuse to continue a checkpoint's trajectory on other inputs: config, tokenizer or data.
+
+    (A WSD branch point's config is checked by the trainer, which allows another budget.)"""
+    recorded = meta.get("results_config")
+    if recorded is not None and check_config:
+        refuse_differences(recorded, config, f"the checkpoint {source}")
+    if meta.get("tokenizer_fingerprint") not in (None, data.fingerprint):
+        raise DataError(f"data: the tokenizer differs from the one {source} was trained with (the corpus or the "
+                        "tokenizer settings changed); restore them, or start a new run_dir")
+    if meta.get("data_content_sha256") not in (None, data.manifest["content_sha256"]):
+        raise DataError(f"data.corpus: its content changed since {source} was written; restore the corpus, or start "
+                        "a new run_dir")

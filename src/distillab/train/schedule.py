@@ -1,0 +1,61 @@
+"""The optimizer and the learning-rate schedule of a run (pure functions of its train config)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from distillab.config import TrainConfig
+
+
+@dataclass(frozen=True)
+class Plan:
+    steps: int
+    tokens_per_step: int
+    warmup_steps: int
+    decay_start: int  # first step of the final decay (wsd); == warmup_steps for cosine
+
+
+def make_plan(train: TrainConfig) -> Plan:
+    tokens_per_step = train.batch_size * train.seq_len * train.grad_accum * train.processes
+    steps = max(1, train.token_budget // tokens_per_step)
+    warmup = train.warmup_steps if train.warmup_steps is not None else int(round(train.warmup_fraction * steps))
+    warmup = min(warmup, steps - 1)
+    if train.schedule == "wsd":
+        decay_start = steps - max(1, int(round(train.decay_fraction * steps)))
+        decay_start = max(decay_start, warmup)
+    else:
+        decay_start = warmup
+    return Plan(steps, tokens_per_step, warmup, decay_start)
+
+
+def learning_rate(step: int, plan: Plan, train: TrainConfig) -> float:
+    """Learning rate for 0-based `step`: linear warmup, then cosine (or stable + linear decay) to min."""
+    peak = train.lr
+    low = train.min_lr_ratio * peak
+    if step < plan.warmup_steps:
+        return peak * (step + 1) / plan.warmup_steps
+    if train.schedule == "wsd" and step < plan.decay_start:
+        return peak
+    span = max(1, plan.steps - 1 - plan.decay_start)
+    progress = min(1.0, (step - plan.decay_start) / span)
+    if train.schedule == "wsd":
+        return peak + (low - peak) * progress
+    return low + (peak - low) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def make_optimizer(model: torch.nn.Module, train: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW; matrices decay, norms and biases do not. Fused on GPUs, foreach on the CPU."""
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (decay if param.dim() >= 2 else no_decay).append(param)
+    groups = [
+        {"params": decay, "weight_decay": train.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    on_gpu = any(p.is_cuda for p in decay)
+    return torch.optim.AdamW(groups, lr=train.lr, betas=(train.beta1, train.beta2), eps=train.eps,
+                             **({"fused": True} if on_gpu else {"foreach": True}))

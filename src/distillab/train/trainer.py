@@ -1,0 +1,366 @@
+"""The one training loop, for teachers (no teacher signal) and students alike, in phases.
+
+    train(config)
+      setup_parallelism      process group, device, threads
+      RunDirectory checks    writable; the recorded config, when there is progress to resume
+      Trainer.build          data, model, teacher signal, optimizer, schedule; every check that
+                             can fail runs here, before anything is written to the run directory
+      RunDirectory.claim     one writer per run directory; config.yaml
+      Trainer.restore        the newest verified checkpoint (or a WSD branch point), bound to
+                             the same config, tokenizer and data
+      Trainer.fit            train_step, log, evaluate, checkpoint ... until the budget is spent
+      Trainer.finish         the final model and summary.json (only when every check passed)
+
+Batches depend only on (data seed, position) and weights only on (init seed, updates), so an
+interrupted and resumed run ends bit-identical to an uninterrupted one on the CPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from distillab import __version__
+from distillab.checkpoint import (latest_verified, load_trainer_state, load_weights, prune_checkpoints, read_meta,
+                                  save_checkpoint, step_dir, verify_checkpoint)
+from distillab.config import RunConfig, first_difference, results_config
+from distillab.data.loader import Batch, WindowStream
+from distillab.data.shards import PreparedData, prepare_data
+from distillab.errors import CheckpointError, ConfigError
+from distillab.evaluate.perplexity import evaluate_prepared_sets
+from distillab.files import stable_hash
+from distillab.models import ModelSpec, build_model, resolve_spec
+from distillab.objective import KDObjective
+from distillab.progress import progress_bar
+from distillab.teacher import build_teacher_signal
+from distillab.train.guard import NonFiniteError, NonFiniteGuard
+from distillab.train.metrics import LogWindow, MetricsSink, NoMetrics
+from distillab.train.parallel import SingleProcess, setup_parallelism
+from distillab.train.rundir import RunDirectory, check_inputs
+from distillab.train.schedule import Plan, learning_rate, make_optimizer, make_plan
+from distillab.train.step import StepResult, train_step
+
+# Keys in which a WSD branch may differ from the trunk it starts from.
+BRANCH_KEYS = {"train.token_budget", "train.branch_from", "name"}
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    final_dir: Path | None
+    steps: int
+    tokens: int
+    eval: dict
+    completed: bool
+
+
+class StopRequest:
+    """SIGTERM (e.g. a cluster preempting the job) asks for a checkpoint at the end of the step."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = None
+
+    def __enter__(self):
+        try:
+            self.previous = signal.signal(signal.SIGTERM, self.handle)
+        except ValueError:  # not the main thread
+            self.previous = None
+        return self
+
+    def handle(self, signum, frame):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+
+
+def check_branch(meta: dict, config: RunConfig, source: Path) -> None:
+    """A WSD branch continues its trunk's own trajectory: the same config but for the budget."""
+    difference = first_difference(meta.get("results_config") or {}, config, BRANCH_KEYS)
+    if difference is not None:
+        key, was, now = difference
+        raise ConfigError("train.branch_from", f"{source} comes from a run with {key}={was!r}, this run has {now!r}; "
+                                               "a branch may differ from its trunk only in train.token_budget")
+
+
+def config_hash(config: RunConfig) -> str:
+    return stable_hash(results_config(config))
+
+
+class Trainer:
+    """A run's state and its phases. `train()` below is the whole lifecycle in order."""
+
+    def __init__(self, config: RunConfig, parallel: SingleProcess, data: PreparedData, spec: ModelSpec, stepper,
+                 optimizer, teacher, stream, plan: Plan, log):
+        self.config, self.parallel, self.data, self.spec = config, parallel, data, spec
+        self.stepper, self.optimizer, self.teacher, self.stream, self.plan = stepper, optimizer, teacher, stream, plan
+        self.model = parallel.unwrap(stepper)
+        self.objective = KDObjective.from_config(config.kd)
+        self.guard = NonFiniteGuard(config.train.nonfinite)
+        self.log = log
+        self.step = self.tokens = self.sequences = 0
+        self.window = LogWindow()
+        self.last_eval: dict = {}
+
+    # ------------------------------------------------------------------------- build
+
+    @classmethod
+    def build(cls, config: RunConfig, parallel: SingleProcess, log=print) -> "Trainer":
+        """Everything a run needs, checked: data, model, teacher signal, optimizer, schedule."""
+        t = config.train
+        data = prepare_data(config.data, log)
+        spec = resolve_spec(config.model)
+        objective = KDObjective.from_config(config.kd)
+        if objective.top_k is not None and objective.top_k > data.vocab_size:
+            raise ConfigError("kd.top_k", f"is {objective.top_k} but the vocabulary has {data.vocab_size} tokens")
+        if spec.vocab_rows is not None and spec.vocab_rows < data.vocab_size:
+            raise ConfigError("model.vocab_size", f"is {spec.vocab_rows} but the tokenizer has {data.vocab_size} "
+                                                  "tokens")
+        teacher = build_teacher_signal(config.kd, data, parallel.device, t.precision, t.seq_len, objective.distills)
+        if teacher is not None:
+            teacher.model = parallel.prepare_teacher(teacher.model)
+        model = build_model(spec, data.vocab_size, t.seq_len, t.init_seed, data.tokenizer.eos_token_id, parallel.device)
+        stepper = parallel.prepare_model(model, t.activation_checkpointing)
+        stream = WindowStream(data.tokens("train"), t.seq_len, t.data_seed)
+        plan = make_plan(t)
+        epochs = stream.epochs(plan.steps * t.batch_size * t.grad_accum * parallel.world)
+        if epochs > 1:
+            log(f"train: the budget covers {epochs:.2f} epochs of the training split (data repeats)")
+        return cls(config, parallel, data, spec, stepper, make_optimizer(stepper, t), teacher, stream, plan, log)
+
+    # ------------------------------------------------------------------------- state
+
+    def state_dict(self) -> dict:
+        """Everything but the weights that a resumed run needs to continue bit-identically."""
+        return {"step": self.step, "tokens": self.tokens, "sequences": self.sequences,
+                "optimizer": self.parallel.optimizer_state(self.stepper, self.optimizer),
+                "torch_rng": torch.get_rng_state(), "log_window": self.window.state_dict(),
+                "skipped_steps": self.guard.skipped}
+
+    def load_state_dict(self, state: dict, weights: dict) -> None:
+        self.parallel.load_state(self.stepper, self.optimizer, weights, state["optimizer"])
+        torch.set_rng_state(state["torch_rng"])
+        self.step, self.tokens, self.sequences = state["step"], state["tokens"], state["sequences"]
+        self.window = LogWindow(state.get("log_window"))
+        self.guard.skipped = state.get("skipped_steps", 0)
+
+    def meta(self) -> dict:
+        """What produced a checkpoint: written into its distillab.json."""
+        t = self.config.train
+        return {"distillab_version": __version__, "run_name": self.config.name,
+                "role": "student" if self.objective.distills else "lm", "config_hash": config_hash(self.config),
+                "results_config": results_config(self.config), "model": dataclasses.asdict(self.spec),
+                "step": self.step, "tokens": self.tokens, "tokenizer_fingerprint": self.data.fingerprint,
+                "data_dir": str(self.data.path.resolve()), "data_content_sha256": self.data.manifest["content_sha256"],
+                "train_stream": {"seq_len": t.seq_len, "data_seed": t.data_seed, "sequences": self.sequences},
+                "teacher": self.config.kd.teacher, "objective": self.objective.as_dict()}
+
+    # ------------------------------------------------------------------------- restore
+
+    def restore(self, run: RunDirectory) -> None:
+        """Continue from the newest verified checkpoint, or branch from a trunk, or start fresh."""
+        found = latest_verified(run.checkpoints, log=self.log)
+        if found is not None:
+            step, source = found
+            self.load_from(source)
+            self.log(f"train: resuming {run.path} from step {self.step} ({self.tokens:,} tokens)")
+        elif self.config.train.branch_from:
+            source = Path(self.config.train.branch_from)
+            self.load_from(source, branch=True)
+            self.log(f"train: branching from {source} at step {self.step} (this run's decay starts there)")
+
+    def load_from(self, source: Path, branch: bool = False) -> None:
+        """Load a checkpoint after checking it belongs to this run's trajectory."""
+        key = "train.branch_from" if branch else "run_dir"
+        try:
+            verify_checkpoint(source)
+        except CheckpointError as exc:
+            raise ConfigError(key, str(exc)) from None
+        meta = read_meta(source)
+        if branch:
+            check_branch(meta, self.config, source)
+        check_inputs(meta, self.config, self.data, source, check_config=not branch)
+        state = load_trainer_state(source)
+        if branch and state["step"] != self.plan.decay_start:
+            raise ConfigError("train.branch_from", f"{source} is at step {state['step']} but this run's decay starts at "
+                                                   f"step {self.plan.decay_start}; keep the trunk's checkpoint at that "
+                                                   "step (train.keep_steps)")
+        self.load_state_dict(state, load_weights(source, self.parallel.device))
+
+    # ------------------------------------------------------------------------- one step
+
+    def batches(self) -> list[Batch]:
+        """This process's micro-batches of the current step: global micro-batch i * world + rank."""
+        t, world, rank = self.config.train, self.parallel.world, self.parallel.rank
+        return [self.stream.batch(self.sequences + (i * world + rank) * t.batch_size, t.batch_size)
+                for i in range(t.grad_accum)]
+
+    def train_one_step(self, diagnostics: bool) -> StepResult:
+        t = self.config.train
+        lr = learning_rate(self.step, self.plan, t)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        result = train_step(self.stepper, self.optimizer, self.batches(), self.objective, self.teacher, self.parallel,
+                            step=self.step, steps=self.plan.steps, grad_clip=t.grad_clip, precision=t.precision,
+                            guard=self.guard, diagnostics=diagnostics)
+        self.step += 1
+        self.tokens += result.targets
+        self.sequences += t.batch_size * t.grad_accum * self.parallel.world
+        return result
+
+    def log_row(self, result: StepResult, lr: float) -> dict:
+        now = self.objective.at(self.step - 1, self.plan.steps)
+        row = {"step": self.step, "tokens": self.tokens, **self.window.row(), "lr": lr,
+               "grad_norm": result.grad_norm}
+        if self.objective.distills:
+            row.update(alpha=now.alpha, temperature=now.temperature)
+        if self.guard.skipped:
+            row["skipped_steps"] = self.guard.skipped
+        return row
+
+    def evaluate(self) -> dict:
+        """Held-out perplexity on the configured sets (main process only)."""
+        self.last_eval = evaluate_prepared_sets(self.model, self.data, self.config, self.parallel.device,
+                                                self.meta()["train_stream"])
+        self.model.train()
+        return self.last_eval
+
+    def save_checkpoint(self, run: RunDirectory) -> None:
+        """A resumable checkpoint of this step (weights checked finite first)."""
+        NonFiniteGuard.check_weights(self.step, self.model, "checkpoint")
+        t = self.config.train
+        weights, state = self.parallel.model_state(self.stepper), self.state_dict()
+        if self.parallel.is_main:
+            save_checkpoint(step_dir(run.checkpoints, self.step), self.model, self.data.tokenizer, self.meta(), state,
+                            state_dict=weights)
+            prune_checkpoints(run.checkpoints, t.keep_checkpoints, protected=t.keep_steps)
+        self.parallel.barrier()
+
+    # ------------------------------------------------------------------------- the loop
+
+    def fit(self, run: RunDirectory, stop_after_steps: int | None = None,
+            on_step: Callable[[int], None] | None = None) -> TrainResult:
+        """Train until the budget is spent (or a stop is asked); then finish."""
+        t, main = self.config.train, self.parallel.is_main
+        self.describe()
+        metrics = MetricsSink(run.path, self.step, t.tensorboard, t.wandb_project, self.config.name,
+                              results_config(self.config), self.log) if main else NoMetrics()
+        bar = progress_bar(total=self.plan.steps, initial=self.step, desc=f"train {self.config.name}", unit="step",
+                           disable=not main)
+        self.stepper.train()
+        try:
+            with StopRequest() as stop:
+                while self.step < self.plan.steps:
+                    stopped = self.run_step(run, metrics, bar, stop, stop_after_steps)
+                    if on_step is not None:
+                        on_step(self.step)
+                    if stopped:
+                        return TrainResult(run.path, None, self.step, self.tokens, self.last_eval, False)
+        finally:
+            bar.close()
+            metrics.close()
+        return self.finish(run)
+
+    def run_step(self, run: RunDirectory, metrics, bar, stop: StopRequest, stop_after_steps: int | None) -> bool:
+        """One step with its logging, evaluation and checkpoint; True when the run must stop here."""
+        t = self.config.train
+        started, lr = time.perf_counter(), learning_rate(self.step, self.plan, t)
+        is_last = self.step + 1 == self.plan.steps
+        do_eval = (self.step + 1) % t.eval_every == 0 or is_last
+        do_log = (self.step + 1) % t.log_every == 0 or do_eval
+        result = self.train_one_step(diagnostics=do_log)
+        self.window.add(dataclasses.asdict(result), result.targets, time.perf_counter() - started)
+        bar.update(1)
+        bar.set_postfix(loss=f"{result.loss:.3f}", tok_s=f"{result.targets / (time.perf_counter() - started):,.0f}")
+        if do_log:
+            row = self.log_row(result, lr)
+            if do_eval and self.parallel.is_main:
+                NonFiniteGuard.check_weights(self.step, self.model, "evaluation")
+                row.update({f"eval/{name}/{k}": r[k] for name, r in self.evaluate().items() for k in ("loss", "ppl")})
+            metrics.write(row)
+            if do_eval:
+                self.parallel.barrier()
+        if is_last:
+            return False
+        requested = self.parallel.all_reduce_sum([1.0 if stop.requested else 0.0])[0] > 0
+        stop_now = requested or (stop_after_steps is not None and self.step >= stop_after_steps)
+        if self.step % t.checkpoint_every == 0 or stop_now or self.step in t.keep_steps:
+            self.save_checkpoint(run)
+        if stop_now:
+            reason = "SIGTERM" if requested else f"stop_after_steps={stop_after_steps}"
+            self.log(f"train: stopped at step {self.step} ({reason}); run again to resume")
+        return stop_now
+
+    def describe(self) -> None:
+        n_params = sum(p.numel() for p in self.model.parameters())
+        teacher = f", {self.objective.label()}, teacher {self.teacher.description}" if self.teacher else ", LM only"
+        self.log(f"train: {self.config.name}: {self.spec.name} ({self.spec.non_embedding_parameters():,} non-embedding "
+                 f"/ {n_params:,} parameters), {self.plan.steps} steps x {self.plan.tokens_per_step:,} tokens{teacher}")
+
+    # ------------------------------------------------------------------------- finish
+
+    def finish(self, run: RunDirectory) -> TrainResult:
+        """The final model and summary, once the weights and the held-out loss pass their checks."""
+        NonFiniteGuard.check_weights(self.step, self.model, "final model")
+        weights = self.parallel.model_state(self.stepper)
+        if self.parallel.is_main:
+            self.check_not_diverged()
+            save_checkpoint(run.final, self.model, self.data.tokenizer, self.meta(), state_dict=weights)
+            run.write_summary(self.summary())
+            prune_checkpoints(run.checkpoints, self.config.train.keep_checkpoints, self.config.train.keep_steps)
+        self.parallel.barrier()
+        evals = ", ".join(f"{name} loss {r['loss']:.4f} (ppl {r['ppl']:.2f})" for name, r in self.last_eval.items())
+        self.log(f"train: {self.config.name} done: {self.step} steps, {self.tokens:,} tokens; {evals}; "
+                 f"model in {run.final}")
+        return TrainResult(run.path, run.final, self.step, self.tokens, self.last_eval, True)
+
+    def check_not_diverged(self) -> None:
+        """A held-out loss over 1 nat worse than guessing uniformly is a diverged run, not a model."""
+        uniform = math.log(self.data.vocab_size)
+        for name, result in self.last_eval.items():
+            if not math.isfinite(result["loss"]) or result["loss"] > uniform + 1.0:
+                raise NonFiniteError(f"training diverged: the final {name} loss is {result['loss']:.4g} nats, worse "
+                                     f"than guessing uniformly ({uniform:.2f}); lower train.lr (the last good "
+                                     "checkpoint is kept, final is not written)")
+
+    def summary(self) -> dict:
+        return {"name": self.config.name, "status": "done", "steps": self.step, "tokens": self.tokens,
+                "model": self.spec.name, "non_embedding_parameters": self.spec.non_embedding_parameters(),
+                "parameters": sum(p.numel() for p in self.model.parameters()), "objective": self.objective.as_dict(),
+                "objective_label": self.objective.label(), "teacher": self.config.kd.teacher,
+                "skipped_steps": self.guard.skipped, "eval": self.last_eval, "config_hash": config_hash(self.config)}
+
+
+def train(config: RunConfig, *, stop_after_steps: int | None = None, log=print,
+          on_step: Callable[[int], None] | None = None) -> TrainResult:
+    """Train (or resume) the run described by `config`; return where it ended.
+
+    `on_step(step)` is called after every completed step (its checkpoint written): tests use
+    it to crash a run at a chosen step.
+    """
+    parallel = setup_parallelism(config.train)
+    if not parallel.is_main:
+        log = lambda *args, **kwargs: None  # noqa: E731
+    try:
+        run = RunDirectory(config)
+        summary = run.completed_summary()
+        if summary is not None:
+            log(f"train: {run.path} is already complete ({summary['steps']} steps)")
+            return TrainResult(run.path, run.final, summary["steps"], summary["tokens"], summary.get("eval", {}), True)
+        run.check_before_writing()
+        trainer = Trainer.build(config, parallel, log)
+        with run.claim(parallel.is_main):
+            parallel.barrier()
+            trainer.restore(run)
+            return trainer.fit(run, stop_after_steps, on_step)
+    finally:
+        parallel.close()
