@@ -17,12 +17,12 @@ def cache_dir(tmp_path_factory) -> Path:
 
 
 def tiny_run(tmp_path: Path, cache_dir: Path, name: str = "run", **sections) -> dict:
-    """A config dict for a seconds-long run on the Shakespeare corpus."""
+    """A config dict for a seconds-long run on offline text (150 Python standard-library modules)."""
     config = {
         "name": name,
         "run_dir": str(tmp_path / name),
         "data": {
-            "corpus": {"source": "packaged", "name": "shakespeare"},
+            "corpus": {"source": "packaged", "name": "python-stdlib", "limit": 150},
             "tokenizer": {"vocab_size": 512},
             "validation_fraction": 0.08,
             "cache_dir": str(cache_dir),
@@ -46,3 +46,13 @@ def tiny_run(tmp_path: Path, cache_dir: Path, name: str = "run", **sections) -> 
         else:
             config[section] = values
     return config
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher(tmp_path_factory, cache_dir) -> Path:
+    """A trained tiny teacher (cpu-0.1m, 8 steps) shared by the session: its `final` directory."""
+    from distillab.config import config_from_dict
+    from distillab.train import train
+
+    folder = tmp_path_factory.mktemp("teacher")
+    return train(config_from_dict(tiny_run(folder, cache_dir, "teacher")), log=lambda *a: None).final_dir

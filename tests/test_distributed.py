@@ -45,13 +45,14 @@ def test_process_count_must_match_the_config(tmp_path, cache_dir, monkeypatch):
     assert info.value.key == "train.processes"
 
 
+@pytest.mark.slow
 def test_sweep_launches_multi_process_runs_with_torchrun(tmp_path, cache_dir):
     from distillab.sweep import load_grid, run_sweep
 
     grid = {
         "name": "ddp",
         "base": {
-            "data": {"corpus": {"source": "packaged", "name": "shakespeare"}, "tokenizer": {"vocab_size": 512},
+            "data": {"corpus": {"source": "packaged", "name": "python-stdlib", "limit": 150}, "tokenizer": {"vocab_size": 512},
                      "validation_fraction": 0.08, "cache_dir": str(cache_dir)},
             "train": {"batch_size": 2, "seq_len": 32, "processes": 2, "threads": 1, "eval_every": 1000,
                       "log_every": 2},

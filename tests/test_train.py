@@ -171,6 +171,7 @@ def test_teacher_with_another_tokenizer_is_refused(tmp_path, cache_dir):
         train(missing, log=quiet)
 
 
+@pytest.mark.slow
 def test_killed_process_resumes_to_the_same_weights(tmp_path, cache_dir):
     """SIGKILL at an arbitrary moment (possibly mid-checkpoint), rerun, compare with an uninterrupted run."""
     # long enough (200 steps) that the kill lands mid-run even on a fast machine

@@ -23,7 +23,8 @@ import torch
 from distillab.config import KDConfig
 from distillab.data.loader import Batch, model_inputs
 from distillab.data.tokenizer import load_tokenizer, tokenizer_fingerprint
-from distillab.errors import ConfigError
+from distillab.checkpoint import verify_checkpoint
+from distillab.errors import CheckpointError, ConfigError
 from distillab.losses import Head, SparseTeacher
 from distillab.models import load_causal_lm, max_positions
 from distillab.runtime import autocast
@@ -138,6 +139,11 @@ def build_teacher_signal(kd: KDConfig, data, device: torch.device, precision: st
         return None
     if not Path(kd.teacher or "").exists():
         raise ConfigError("kd.teacher", f"{kd.teacher} does not exist; train the teacher first")
+    if (Path(kd.teacher) / "manifest.json").exists():
+        try:
+            verify_checkpoint(Path(kd.teacher))
+        except CheckpointError as exc:
+            raise ConfigError("kd.teacher", f"{exc}; retrain or restore the teacher") from None
     teacher = OnlineTeacher.load(kd.teacher, data.tokenizer, device, precision)
     if 0 < teacher.positions() < seq_len:
         raise ConfigError("train.seq_len", f"is {seq_len} but the teacher {kd.teacher} was built for "

