@@ -1,4 +1,5 @@
-# Two entry points: `make demo` (the main job) and `make test` (the suite).
+# Two entry points: `make demo` (the main job) and `make test` (the fast suite, <= 5 min).
+# `make test-all` runs every test, the long ones behind the `slow` marker too (CI runs both).
 # Each creates .venv from the pinned requirements on first use.
 PYTHON ?= python3
 VENV   := .venv

@@ -2,6 +2,7 @@
 
 import json
 import os
+from pathlib import Path
 import subprocess
 import sys
 
@@ -69,3 +70,14 @@ def test_sweep_launches_multi_process_runs_with_torchrun(tmp_path, cache_dir):
     assert all(s == "done" for s in status.values()), status
     launched = list((tmp_path / "sweep" / "runs").glob("*/launch.yaml"))
     assert len(launched) == 3
+    # the 2-process student matches the same run trained in one process with twice the batch
+    from distillab.sweep import plan
+
+    student = next(r for r in plan(load_grid(path), tmp_path / "sweep") if r.role == "student")
+    alone = dict(student.config, run_dir=str(tmp_path / "alone"), name="alone")
+    alone["train"] = {**alone["train"], "processes": 1, "batch_size": 4}
+    single = train(config_from_dict(alone), log=lambda *a: None)
+    two = [json.loads(l) for l in (Path(student.config["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    one = [json.loads(l) for l in (single.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in two] == [r["step"] for r in one]
+    assert all(b["loss"] == pytest.approx(a["loss"], rel=1e-4) for a, b in zip(one, two))

@@ -207,13 +207,17 @@ def test_paper_presets_dry_run(preset, tmp_path):
     assert not (tmp_path / "s").exists()  # a dry run writes nothing
 
 
-def test_wsd_branched_teacher_pool(tmp_path, cache_dir):
-    """One trunk per teacher, branches for smaller budgets, independent twins for comparison."""
+def wsd_grid(tmp_path, cache_dir):
     teachers = {"models": ["cpu-0.1m"], "tokens": [1024, 2048], "seeds": [42], "wsd_branch": True,
                 "compare_independent": True}
     spec = load_grid(grid_file(tmp_path, cache_dir, teachers=teachers,
                                students={"models": ["cpu-0.1m"], "tokens": [256], "seeds": [43]}))
-    runs = plan(spec, tmp_path / "sweep")
+    return spec, plan(spec, tmp_path / "sweep")
+
+
+def test_wsd_branched_teacher_pool(tmp_path, cache_dir):
+    """One trunk per teacher, branches for smaller budgets, independent twins for comparison."""
+    spec, runs = wsd_grid(tmp_path, cache_dir)
     kinds = sorted(r.info["teacher_kind"] for r in runs if r.role == "teacher")
     assert kinds == ["independent", "wsd-branch", "wsd-trunk"]
     trunk = next(r for r in runs if r.info.get("teacher_kind") == "wsd-trunk")
@@ -226,11 +230,7 @@ def test_wsd_branched_teacher_pool(tmp_path, cache_dir):
 
 @pytest.mark.slow
 def test_wsd_branched_teacher_pool_runs_and_reports(tmp_path, cache_dir):
-    teachers = {"models": ["cpu-0.1m"], "tokens": [1024, 2048], "seeds": [42], "wsd_branch": True,
-                "compare_independent": True}
-    spec = load_grid(grid_file(tmp_path, cache_dir, teachers=teachers,
-                               students={"models": ["cpu-0.1m"], "tokens": [256], "seeds": [43]}))
-    runs = plan(spec, tmp_path / "sweep")
+    spec, runs = wsd_grid(tmp_path, cache_dir)
     branch = next(r for r in runs if r.info.get("teacher_kind") == "wsd-branch")
     status = run_sweep(spec, tmp_path / "sweep", workers=2, log=lambda *a: None)
     assert all(s == "done" for s in status.values()), status

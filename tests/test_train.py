@@ -236,18 +236,89 @@ def test_teacher_with_padded_vocabulary_is_sliced(tmp_path, cache_dir):
     assert student.completed
 
 
-def test_top_k_and_hard_label_students_train(tmp_path, cache_dir):
-    teacher = train(config_from_dict(tiny_run(tmp_path, cache_dir, "t", train={"token_budget": 4 * 4 * 32})), log=quiet)
-    for name, kd in (("topk", {"top_k": 5}), ("hard", {"divergence": "hard"})):
-        cfg = config_from_dict(tiny_run(tmp_path, cache_dir, name, train={"token_budget": 4 * 4 * 32},
-                                        kd={"teacher": str(teacher.final_dir), "alpha": 0.5, **kd}))
+def first_step_terms(config, teacher_dir: Path, kd_rows) -> tuple[float, float]:
+    """(CE, KD) of a run's first step, recomputed in float64 from its initial weights, its first batch
+    and the teacher: independent of the loss code. `kd_rows(log_p_teacher, log_q_student, labels)`."""
+    from transformers import AutoModelForCausalLM
+
+    from distillab.data.loader import WindowStream
+    from distillab.data.shards import prepare_data
+    from distillab.models import resolve_spec
+
+    data = prepare_data(config.data, log=quiet)
+    t = config.train
+    model = build_model(resolve_spec(config.model), data.vocab_size, t.seq_len, t.init_seed,
+                        data.tokenizer.eos_token_id).double()
+    teacher = AutoModelForCausalLM.from_pretrained(str(teacher_dir)).double()
+    batch = WindowStream(data.tokens("train"), t.seq_len, t.data_seed).batch(0, t.batch_size)
+    with torch.no_grad():
+        log_q = torch.log_softmax(model(input_ids=batch.inputs).logits, -1).reshape(-1, data.vocab_size)
+        log_p = torch.log_softmax(teacher(input_ids=batch.inputs).logits, -1).reshape(-1, data.vocab_size)
+    labels = batch.labels.reshape(-1)
+    ce = -log_q[torch.arange(len(labels)), labels].mean()
+    return float(ce), float(kd_rows(log_p, log_q, labels).mean())
+
+
+def top5_kl(log_p, log_q, labels):
+    top = log_p.topk(5, dim=-1)
+    p = torch.softmax(top.values, dim=-1)  # renormalised over the teacher's 5 most likely tokens
+    return (p * (torch.log(p) - log_q.gather(1, top.indices))).sum(-1)
+
+
+def hard_ce(log_p, log_q, labels):
+    return -log_q.gather(1, log_p.argmax(-1, keepdim=True)).squeeze(1)
+
+
+def test_top_k_and_hard_label_students_log_the_independently_computed_terms(tmp_path, cache_dir, tiny_teacher):
+    for name, kd, kd_rows in (("topk", {"top_k": 5}, top5_kl), ("hard", {"divergence": "hard"}, hard_ce)):
+        cfg = config_from_dict(tiny_run(tmp_path, cache_dir, name, train={"token_budget": 4 * 4 * 32, "log_every": 1},
+                                        kd={"teacher": str(tiny_teacher), "alpha": 0.3, **kd}))
         result = train(cfg, log=quiet)
-        rows = [json.loads(l) for l in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
-        assert result.completed and all(r["kd"] > 0 for r in rows)
+        first = json.loads((result.run_dir / "metrics.jsonl").read_text().splitlines()[0])
+        ce, kd_value = first_step_terms(cfg, tiny_teacher, kd_rows)
+        assert result.completed and first["step"] == 1
+        assert first["ce"] == pytest.approx(ce, rel=1e-5) and first["kd"] == pytest.approx(kd_value, rel=1e-5)
+        assert first["loss"] == pytest.approx(0.7 * ce + 0.3 * kd_value, rel=1e-5)
     with pytest.raises(ConfigError) as info:
-        train(config_from_dict(tiny_run(tmp_path, cache_dir, "big-k", kd={"teacher": str(teacher.final_dir),
+        train(config_from_dict(tiny_run(tmp_path, cache_dir, "big-k", kd={"teacher": str(tiny_teacher),
                                                                          "alpha": 0.5, "top_k": 100_000})), log=quiet)
     assert info.value.key == "kd.top_k"
+
+
+def test_metrics_reach_tensorboard_and_hold_what_a_kd_run_watches(tmp_path, cache_dir, tiny_teacher):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = config_from_dict(tiny_run(tmp_path, cache_dir, "watched", kd={"teacher": str(tiny_teacher), "alpha": 0.4},
+                                    train={"token_budget": 4 * 4 * 32, "log_every": 1}))
+    result = train(cfg, log=quiet)
+    rows = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    for row in rows:
+        assert {"ce", "kd", "loss", "alpha", "temperature", "lr", "grad_norm", "tokens_per_s", "teacher_entropy",
+                "top1_agreement"} <= row.keys()
+        assert row["alpha"] == 0.4 and row["temperature"] == 1.0 and 0 <= row["top1_agreement"] <= 1
+    # the first row's teacher entropy and agreement, recomputed from the teacher and the initial student
+    from transformers import AutoModelForCausalLM
+
+    from distillab.data.loader import WindowStream
+    from distillab.data.shards import prepare_data
+    from distillab.models import resolve_spec
+
+    data = prepare_data(cfg.data, log=quiet)
+    batch = WindowStream(data.tokens("train"), 32, cfg.train.data_seed).batch(0, 4)
+    student = build_model(resolve_spec(cfg.model), data.vocab_size, 32, cfg.train.init_seed).double()
+    teacher = AutoModelForCausalLM.from_pretrained(str(tiny_teacher)).double()
+    with torch.no_grad():
+        log_p = torch.log_softmax(teacher(input_ids=batch.inputs).logits, -1)
+        agree = (student(input_ids=batch.inputs).logits.argmax(-1) == log_p.argmax(-1)).double().mean()
+    assert rows[0]["teacher_entropy"] == pytest.approx(float(-(log_p.exp() * log_p).sum(-1).mean()), rel=1e-5)
+    assert rows[0]["top1_agreement"] == pytest.approx(float(agree), abs=1e-9)
+    events = EventAccumulator(str(result.run_dir / "tensorboard"))
+    events.Reload()
+    for tag in ("loss", "ce", "kd", "lr", "teacher_entropy", "eval/validation/loss"):
+        scalars = {e.step: e.value for e in events.Scalars(tag)}
+        expected = {r["step"]: r[tag] for r in rows if tag in r}
+        assert scalars.keys() == expected.keys()
+        assert all(scalars[k] == pytest.approx(v, rel=1e-6) for k, v in expected.items())
 
 
 def test_wsd_branch_equals_an_independent_run(tmp_path, cache_dir):

@@ -324,13 +324,15 @@ class Trainer:
         return TrainResult(run.path, run.final, self.step, self.tokens, self.last_eval, True)
 
     def check_not_diverged(self) -> None:
-        """A held-out loss over 1 nat worse than guessing uniformly is a diverged run, not a model."""
+        """A held-out loss no better than guessing uniformly (after 10 steps), or 1 nat worse at any
+        length, is a diverged run (weights blown up, or collapsed to a constant), not a model."""
         uniform = math.log(self.data.vocab_size)
         for name, result in self.last_eval.items():
-            if not math.isfinite(result["loss"]) or result["loss"] > uniform + 1.0:
-                raise NonFiniteError(f"training diverged: the final {name} loss is {result['loss']:.4g} nats, worse "
-                                     f"than guessing uniformly ({uniform:.2f}); lower train.lr (the last good "
-                                     "checkpoint is kept, final is not written)")
+            loss = result["loss"]
+            if not math.isfinite(loss) or loss > uniform + 1.0 or (self.step >= 10 and loss >= uniform):
+                raise NonFiniteError(f"training diverged: after {self.step} steps the {name} loss is {loss:.4f} nats, "
+                                     f"no better than guessing uniformly ({uniform:.4f}); lower train.lr (the last "
+                                     "good checkpoint is kept, final is not written)")
 
     def summary(self) -> dict:
         return {"name": self.config.name, "status": "done", "steps": self.step, "tokens": self.tokens,
