@@ -36,3 +36,13 @@ def teacher_inference_flops(teacher: ModelSpec | None, vocab_size: int, config: 
 def capture_flops(teacher: ModelSpec, vocab_size: int, seq_len: int, tokens: int) -> float:
     """One pass of the teacher over `tokens` tokens to fill a cache."""
     return teacher.forward_flops_per_token(vocab_size, seq_len) * tokens
+
+
+def compute_matched_tokens(student: ModelSpec, teacher: ModelSpec, vocab_size: int, seq_len: int, tokens: int,
+                           tokens_per_step: int) -> int:
+    """The budget of a baseline that spends a distilled student's teacher-inference FLOPs on training
+    the student itself: tokens x (1 + teacher forward FLOPs / student training FLOPs per token),
+    rounded to whole steps (at least one more step than the student's own budget)."""
+    ratio = teacher.forward_flops_per_token(vocab_size, seq_len) / student.training_flops_per_token(vocab_size, seq_len)
+    steps = tokens // tokens_per_step
+    return max(steps + 1, round(tokens * (1.0 + ratio) / tokens_per_step)) * tokens_per_step

@@ -84,6 +84,10 @@ def _qwen3(name, layers, d_model, heads, kv_heads, head_dim, ffn, note=""):
 LADDER: dict[str, ModelSpec] = {
     spec.name: spec
     for spec in [
+        _cpu("cpu-7k", 2, 16, 2, 48, "CPU rung (demo ladder)"),
+        _cpu("cpu-14k", 2, 24, 2, 64, "CPU rung (demo ladder)"),
+        _cpu("cpu-27k", 2, 32, 2, 96, "CPU rung (demo ladder)"),
+        _cpu("cpu-55k", 2, 48, 4, 128, "CPU rung (demo ladder)"),
         _cpu("cpu-0.1m", 2, 64, 4, 192, "CPU rung"),
         _cpu("cpu-0.3m", 3, 96, 4, 256, "CPU rung"),
         _cpu("cpu-1m", 5, 128, 4, 352, "CPU rung"),

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from distillab.files import write_json_atomic, write_text_atomic
 from distillab.results import HELD_OUT, add_gains_and_labels, collect_rows, summarize, write_table
-from distillab.stats import format_ci
+from distillab.stats import format_ci, mean_ci, prediction_interval
 
 
 def make_plots(summary: list[dict], out_dir: Path) -> list[Path]:
@@ -92,6 +92,81 @@ def best_alpha(summary: list[dict]) -> list[dict]:
     return out
 
 
+def regime_plot(rows: list[dict], out_dir: Path) -> Path | None:
+    """Held-out loss against non-embedding parameters: teachers as points, each student model's
+    baseline seeds as a band (their 95 % prediction interval)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    teachers = [r for r in rows if r["role"] == "teacher" and r.get(f"loss/{HELD_OUT}") is not None]
+    if not teachers:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in teachers:
+        ax.scatter(r["non_embedding_parameters"], r[f"loss/{HELD_OUT}"], color="tab:blue")
+        ax.annotate(f"{r['model']} @ {r['tokens'] / 1e6:.2g}M", (r["non_embedding_parameters"], r[f"loss/{HELD_OUT}"]),
+                    fontsize=7, xytext=(4, 4), textcoords="offset points")
+    for model, losses in plain_baseline_losses(rows).items():
+        band = prediction_interval(losses)
+        params = next(r["non_embedding_parameters"] for r in rows if r["model"] == model)
+        mean = band["mean"] if band else losses[0]
+        ax.axhline(mean, color="tab:red", linewidth=1, label=f"student {model} baseline ({len(losses)} seeds)")
+        if band:
+            ax.axhspan(band["lo"], band["hi"], color="tab:red", alpha=0.15)
+        ax.axvline(params, color="tab:red", linestyle=":", linewidth=1)
+    ax.set_xscale("log")
+    ax.set_xlabel("non-embedding parameters")
+    ax.set_ylabel(f"held-out loss ({HELD_OUT}, nats)")
+    ax.set_title("teachers and the student's baseline band")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out_dir / "regime.png", dpi=100)
+    plt.close(fig)
+    return out_dir / "regime.png"
+
+
+def plain_baseline_losses(rows: list[dict]) -> dict[str, list[float]]:
+    """Held-out losses of each student model's plain baselines (the budget students train on)."""
+    budgets = {(r["model"], r["tokens"]) for r in rows if r["role"] == "student"}
+    out: dict[str, list[float]] = {}
+    for r in rows:
+        if r["role"] == "baseline" and (r["model"], r["tokens"]) in budgets and r.get(f"loss/{HELD_OUT}") is not None:
+            out.setdefault(r["model"], []).append(r[f"loss/{HELD_OUT}"])
+    return out
+
+
+def regime_section(rows: list[dict], out_dir: Path) -> list[str]:
+    """Where the study sits: tokens per parameter of every run, the teacher ladder, seeds per cell."""
+    plot = regime_plot(rows, out_dir)
+    lines = ["## The regime", ""]
+    if plot is not None:
+        lines += [f"![regime]({plot.name})", ""]
+    lines += ["| run | model | non-emb. params | tokens | tokens / param | seeds | held-out loss |",
+              "|---|---|---:|---:|---:|---:|---:|"]
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        kind = r["role"] if r["role"] != "baseline" or not r.get("matched_teacher") else "compute-matched baseline"
+        groups.setdefault((kind, r["model"], r["tokens"]), []).append(r)
+    for (kind, model, tokens), members in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][2], kv[0][1])):
+        params = members[0]["non_embedding_parameters"]
+        losses = [m[f"loss/{HELD_OUT}"] for m in members if m.get(f"loss/{HELD_OUT}") is not None]
+        loss = format_ci(mean_ci(losses), signed=False) if losses else "—"
+        seeds = len({(m["init_seed"], m["data_seed"]) for m in members})
+        lines.append(f"| {kind} | {model} | {params:,} | {tokens:,} | {tokens / params:.1f} | {seeds} | {loss} |")
+    lines += ["", "Seeds per cell (student runs per teacher and α):", "",
+              "| teacher | teacher tokens | α | objective | seeds |", "|---|---:|---:|---|---:|"]
+    cells: dict[tuple, set] = {}
+    for r in rows:
+        if r["role"] == "student":
+            cells.setdefault((r["teacher_model"], r["teacher_tokens"], r["alpha"], r["objective"]), set()).add(
+                (r["init_seed"], r["data_seed"]))
+    for (model, tokens, alpha, objective), seeds in sorted(cells.items(), key=str):
+        lines.append(f"| {model} | {tokens:,} | {alpha:g} | {objective} | {len(seeds)} |")
+    return lines + [""]
+
+
 def runs_section(rows: list[dict]) -> list[str]:
     counts = {s: sum(r["status"] == s for r in rows) for s in ("done", "failed", "blocked", "running", "pending")}
     lines = ["Runs: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n) + "."]
@@ -110,6 +185,18 @@ def gains_section(summary: list[dict]) -> list[str]:
         lines.append(f"| {s['model']} | {s['tokens']:,} | {s['teacher_model']} | {s['teacher_tokens']:,} | "
                      f"{s['label_by_loss'] or '—'} | {s['alpha']} | {s['objective']} | {format_ci(s['in_domain'])} | "
                      f"{format_ci(s['ood'])} | {format_ci(s['downstream'])} |")
+    matched = [s for s in summary if s["matched_in_domain"]["n"]]
+    if matched:
+        lines += ["", "### Over the compute-matched baseline", "",
+                  "The same students against a baseline that spent the teacher's inference FLOPs on training "
+                  "itself longer (same seeds, more tokens of the same stream): positive = distillation beat "
+                  "simply training longer.", "",
+                  "| student | teacher | teacher tokens | α | objective | in-domain | OOD | downstream |",
+                  "|---|---|---:|---:|---|---|---|---|"]
+        for s in matched:
+            lines.append(f"| {s['model']} | {s['teacher_model']} | {s['teacher_tokens']:,} | {s['alpha']} | "
+                         f"{s['objective']} | {format_ci(s['matched_in_domain'])} | {format_ci(s['matched_ood'])} | "
+                         f"{format_ci(s['matched_downstream'])} |")
     return lines
 
 
@@ -162,6 +249,7 @@ def write_report(sweep_dir: str | Path, tolerance: float | None = None, about: l
         lines += ["## About this run", ""] + about + [""]
     if extra_sections is not None:
         lines += extra_sections(rows, sweep_dir)
+    lines += regime_section(rows, sweep_dir)
     lines += runs_section(rows) + gains_section(summary) + wsd_section(rows) + best_alpha_section(summary)
     lines += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]
     lines += ["", f"Full table: `{csv_path.name}`" + (f", `{parquet_path.name}`" if parquet_path else "") + "."]

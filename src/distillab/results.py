@@ -75,6 +75,7 @@ def run_row(run: dict) -> dict:
         "alpha": cfg.kd.alpha, "temperature": cfg.kd.temperature, "divergence": cfg.kd.divergence,
         "top_k": cfg.kd.top_k, "objective": objective.setting().label(with_alpha=False),
         "objective_key": objective.setting().key(), "cached_teacher": bool(info.get("cached")),
+        "matched_tokens": info.get("matched_tokens"), "matched_teacher": info.get("matched_teacher"),
         "trained_tokens": trained_tokens(cfg), "train_flops": training_flops(cfg, vocab),
         "teacher_inference_flops": teacher_inference_flops(teacher, vocab, cfg, bool(info.get("cached"))),
     }
@@ -98,38 +99,50 @@ def collect_rows(sweep_dir: Path) -> list[dict]:
     return rows
 
 
+def paired_gains(row: dict, baseline: dict, prefix: str) -> dict:
+    """A student's gains over one baseline: per set (loss: baseline - student), per task (accuracy:
+    student - baseline), and the means by domain ({prefix}/in_domain, /ood, /downstream)."""
+    gains: dict = {}
+    domains: dict[str, list[float]] = {"in-domain": [], "ood": []}
+    tasks = []
+    for key, value in row.items():
+        if value is None or baseline.get(key) is None:
+            continue
+        if key.startswith("loss/"):
+            gains[f"{prefix}/{key[5:]}"] = gain = baseline[key] - value
+            if row.get(f"domain/{key[5:]}") in domains:
+                domains[row[f"domain/{key[5:]}"]].append(gain)
+        elif key.startswith("acc/"):
+            gains[f"{prefix}_acc/{key[4:]}"] = gain = value - baseline[key]
+            tasks.append(gain)
+    gains[f"{prefix}/in_domain"] = statistics.fmean(domains["in-domain"]) if domains["in-domain"] else None
+    gains[f"{prefix}/ood"] = statistics.fmean(domains["ood"]) if domains["ood"] else None
+    gains[f"{prefix}/downstream"] = statistics.fmean(tasks) if tasks else None
+    return gains
+
+
 def add_gains_and_labels(rows: list[dict], tolerance: float) -> list[dict]:
+    """Each student's gains over its plain baseline (same model, budget and seeds) and, where the grid
+    has one, over its compute-matched baseline (gain_matched/...); and the teacher-student labels."""
     by_id = {r["run_id"]: r for r in rows}
     baselines = {(r["model"], r["tokens"], r["init_seed"], r["data_seed"]): r for r in rows if r["role"] == "baseline"}
-    for row in rows:
-        if row["role"] != "student":
-            continue
-        baseline = baselines.get((row["model"], row["tokens"], row["init_seed"], row["data_seed"]))
+    for row in (r for r in rows if r["role"] == "student"):
+        seeds = (row["init_seed"], row["data_seed"])
+        baseline = baselines.get((row["model"], row["tokens"], *seeds))
+        matched = baselines.get((row["model"], row.get("matched_tokens"), *seeds))
         teacher = by_id.get(row["teacher_id"])
         row["baseline_id"] = baseline["run_id"] if baseline else None
+        row["matched_baseline_id"] = matched["run_id"] if matched else None
         if teacher:
             row["label_by_params"] = label_by_size(teacher["non_embedding_parameters"], row["non_embedding_parameters"])
             row["label_by_tokens"] = label_by_size(teacher["tokens"], row["tokens"])
             row["teacher_loss/validation"] = teacher.get(f"loss/{HELD_OUT}")
-        if not baseline:
-            continue
-        if teacher and teacher.get(f"loss/{HELD_OUT}") is not None and baseline.get(f"loss/{HELD_OUT}") is not None:
+        if baseline and teacher and None not in (teacher.get(f"loss/{HELD_OUT}"), baseline.get(f"loss/{HELD_OUT}")):
             row["label_by_loss"] = label_by_loss(teacher[f"loss/{HELD_OUT}"], baseline[f"loss/{HELD_OUT}"], tolerance)
-        domains: dict[str, list[float]] = {"in-domain": [], "ood": []}
-        for key in list(row):
-            if key.startswith("loss/") and baseline.get(key) is not None and row[key] is not None:
-                name = key[5:]
-                gain = baseline[key] - row[key]
-                row[f"gain/{name}"] = gain
-                domain = row.get(f"domain/{name}")
-                if domain in domains:
-                    domains[domain].append(gain)
-            if key.startswith("acc/") and baseline.get(key) is not None and row[key] is not None:
-                row[f"gain_acc/{key[4:]}"] = row[key] - baseline[key]
-        task_gains = [row[k] for k in row if k.startswith("gain_acc/")]
-        row["gain/in_domain"] = statistics.fmean(domains["in-domain"]) if domains["in-domain"] else None
-        row["gain/ood"] = statistics.fmean(domains["ood"]) if domains["ood"] else None
-        row["gain/downstream"] = statistics.fmean(task_gains) if task_gains else None
+        if baseline:
+            row.update(paired_gains(row, baseline, "gain"))
+        if matched:
+            row.update(paired_gains(row, matched, "gain_matched"))
     return rows
 
 
@@ -173,5 +186,6 @@ def summarize(rows: list[dict]) -> list[dict]:
         entry["label_by_loss"] = members[0].get("label_by_loss")
         for metric in ("in_domain", "ood", "downstream"):
             entry[metric] = mean_ci([m.get(f"gain/{metric}") for m in members])
+            entry[f"matched_{metric}"] = mean_ci([m.get(f"gain_matched/{metric}") for m in members])
         out.append(entry)
     return out

@@ -33,10 +33,22 @@ def mean_ci(values: list[float]) -> dict:
     return {"mean": mean, "lo": mean - half, "hi": mean + half, "n": n, "sd": sd}
 
 
-def format_ci(ci: dict | None, digits: int = 4) -> str:
-    """'+0.0123 [-0.0010, +0.0256] (n=3)'; '—' for nothing."""
+def format_ci(ci: dict | None, digits: int = 4, signed: bool = True) -> str:
+    """'+0.0123 [-0.0010, +0.0256] (n=3)' (signed, for gains) or '3.4120 [3.40, ...]'; '—' for nothing."""
     if not ci or ci["mean"] is None:
         return "—"
+    f = f"{{:{'+' if signed else ''}.{digits}f}}".format
     if ci["lo"] is None:
-        return f"{ci['mean']:+.{digits}f} (n=1)"
-    return f"{ci['mean']:+.{digits}f} [{ci['lo']:+.{digits}f}, {ci['hi']:+.{digits}f}] (n={ci['n']})"
+        return f"{f(ci['mean'])} (n=1)"
+    return f"{f(ci['mean'])} [{f(ci['lo'])}, {f(ci['hi'])}] (n={ci['n']})"
+
+
+def prediction_interval(values: list[float]) -> dict | None:
+    """95 % Student-t prediction interval for one more observation from the same population:
+    mean +- t(n-1) sd sqrt(1 + 1/n). None with fewer than 2 values."""
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    if len(values) < 2:
+        return None
+    n, mean, sd = len(values), statistics.fmean(values), statistics.stdev(values)
+    half = t_quantile_975(n - 1) * sd * math.sqrt(1 + 1 / n)
+    return {"mean": mean, "lo": mean - half, "hi": mean + half, "n": n, "sd": sd}

@@ -47,6 +47,9 @@ class StudentSet:
     seeds: list[int] = field(default_factory=lambda: [43])
     train: dict = field(default_factory=dict)
     overrides: dict = field(default_factory=dict)
+    # for each teacher and seed, also a baseline that spends the teacher's inference FLOPs on the
+    # student itself: more tokens of the same stream (is distillation better than training longer?)
+    compute_matched: bool = False
 
 
 @dataclass

@@ -18,7 +18,7 @@ from pathlib import Path
 from distillab.config import config_from_dict, results_config
 from distillab.errors import ConfigError
 from distillab.files import stable_hash
-from distillab.flops import teacher_inference_flops, training_flops
+from distillab.flops import compute_matched_tokens, teacher_inference_flops, training_flops
 from distillab.models import resolve_spec
 from distillab.sweep.grid import DEFAULT_MFU, DEVICE_PEAK_FLOPS, GridSpec
 from distillab.train.schedule import make_plan
@@ -143,15 +143,33 @@ class Planner:
                         self.add("baseline", merge(base, {"kd": {"alpha": 0.0, "teacher": None}}), None, info)
                     self.distilled(base, info, teachers)
 
+    def matched_tokens(self, base: dict, teacher: Run) -> int:
+        """The compute-matched budget of a student (config `base`) distilled from `teacher`."""
+        student, teacher_cfg = config_from_dict(merge(base, {"kd": {"alpha": 0.0, "teacher": None}})), \
+            config_from_dict(teacher.config)
+        t = student.train
+        return compute_matched_tokens(resolve_spec(student.model), resolve_spec(teacher_cfg.model),
+                                      student.data.tokenizer.vocab_size, t.seq_len, t.token_budget,
+                                      t.batch_size * t.seq_len * t.grad_accum * t.processes)
+
+    def compute_matched(self, base: dict, info: dict, teacher: Run) -> int:
+        """The compute-matched baseline of (student, teacher, seed); returns its budget."""
+        tokens = self.matched_tokens(base, teacher)
+        config = merge(base, {"kd": {"alpha": 0.0, "teacher": None}, "train": {"token_budget": tokens}})
+        self.add("baseline", config, None, {**info, "tokens": tokens, "kind": "compute-matched",
+                                            "matched_teacher": teacher.id})
+        return tokens
+
     def distilled(self, base: dict, info: dict, teachers: list[Run]) -> None:
         for teacher in teachers:
+            matched = self.compute_matched(base, info, teacher) if self.spec.students.compute_matched else None
             for alpha in self.spec.kd.alpha:
                 for objective in self.spec.kd.objectives():
                     config = merge(base, {"kd": {**objective, "alpha": alpha, "teacher": "pending"}})
                     self.add("student", config, teacher, {
                         **info, "teacher": teacher.id, "teacher_model": teacher.info["model"],
                         "teacher_tokens": teacher.info["tokens"], "teacher_kind": teacher.info["teacher_kind"],
-                        "alpha": alpha, **objective})
+                        "alpha": alpha, "matched_tokens": matched, **objective})
 
 
 def plan(spec: GridSpec, sweep_dir: Path) -> list[Run]:
