@@ -35,7 +35,7 @@ def test_quick_demo_runs_the_pipeline_and_the_report_has_every_section(tmp_path,
         assert (out / plot).stat().st_size > 1000
         assert f"]({plot})" in report
     html = (out / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == 2 and "<h2>Verdicts</h2>" in html
+    assert html.count("data:image/png;base64,") == 3 and "<h2>Verdicts</h2>" in html
 
     assert {v["verdict"] for v in result["verdicts"]} <= {REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE}
     assert [v["finding"] for v in result["verdicts"]] == ["F1", "F2", "F3-OOD", "F3-downstream"]

@@ -148,13 +148,6 @@ def cmd_sweep(args) -> int:
     return 0 if all(s == "done" for s in status.values()) else 1
 
 
-def cmd_sweep_run(args) -> int:
-    from distillab.sweep import execute_run
-
-    execute_run(args.sweep_dir, args.run_id, threads=args.threads)
-    return 0
-
-
 def cmd_report(args) -> int:
     from distillab.report import write_report
 
@@ -279,12 +272,6 @@ def build_parser() -> argparse.ArgumentParser:
                        help="submitit parameters, e.g. slurm_partition=gpu gpus_per_node=1 timeout_min=600")
     sweep.add_argument("--retry-failed", action="store_true", help="run failed runs again")
     sweep.set_defaults(func=cmd_sweep)
-
-    sweep_run = sub.add_parser("sweep-run", help="(internal) train and evaluate one run of a planned sweep")
-    sweep_run.add_argument("sweep_dir")
-    sweep_run.add_argument("run_id")
-    sweep_run.add_argument("--threads", type=int, default=None)
-    sweep_run.set_defaults(func=cmd_sweep_run)
 
     report = sub.add_parser("report", help="results table, gains, labels and report.md / report.html of a sweep")
     report.add_argument("sweep_dir")
