@@ -31,19 +31,27 @@ def make_plan(train: TrainConfig) -> Plan:
     return Plan(steps, tokens_per_step, warmup, decay_start)
 
 
+def cosine_decay(progress: float, peak: float, low: float) -> float:
+    return low + (peak - low) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def linear_decay(progress: float, peak: float, low: float) -> float:
+    return peak + (low - peak) * progress
+
+
+# train.schedule -> the decay after warmup (and, for wsd, after the stable phase)
+DECAYS = {"cosine": cosine_decay, "wsd": linear_decay}
+
+
 def learning_rate(step: int, plan: Plan, train: TrainConfig) -> float:
-    """Learning rate for 0-based `step`: linear warmup, then cosine (or stable + linear decay) to min."""
+    """Learning rate for 0-based `step`: linear warmup, (wsd: hold the peak), then decay to min."""
     peak = train.lr
-    low = train.min_lr_ratio * peak
     if step < plan.warmup_steps:
         return peak * (step + 1) / plan.warmup_steps
-    if train.schedule == "wsd" and step < plan.decay_start:
+    if step < plan.decay_start:
         return peak
-    span = max(1, plan.steps - 1 - plan.decay_start)
-    progress = min(1.0, (step - plan.decay_start) / span)
-    if train.schedule == "wsd":
-        return peak + (low - peak) * progress
-    return low + (peak - low) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    progress = min(1.0, (step - plan.decay_start) / max(1, plan.steps - 1 - plan.decay_start))
+    return DECAYS[train.schedule](progress, peak, train.min_lr_ratio * peak)
 
 
 def make_optimizer(model: torch.nn.Module, train: TrainConfig) -> torch.optim.Optimizer:
