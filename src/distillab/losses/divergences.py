@@ -105,3 +105,79 @@ DIVERGENCES: dict[str, Kernel] = {
 def value_only(kernel: Kernel) -> Kernel:
     """The same divergence without its closed-form u (forces the autograd fallback; for tests)."""
     return lambda log_p, log_q, params: (kernel(log_p, log_q, params)[0], None)
+
+
+# ----------------------------------------------------------------------------- fused dense kernels
+#
+# The same divergences over the whole vocabulary, written in place into chunk-sized buffers so a
+# training step allocates nothing per chunk: kernel(log_p, log_q, params, u, scratch, extra) fills
+# `u` (= q dD/dq, up to a multiple of q) and returns (value per row, q, sum of u per row or None),
+# q = exp(log_q) held in one of the buffers. `log_p` and `log_q` may be overwritten. Tested
+# against the kernels above.
+
+
+def fused_reverse_kl(log_p, log_q, params: Params, u, scratch, extra):
+    q = torch.exp(log_q, out=scratch)
+    torch.sub(log_q, log_p, out=u).mul_(q)  # q (log q - log p)
+    value = u.sum(-1)
+    return value, q, value
+
+
+def fused_tvd(log_p, log_q, params: Params, u, scratch, extra):
+    q = torch.exp(log_q, out=scratch)
+    diff = torch.exp(log_p, out=u).neg_().add_(q)  # q - p
+    value = 0.5 * torch.linalg.vector_norm(diff, ord=1, dim=-1)
+    diff.sign_().mul_(q).mul_(0.5)
+    return value, q, None
+
+
+def mixture_log(log_a, log_b, weight: float, out, scratch):
+    """log(weight a + (1 - weight) b) from log a and log b, into `out` (uses `scratch`)."""
+    torch.exp(log_a, out=out).mul_(weight)
+    out.add_(torch.exp(log_b, out=scratch).mul_(1.0 - weight))
+    return out.log_()
+
+
+def weighted_log_ratio_sum(weight, log_a, log_b, out):
+    """sum of weight * (log a - log b) per row, with 0 where weight = 0 (into `out`, no temporaries)."""
+    return torch.sub(log_a, log_b, out=out).mul_(weight).nan_to_num_(nan=0.0).sum(-1)
+
+
+def fused_jsd(log_p, log_q, params: Params, u, scratch, extra):
+    beta = params.beta
+    log_m = mixture_log(log_p, log_q, beta, extra, scratch)
+    value = beta * weighted_log_ratio_sum(torch.exp(log_p, out=scratch), log_p, log_m, u)
+    q = torch.exp(log_q, out=scratch)
+    torch.sub(log_q, log_m, out=u).mul_(q)  # q (log q - log m)
+    q_side = u.sum(-1)
+    u.mul_(1 - beta)
+    return value + (1 - beta) * q_side, q, (1 - beta) * q_side
+
+
+def fused_skew_forward_kl(log_p, log_q, params: Params, u, scratch, extra):
+    lam = params.skew
+    log_m = mixture_log(log_p, log_q, lam, extra, scratch) if lam > 0 else extra.copy_(log_q)
+    p = torch.exp(log_p, out=scratch)
+    value = weighted_log_ratio_sum(p, log_p, log_m, u)
+    torch.sub(log_q, log_m, out=u).exp_().mul_(p).mul_(-(1 - lam))  # -(1 - lambda) p q / m
+    return value, torch.exp(log_q, out=scratch), None
+
+
+def fused_skew_reverse_kl(log_p, log_q, params: Params, u, scratch, extra):
+    lam = params.skew
+    log_m = mixture_log(log_q, log_p, lam, extra, scratch) if lam > 0 else extra.copy_(log_p)
+    q = torch.exp(log_q, out=scratch)
+    torch.sub(log_q, log_m, out=u).mul_(q)  # q (log q - log m)
+    value = u.sum(-1)
+    ratio = torch.sub(log_q, log_m, out=log_p).exp_().mul_(q)  # q^2 / m
+    u.sub_(ratio, alpha=lam)
+    return value, q, None
+
+
+FUSED_DENSE = {
+    "reverse_kl": fused_reverse_kl,
+    "jsd": fused_jsd,
+    "skew_forward_kl": fused_skew_forward_kl,
+    "skew_reverse_kl": fused_skew_reverse_kl,
+    "tvd": fused_tvd,
+}

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from distillab.losses.divergences import DIVERGENCES, Params
+from distillab.losses.divergences import DIVERGENCES, FUSED_DENSE, Params
 from distillab.losses.teacher_rows import NEG_INF, SparseRows, select, tempered_categories, truncate_dense
 
 # A student category outside the kept tokens gets this log-probability instead of -inf: exp()
@@ -98,6 +98,8 @@ class KDGradient:
     minus_p: torch.Tensor | None = None
     minus_index: torch.Tensor | None = None
     plus_student_lse: bool = False
+    grad_scale: float = 1.0  # `grad` still to be multiplied by this
+    student_probs: torch.Tensor | None = None  # softmax(s), when the KD term computed it (T = 1)
 
 
 # ----------------------------------------------------------------------------- the KD term
@@ -146,14 +148,25 @@ def dense_forward_kl(student, teacher, spec: LossSpec, ws: Workspace) -> KDGradi
 
 
 def dense_divergence(student, teacher, spec: LossSpec, ws: Workspace) -> KDGradient:
-    """Any divergence over the whole vocabulary at temperature T."""
-    inv_t = 1.0 / spec.temperature
-    log_p = torch.log_softmax(teacher * inv_t, dim=-1)
-    z = student * inv_t
-    value, grad_z = divergence_and_gradient(log_p, z, spec, lambda z_: torch.log_softmax(z_, dim=-1))
-    out = ws.get("kd", student.shape[0])
-    torch.mul(grad_z, spec.kd_scale * inv_t, out=out)
-    return KDGradient(value, grad=out)
+    """Any divergence over the whole vocabulary at temperature T: its fused in-place kernel
+    (`FUSED_DENSE`), else the category kernel (closed form or autograd). At T = 1 the student's
+    softmax it computes is handed on, so the CE term need not compute it again."""
+    rows, inv_t = student.shape[0], 1.0 / spec.temperature
+    out = ws.get("kd", rows)
+    fused = FUSED_DENSE.get(spec.divergence)
+    if fused is None or spec.autograd_fallback:
+        log_p = torch.log_softmax(teacher * inv_t, dim=-1)
+        value, grad_z = divergence_and_gradient(log_p, student * inv_t, spec, lambda z_: torch.log_softmax(z_, dim=-1))
+        return KDGradient(value, grad=torch.mul(grad_z, spec.kd_scale * inv_t, out=out))
+    scaled = (lambda x, name: x) if spec.temperature == 1.0 else \
+        (lambda x, name: torch.mul(x, inv_t, out=ws.get(name, rows)))
+    log_p = torch.log_softmax(scaled(teacher, "p"), dim=-1, out=ws.get("p", rows))
+    log_q = torch.log_softmax(scaled(student, "q_t"), dim=-1, out=ws.get("q_t", rows))
+    value, q, total = fused(log_p, log_q, spec.params, out, ws.get("diff", rows), ws.get("masked", rows))
+    total = out.sum(-1) if total is None else total
+    out.addcmul_(q, total[:, None], value=-1.0)  # dD/dz = u - q sum(u)
+    return KDGradient(value, grad=out, grad_scale=spec.kd_scale * inv_t,
+                      student_probs=q if spec.temperature == 1.0 else None)
 
 
 def sparse_forward_kl(student, rows: SparseRows, spec: LossSpec, ws: Workspace) -> KDGradient:
@@ -269,7 +282,10 @@ def chunk_terms(student, teacher, labels, spec: LossSpec, grad_out, ws: Workspac
     student_mean = student.mean(dim=-1) if eps > 0 else None
     kd = kd_term(student, teacher, spec, ws) if teacher is not None else None
     student_max = student.amax(dim=-1)
-    q = softmax_into(student, grad_out)  # consumes `student` when grad_out aliases it
+    if kd is not None and kd.student_probs is not None:
+        q = grad_out.copy_(kd.student_probs)  # consumes `student` when grad_out aliases it
+    else:
+        q = softmax_into(student, grad_out)
     lse = log_normalizer(student_max, q)
     ce_rows = lse - student_at_label
     if kd is not None and kd.plus_student_lse:
@@ -298,7 +314,7 @@ def combine_gradient(q: torch.Tensor, kd: KDGradient | None, safe_labels, spec: 
     else:
         q.mul_(w_ce)
         if kd is not None:
-            q.add_(kd.grad, alpha=w_kd)
+            q.add_(kd.grad, alpha=w_kd * kd.grad_scale)
     if eps > 0:
         q.sub_(w_ce * eps / q.shape[-1])
     q.scatter_add_(1, safe_labels, torch.full(safe_labels.shape, -w_ce * (1 - eps), dtype=q.dtype, device=q.device))
