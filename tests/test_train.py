@@ -348,3 +348,19 @@ def test_wsd_branch_equals_an_independent_run(tmp_path, cache_dir):
         train(config_from_dict(tiny_run(tmp_path, cache_dir, "other-budget",
                                         train={**wsd, "token_budget": 16 * per_step,
                                                "branch_from": str(branch_point)})), log=quiet)
+
+
+def test_alpha_and_temperature_schedules_are_in_force_at_every_step(tmp_path, cache_dir, tiny_teacher):
+    kd = {"teacher": str(tiny_teacher), "alpha": 0.6, "temperature": 2.0,
+          "alpha_schedule": {"shape": "linear", "start": 0.0},
+          "temperature_schedule": {"shape": "wsd", "start": 1.0, "end": 1.0, "warmup_fraction": 0.25,
+                                   "decay_fraction": 0.25}}
+    result = train(config_from_dict(tiny_run(tmp_path, cache_dir, "scheduled", kd=kd,
+                                             train={"log_every": 1, "token_budget": 9 * 4 * 32})), log=quiet)
+    rows = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    for row in rows:
+        progress = (row["step"] - 1) / 8
+        assert row["alpha"] == pytest.approx(0.6 * progress)
+        expected_t = 1 + progress / 0.25 if progress < 0.25 else 2.0 if progress <= 0.75 else 2 - (progress - 0.75) / 0.25
+        assert row["temperature"] == pytest.approx(expected_t)
+        assert row["loss"] == pytest.approx((1 - row["alpha"]) * row["ce"] + row["alpha"] * row["kd"], rel=1e-6)
