@@ -11,7 +11,7 @@ from distillab import __version__
 from distillab.errors import DistillabError
 
 
-def _add_config_args(parser: argparse.ArgumentParser) -> None:
+def add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="run config (YAML); see configs/examples/")
     parser.add_argument(
         "--set",
@@ -164,32 +164,28 @@ def cmd_demo(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="distillab",
-        description="Knowledge distillation during LLM pretraining: train teachers and students, evaluate, compare.",
-    )
-    parser.add_argument("--version", action="version", version=f"distillab {__version__}")
-    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-
+def add_data(sub) -> None:
     data = sub.add_parser("data", help="prepare corpora: tokenizer and token shards")
     data_sub = data.add_subparsers(dest="data_command", metavar="ACTION")
     prepare = data_sub.add_parser("prepare", help="train/load the tokenizer and write token shards for a config")
-    _add_config_args(prepare)
+    add_config_args(prepare)
     prepare.set_defaults(func=cmd_data_prepare)
     listing = data_sub.add_parser("list", help="list the packaged corpora")
     listing.set_defaults(func=cmd_data_list)
     data.set_defaults(func=lambda args: (data.print_help(), 2)[1])
 
+
+def add_train(sub) -> None:
     train = sub.add_parser("train", help="train (or resume) a teacher or student run")
-    _add_config_args(train)
+    add_config_args(train)
     train.add_argument(
         "--stop-after", type=int, default=None, metavar="STEPS",
         help="checkpoint and stop once this many optimizer steps are done; run again to resume",
     )
     train.set_defaults(func=cmd_train)
 
+
+def add_eval(sub) -> None:
     evaluate = sub.add_parser(
         "eval", help="perplexity sets and downstream tasks of checkpoints -> CHECKPOINT/eval.json",
         description="Evaluate checkpoints. Sets: validation, train, milton, python-stdlib, wikipedia, the paper's "
@@ -212,6 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", default=None, help="output file (default: CHECKPOINT/eval.json)")
     evaluate.set_defaults(func=cmd_eval)
 
+
+def add_analyze(sub) -> None:
     analysis = sub.add_parser(
         "analyze", help="mechanism analysis: distributions of student, teacher and baseline compared",
         description="Per-model (entropy, max prob, ground-truth log-prob and rank, effective vocabulary, top-k "
@@ -232,6 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     analysis.add_argument("--out", required=True, help="output directory")
     analysis.set_defaults(func=cmd_analyze)
 
+
+def add_models_and_bench(sub) -> None:
     models = sub.add_parser("models", help="list the model ladder with parameters and FLOPs per token")
     models.add_argument("--json", action="store_true", help="print JSON")
     models.add_argument("--vocab-size", type=int, default=4096)
@@ -256,6 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", action="store_true", help="print the measurements as JSON")
     bench.set_defaults(func=cmd_bench)
 
+
+def add_sweep_and_report(sub) -> None:
     sweep = sub.add_parser(
         "sweep", help="run a grid: teacher pool -> students + baselines -> evaluation -> report (resumable)",
         description="Expand a grid spec into content-addressed runs and execute the unfinished ones, teachers "
@@ -279,6 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="same-level band in nats of held-out loss (default: the grid's label_tolerance)")
     report.set_defaults(func=cmd_report)
 
+
+def add_demo(sub) -> None:
     demo = sub.add_parser(
         "demo", help="the paper's three questions on a CPU: a teacher pool, students over alpha and seeds, verdicts",
         description="Runs a fixed sweep on real text and writes OUT/SIZE/report.md (+ report.html) that opens with a "
@@ -291,6 +295,21 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--workers", type=int, default=2,
                       help="runs side by side, one thread each (default 2: two single-thread runs use 2 cores best)")
     demo.set_defaults(func=cmd_demo)
+
+
+VERBS = (add_data, add_train, add_eval, add_analyze, add_models_and_bench, add_sweep_and_report, add_demo)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="distillab",
+        description="Knowledge distillation during LLM pretraining: train teachers and students, evaluate, compare.",
+    )
+    parser.add_argument("--version", action="version", version=f"distillab {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for add in VERBS:
+        add(sub)
     return parser
 
 
