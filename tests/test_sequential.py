@@ -12,6 +12,7 @@ import pytest
 from distillab.errors import DistillabError
 from distillab.sequential import (
     DESIGN,
+    Design,
     calibrate_critical_values,
     calibration_targets,
     obrien_fleming_spending,
@@ -184,3 +185,10 @@ def test_a_fixed_n_t_interval_rechecked_after_every_seed_under_covers():
     assert naive_cover + 3 * se(0.95) < 0.95, message
     assert naive_wrong - 3 * se(0.025) > 0.025, message
     assert seq_cover >= 0.95 - 3 * se(0.95) and seq_wrong <= 0.025 + 3 * se(0.025), message
+
+
+def test_a_design_with_bad_looks_is_refused():
+    with pytest.raises(DistillabError, match="increasing seed counts"):
+        Design(looks=(4, 3), alpha=0.05, critical_values=(1.0, 1.0), replications=1, rng_seed=0)
+    with pytest.raises(DistillabError, match="one critical value per look"):
+        Design(looks=(3, 4), alpha=0.05, critical_values=(1.0,), replications=1, rng_seed=0)

@@ -79,6 +79,12 @@ class Design:
     replications: int
     rng_seed: int
 
+    def __post_init__(self):
+        if list(self.looks) != sorted(set(self.looks)) or self.looks[0] < 2:
+            raise DistillabError(f"sequential: looks must be increasing seed counts >= 2, got {list(self.looks)}")
+        if len(self.critical_values) != len(self.looks):
+            raise DistillabError("sequential: one critical value per look is needed")
+
     @property
     def max_seeds(self) -> int:
         return self.looks[-1]
