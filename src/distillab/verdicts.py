@@ -185,6 +185,8 @@ def setting_evidence(key: tuple, students: list[dict], baselines: list[dict], by
     seeds = ordered_seeds(students + baselines)
     tuning, interval = seeds[:TUNING_SEEDS], seeds[TUNING_SEEDS:]
     band, band_seeds, final = strength_band(baselines, seeds)
+    losses = [b[f"loss/{HELD_OUT}"] for b in baselines if seed_key(b) in band_seeds
+              and b.get(f"loss/{HELD_OUT}") is not None]
     per_teacher: dict[str, list[dict]] = {}
     for r in students:
         per_teacher.setdefault(r["teacher_id"], []).append(r)
@@ -192,8 +194,6 @@ def setting_evidence(key: tuple, students: list[dict], baselines: list[dict], by
     for teacher_id, rows in per_teacher.items():
         teacher = by_id[teacher_id]
         loss = teacher.get(f"loss/{HELD_OUT}")
-        losses = [b[f"loss/{HELD_OUT}"] for b in baselines if seed_key(b) in band_seeds
-                  and b.get(f"loss/{HELD_OUT}") is not None]
         strength = label_by_prediction_interval(loss, losses, tolerance) if loss is not None else "unknown"
         alpha, scores = tune_alpha(rows, tuning)
         teachers.append(TeacherEvidence(teacher_id, teacher["model"], teacher["non_embedding_parameters"],
