@@ -1,167 +1,277 @@
-"""Verdict rules on hand-made result rows: leave-one-seed-out alpha tuning and each finding's decision."""
+"""Verdict rules on hand-made result rows: alpha tuned on the tuning seeds, the noise-aware strength
+band, and every decision branch of each finding on the sequential intervals."""
 
+import math
 import statistics
 
 import pytest
+from conftest import BASELINE_LOSS, baseline_row, student_row, teacher_row, verdict_grid
 
+from distillab.results import label_by_prediction_interval
+from distillab.sequential import DESIGN
+from distillab.stats import prediction_interval
 from distillab.verdicts import (
+    AT_MAX,
+    DECIDED,
     INCONCLUSIVE,
+    LABEL_SEEDS,
+    NOT_ASKABLE,
     NOT_REPRODUCED,
+    OPEN,
     REPRODUCED,
+    TUNING_SEEDS,
     decide,
+    ordered_seeds,
     teacher_evidence,
-    tune_alpha_leave_one_seed_out,
+    tune_alpha,
     verdict_sections,
 )
 
-T975 = {2: 4.303, 3: 3.182, 4: 2.776}
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776}
+SMALL = {1: 0.0, 2: 0.0, 3: 0.001, 4: -0.001, 5: 0.0, 6: 0.0005, 7: -0.0005, 8: 0.0002}  # small seed noise
 
 
-def teacher(run_id, model, params, tokens, loss):
-    return {"run_id": run_id, "role": "teacher", "model": model, "non_embedding_parameters": params,
-            "tokens": tokens, "init_seed": 42, "data_seed": 42, "loss/validation": loss}
+def by_finding(rows, margin=0.02):
+    (setting,) = teacher_evidence(rows, 0.02).values()
+    return {v["finding"]: v for v in decide(setting, margin)}, setting
 
 
-def baseline(seed, loss):
-    return {"run_id": f"b{seed}", "role": "baseline", "model": "s", "non_embedding_parameters": 300, "tokens": 100,
-            "init_seed": seed, "data_seed": seed, "loss/validation": loss}
+def repeated_ci(values):
+    """mean +- c_n sd / sqrt(n), c_n the design's critical value at n seeds (written out here)."""
+    n, mean = len(values), statistics.fmean(values)
+    half = DESIGN.critical_value(n) * statistics.stdev(values) / math.sqrt(n)
+    return mean, mean - half, mean + half
 
 
-def student(teacher_id, seed, alpha, in_domain, ood, downstream=None):
-    return {"run_id": f"{teacher_id}-{seed}-{alpha}", "role": "student", "model": "s", "tokens": 100,
-            "non_embedding_parameters": 300, "init_seed": seed, "data_seed": seed, "teacher_id": teacher_id,
-            "alpha": alpha, "objective_key": "lm", "objective": "forward KL, T 1", "baseline_id": f"b{seed}",
-            "gain/in_domain": in_domain, "gain/ood": ood, "gain/downstream": downstream}
+# ---- seeds, tuning and strength ---------------------------------------------------------------------
+
+def test_seeds_are_ordered_numerically_and_the_first_two_tune():
+    rows = [baseline_row(seed, 5.0) for seed in (10, 2, 3)] + [dict(baseline_row(4, 5.0), data_seed=9)]
+    assert ordered_seeds(rows) == ["2", "3", "4/9", "10"]
+    assert TUNING_SEEDS == 2 and LABEL_SEEDS == TUNING_SEEDS + DESIGN.first_look
 
 
-def test_alpha_is_tuned_on_the_other_seeds_only():
-    # seed 1 alone is best at alpha 0.5, but seeds 2 and 3 prefer 0.1: seed 1 is scored at 0.1
-    overall = {(1, 0.1): 0.01, (1, 0.5): 0.30, (2, 0.1): 0.05, (2, 0.5): 0.00, (3, 0.1): 0.04, (3, 0.5): 0.02}
-    rows = [student("t", seed, alpha, value, value) for (seed, alpha), value in overall.items()]
-    alphas, gains = tune_alpha_leave_one_seed_out(rows)
-    assert alphas["1"] == 0.1
-    assert gains["1"]["overall"] == pytest.approx(0.01)
+def test_alpha_is_tuned_on_the_tuning_seeds_only_and_they_stay_out_of_the_interval():
+    # tuning seeds 1, 2 prefer alpha 0.1; the interval seeds would prefer 0.5: the teacher is scored at 0.1
+    def gains(t, seed, alpha):
+        value = {0.1: 0.3, 0.5: 0.0}[alpha] if seed <= 2 else {0.1: 0.01, 0.5: 0.2}[alpha] + SMALL[seed]
+        return value, value
+
+    _, setting = by_finding(verdict_grid(gains))
+    teacher = setting.teachers[0]
+    assert teacher.alpha == 0.1
+    assert teacher.alpha_scores == pytest.approx({0.1: 0.3, 0.5: 0.0})
+    assert set(teacher.gains_by_seed) == {"3", "4", "5"}
+    assert [teacher.gains_by_seed[s]["overall"] for s in "345"] == pytest.approx([0.01 + SMALL[s] for s in (3, 4, 5)])
 
 
-def test_alpha_choice_uses_the_mean_over_other_seeds():
-    overall = {(1, 0.1): 0.00, (1, 0.5): 0.10, (2, 0.1): 0.05, (2, 0.5): 0.00, (3, 0.1): 0.04, (3, 0.5): -0.02}
-    rows = [student("t", seed, alpha, value, value) for (seed, alpha), value in overall.items()]
-    alphas, gains = tune_alpha_leave_one_seed_out(rows)
-    # seed 2: others (1, 3) -> 0.1: 0.02, 0.5: 0.04 -> 0.5 ; seed 3: others (1, 2) -> 0.1: 0.025, 0.5: 0.05 -> 0.5
-    assert alphas == {"1": 0.1, "2": 0.5, "3": 0.5}
-    assert [gains[s]["overall"] for s in ("1", "2", "3")] == pytest.approx([0.00, 0.00, -0.02])
+def test_alpha_ties_go_to_the_smaller_alpha_and_scores_are_means_over_tuning_seeds():
+    overall = {(1, 0.1): 0.02, (1, 0.5): 0.04, (2, 0.1): 0.04, (2, 0.5): 0.02, (3, 0.1): -1.0, (3, 0.5): 1.0}
+    rows = [student_row("t", seed, alpha, value, value) for (seed, alpha), value in overall.items()]
+    alpha, scores = tune_alpha(rows, ["1", "2"])
+    assert alpha == 0.1 and scores == pytest.approx({0.1: 0.03, 0.5: 0.03})
+    # an alpha not finished on every tuning seed is no candidate
+    rows = [r for r in rows if not (r["alpha"] == 0.1 and r["init_seed"] == 2)]
+    assert tune_alpha(rows, ["1", "2"]) == (0.5, pytest.approx({0.5: 0.03}))
 
 
-def _grid(gain_of, seeds=(1, 2, 3), downstream=None):
-    """Teachers: small@short, small@long, big@short, big@long; baseline loss 5.0 per seed."""
-    rows = [teacher("ss", "small", 100, 10, 5.3), teacher("sl", "small", 100, 40, 5.2),
-            teacher("bs", "big", 1000, 10, 5.1), teacher("bl", "big", 1000, 40, 4.7)]
-    rows += [baseline(seed, 5.0) for seed in seeds]
-    for tid in ("ss", "sl", "bs", "bl"):
-        for seed in seeds:
-            for alpha in (0.1, 0.5):
-                in_domain, ood = gain_of(tid, seed, alpha)
-                rows.append(student(tid, seed, alpha, in_domain, ood,
-                                    downstream(tid, seed) if downstream else None))
-    return rows
+def test_prediction_interval_is_the_student_t_formula():
+    losses = [3.395, 3.361, 3.393, 3.385]
+    mean = sum(losses) / 4
+    sd = math.sqrt(sum((x - mean) ** 2 for x in losses) / 3)
+    half = T975[3] * sd * math.sqrt(1 + 1 / 4)
+    band = prediction_interval(losses)
+    assert (band["mean"], band["lo"], band["hi"], band["n"]) == pytest.approx((mean, mean - half, mean + half, 4))
+    for loss, label in ((mean + half + 1e-4, "weak-to-strong"), (mean + half - 1e-4, "same-level"),
+                        (mean - half + 1e-4, "same-level"), (mean - half - 1e-4, "strong-to-weak")):
+        assert label_by_prediction_interval(loss, losses, tolerance=0.5) == label
+    # fewer than 2 baselines: the fixed tolerance around the one baseline
+    assert label_by_prediction_interval(3.42, [3.395], tolerance=0.02) == "weak-to-strong"
+    assert label_by_prediction_interval(3.41, [3.395], tolerance=0.02) == "same-level"
+    assert label_by_prediction_interval(3.41, [], tolerance=0.02) == "unknown"
 
 
-def _by_finding(rows, margin=0.02):
-    evidence = teacher_evidence(rows, 0.02)
-    (only,) = evidence.values()
-    return {v["finding"]: v for v in decide(only, margin)}, only
-
-
-def test_strength_is_measured_against_the_mean_baseline_loss():
-    _, evidence = _by_finding(_grid(lambda t, s, a: (0.0, 0.0)))
-    assert {e.teacher_id: e.strength for e in evidence} == {
+def test_strength_band_uses_the_baselines_of_the_first_five_seeds():
+    rows = verdict_grid(lambda t, s, a: (0.0, 0.0), seeds=(1, 2, 3, 4, 5, 6))
+    next(r for r in rows if r["run_id"] == "b6")["loss/validation"] = 9.0  # a later baseline cannot move the band
+    _, setting = by_finding(rows)
+    losses = [BASELINE_LOSS[s] for s in (1, 2, 3, 4, 5)]
+    mean, sd = statistics.fmean(losses), statistics.stdev(losses)
+    assert setting.band["hi"] == pytest.approx(mean + T975[4] * sd * math.sqrt(1.2))
+    assert setting.band_seeds == ["1", "2", "3", "4", "5"] and setting.labels_final
+    assert {e.teacher_id: e.strength for e in setting.teachers} == {
         "ss": "weak-to-strong", "sl": "weak-to-strong", "bs": "weak-to-strong", "bl": "strong-to-weak"}
+    # a teacher inside the band is level with the student
+    next(r for r in rows if r["run_id"] == "bs")["loss/validation"] = mean + 0.5 * T975[4] * sd
+    _, setting = by_finding(rows)
+    assert {e.teacher_id: e.strength for e in setting.teachers}["bs"] == "same-level"
 
 
-def test_f1_reproduced_when_weak_teachers_help_on_every_seed():
-    noise = {1: 0.01, 2: -0.01, 3: 0.0}
-    verdicts, evidence = _by_finding(_grid(lambda t, s, a: (0.05 + noise[s], 0.07 + noise[s])))
+# ---- F1 ----------------------------------------------------------------------------------------------
+
+def test_f1_reproduced_at_the_first_look_with_the_repeated_interval():
+    verdicts, _ = by_finding(verdict_grid(lambda t, s, a: (0.05 + SMALL[s], 0.07 + SMALL[s])))
     f1 = verdicts["F1"]
-    assert f1["verdict"] == REPRODUCED
-    # independent: per seed, mean over the three weak teachers of (in + ood) / 2 at any alpha (all equal)
-    per_seed = [statistics.fmean([(0.05 + noise[s] + 0.07 + noise[s]) / 2] * 3) for s in (1, 2, 3)]
-    mean, sd = statistics.fmean(per_seed), statistics.stdev(per_seed)
-    assert f1["ci"]["mean"] == pytest.approx(mean)
-    assert f1["ci"]["lo"] == pytest.approx(mean - T975[2] * sd / 3 ** 0.5)
+    assert (f1["verdict"], f1["stage"], f1["look"], f1["n_seeds"]) == (REPRODUCED, DECIDED, 1, 3)
+    assert f1["decided_at"] == {"look": 1, "n_seeds": 3} and f1["seeds_used"] == ["3", "4", "5"]
+    # per seed: mean over the three weak teachers of (in + ood) / 2 (all alphas equal)
+    mean, lo, hi = repeated_ci([0.06 + SMALL[s] for s in (3, 4, 5)])
+    assert (f1["ci"]["mean"], f1["ci"]["lo"], f1["ci"]["hi"]) == pytest.approx((mean, lo, hi))
+    assert f1["critical_value"] == DESIGN.critical_value(3)
 
 
-def test_f1_inconclusive_when_the_interval_spans_zero_and_not_reproduced_when_negative():
-    swing = {1: 0.08, 2: -0.06, 3: 0.01}
-    verdicts, _ = _by_finding(_grid(lambda t, s, a: (swing[s], swing[s])))
-    assert verdicts["F1"]["verdict"] == INCONCLUSIVE
-    verdicts, _ = _by_finding(_grid(lambda t, s, a: (-0.1 + swing[s] / 10, -0.1)))
-    assert verdicts["F1"]["verdict"] == NOT_REPRODUCED
+def test_f1_decided_at_a_later_look_keeps_that_verdict():
+    # seeds 3-6 spread too wide for the first two looks; seed 7 settles it; seeds 8-9 point the other way
+    values = {3: 0.05, 4: 0.03, 5: 0.07, 6: 0.05, 7: 0.05, 8: -0.3, 9: -0.3}
+    rows = verdict_grid(lambda t, s, a: (values.get(s, 0.0),) * 2, seeds=tuple(range(1, 10)))
+    verdicts, _ = by_finding(rows)
+    f1 = verdicts["F1"]
+    assert repeated_ci([values[s] for s in (3, 4, 5, 6)])[1] < 0 < repeated_ci([values[s] for s in range(3, 8)])[1]
+    assert (f1["verdict"], f1["look"], f1["n_seeds"], f1["decided_at"]) == (REPRODUCED, 3, 5,
+                                                                            {"look": 3, "n_seeds": 5})
+    assert f1["seeds"] == [str(s) for s in range(3, 10)]
+    mean, lo, hi = repeated_ci([values[s] for s in range(3, 8)])
+    assert (f1["ci"]["mean"], f1["ci"]["lo"], f1["ci"]["hi"]) == pytest.approx((mean, lo, hi))
 
 
-def test_f2_reversal_saturation_and_growth():
-    noise = {1: 0.004, 2: -0.004, 3: 0.0}
-    # stronger teachers (long budgets, big model) give clearly smaller gains: reversed
+def test_f1_not_reproduced_below_zero_and_inside_the_margin():
+    verdicts, _ = by_finding(verdict_grid(lambda t, s, a: (-0.1 + SMALL[s], -0.1)))
+    assert verdicts["F1"]["verdict"] == NOT_REPRODUCED and verdicts["F1"]["ci"]["hi"] < 0
+    # +0.002 +- tiny noise: the interval is above zero and inside +-0.02; above zero wins
+    rows = verdict_grid(lambda t, s, a: (0.002 + SMALL[s] / 10,) * 2)
+    verdicts, _ = by_finding(rows, margin=0.02)
+    assert verdicts["F1"]["verdict"] == REPRODUCED and verdicts["F1"]["ci"]["hi"] < 0.02
+    # around zero, narrow: inside the margin = no effect
+    rows = verdict_grid(lambda t, s, a: ({3: 0.001, 4: -0.001, 5: 0.0}.get(s, 0.0),) * 2)
+    verdicts, _ = by_finding(rows, margin=0.02)
+    assert verdicts["F1"]["verdict"] == NOT_REPRODUCED and -0.02 <= verdicts["F1"]["ci"]["lo"] < 0
+
+
+def test_f1_open_then_inconclusive_at_the_maximum():
+    swing = {1: 0.0, 2: 0.0, 3: 0.08, 4: -0.06, 5: 0.01, 6: 0.07, 7: -0.05, 8: 0.03, 9: -0.08, 10: 0.06, 11: 0.0}
+    verdicts, _ = by_finding(verdict_grid(lambda t, s, a: (swing[s],) * 2))
+    assert (verdicts["F1"]["verdict"], verdicts["F1"]["stage"]) == (INCONCLUSIVE, OPEN)
+    verdicts, _ = by_finding(verdict_grid(lambda t, s, a: (swing[s],) * 2, seeds=tuple(range(1, 12))))
+    f1 = verdicts["F1"]
+    assert (f1["verdict"], f1["stage"], f1["n_seeds"], f1["look"]) == (INCONCLUSIVE, AT_MAX, 8, len(DESIGN.looks))
+    assert "not used" in f1["detail"]  # seed 11 is beyond the maximum of 8 interval seeds
+
+
+def test_below_the_first_look_nothing_is_decided():
+    verdicts, _ = by_finding(verdict_grid(lambda t, s, a: (0.2, 0.3), seeds=(1, 2, 3, 4)))
+    assert {v["verdict"] for v in verdicts.values()} == {INCONCLUSIVE}
+    f1 = verdicts["F1"]
+    assert (f1["look"], f1["n_seeds"], f1["ci"]["lo"], f1["ci"]["n"], f1["stage"]) == (None, 0, None, 2, OPEN)
+    assert f1["ci"]["mean"] == pytest.approx(0.25)
+
+
+def test_f1_cannot_be_asked_without_a_weaker_teacher_once_the_band_is_final():
+    rows = verdict_grid(lambda t, s, a: (0.05, 0.05), teachers=("bl",))
+    assert by_finding(rows)[0]["F1"]["stage"] == NOT_ASKABLE
+    early = [r for r in rows if r["init_seed"] != 5]  # baselines of seeds 1-4 only: the band may still move
+    assert by_finding(early)[0]["F1"]["stage"] == OPEN
+
+
+def test_a_seed_missing_for_one_concerned_teacher_is_left_out():
+    rows = verdict_grid(lambda t, s, a: (0.05 + SMALL[s],) * 2, seeds=tuple(range(1, 7)))
+    rows = [r for r in rows if not (r.get("teacher_id") == "sl" and r["init_seed"] == 4)]
+    f1 = by_finding(rows)[0]["F1"]
+    assert f1["seeds"] == ["3", "5", "6"]
+    assert f1["ci"]["mean"] == pytest.approx(statistics.fmean(0.05 + SMALL[s] for s in (3, 5, 6)))
+
+
+# ---- F2 ----------------------------------------------------------------------------------------------
+
+def test_f2_reversal_saturation_growth_and_open():
+    noise = {s: SMALL[s] / 2 for s in SMALL}
     strength_gain = {"ss": 0.10, "sl": 0.05, "bs": 0.06, "bl": 0.0}
-    verdicts, _ = _by_finding(_grid(lambda t, s, a: (strength_gain[t] + noise[s],) * 2))
-    assert verdicts["F2"]["verdict"] == REPRODUCED
-    assert verdicts["F2"]["ci"]["hi"] < 0
-    # every teacher gives the same gain: saturated (interval inside the margin)
-    verdicts, _ = _by_finding(_grid(lambda t, s, a: (0.05 + noise[s] * (t == "bl"),) * 2))
-    assert verdicts["F2"]["verdict"] == REPRODUCED
-    # stronger teachers give clearly larger gains: not reproduced
+    verdicts, _ = by_finding(verdict_grid(lambda t, s, a: (strength_gain[t] + noise[s],) * 2))
+    assert verdicts["F2"]["verdict"] == REPRODUCED and verdicts["F2"]["ci"]["hi"] < 0
+    # per seed: mean over the 4 pairs (size @10: ss->bs, size @40: sl->bl, tokens: ss->sl, bs->bl)
+    diffs = [(0.06 - 0.10) + (0.0 - 0.05) + (0.05 - 0.10) + (0.0 - 0.06)]
+    assert verdicts["F2"]["ci"]["mean"] == pytest.approx(diffs[0] / 4)
+    verdicts, _ = by_finding(verdict_grid(lambda t, s, a: (0.05 + noise[s] * (t == "bl"),) * 2))
+    assert verdicts["F2"]["verdict"] == REPRODUCED  # saturated: inside the margin
     growth = {"ss": 0.0, "sl": 0.05, "bs": 0.04, "bl": 0.12}
-    verdicts, _ = _by_finding(_grid(lambda t, s, a: (growth[t] + noise[s],) * 2))
+    verdicts, _ = by_finding(verdict_grid(lambda t, s, a: (growth[t] + noise[s],) * 2))
     assert verdicts["F2"]["verdict"] == NOT_REPRODUCED
-    # pairs: size axis at 10 and 40 tokens, token axis for small and big
-    assert len(verdicts["F2"]["pairs"]) == 4
+    assert len(verdicts["F2"]["pairs"]) == 4 and sorted(verdicts["F2"]["teachers"]) == ["bl", "bs", "sl", "ss"]
+    swing = {1: 0, 2: 0, 3: 0.1, 4: -0.1, 5: 0.05}
+    verdicts, _ = by_finding(verdict_grid(lambda t, s, a: (swing[s] * (t == "bl"),) * 2))
+    assert (verdicts["F2"]["verdict"], verdicts["F2"]["stage"]) == (INCONCLUSIVE, OPEN)
 
 
 def test_f2_leaves_out_a_larger_teacher_that_is_not_stronger():
-    rows = _grid(lambda t, s, a: (0.01, 0.01))
+    rows = verdict_grid(lambda t, s, a: (0.01, 0.01))
     for row in rows:
         if row["run_id"] == "bs":
             row["loss/validation"] = 5.35  # big model on few tokens: weaker than small@short
-    verdicts, _ = _by_finding(rows)
-    axes = sorted(p["axis"] for p in verdicts["F2"]["pairs"])
-    assert axes == ["parameters", "tokens", "tokens"]
+    verdicts, _ = by_finding(rows)
+    assert sorted(p["axis"] for p in verdicts["F2"]["pairs"]) == ["parameters", "tokens", "tokens"]
     assert "not stronger" in verdicts["F2"]["detail"]
+    only_one = verdict_grid(lambda t, s, a: (0.01, 0.01), teachers=("ss",))
+    assert by_finding(only_one)[0]["F2"]["stage"] == NOT_ASKABLE
 
 
-def test_f3_ood_compares_ood_and_in_domain_gain_of_the_same_runs():
-    noise = {1: 0.01, 2: -0.01, 3: 0.0}
-    verdicts, _ = _by_finding(_grid(lambda t, s, a: (0.01 + noise[s], 0.06 + noise[s])))
-    assert verdicts["F3-OOD"]["verdict"] == REPRODUCED  # the difference has no seed noise here
-    assert verdicts["F3-OOD"]["ci"]["mean"] == pytest.approx(0.05)
-    verdicts, _ = _by_finding(_grid(lambda t, s, a: (0.06 + noise[s], 0.01 + noise[s])))
+# ---- F3 ----------------------------------------------------------------------------------------------
+
+def test_f3_ood_reproduced_not_reproduced_and_open():
+    verdicts, _ = by_finding(verdict_grid(lambda t, s, a: (0.01 + SMALL[s], 0.06 + 2 * SMALL[s])))
+    assert verdicts["F3-OOD"]["verdict"] == REPRODUCED
+    assert verdicts["F3-OOD"]["ci"]["mean"] == pytest.approx(0.05 + statistics.fmean(SMALL[s] for s in (3, 4, 5)))
+    verdicts, _ = by_finding(verdict_grid(lambda t, s, a: (0.06 + SMALL[s], 0.01 + 2 * SMALL[s])))
     assert verdicts["F3-OOD"]["verdict"] == NOT_REPRODUCED
+    swing = {1: 0, 2: 0, 3: 0.1, 4: -0.1, 5: 0.05}
+    verdicts, _ = by_finding(verdict_grid(lambda t, s, a: (0.0, swing[s])))
+    assert (verdicts["F3-OOD"]["verdict"], verdicts["F3-OOD"]["stage"]) == (INCONCLUSIVE, OPEN)
+    verdicts, _ = by_finding(verdict_grid(lambda t, s, a: (0.01, None)))
+    assert verdicts["F3-OOD"]["stage"] == NOT_ASKABLE and "No OOD" in verdicts["F3-OOD"]["detail"]
 
 
-def test_f3_downstream_rule():
-    noise = {1: 0.002, 2: -0.002, 3: 0.0}
-    # accuracy up on every seed, in-domain gain not significant: reproduced
-    verdicts, _ = _by_finding(_grid(lambda t, s, a: ({1: 0.05, 2: -0.05, 3: 0.0}[s], 0.0),
-                                    downstream=lambda t, s: 0.03 + noise[s]))
+def test_f3_downstream_every_branch():
+    wide = {1: 0.0, 2: 0.0, 3: 0.05, 4: -0.05, 5: 0.0}
+    # accuracy up on every seed, in-domain gain not above 0: reproduced
+    verdicts, _ = by_finding(verdict_grid(lambda t, s, a: (wide[s], 0.0), downstream=lambda t, s: 0.03 + SMALL[s]))
     assert verdicts["F3-downstream"]["verdict"] == REPRODUCED
-    # in-domain clearly up, accuracy not: not reproduced
-    verdicts, _ = _by_finding(_grid(lambda t, s, a: (0.05 + noise[s], 0.0),
-                                    downstream=lambda t, s: {1: 0.02, 2: -0.02, 3: 0.0}[s]))
+    assert verdicts["F3-downstream"]["in_domain"]["lo"] < 0 < verdicts["F3-downstream"]["in_domain"]["hi"]
+    # accuracy down: not reproduced
+    verdicts, _ = by_finding(verdict_grid(lambda t, s, a: (wide[s], 0.0), downstream=lambda t, s: -0.03 + SMALL[s]))
     assert verdicts["F3-downstream"]["verdict"] == NOT_REPRODUCED
-    # no downstream tasks: inconclusive with the reason
-    verdicts, _ = _by_finding(_grid(lambda t, s, a: (0.0, 0.0)))
-    assert verdicts["F3-downstream"]["verdict"] == INCONCLUSIVE
+    # in-domain clearly up, accuracy not: not reproduced
+    verdicts, _ = by_finding(verdict_grid(lambda t, s, a: (0.05 + SMALL[s], 0.0), downstream=lambda t, s: wide[s]))
+    assert verdicts["F3-downstream"]["verdict"] == NOT_REPRODUCED
+    # both up: the accuracy gain is not "where in-domain does not help": open
+    verdicts, _ = by_finding(verdict_grid(lambda t, s, a: (0.05 + SMALL[s], 0.0),
+                                          downstream=lambda t, s: 0.03 + SMALL[s]))
+    assert (verdicts["F3-downstream"]["verdict"], verdicts["F3-downstream"]["stage"]) == (INCONCLUSIVE, OPEN)
+    # no downstream tasks
+    verdicts, _ = by_finding(verdict_grid(lambda t, s, a: (0.0, 0.0)))
+    assert verdicts["F3-downstream"]["stage"] == NOT_ASKABLE
     assert "No downstream" in verdicts["F3-downstream"]["detail"]
 
 
-def test_one_seed_is_never_more_than_inconclusive():
-    verdicts, _ = _by_finding(_grid(lambda t, s, a: (0.2, 0.3), seeds=(1,)))
-    assert {v["verdict"] for v in verdicts.values()} == {INCONCLUSIVE}
+# ---- the report section ------------------------------------------------------------------------------
 
-
-def test_markdown_section_lists_every_finding_and_the_rule():
-    lines, data = verdict_sections(_grid(lambda t, s, a: (0.01, 0.02)), 0.02, 0.02)
+def test_markdown_section_names_the_procedure_and_data_keeps_the_sequential_facts():
+    lines, data = verdict_sections(verdict_grid(lambda t, s, a: (0.01 + SMALL[s], 0.02)), 0.02, 0.02)
     text = "\n".join(lines)
     for heading in ("## Verdicts", "### Teachers, measured", "### How the verdicts are decided"):
         assert heading in text
     for finding in ("F1", "F2", "F3-OOD", "F3-downstream"):
         assert f"| {finding} |" in text
-    assert len(data["settings"]) == 1 and len(data["settings"][0]["verdicts"]) == 4
+    for fact in ("Lan-DeMets", "O'Brien-Fleming", "repeated confidence intervals", "looks at 3, 4, 5, 6, 7, 8 seeds",
+                 "at most 8", "overall two-sided error 0.05", "prediction interval"):
+        assert fact in text, fact
+    assert data["design"]["looks"] == [3, 4, 5, 6, 7, 8] and data["design"]["max_seeds"] == 8
+    (setting,) = data["settings"]
+    assert len(setting["verdicts"]) == 4 and setting["tuning_seeds"] == ["1", "2"]
+    for v in setting["verdicts"]:
+        assert {"ci", "n_seeds", "look", "decided_at", "stage", "seeds"} <= set(v)
+    f1 = setting["verdicts"][0]
+    assert f1["decided_at"] == {"look": 1, "n_seeds": 3} and f1["ci"]["critical_value"] == DESIGN.critical_value(3)
+
+
+def test_teacher_rows_from_another_setting_do_not_mix():
+    rows = verdict_grid(lambda t, s, a: (0.01, 0.02)) + [teacher_row("x", "small", 100, 5, 5.5)]
+    rows += [dict(student_row("x", 1, 0.1, 0.0, 0.0), objective_key="other", objective="reverse KL")]
+    assert len(teacher_evidence(rows, 0.02)) == 2

@@ -8,7 +8,9 @@ accuracy gain over tasks.
 
 Relationship labels of a (teacher, student) pair:
     by_loss    strong-to-weak if the teacher's held-out loss is below the student baseline's by
-               more than the tolerance, weak-to-strong if above by more, else same-level
+               more than the tolerance, weak-to-strong if above by more, else same-level (the
+               per-row column of the results table; the verdicts use the noise-aware band of
+               `label_by_prediction_interval`)
     by_params  by non-embedding parameters (teacher more / equal / fewer)
     by_tokens  by training tokens
 """
@@ -26,7 +28,7 @@ from distillab.files import write_text_atomic
 from distillab.flops import teacher_inference_flops, trained_tokens, training_flops
 from distillab.models import resolve_spec
 from distillab.objective import KDObjective
-from distillab.stats import mean_ci
+from distillab.stats import mean_ci, prediction_interval
 
 HELD_OUT = "validation"
 
@@ -36,6 +38,23 @@ def label_by_loss(teacher_loss: float, baseline_loss: float, tolerance: float) -
         return "strong-to-weak"
     if teacher_loss > baseline_loss + tolerance:
         return "weak-to-strong"
+    return "same-level"
+
+
+def label_by_prediction_interval(teacher_loss: float, baseline_losses: list[float], tolerance: float) -> str:
+    """Teacher vs student by held-out loss with a noise-aware band: weak-to-strong (the teacher is weaker)
+    if its loss is above the 95 % Student-t prediction interval of one new baseline seed's loss,
+    strong-to-weak if below it, same-level inside. With fewer than 2 baselines the band falls back to
+    +-tolerance around the baseline mean (`label_by_loss`); with none the label is "unknown"."""
+    band = prediction_interval(baseline_losses)
+    if band["mean"] is None:
+        return "unknown"
+    if band["lo"] is None:
+        return label_by_loss(teacher_loss, band["mean"], tolerance)
+    if teacher_loss > band["hi"]:
+        return "weak-to-strong"
+    if teacher_loss < band["lo"]:
+        return "strong-to-weak"
     return "same-level"
 
 

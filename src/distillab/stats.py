@@ -1,4 +1,8 @@
-"""Small statistics used by reports and verdicts: means with Student-t intervals over seeds."""
+"""Small statistics used by reports and verdicts: means with Student-t intervals over seeds, and a
+Student-t prediction interval for one new seed's value.
+
+These are fixed-n intervals. Where the number of seeds depends on the data seen so far (the
+demo adds seeds while a verdict is open) use `distillab.sequential` instead."""
 
 from __future__ import annotations
 
@@ -33,22 +37,26 @@ def mean_ci(values: list[float]) -> dict:
     return {"mean": mean, "lo": mean - half, "hi": mean + half, "n": n, "sd": sd}
 
 
+def prediction_interval(values: list[float]) -> dict:
+    """95 % Student-t prediction interval for one new observation from the distribution of `values`:
+    mean +- t_{0.975, m-1} * sd * sqrt(1 + 1/m) (m = number of values, normal model). None and NaN are
+    left out; with fewer than 2 values lo/hi are None. Keys: mean, lo, hi, n, sd, half."""
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    m = len(values)
+    if m < 2:
+        mean = statistics.fmean(values) if values else None
+        return {"mean": mean, "lo": None, "hi": None, "n": m, "sd": None, "half": None}
+    mean, sd = statistics.fmean(values), statistics.stdev(values)
+    half = t_quantile_975(m - 1) * sd * math.sqrt(1 + 1 / m)
+    return {"mean": mean, "lo": mean - half, "hi": mean + half, "n": m, "sd": sd, "half": half}
+
+
 def format_ci(ci: dict | None, digits: int = 4, signed: bool = True) -> str:
-    """'+0.0123 [-0.0010, +0.0256] (n=3)' (signed, for gains) or '3.4120 [3.40, ...]'; '—' for nothing."""
+    """'+0.0123 [-0.0010, +0.0256] (n=3)' (signed, for gains; unsigned for losses); '+0.0123 (n=2)'
+    without an interval; '—' for nothing."""
     if not ci or ci["mean"] is None:
         return "—"
     f = f"{{:{'+' if signed else ''}.{digits}f}}".format
     if ci["lo"] is None:
-        return f"{f(ci['mean'])} (n=1)"
+        return f"{f(ci['mean'])} (n={ci['n']})"
     return f"{f(ci['mean'])} [{f(ci['lo'])}, {f(ci['hi'])}] (n={ci['n']})"
-
-
-def prediction_interval(values: list[float]) -> dict | None:
-    """95 % Student-t prediction interval for one more observation from the same population:
-    mean +- t(n-1) sd sqrt(1 + 1/n). None with fewer than 2 values."""
-    values = [v for v in values if v is not None and not math.isnan(v)]
-    if len(values) < 2:
-        return None
-    n, mean, sd = len(values), statistics.fmean(values), statistics.stdev(values)
-    half = t_quantile_975(n - 1) * sd * math.sqrt(1 + 1 / n)
-    return {"mean": mean, "lo": mean - half, "hi": mean + half, "n": n, "sd": sd}
