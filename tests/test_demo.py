@@ -34,7 +34,7 @@ def hf_flops(model_name: str, vocab: int, seq_len: int) -> tuple[float, float]:
 @pytest.mark.parametrize("size", ["default", "full"])
 def test_studies_are_in_the_papers_regime(size, tmp_path):
     study = STUDIES[size]
-    runs = plan(grid_from_dict(study_grid(study, study.looks[0])), tmp_path)
+    runs = plan(grid_from_dict(study_grid(study)), tmp_path)
     student = LADDER[study.student].non_embedding_parameters()
     assert study.student_tokens / student >= 20  # >= 20 tokens per parameter
     ladder = sorted(LADDER[m].non_embedding_parameters() for m in study.ladder)
@@ -54,14 +54,20 @@ def test_studies_are_in_the_papers_regime(size, tmp_path):
 
 
 def test_quick_demo_runs_the_pipeline_adds_seeds_and_reports_every_section(tmp_path, cache_dir):
+    from distillab.verdicts import TUNING_SEEDS
+
     result = run_demo("quick", out_dir=tmp_path, log=lambda *args: None)
     out = tmp_path / "quick"
     study = STUDIES["quick"]
-    seeds = result["rounds"][-1]["seeds"]
-    assert [r["seeds"] for r in result["rounds"]][0] == study.looks[0] and seeds in study.looks
     planned = json.loads((out / "plan.json").read_text())["runs"]
     students = [r for r in planned if r["role"] == "student"]
-    assert len(students) == (len(study.ladder) + len(study.token_axis)) * len(study.alphas) * seeds
+    teachers = len(study.ladder) + len(study.token_axis)
+    tuning = [r for r in students if r["info"]["seed"] <= TUNING_SEEDS]
+    assert len(tuning) == teachers * len(study.alphas) * TUNING_SEEDS  # every teacher x alpha on the tuning seeds
+    later = [r for r in students if r["info"]["seed"] > TUNING_SEEDS]
+    assert len(result["rounds"]) == 2 and later  # the first look's seeds were added in a second round
+    assert {r["info"]["seed"] for r in later} == set(range(TUNING_SEEDS + 1, TUNING_SEEDS + study.max_interval_seeds + 1))
+    assert len({(r["info"]["teacher"], r["info"]["seed"]) for r in later}) == len(later)  # one tuned alpha each
     assert result["runs"] == {"done": len(planned)}
 
     report = (out / "report.md").read_text()
@@ -94,7 +100,7 @@ def test_quick_demo_runs_the_pipeline_adds_seeds_and_reports_every_section(tmp_p
     # a rerun resumes: nothing is retrained, the wall time is summed over both invocations
     again = run_demo("quick", out_dir=tmp_path, log=lambda *args: None)
     assert again["verdicts"] == result["verdicts"]
-    assert json.loads((out / "demo_time.json").read_text())["invocations"] == 2
+    assert json.loads((out / "demo_state.json").read_text())["invocations"] == 2
 
 
 def test_full_demo_without_npm_names_the_missing_client_and_the_pip_only_demo(monkeypatch, tmp_path):

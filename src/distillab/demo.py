@@ -11,11 +11,13 @@ and pilot runs on the project's 2-core machines):
     alpha          small values (where paired noise is small) and the paper's larger ones
     baselines      per seed: the plain baseline (same init, same batches) and, per teacher, a
                    compute-matched one that spends the teacher's inference FLOPs on more tokens
-    seeds          the study starts at the first look's number of seeds; while a finding is
-                   inconclusive and the next look fits the time budget (predicted from the
-                   measured time of the seeds so far), every cell gets more seeds, up to the
-                   last look. The intervals stay valid under this optional stopping (see
-                   `distillab.verdicts`). Looks, maximum seeds and budget are fixed below.
+    seeds          every teacher x alpha on the tuning seeds (alpha is tuned on them), then round
+                   by round the seeds `distillab.adaptive.seeds_to_add` asks for: the teachers of
+                   each finding still open, at their tuned alpha, up to its next look of the
+                   group-sequential design (`distillab.sequential`), while the next round fits
+                   the time budget (predicted from the measured seconds per run so far). The
+                   intervals stay valid under this optional stopping. Budget and caps are fixed
+                   below, before any demo runs.
 
 No run repeats data (checked before any run starts). Sizes:
 
@@ -36,12 +38,14 @@ import json
 import os
 import platform
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from distillab.config import config_from_dict
 from distillab.errors import DistillabError
 from distillab.files import write_json_atomic
+from distillab.sequential import DESIGN
+from distillab.verdicts import TUNING_SEEDS
 
 DEMO_SETS = ("validation", "milton", "wikipedia", "python-stdlib")
 
@@ -61,56 +65,59 @@ class Study:
     ladder: tuple[str, ...]  # teachers trained on the student's tokens
     token_axis: tuple[tuple[str, int], ...]  # (teacher, multiple of the student's tokens)
     alphas: tuple[float, ...]
-    looks: tuple[int, ...]  # numbers of seeds at which the verdicts are looked at
-    budget_minutes: float  # the study's wall time within which another look may start
+    budget_minutes: float  # the study's wall time within which another round of seeds may start
     sets: tuple[str, ...]
     tasks: tuple[str, ...]
     limit: int
     max_windows: int
+    max_interval_seeds: int = DESIGN.looks[-1]  # at most this many seeds per finding's interval
     lr: float = 3e-3
+    corpus_limit: int | None = None  # documents of the corpus (quick: a few works, so data is ready at once)
 
 
 STUDIES = {
     "quick": Study("demo-quick", "shakespeare", 0.08, 300, 64, 8, student="cpu-7k", student_tokens=16_384,
-                   ladder=("cpu-7k", "cpu-14k"), token_axis=(("cpu-14k", 2),), alphas=(0.2, 0.5), looks=(2, 3),
-                   budget_minutes=10, sets=("validation", "milton"), tasks=("piqa",), limit=8, max_windows=8),
+                   ladder=("cpu-14k",), token_axis=(("cpu-14k", 2),), alphas=(0.2, 0.5), budget_minutes=10,
+                   max_interval_seeds=DESIGN.looks[0], sets=("validation", "milton"), tasks=("piqa",), limit=8,
+                   max_windows=8, corpus_limit=12),
     "default": Study("demo", "shakespeare", 0.08, 512, 128, 32, student="cpu-27k", student_tokens=655_360,
                      ladder=("cpu-7k", "cpu-14k", "cpu-55k", "cpu-0.1m"), token_axis=(("cpu-55k", 3),),
-                     alphas=(0.05, 0.2, 0.5), looks=(3, 4, 5, 6), budget_minutes=26, sets=DEMO_SETS,
+                     alphas=(0.05, 0.2, 0.5), budget_minutes=26, sets=DEMO_SETS,
                      tasks=("piqa", "arc_easy"), limit=150, max_windows=32),
     "full": Study("demo-full", "english-mix", 0.04, 512, 128, 32, student="cpu-55k", student_tokens=1_310_720,
                   ladder=("cpu-14k", "cpu-27k", "cpu-0.1m", "cpu-0.3m"), token_axis=(("cpu-0.1m", 4),),
-                  alphas=(0.05, 0.2, 0.5), looks=(4, 6, 8), budget_minutes=85, sets=DEMO_SETS + ("email",),
+                  alphas=(0.05, 0.2, 0.5), budget_minutes=85, sets=DEMO_SETS + ("email",),
                   tasks=("piqa", "arc_easy"), limit=200, max_windows=48),
 }
 
 
-def study_grid(study: Study, seeds: int) -> dict:
-    """The sweep grid of a study at `seeds` seeds (seeds 1 .. n; teachers use seed 42)."""
-    members = [{"model": model, "tokens": study.student_tokens} for model in study.ladder]
-    members += [{"model": model, "tokens": study.student_tokens * multiple} for model, multiple in study.token_axis]
+def study_grid(study: Study, members: list[dict] | None = None) -> dict:
+    """The sweep grid of a study: every teacher x alpha on the tuning seeds (1 .. TUNING_SEEDS), plus the
+    (seed, teacher, alpha) `members` the sequential rule asked for; teachers use seed 42."""
+    pool = [{"model": model, "tokens": study.student_tokens} for model in study.ladder]
+    pool += [{"model": model, "tokens": study.student_tokens * multiple} for model, multiple in study.token_axis]
     return {
         "name": study.name,
-        "base": {"data": {"corpus": {"source": "packaged", "name": study.corpus},
+        "base": {"data": {"corpus": {"source": "packaged", "name": study.corpus, "limit": study.corpus_limit},
                           "tokenizer": {"vocab_size": study.vocab}, "validation_fraction": study.validation_fraction},
                  "train": {"batch_size": study.batch_size, "seq_len": study.seq_len, "lr": study.lr, "log_every": 20,
                            "eval_every": 100_000, "checkpoint_every": 100}},
-        "teachers": {"members": members},
+        "teachers": {"members": pool},
         "students": {"models": [study.student], "tokens": [study.student_tokens],
-                     "seeds": list(range(1, seeds + 1)), "compute_matched": True},
+                     "seeds": list(range(1, TUNING_SEEDS + 1)), "members": members or [], "compute_matched": True},
         "kd": {"alpha": list(study.alphas), "temperature": [1.0]},
         "eval": {"sets": list(study.sets), "tasks": list(study.tasks), "limit": study.limit,
                  "max_windows": study.max_windows},
     }
 
 
-def demo_grid(size: str, seeds: int | None = None) -> dict:
-    """The grid of one demo size (at its first look's seeds unless given), or a data-starved grid."""
+def demo_grid(size: str) -> dict:
+    """The first round's grid of one demo size, or a data-starved grid."""
     if size in DATA_STARVED:
         return DATA_STARVED[size]
     if size not in STUDIES:
         raise DistillabError(f"demo: unknown size {size!r}; use quick, default or full")
-    return study_grid(STUDIES[size], seeds or STUDIES[size].looks[0])
+    return study_grid(STUDIES[size])
 
 
 # ----------------------------------------------------------------------------- the first demo's grids
@@ -173,11 +180,12 @@ def check_corpora(study: Study) -> None:
 
 
 def epochs_note(study: Study, log) -> str:
-    """Prepare the in-domain data once and check that no run of the study (at its last look) repeats data."""
+    """Prepare the in-domain data once and check that no run of the study repeats data (budgets do
+    not depend on the seeds, so the first round's plan has the largest)."""
     from distillab.data.shards import prepare_data
     from distillab.sweep import grid_from_dict, plan
 
-    grid = study_grid(study, study.looks[-1])
+    grid = study_grid(study)
     prepared = prepare_data(config_from_dict({"name": "demo-data", "run_dir": "unused", "data": grid["base"]["data"]
                                               }).data, log=log)
     train_tokens = prepared.manifest["splits"]["train"]["tokens"]
@@ -192,88 +200,104 @@ def epochs_note(study: Study, log) -> str:
 
 @dataclass
 class Progress:
-    """What the rounds of a study have done so far (kept in demo_time.json, summed over invocations)."""
+    """What the rounds of a study have done so far (demo_state.json; wall time summed over invocations)."""
 
     seconds: float = 0.0
     invocations: int = 0
-    rounds: list | None = None  # [{"seeds": n, "seconds": s, "undecided": [...]}]
+    rounds: list = field(default_factory=list)  # [{"runs": new runs, "seconds": wall, "open": [findings]}]
+    members: list = field(default_factory=list)  # the (seed, teacher, alpha) students the rule asked for
     stop: str = ""
 
 
 def read_progress(path: Path) -> Progress:
-    if not path.exists():
-        return Progress(rounds=[])
-    values = json.loads(path.read_text())
-    return Progress(values.get("seconds", 0.0), values.get("invocations", 0), values.get("rounds", []),
-                    values.get("stop", ""))
+    return Progress(**json.loads(path.read_text())) if path.exists() else Progress()
 
 
-def undecided_findings(sweep_dir: Path) -> list[str]:
-    """The findings whose verdict is still inconclusive, from the sweep's current results."""
+def requested_members(sweep_dir: Path, study: Study) -> tuple[list[dict], list[str]]:
+    """(new students the sequential rule asks for, the findings still open), from the current results."""
+    from distillab.adaptive import seeds_to_add
     from distillab.results import add_gains_and_labels, collect_rows
-    from distillab.verdicts import INCONCLUSIVE, verdict_sections
 
-    planned = json.loads((sweep_dir / "plan.json").read_text())["spec"]
-    rows = add_gains_and_labels(collect_rows(sweep_dir), planned["label_tolerance"])
-    _, data = verdict_sections(rows, planned["label_tolerance"], planned["verdict_margin"])
-    found = [v["finding"] for s in data["settings"] for v in s["verdicts"] if v["verdict"] == INCONCLUSIVE]
-    return found if data["settings"] else ["all"]
+    spec = json.loads((sweep_dir / "plan.json").read_text())["spec"]
+    rows = add_gains_and_labels(collect_rows(sweep_dir), spec["label_tolerance"])
+    teachers = {r["run_id"]: r for r in rows if r["role"] == "teacher"}
+    members, still_open = [], []
+    for setting in seeds_to_add(rows, spec["label_tolerance"], spec["verdict_margin"]):
+        still_open += [name for name, f in setting["findings"].items() if f["stage"] == "open"]
+        for run in setting["runs"]:
+            if run["role"] != "student" or run["init_seed"] > TUNING_SEEDS + study.max_interval_seeds:
+                continue
+            teacher = teachers[run["teacher_id"]]
+            members.append({"seed": run["init_seed"], "teacher": teacher["model"], "teacher_tokens": teacher["tokens"],
+                            "teacher_seed": teacher["init_seed"], "alpha": run["alpha"]})
+    return members, still_open
 
 
-def next_look(study: Study, progress: Progress, seeds: int, elapsed: float) -> tuple[int | None, str]:
-    """(the next number of seeds, or None; why). Another look starts only while a finding is
-    inconclusive and its predicted time (seconds per seed so far x seeds to add) fits the budget."""
-    later = [n for n in study.looks if n > seeds]
-    if not later:
-        return None, f"the last look ({seeds} seeds) was reached"
-    if not progress.rounds[-1]["undecided"]:
-        return None, f"every finding was decided at {seeds} seeds"
-    per_seed = sum(r["seconds"] for r in progress.rounds) / seeds
-    needed = per_seed * (later[0] - seeds)
-    if elapsed + needed > study.budget_minutes * 60:
-        return None, (f"{', '.join(progress.rounds[-1]['undecided'])} still inconclusive at {seeds} seeds, but "
-                      f"{later[0]} seeds would take about {needed / 60:.0f} more minutes, beyond the "
-                      f"{study.budget_minutes:g}-minute budget")
-    return later[0], ""
+def round_fits(study: Study, progress: Progress, new_runs: int, workers: int, elapsed: float) -> tuple[bool, float]:
+    """Whether a round of `new_runs` runs fits the budget, at the measured seconds per run so far."""
+    done_runs = sum(r["runs"] for r in progress.rounds)
+    per_run = sum(r["seconds"] for r in progress.rounds) * workers / max(done_runs, 1)
+    needed = per_run * new_runs / workers
+    return elapsed + needed <= study.budget_minutes * 60, needed
 
 
 def run_rounds(study: Study, sweep_dir: Path, workers: int, progress: Progress, started: float, log) -> dict:
-    """Sweep at the first look, then add seeds look by look while the rule allows; the last status."""
-    from distillab.sweep import grid_from_dict, run_sweep
+    """The tuning round, then a round per look while the sequential rule asks for seeds and the
+    budget allows, on one pool of workers; returns the last sweep status."""
+    from distillab.sweep import grid_from_dict, plan, run_sweep
+    from distillab.sweep.execute import LocalWorkers
 
-    seeds = max([study.looks[0]] + [r["seeds"] for r in progress.rounds])
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    pool = LocalWorkers.for_workers(sweep_dir, workers)
+    try:
+        return rounds(study, sweep_dir, workers, progress, started, pool, log)
+    finally:
+        pool.close()
+
+
+def rounds(study: Study, sweep_dir: Path, workers: int, progress: Progress, started: float, pool, log) -> dict:
+    from distillab.sweep import grid_from_dict, plan, run_sweep
+
     while True:
+        grid = grid_from_dict(study_grid(study, progress.members))
+        before = sum(1 for r in plan(grid, sweep_dir) if (sweep_dir / "runs" / r.id / "final").exists())
         round_start = time.perf_counter()
-        status = run_sweep(grid_from_dict(study_grid(study, seeds)), sweep_dir, workers=workers, log=log)
+        status = run_sweep(grid, sweep_dir, workers=workers, log=log, pool=pool)
         if any(v != "done" for v in status.values()):
             return status
-        undecided = undecided_findings(sweep_dir)
-        done_before = next((r for r in progress.rounds if r["seeds"] == seeds), None)
-        if done_before is None:
-            progress.rounds.append({"seeds": seeds, "seconds": time.perf_counter() - round_start,
-                                    "undecided": undecided})
-        else:
-            done_before["undecided"] = undecided
-        elapsed = progress.seconds + time.perf_counter() - started
-        seeds, progress.stop = next_look(study, progress, seeds, elapsed)
-        if seeds is None:
-            log(f"demo: stopping: {progress.stop}")
+        members, still_open = requested_members(sweep_dir, study)
+        progress.rounds.append({"runs": len(status) - before, "seconds": time.perf_counter() - round_start,
+                                "open": sorted(set(still_open))})
+        new = [m for m in members if m not in progress.members]
+        if not new:
+            progress.stop = ("every finding was decided or cannot be decided by more seeds" if not still_open else
+                             f"the study's cap of {study.max_interval_seeds} interval seeds was reached")
             return status
-        log(f"demo: inconclusive: {', '.join(undecided)}; adding seeds up to {seeds}")
+        planned = {r.id for r in plan(grid, sweep_dir)}
+        new_runs = sum(r.id not in planned for r in plan(grid_from_dict(study_grid(study, progress.members + new)),
+                                                         sweep_dir))
+        fits, needed = round_fits(study, progress, new_runs, workers, progress.seconds + time.perf_counter() - started)
+        if not fits:
+            progress.stop = (f"{', '.join(sorted(set(still_open)))} still open, but the next round would take about "
+                             f"{needed / 60:.0f} more minutes, beyond the {study.budget_minutes:g}-minute budget")
+            return status
+        log(f"demo: open: {', '.join(sorted(set(still_open)))}; adding {len(new)} students")
+        progress.members += new
 
 
 def about_lines(study: Study, size: str, workers: int, progress: Progress, epochs: str, machine: str) -> list[str]:
-    looks = ", ".join(str(n) for n in study.looks)
+    seeds = sorted({m["seed"] for m in progress.members} | set(range(1, TUNING_SEEDS + 1)))
     lines = [
         f"`distillab demo{'' if size == 'default' else ' --' + size}` on {machine}; {workers} single-thread runs "
         f"side by side (long-lived workers); wall time {progress.seconds / 60:.1f} min (data, training, evaluation; "
         f"{progress.invocations} invocation(s) summed).",
         f"In-domain text: packaged corpus `{study.corpus}`. {epochs}",
-        f"Seeds: the study started at {study.looks[0]} seeds; looks at {looks} seeds within a "
-        f"{study.budget_minutes:g}-minute budget (fixed in `distillab.demo` before any run). Rounds: "
-        + "; ".join(f"{r['seeds']} seeds in {r['seconds'] / 60:.1f} min, inconclusive: "
-                    f"{', '.join(r['undecided']) or 'none'}" for r in progress.rounds)
-        + f". Stopped because {progress.stop}.",
+        f"Seeds: every teacher × α on {TUNING_SEEDS} tuning seeds, then, round by round, more seeds for the teachers "
+        f"of the findings still open, while the next round fits the {study.budget_minutes:g}-minute budget (at most "
+        f"{study.max_interval_seeds} interval seeds; fixed in `distillab.demo` before any run). Seeds used: "
+        f"{', '.join(map(str, seeds))}. Rounds: "
+        + "; ".join(f"{r['runs']} runs in {r['seconds'] / 60:.1f} min, open after it: {', '.join(r['open']) or 'none'}"
+                    for r in progress.rounds) + f". Stopped because {progress.stop}.",
         "The tokenizer (byte-level BPE, vocabulary "
         f"{study.vocab:,}) is trained on the in-domain training split only, so OOD text is cut into more, rarer "
         "tokens: losses across sets are not comparable, and on Python source every model is poor and noisy.",
@@ -296,7 +320,7 @@ def run_demo(size: str = "default", out_dir: str | Path = "runs/demo", workers: 
     study = STUDIES[size]
     check_corpora(study)
     sweep_dir = Path(out_dir) / size
-    timing_path = sweep_dir / "demo_time.json"
+    timing_path = sweep_dir / "demo_state.json"
     progress = read_progress(timing_path)
     epochs = epochs_note(study, log)
     status = run_rounds(study, sweep_dir, workers, progress, started, log)

@@ -128,8 +128,13 @@ def initial_status(runs: list[Run], sweep_dir: Path, retry_failed: bool) -> dict
 
 
 def run_sweep(spec: GridSpec, sweep_dir: str | Path, workers: int = 1, executor: str = "local",
-              retry_failed: bool = False, slurm: dict | None = None, log=print) -> dict:
-    """Execute every unfinished run in dependency order; return {run id: final status}."""
+              retry_failed: bool = False, slurm: dict | None = None, log=print,
+              pool: "LocalWorkers | None" = None) -> dict:
+    """Execute every unfinished run in dependency order; return {run id: final status}.
+
+    `pool`: local workers to use (and leave running) instead of starting new ones, e.g. across the
+    rounds of a study that extends its grid.
+    """
     if workers < 1:
         raise DistillabError(f"--workers: must be >= 1, got {workers}")
     check_requirements(spec)
@@ -143,12 +148,16 @@ def run_sweep(spec: GridSpec, sweep_dir: str | Path, workers: int = 1, executor:
         if done_before:
             log(f"sweep: {done_before} of {len(runs)} runs already done; skipping them")
         threads = max(1, (os.cpu_count() or 1) // workers)
-        submit = LocalWorkers(sweep_dir, threads, workers) if executor == "local" else submitit_submitter(
-            sweep_dir, executor, threads, slurm or {})
+        if pool is not None:
+            submit = pool
+        elif executor == "local":
+            submit = LocalWorkers(sweep_dir, threads, workers)
+        else:
+            submit = submitit_submitter(sweep_dir, executor, threads, slurm or {})
         try:
             drive(runs, status, submit, workers, sweep_dir, log)
         finally:
-            if hasattr(submit, "close"):
+            if submit is not pool and hasattr(submit, "close"):
                 submit.close()
     counts = {s: sum(v == s for v in status.values()) for s in ("done", "failed", "blocked", "pending")}
     log("sweep: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n))
@@ -207,8 +216,13 @@ class LocalWorkers:
     """
 
     def __init__(self, sweep_dir: Path, threads: int, workers: int):
-        self.sweep_dir, self.threads, self.workers = sweep_dir, threads, workers
+        self.sweep_dir, self.threads, self.workers = Path(sweep_dir).resolve(), threads, workers
         self.pool = self.start()
+
+    @classmethod
+    def for_workers(cls, sweep_dir: Path, workers: int) -> "LocalWorkers":
+        """`workers` processes sharing the machine's cores evenly."""
+        return cls(sweep_dir, max(1, (os.cpu_count() or 1) // workers), workers)
 
     def start(self):
         import multiprocessing

@@ -41,10 +41,23 @@ class TeacherPool:
 
 
 @dataclass
+class StudentMember:
+    """One more student seed on one teacher at one alpha (beside the seeds x teachers x alphas product)."""
+    seed: int = 43
+    teacher: str = ""  # the teacher's model
+    teacher_tokens: int = 0
+    teacher_seed: int = 42
+    alpha: float = 0.5
+
+
+@dataclass
 class StudentSet:
     models: list[str] = field(default_factory=list)
     tokens: list[int] = field(default_factory=list)
     seeds: list[int] = field(default_factory=lambda: [43])
+    # hand-picked (seed, teacher, alpha) students for every model and budget, each with its
+    # baselines (e.g. the seeds a sequential study adds only where a finding is still open)
+    members: list[StudentMember] = field(default_factory=list)
     train: dict = field(default_factory=dict)
     overrides: dict = field(default_factory=dict)
     # for each teacher and seed, also a baseline that spends the teacher's inference FLOPs on the
@@ -135,6 +148,9 @@ def validate_grid(spec: GridSpec) -> None:
     if not spec.students.models or not spec.students.tokens or not spec.students.seeds:
         raise ConfigError("students", "name at least one student model, token budget and seed")
     validate_kd_sweep(spec.kd)
+    for i, member in enumerate(spec.students.members):
+        if not 0 < member.alpha <= 1:
+            raise ConfigError(f"students.members[{i}].alpha", f"must be in (0, 1], got {member.alpha}")
     if "/" in spec.name or ".." in spec.name or not spec.name.strip():
         raise ConfigError("name", f"{spec.name!r} must be a plain name (it names the sweep directory)")
 

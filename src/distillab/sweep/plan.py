@@ -135,13 +135,31 @@ class Planner:
         for model in spec.students.models:
             for tokens in spec.students.tokens:
                 for seed in spec.students.seeds:
-                    base = merge(spec.base, {"model": {"name": model}, "train": {
-                        "token_budget": tokens, "init_seed": seed, "data_seed": seed}},
-                        {"train": spec.students.train}, spec.students.overrides)
-                    info = {"model": model, "tokens": tokens, "seed": seed}
-                    if spec.baselines:
-                        self.add("baseline", merge(base, {"kd": {"alpha": 0.0, "teacher": None}}), None, info)
-                    self.distilled(base, info, teachers)
+                    base, info = self.student_base(model, tokens, seed)
+                    self.distilled(base, info, teachers, spec.kd.alpha)
+                for member in spec.students.members:
+                    base, info = self.student_base(model, tokens, member.seed)
+                    self.distilled(base, info, [self.member_teacher(member, teachers)], [member.alpha])
+
+    def student_base(self, model: str, tokens: int, seed: int) -> tuple[dict, dict]:
+        """A student's config without its KD settings, and its baseline (added here)."""
+        spec = self.spec
+        base = merge(spec.base, {"model": {"name": model}, "train": {"token_budget": tokens, "init_seed": seed,
+                                                                     "data_seed": seed}},
+                     {"train": spec.students.train}, spec.students.overrides)
+        info = {"model": model, "tokens": tokens, "seed": seed}
+        if spec.baselines:
+            self.add("baseline", merge(base, {"kd": {"alpha": 0.0, "teacher": None}}), None, info)
+        return base, info
+
+    @staticmethod
+    def member_teacher(member, teachers: list[Run]) -> Run:
+        for teacher in teachers:
+            if (teacher.info["model"], teacher.info["tokens"], teacher.info["seed"]) == \
+                    (member.teacher, member.teacher_tokens, member.teacher_seed):
+                return teacher
+        raise ConfigError("students.members", f"no teacher {member.teacher} @ {member.teacher_tokens:,} tokens "
+                                              f"(seed {member.teacher_seed}) in the pool")
 
     def matched_tokens(self, base: dict, teacher: Run) -> int:
         """The compute-matched budget of a student (config `base`) distilled from `teacher`."""
@@ -160,10 +178,10 @@ class Planner:
                                             "matched_teacher": teacher.id})
         return tokens
 
-    def distilled(self, base: dict, info: dict, teachers: list[Run]) -> None:
+    def distilled(self, base: dict, info: dict, teachers: list[Run], alphas: list[float]) -> None:
         for teacher in teachers:
             matched = self.compute_matched(base, info, teacher) if self.spec.students.compute_matched else None
-            for alpha in self.spec.kd.alpha:
+            for alpha in alphas:
                 for objective in self.spec.kd.objectives():
                     config = merge(base, {"kd": {**objective, "alpha": alpha, "teacher": "pending"}})
                     self.add("student", config, teacher, {
