@@ -111,9 +111,8 @@ def regime_plot(rows: list[dict], out_dir: Path) -> Path | None:
     for model, losses in plain_baseline_losses(rows).items():
         band = prediction_interval(losses)
         params = next(r["non_embedding_parameters"] for r in rows if r["model"] == model)
-        mean = band["mean"] if band else losses[0]
-        ax.axhline(mean, color="tab:red", linewidth=1, label=f"student {model} baseline ({len(losses)} seeds)")
-        if band:
+        ax.axhline(band["mean"], color="tab:red", linewidth=1, label=f"student {model} baseline ({len(losses)} seeds)")
+        if band["lo"] is not None:
             ax.axhspan(band["lo"], band["hi"], color="tab:red", alpha=0.15)
         ax.axvline(params, color="tab:red", linestyle=":", linewidth=1)
     ax.set_xscale("log")
