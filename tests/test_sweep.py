@@ -54,7 +54,6 @@ def test_labels_and_gains_on_hand_made_results():
     ]
     student = add_gains_and_labels(rows, tolerance=0.05)[2]
     assert student["baseline_id"] == "b"
-    assert student["label_by_loss"] == "strong-to-weak"  # 4.40 < 4.50 - 0.05
     assert student["label_by_params"] == "strong-to-weak" and student["label_by_tokens"] == "strong-to-weak"
     assert student["gain/validation"] == pytest.approx(0.02)
     assert student["gain/in_domain"] == pytest.approx(0.02)

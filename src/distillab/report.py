@@ -11,7 +11,7 @@ from pathlib import Path
 
 from distillab.files import write_json_atomic, write_text_atomic
 from distillab.results import HELD_OUT, add_gains_and_labels, collect_rows, summarize, write_table
-from distillab.stats import format_ci, mean_ci, prediction_interval
+from distillab.stats import format_ci, mean_ci
 
 
 def make_plots(summary: list[dict], out_dir: Path) -> list[Path]:
@@ -92,9 +92,9 @@ def best_alpha(summary: list[dict]) -> list[dict]:
     return out
 
 
-def regime_plot(rows: list[dict], out_dir: Path) -> Path | None:
+def regime_plot(rows: list[dict], out_dir: Path, bands: dict) -> Path | None:
     """Held-out loss against non-embedding parameters: teachers as points, each student model's
-    baseline seeds as a band (their 95 % prediction interval)."""
+    baseline band (the verdicts' 95 % prediction interval of its baseline seeds)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -108,10 +108,11 @@ def regime_plot(rows: list[dict], out_dir: Path) -> Path | None:
         ax.scatter(r["non_embedding_parameters"], r[f"loss/{HELD_OUT}"], color="tab:blue")
         ax.annotate(f"{r['model']} @ {r['tokens'] / 1e6:.2g}M", (r["non_embedding_parameters"], r[f"loss/{HELD_OUT}"]),
                     fontsize=7, xytext=(4, 4), textcoords="offset points")
-    for model, losses in plain_baseline_losses(rows).items():
-        band = prediction_interval(losses)
+    for model, band in bands.items():
+        if band["mean"] is None:
+            continue
         params = next(r["non_embedding_parameters"] for r in rows if r["model"] == model)
-        ax.axhline(band["mean"], color="tab:red", linewidth=1, label=f"student {model} baseline ({len(losses)} seeds)")
+        ax.axhline(band["mean"], color="tab:red", linewidth=1, label=f"student {model} baseline ({band['n']} seeds)")
         if band["lo"] is not None:
             ax.axhspan(band["lo"], band["hi"], color="tab:red", alpha=0.15)
         ax.axvline(params, color="tab:red", linestyle=":", linewidth=1)
@@ -126,22 +127,22 @@ def regime_plot(rows: list[dict], out_dir: Path) -> Path | None:
     return out_dir / "regime.png"
 
 
-def plain_baseline_losses(rows: list[dict]) -> dict[str, list[float]]:
-    """Held-out losses of each student model's plain baselines (the budget students train on)."""
-    budgets = {(r["model"], r["tokens"]) for r in rows if r["role"] == "student"}
-    out: dict[str, list[float]] = {}
-    for r in rows:
-        if r["role"] == "baseline" and (r["model"], r["tokens"]) in budgets and r.get(f"loss/{HELD_OUT}") is not None:
-            out.setdefault(r["model"], []).append(r[f"loss/{HELD_OUT}"])
-    return out
+WORDS = {"weak-to-strong": "weaker", "same-level": "level", "strong-to-weak": "stronger", "unknown": "—"}
 
 
-def regime_section(rows: list[dict], out_dir: Path) -> list[str]:
-    """Where the study sits: tokens per parameter of every run, the teacher ladder, seeds per cell."""
-    plot = regime_plot(rows, out_dir)
+def regime_section(rows: list[dict], out_dir: Path, labels: dict, bands: dict) -> list[str]:
+    """Where the study sits: tokens per parameter of every run, the teacher ladder (each teacher weaker,
+    level or stronger than the student by measured loss, with the verdicts' noise-aware band), seeds per cell."""
+    plot = regime_plot(rows, out_dir, bands)
     lines = ["## The regime", ""]
     if plot is not None:
         lines += [f"![regime]({plot.name})", ""]
+    teachers = [r for r in rows if r["role"] == "teacher" and r["run_id"] in labels]
+    if teachers:
+        lines += ["Teachers against the student (outside the baseline seeds' 95 % prediction interval = weaker or "
+                  "stronger): " + "; ".join(f"{r['model']} @ {r['tokens']:,} {WORDS[labels[r['run_id']]]}"
+                                           for r in sorted(teachers, key=lambda r: (r['non_embedding_parameters'],
+                                                                                   r['tokens']))) + ".", ""]
     lines += ["| run | model | non-emb. params | tokens | tokens / param | seeds | held-out loss |",
               "|---|---|---:|---:|---:|---:|---:|"]
     groups: dict[tuple, list[dict]] = {}
@@ -230,13 +231,14 @@ def write_report(sweep_dir: str | Path, tolerance: float | None = None, about: l
 
     `extra_sections(rows, sweep_dir)` may add markdown lines (and plots) after the about section.
     """
-    from distillab.verdicts import verdict_sections
+    from distillab.verdicts import label_teachers, verdict_sections
 
     sweep_dir = Path(sweep_dir)
     planned = json.loads((sweep_dir / "plan.json").read_text()) if (sweep_dir / "plan.json").exists() else {}
     spec = planned.get("spec", {})
     tolerance = spec.get("label_tolerance", 0.02) if tolerance is None else tolerance
     rows = add_gains_and_labels(collect_rows(sweep_dir), tolerance)
+    labels, bands = label_teachers(rows, tolerance)
     csv_path, parquet_path = write_table(rows, sweep_dir)
     summary = summarize(rows)
     verdict_lines, verdict_data = verdict_sections(rows, tolerance, spec.get("verdict_margin", 0.02))
@@ -248,7 +250,7 @@ def write_report(sweep_dir: str | Path, tolerance: float | None = None, about: l
         lines += ["## About this run", ""] + about + [""]
     if extra_sections is not None:
         lines += extra_sections(rows, sweep_dir)
-    lines += regime_section(rows, sweep_dir)
+    lines += regime_section(rows, sweep_dir, labels, bands)
     lines += runs_section(rows) + gains_section(summary) + wsd_section(rows) + best_alpha_section(summary)
     lines += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]
     lines += ["", f"Full table: `{csv_path.name}`" + (f", `{parquet_path.name}`" if parquet_path else "") + "."]

@@ -142,7 +142,9 @@ def paired_gains(row: dict, baseline: dict, prefix: str) -> dict:
 
 def add_gains_and_labels(rows: list[dict], tolerance: float) -> list[dict]:
     """Each student's gains over its plain baseline (same model, budget and seeds) and, where the grid
-    has one, over its compute-matched baseline (gain_matched/...); and the teacher-student labels."""
+    has one, over its compute-matched baseline (gain_matched/...); the size and token labels. (The
+    label by measured loss, `label_by_loss`, is the verdicts' noise-aware one: `verdicts.label_teachers`.)
+    `tolerance` is kept for callers; the labels here do not use it."""
     by_id = {r["run_id"]: r for r in rows}
     baselines = {(r["model"], r["tokens"], r["init_seed"], r["data_seed"]): r for r in rows if r["role"] == "baseline"}
     for row in (r for r in rows if r["role"] == "student"):
@@ -156,8 +158,6 @@ def add_gains_and_labels(rows: list[dict], tolerance: float) -> list[dict]:
             row["label_by_params"] = label_by_size(teacher["non_embedding_parameters"], row["non_embedding_parameters"])
             row["label_by_tokens"] = label_by_size(teacher["tokens"], row["tokens"])
             row["teacher_loss/validation"] = teacher.get(f"loss/{HELD_OUT}")
-        if baseline and teacher and None not in (teacher.get(f"loss/{HELD_OUT}"), baseline.get(f"loss/{HELD_OUT}")):
-            row["label_by_loss"] = label_by_loss(teacher[f"loss/{HELD_OUT}"], baseline[f"loss/{HELD_OUT}"], tolerance)
         if baseline:
             row.update(paired_gains(row, baseline, "gain"))
         if matched:

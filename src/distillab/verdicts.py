@@ -221,6 +221,17 @@ def teacher_evidence(rows: list[dict], tolerance: float) -> dict[tuple, SettingE
             for key, students in groups.items()}
 
 
+def label_teachers(rows: list[dict], tolerance: float) -> tuple[dict[str, str], dict[str, dict]]:
+    """Each student row's `label_by_loss` (its teacher vs the student by measured held-out loss, the
+    band of `strength_band`), set in place; returns ({teacher id: label}, {student model: band})."""
+    settings = teacher_evidence(rows, tolerance).values()
+    labels = {e.teacher_id: e.strength for setting in settings for e in setting.teachers}
+    for row in rows:
+        if row["role"] == "student" and row.get("teacher_id") in labels:
+            row["label_by_loss"] = labels[row["teacher_id"]]
+    return labels, {setting.model: setting.band for setting in settings}
+
+
 def complete_seeds(seeds: list[str], parts: list, value) -> list[str]:
     """The seeds (in order) where every one of `parts` has a value: value(part, seed) is not None."""
     return [seed for seed in seeds if parts and all(value(p, seed) is not None for p in parts)]
