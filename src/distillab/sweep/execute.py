@@ -231,7 +231,7 @@ class LocalWorkers:
         os.environ.setdefault("DISTILLAB_PROGRESS", "0")
         return ProcessPoolExecutor(max_workers=self.workers, mp_context=multiprocessing.get_context("spawn"))
 
-    def __call__(self, run_id: str) -> "PoolJob":
+    def __call__(self, run_id: str) -> Job:
         from concurrent.futures.process import BrokenProcessPool
 
         try:
@@ -239,33 +239,24 @@ class LocalWorkers:
         except BrokenProcessPool:
             self.pool = self.start()
             future = self.pool.submit(run_logged, str(self.sweep_dir), run_id, self.threads)
-        return PoolJob(future)
+        return Job(future)
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
 
 
-class PoolJob:
-    def __init__(self, future):
-        self.future = future
+class Job:
+    """A submitted run: a concurrent.futures Future (local workers) or a submitit Job."""
+
+    def __init__(self, handle):
+        self.handle = handle
 
     def done(self) -> bool:
-        return self.future.done()
-
-    def succeeded(self) -> bool:
-        return self.future.exception() is None  # a failure is recorded in status.json by the worker
-
-
-class SubmititJob:
-    def __init__(self, job):
-        self.job = job
-
-    def done(self) -> bool:
-        return self.job.done()
+        return self.handle.done()
 
     def succeeded(self) -> bool:
         try:
-            self.job.result()
+            self.handle.result()
             return True
         except Exception:  # the worker recorded its error in status.json
             return False
@@ -283,7 +274,7 @@ def submitit_submitter(sweep_dir: Path, executor: str, threads: int, slurm: dict
     else:
         ex = submitit.AutoExecutor(folder=str(folder), cluster="slurm")
         ex.update_parameters(**{"timeout_min": 24 * 60, "cpus_per_task": threads, **slurm})
-    return lambda run_id: SubmititJob(ex.submit(execute_run, str(sweep_dir), run_id, threads))
+    return lambda run_id: Job(ex.submit(execute_run, str(sweep_dir), run_id, threads))
 
 
 def wait_any(in_flight: dict) -> list[str]:
