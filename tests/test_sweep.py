@@ -324,3 +324,13 @@ def test_notes_are_printed_and_kept_out_of_run_ids(tmp_path, cache_dir):
     assert [r.id for r in plan(noted, tmp_path / "sweep")] == [r.id for r in plain]
     assert "  - the corpus is a stand-in for the authors' one" in format_notes(noted.notes)
     assert format_notes([]) == ""
+
+
+def test_baseline_members_are_never_a_students_matched_baseline():
+    base = {"model": "cpu-1m", "tokens": 100, "init_seed": 43, "data_seed": 43, "non_embedding_parameters": 10,
+            "domain/validation": "in-domain"}
+    rows = [{**base, "run_id": "b", "role": "baseline", "kind": None, "loss/validation": 4.50},
+            {**base, "run_id": "ls", "role": "baseline", "kind": "member", "loss/validation": 4.40},
+            {**base, "run_id": "s", "role": "student", "teacher_id": None, "loss/validation": 4.45}]
+    student = add_gains_and_labels(rows, tolerance=0.02)[2]
+    assert student["baseline_id"] == "b" and student["gain/validation"] == pytest.approx(0.05)

@@ -71,7 +71,7 @@ def run_row(run: dict) -> dict:
         "teacher_id": info.get("teacher"), "teacher_model": info.get("teacher_model"),
         "teacher_tokens": info.get("teacher_tokens"),
         "teacher_kind": info.get("teacher_kind") if run["role"] != "teacher" else None,
-        "kind": info.get("teacher_kind") if run["role"] == "teacher" else None,
+        "kind": info.get("teacher_kind") if run["role"] == "teacher" else info.get("baseline_kind"),
         "alpha": cfg.kd.alpha, "temperature": cfg.kd.temperature, "divergence": cfg.kd.divergence,
         "top_k": cfg.kd.top_k, "objective": objective.setting().label(with_alpha=False),
         "objective_key": objective.setting().key(), "cached_teacher": bool(info.get("cached")),
@@ -100,7 +100,9 @@ def collect_rows(sweep_dir: Path) -> list[dict]:
 
 def add_gains_and_labels(rows: list[dict], tolerance: float) -> list[dict]:
     by_id = {r["run_id"]: r for r in rows}
-    baselines = {(r["model"], r["tokens"], r["init_seed"], r["data_seed"]): r for r in rows if r["role"] == "baseline"}
+    # a student's matched baseline; hand-picked baseline members (controls, other seeds) are never matched
+    baselines = {(r["model"], r["tokens"], r["init_seed"], r["data_seed"]): r for r in rows
+                 if r["role"] == "baseline" and r.get("kind") != "member"}
     for row in rows:
         if row["role"] != "student":
             continue

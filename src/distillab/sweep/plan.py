@@ -198,7 +198,8 @@ class Planner:
         for member in self.spec.baseline_members:
             config = merge(self.student_base(member.model, member.tokens, member.seed), member.overrides,
                            {"kd": {"alpha": 0.0, "teacher": None}})
-            self.add("baseline", config, None, {"model": member.model, "tokens": member.tokens, "seed": member.seed})
+            self.add("baseline", config, None, {"model": member.model, "tokens": member.tokens, "seed": member.seed,
+                                                "baseline_kind": "member"})
 
     def teacher_settings(self, teacher: Run | ExternalTeacher) -> list[tuple[float, dict]]:
         """(alpha, objective overrides) a teacher is used at: its pairs' when kd.pairs are given,
