@@ -112,7 +112,7 @@ def test_bad_grid_names_the_key(tmp_path, cache_dir):
 
 
 def test_grid_runs_fails_retries_and_reports(tmp_path, cache_dir):
-    spec = load_grid(grid_file(tmp_path, cache_dir))
+    spec = load_grid(grid_file(tmp_path, cache_dir, notes=["Shakespeare stands in for the corpus"]))
     sweep_dir = tmp_path / "sweep"
     runs = plan(spec, sweep_dir)
     teacher = next(r for r in runs if r.role == "teacher")
@@ -138,6 +138,7 @@ def test_grid_runs_fails_retries_and_reports(tmp_path, cache_dir):
     report = write_report(sweep_dir)
     text = report.read_text()
     assert "Gains over the matched baseline" in text and (sweep_dir / "report.html").exists()
+    assert "## Where this grid differs from what it reproduces\n\n- Shakespeare stands in for the corpus" in text
     assert (sweep_dir / "results.csv").exists() and (sweep_dir / "results.parquet").exists()
     import csv
 
