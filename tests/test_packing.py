@@ -255,3 +255,22 @@ def test_pack_documents_refuses_a_stream_too_short():
 
     with pytest.raises(DataError, match="at least 2"):
         pack_documents(np.array([EOS]), EOS, 8)
+
+
+def test_the_plan_is_cached_beside_the_data_and_read_back_memory_mapped(tmp_path):
+    from distillab.data.packing import cached_plan
+
+    tokens = stream_of([5, 40, 3, 17, 9, 2, 26, 8, 14, 1, 33, 6] * 3)
+    fresh = pack_documents(tokens, EOS, 16)
+    logged = []
+    first = cached_plan(tokens, EOS, 16, tmp_path / "packing", log=logged.append)
+    again = cached_plan(tokens, EOS, 16, tmp_path / "packing", log=logged.append)
+    assert len(logged) == 1 and "plan cached in" in logged[0]  # computed once
+    assert isinstance(again.starts, np.memmap)
+    for plan in (first, again):
+        for name in ("starts", "lengths", "offsets"):
+            np.testing.assert_array_equal(getattr(plan, name), getattr(fresh, name))
+    longer = np.concatenate([tokens, stream_of([4, 4], start=1000)])
+    other = cached_plan(longer, EOS, 16, tmp_path / "packing", log=logged.append)  # another stream: recomputed
+    assert len(logged) == 2 and other.n_windows >= fresh.n_windows
+    np.testing.assert_array_equal(other.offsets, pack_documents(longer, EOS, 16).offsets)

@@ -25,12 +25,13 @@ data seed only orders them, epoch by epoch, as for `WindowStream`. The authors s
 documents before packing; here the windows are shuffled after it.
 
 The plan (which pieces fill which window) is computed once per (token stream, window length)
-and cached beside the prepared data.
+and cached beside the prepared data, memory-mapped when read.
 """
 
 from __future__ import annotations
 
-import io
+import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,7 +40,7 @@ import torch
 
 from distillab.data.loader import Batch, ShuffledWindows, WindowStream
 from distillab.errors import DataError
-from distillab.files import file_lock, write_bytes_atomic
+from distillab.files import file_lock, make_temp_dir, remove_stale_temp_dirs, replace_dir, write_json_atomic
 
 PACKING_BINS = 30
 PLAN_FORMAT = 1
@@ -48,16 +49,15 @@ PAD_LABEL = -100
 
 @dataclass(frozen=True)
 class PackingPlan:
-    """Pieces of the token stream and the windows they fill.
+    """The pieces of the token stream in window order, and where each window's pieces begin.
 
     Piece p is the run starting at token `starts[p]` with `lengths[p]` positions: inputs
-    tokens[s : s + n], labels tokens[s + 1 : s + n + 1]. Window w holds the pieces
-    `pieces[offsets[w] : offsets[w + 1]]`, in that order, then padding.
+    tokens[s : s + n], labels tokens[s + 1 : s + n + 1]. Window w holds pieces
+    `offsets[w] : offsets[w + 1]`, in that order, then padding.
     """
 
     starts: np.ndarray  # int64 [pieces]
-    lengths: np.ndarray  # int64 [pieces]
-    pieces: np.ndarray  # int64 [pieces]: piece ids in window order
+    lengths: np.ndarray  # int32 [pieces]
     offsets: np.ndarray  # int64 [windows + 1]
 
     @property
@@ -120,50 +120,59 @@ def pack_documents(tokens: np.ndarray, eos_id: int, seq_len: int, bins: int = PA
         raise DataError(f"the training split has {len(tokens)} tokens; packing needs at least 2")
     starts, lengths = split_runs(*document_runs(tokens, eos_id), seq_len)
     order, offsets = first_fit(lengths, seq_len, bins)
-    return PackingPlan(starts, lengths, order, offsets)
+    return PackingPlan(starts[order], lengths[order].astype(np.int32), offsets)
 
 
 def cached_plan(tokens: np.ndarray, eos_id: int, seq_len: int, cache: Path | None, log=print) -> PackingPlan:
-    """`pack_documents`, read from (or written to) `cache/documents-L{seq_len}-b{bins}-v{format}.npz`.
+    """`pack_documents`, read from (or written to) `cache/documents-L{seq_len}-b{bins}-v{format}/`.
 
-    The cache lives beside the prepared data, whose token stream never changes in place; a
-    file that does not describe this stream (token count) is recomputed. Without a writable
-    cache the plan is computed in memory.
+    The cache lives beside the prepared data, whose token stream never changes in place; one
+    that does not describe this stream (token count, end-of-text id) is recomputed. Its arrays
+    are memory-mapped, so processes on one machine share them. Without a writable cache the
+    plan is computed in memory.
     """
     if cache is None:
         return pack_documents(tokens, eos_id, seq_len)
-    path = cache / f"documents-L{seq_len}-b{PACKING_BINS}-v{PLAN_FORMAT}.npz"
+    path = cache / f"documents-L{seq_len}-b{PACKING_BINS}-v{PLAN_FORMAT}"
+    identity = {"n_tokens": int(len(tokens)), "eos_id": int(eos_id)}
     try:
         cache.mkdir(parents=True, exist_ok=True)
         with file_lock(cache / ".lock"):
-            plan = read_plan(path, len(tokens), eos_id)
+            remove_stale_temp_dirs(cache)
+            plan = read_plan(path, identity)
             if plan is None:
                 plan = pack_documents(tokens, eos_id, seq_len)
-                write_plan(path, plan, len(tokens), eos_id)
-                log(f"data: packed {len(plan.starts):,} documents into {plan.n_windows:,} windows of {seq_len} "
-                    f"({PACKING_BINS} first-fit bins); plan cached in {path}")
+                write_plan(path, plan, identity)
+                log(f"data: packed {len(plan.starts):,} documents (or window-sized pieces of them) into "
+                    f"{plan.n_windows:,} windows of {seq_len} ({PACKING_BINS} first-fit bins); plan cached in {path}")
+                plan = read_plan(path, identity) or plan
             return plan
     except OSError:  # a read-only cache: compute the plan in memory
         return pack_documents(tokens, eos_id, seq_len)
 
 
-def read_plan(path: Path, n_tokens: int, eos_id: int) -> PackingPlan | None:
-    if not path.exists():
-        return None
+def read_plan(path: Path, identity: dict) -> PackingPlan | None:
+    """The cached plan in `path`, memory-mapped; None when absent, damaged or of another stream."""
     try:
-        with np.load(path) as saved:
-            if int(saved["n_tokens"]) != n_tokens or int(saved["eos_id"]) != eos_id:
-                return None
-            return PackingPlan(saved["starts"], saved["lengths"], saved["pieces"], saved["offsets"])
-    except (OSError, ValueError, KeyError):
-        return None  # a damaged cache file is recomputed, never trusted
+        if json.loads((path / "plan.json").read_text()) != {**identity, "format": PLAN_FORMAT}:
+            return None
+        arrays = {name: np.load(path / f"{name}.npy", mmap_mode="r") for name in ("starts", "lengths", "offsets")}
+    except (OSError, ValueError):
+        return None  # a damaged cache is recomputed, never trusted
+    return PackingPlan(**arrays)
 
 
-def write_plan(path: Path, plan: PackingPlan, n_tokens: int, eos_id: int) -> None:
-    buffer = io.BytesIO()
-    np.savez(buffer, starts=plan.starts, lengths=plan.lengths, pieces=plan.pieces, offsets=plan.offsets,
-             n_tokens=np.int64(n_tokens), eos_id=np.int64(eos_id))
-    write_bytes_atomic(path, buffer.getvalue())
+def write_plan(path: Path, plan: PackingPlan, identity: dict) -> None:
+    """The plan's arrays and identity, written to a temporary directory renamed into place."""
+    tmp = make_temp_dir(path.parent, f".tmp-{path.name}-")
+    try:
+        for name in ("starts", "lengths", "offsets"):
+            np.save(tmp / f"{name}.npy", getattr(plan, name))
+        write_json_atomic(tmp / "plan.json", {**identity, "format": PLAN_FORMAT})
+        replace_dir(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 class PackedStream(ShuffledWindows):
@@ -182,7 +191,7 @@ class PackedStream(ShuffledWindows):
         labels = np.full(size, PAD_LABEL, dtype=np.int64)
         positions = np.empty(size, dtype=np.int64)
         at = 0
-        for piece in plan.pieces[plan.offsets[window_id] : plan.offsets[window_id + 1]]:
+        for piece in range(int(plan.offsets[window_id]), int(plan.offsets[window_id + 1])):
             start, n = int(plan.starts[piece]), int(plan.lengths[piece])
             run = np.asarray(self.tokens[start : start + n + 1], dtype=np.int64)
             inputs[at : at + n], labels[at : at + n] = run[:-1], run[1:]
