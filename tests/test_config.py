@@ -39,6 +39,8 @@ def test_yaml_and_overrides(tmp_path):
         ("name: t\n", ["train.schedule=linear"], "train.schedule"),
         ("name: t\n", ["data.corpus.source=web"], "data.corpus.source"),
         ("name: t\n", ["train.precision=fp8"], "train.precision"),
+        ("name: t\n", ["data.packing=bins"], "data.packing"),
+        ("data:\n  corpus: {source: hf, path: x, hf_config: a, hf_configs: [a, b]}\n", [], "data.corpus.hf_configs"),
         ("model: cpu-1m\n", [], "model"),
         ("name: t\n", ["nonsense.key=1"], "nonsense"),
     ],

@@ -171,3 +171,38 @@ def test_window_stream_is_a_function_of_seed_and_position():
     assert epoch.tolist() != other.tolist()
     with pytest.raises(DataError, match="train.seq_len"):
         WindowStream(tokens[:5], seq_len=9, data_seed=0)
+
+
+def test_hf_configs_dotted_and_list_fields_and_record_limits(tmp_path):
+    """A local multi-configuration dataset (the hub's layout: a README declaring configs), read config after
+    config; nested fields by dotted names; a list of paragraphs as one text; `limit` counts records."""
+    lines = [line for line in (STDLIB / "this.py").read_text().splitlines() if line.strip()] + \
+            [line for line in (STDLIB / "keyword.py").read_text().splitlines() if line.strip()]
+    root = tmp_path / "multi"
+    records = {}
+    for config, offset in (("a", 0), ("b", 6)):
+        (root / config).mkdir(parents=True)
+        records[config] = [{"context": lines[offset + i], "question": lines[offset + i + 1],
+                            "answers": {"text": [lines[offset + i + 2]], "answer_start": [0]},
+                            "facts": [lines[offset + i], lines[offset + i + 3]]} for i in range(3)]
+        (root / config / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records[config]))
+    (root / "README.md").write_text("---\nconfigs:\n- config_name: a\n  data_files: a/train.jsonl\n"
+                                    "- config_name: b\n  data_files: b/train.jsonl\n---\n")
+    corpus = CorpusConfig(source="hf", name=None, path=str(root), hf_configs=["a", "b"], streaming=False,
+                          text_fields=["context", "question", "answers.text"])
+    documents = list(iter_documents(corpus, tmp_path / "cache"))
+    expected = [f"{r['context']}\n\n{r['question']}\n\n{r['answers']['text'][0]}" for c in "ab" for r in records[c]]
+    assert [d.text for d in documents] == expected
+    assert [d.id for d in documents] == [f"{c}/{i}" for c in "ab" for i in range(3)]
+    facts = CorpusConfig(source="hf", name=None, path=str(root), hf_config="b", streaming=False, text_field="facts")
+    assert [d.text for d in iter_documents(facts, tmp_path / "cache")] == ["\n".join(r["facts"]) for r in records["b"]]
+
+    from distillab.data.sources import corpus_identity
+
+    assert "hf_configs" not in corpus_identity(facts)  # cache keys of corpora without it are unchanged
+    assert corpus_identity(corpus)["hf_configs"] == ["a", "b"]
+
+    jsonl = tmp_path / "sparse.jsonl"
+    jsonl.write_text("".join(json.dumps({"text": t}) + "\n" for t in ["", lines[0], " ", lines[1], lines[2]]))
+    limited = CorpusConfig(source="files", name=None, paths=[str(jsonl)], limit=3)
+    assert [d.text for d in iter_documents(limited, tmp_path / "cache")] == [lines[0]]  # the first 3 records

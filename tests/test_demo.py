@@ -46,7 +46,7 @@ def test_studies_are_in_the_papers_regime(size, tmp_path):
     # each teacher's compute-matched baseline spends the teacher's inference FLOPs on the student
     student_train, _ = hf_flops(study.student, study.vocab, study.seq_len)
     tokens_per_step = study.batch_size * study.seq_len
-    matched = {r.info["tokens"] for r in runs if r.info.get("kind") == "compute-matched"}
+    matched = {r.info["tokens"] for r in runs if r.info.get("baseline_kind") == "compute-matched"}
     for model, _ in teachers:
         _, teacher_forward = hf_flops(model, study.vocab, study.seq_len)
         exact = study.student_tokens * (1 + teacher_forward / student_train)

@@ -66,3 +66,23 @@ def test_models_cli_json():
     assert {r["name"] for r in rows} == set(LADDER)
     text = subprocess.run([sys.executable, "-m", "distillab.cli", "models"], capture_output=True, text=True).stdout
     assert "llama-8b" in text and "non-emb" in text
+
+
+def test_model_directory_resolves_downloaded_hub_ids_only(tmp_path, monkeypatch):
+    """A hub id names its snapshot in the local HF cache (the layout huggingface_hub writes); nothing is fetched."""
+    from distillab.models import model_directory
+
+    cache = tmp_path / "hub"
+    repo = cache / "models--some-org--tiny-teacher"
+    snapshot = repo / "snapshots" / ("ab" * 20)
+    meta_model(LADDER["cpu-0.1m"]).config.save_pretrained(str(snapshot))
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("ab" * 20)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    assert model_directory("some-org/tiny-teacher") == snapshot
+    assert model_directory(str(snapshot)) == snapshot  # a directory is itself
+    with pytest.raises(ConfigError) as info:
+        model_directory("some-org/not-downloaded")
+    assert info.value.key == "kd.teacher" and "huggingface-cli download some-org/not-downloaded" in str(info.value)
+    with pytest.raises(ConfigError, match="train the teacher first"):
+        model_directory(str(tmp_path / "sweep" / "runs" / "abc" / "final"))

@@ -111,7 +111,7 @@ def test_bad_grid_names_the_key(tmp_path, cache_dir):
 
 
 def test_grid_runs_fails_retries_and_reports(tmp_path, cache_dir):
-    spec = load_grid(grid_file(tmp_path, cache_dir))
+    spec = load_grid(grid_file(tmp_path, cache_dir, notes=["Shakespeare stands in for the corpus"]))
     sweep_dir = tmp_path / "sweep"
     runs = plan(spec, sweep_dir)
     teacher = next(r for r in runs if r.role == "teacher")
@@ -137,6 +137,7 @@ def test_grid_runs_fails_retries_and_reports(tmp_path, cache_dir):
     report = write_report(sweep_dir)
     text = report.read_text()
     assert "Gains over the matched baseline" in text and (sweep_dir / "report.html").exists()
+    assert "## Where this grid differs from what it reproduces\n\n- Shakespeare stands in for the corpus" in text
     assert (sweep_dir / "results.csv").exists() and (sweep_dir / "results.parquet").exists()
     import csv
 
@@ -193,16 +194,18 @@ def test_killed_sweep_completes_without_redoing_finished_runs(tmp_path, cache_di
     assert (sweep_dir / "report.md").exists()
 
 
-@pytest.mark.parametrize("preset", sorted(p.name for p in (Path(__file__).parent.parent / "configs" / "paper").glob("*.yaml")))
-def test_paper_presets_dry_run(preset, tmp_path):
+def test_paper_preset_dry_run_prints_its_plan_and_notes(tmp_path):
+    """One preset through the CLI (every preset's plan is held against PAPER.md in test_paper_presets)."""
     import subprocess
     import sys
 
-    path = Path(__file__).parent.parent / "configs" / "paper" / preset
+    path = Path(__file__).parent.parent / "configs" / "paper" / "seeds.yaml"
     result = subprocess.run([sys.executable, "-m", "distillab.cli", "sweep", str(path), "--dry-run", "--device", "h100",
                              "--out", str(tmp_path / "s")], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    assert "teacher_inference" in result.stdout and "student" in result.stdout
+    assert result.stdout.startswith("notes (where this grid differs from what it reproduces):")
+    assert "23 runs (3 teachers, 5 baselines, 15 students)" in result.stdout
+    assert "teacher_inference" in result.stdout
     assert not (tmp_path / "s").exists()  # a dry run writes nothing
 
 
@@ -241,3 +244,105 @@ def test_wsd_branched_teacher_pool_runs_and_reports(tmp_path, cache_dir):
     a = st.load_file(str(tmp_path / "sweep" / "runs" / branch.id / "final" / "model.safetensors"))
     b = st.load_file(str(tmp_path / "sweep" / "runs" / independent.id / "final" / "model.safetensors"))
     assert all((a[k] == b[k]).all() for k in a)  # the branch equals training that budget alone
+
+
+def students_of(runs):
+    return sorted((r.info["teacher_model"], r.info["alpha"], r.config["kd"].get("divergence", "forward_kl"),
+                   r.info["seed"]) for r in runs if r.role == "student")
+
+
+def test_pairs_use_each_teacher_at_its_own_alphas(tmp_path, cache_dir):
+    teachers = {"models": ["cpu-0.1m", "cpu-0.3m"], "tokens": [1024], "seeds": [42]}
+    pairs = [{"model": "cpu-0.1m", "tokens": 1024, "alpha": 0.2},
+             {"model": "cpu-0.3m", "tokens": 1024, "alpha": [0.5, 0.8], "objective": {"divergence": "hard"}}]
+    students = {"models": ["cpu-0.1m"], "tokens": [512], "seeds": [43, 44]}
+    spec = load_grid(grid_file(tmp_path, cache_dir, teachers=teachers, students=students,
+                               kd={"pairs": pairs, "temperature": [1.0, 2.0]}))
+    runs = plan(spec, tmp_path / "sweep")
+    # not the cross product (2 teachers x 3 alphas): each teacher at its pair's alphas; hard takes T = 1 only
+    expected = [("cpu-0.1m", 0.2, "forward_kl", s) for s in (43, 43, 44, 44)] + \
+               [("cpu-0.3m", a, "hard", s) for a in (0.5, 0.8) for s in (43, 44)]
+    assert students_of(runs) == sorted(expected)
+    temperatures = sorted(r.config["kd"]["temperature"] for r in runs
+                          if r.role == "student" and r.info["teacher_model"] == "cpu-0.1m")
+    assert temperatures == [1.0, 1.0, 2.0, 2.0]
+
+    def error(kd=None, **changes):
+        with pytest.raises(ConfigError) as info:
+            load_grid(grid_file(tmp_path, cache_dir, teachers=teachers, students=students, kd=kd, **changes))
+        return info.value.key, str(info.value)
+
+    assert error({"pairs": pairs, "alpha": [0.5]})[0] == "kd.alpha"
+    assert error({"pairs": pairs[:1]})[0] == "kd.pairs"  # the 0.3m teacher would teach no one
+    assert error({"pairs": [*pairs, {"model": "cpu-1m", "tokens": 1024, "alpha": 0.5}]})[0] == "kd.pairs[2]"
+    assert error({"pairs": [pairs[0], {**pairs[1], "alpha": [1.5]}]})[0] == "kd.pairs[1].alpha[0]"
+    assert error({"pairs": [pairs[0], {**pairs[1], "objective": {"alpha": 0.3}}]})[0] == "kd.pairs[1].objective"
+    assert error({"pairs": [pairs[0], {**pairs[1], "objective": {"divergence": "kl"}}]})[0] == \
+        "kd.pairs[1].objective.divergence"
+
+
+def test_student_and_baseline_members(tmp_path, cache_dir):
+    teachers = {"models": ["cpu-0.1m", "cpu-0.3m"], "tokens": [1024], "seeds": [42]}
+    students = {"models": ["cpu-0.1m"], "tokens": [512], "seeds": [43],
+                "members": [{"model": "cpu-0.3m", "tokens": 512, "teachers": [{"model": "cpu-0.1m", "tokens": 1024}]}]}
+    baselines = [{"model": "cpu-0.1m", "tokens": 1024, "seed": 42},  # the same run as the cpu-0.1m teacher
+                 {"model": "cpu-0.1m", "tokens": 512, "overrides": {"kd": {"label_smoothing": 0.1}}}]
+    spec = load_grid(grid_file(tmp_path, cache_dir, teachers=teachers, students=students,
+                               baseline_members=baselines))
+    runs = plan(spec, tmp_path / "sweep")
+    assert [sum(r.role == role for r in runs) for role in ("teacher", "baseline", "student")] == [2, 3, 3]
+    member = [r for r in runs if r.role == "student" and r.info["model"] == "cpu-0.3m"]
+    assert [r.info["teacher_model"] for r in member] == ["cpu-0.1m"]  # restricted to the named teacher
+    smoothed = [r for r in runs if r.config["kd"].get("label_smoothing")]
+    assert len(smoothed) == 1 and smoothed[0].role == "baseline" and smoothed[0].config["kd"]["alpha"] == 0.0
+    assert smoothed[0].config["train"]["init_seed"] == smoothed[0].config["train"]["data_seed"] == 43
+
+    with pytest.raises(ConfigError) as info:
+        load_grid(grid_file(tmp_path, cache_dir, teachers=teachers, students=students,
+                            baseline_members=[{"model": "cpu-0.1m", "tokens": 512, "overrides": {"kd": {"alpha": 0.5}}}]))
+    assert info.value.key == "baseline_members[0].overrides.kd"
+    bad = {**students, "members": [{"model": "cpu-0.3m", "tokens": 512, "teachers": [{"model": "cpu-1m", "tokens": 9}]}]}
+    with pytest.raises(ConfigError) as info:
+        load_grid(grid_file(tmp_path, cache_dir, teachers=teachers, students=bad))
+    assert info.value.key == "students.members[0].teachers[0]"
+
+
+def test_external_teachers_are_named_by_path_and_not_trained(tmp_path, cache_dir):
+    members = [{"model": "cpu-0.3m", "tokens": 10**9, "path": "some-org/some-model"}]
+    spec = load_grid(grid_file(tmp_path, cache_dir, teachers={"members": members}))
+    runs = plan(spec, tmp_path / "sweep")
+    assert [r.role for r in runs] == ["baseline", "student"]
+    student = runs[1]
+    assert student.config["kd"]["teacher"] == "some-org/some-model" and student.depends_on == []
+    assert student.info["teacher_kind"] == "external" and student.info["teacher_tokens"] == 10**9
+    other = plan(load_grid(grid_file(tmp_path, cache_dir, teachers={"members": [{**members[0], "path": "x/y"}]})),
+                 tmp_path / "sweep")
+    assert other[1].id != student.id and other[0].id == runs[0].id  # the teacher is part of the student's identity
+    summary = compute_summary(runs, spec)
+    from distillab.config import config_from_dict
+    from distillab.flops import teacher_inference_flops
+    from distillab.models import LADDER
+
+    cfg = config_from_dict(student.config)
+    assert summary["per_run"][student.id]["teacher_inference"] == teacher_inference_flops(
+        LADDER["cpu-0.3m"], cfg.data.tokenizer.vocab_size, cfg, False) > 0
+
+
+def test_notes_are_printed_and_kept_out_of_run_ids(tmp_path, cache_dir):
+    from distillab.sweep import format_notes
+
+    plain = plan(load_grid(grid_file(tmp_path, cache_dir)), tmp_path / "sweep")
+    noted = load_grid(grid_file(tmp_path, cache_dir, notes=["the corpus is a stand-in for the authors' one"]))
+    assert [r.id for r in plan(noted, tmp_path / "sweep")] == [r.id for r in plain]
+    assert "  - the corpus is a stand-in for the authors' one" in format_notes(noted.notes)
+    assert format_notes([]) == ""
+
+
+def test_baseline_members_are_never_a_students_matched_baseline():
+    base = {"model": "cpu-1m", "tokens": 100, "init_seed": 43, "data_seed": 43, "non_embedding_parameters": 10,
+            "domain/validation": "in-domain"}
+    rows = [{**base, "run_id": "b", "role": "baseline", "kind": None, "loss/validation": 4.50},
+            {**base, "run_id": "ls", "role": "baseline", "kind": "member", "loss/validation": 4.40},
+            {**base, "run_id": "s", "role": "student", "teacher_id": None, "loss/validation": 4.45}]
+    student = add_gains_and_labels(rows, tolerance=0.02)[2]
+    assert student["baseline_id"] == "b" and student["gain/validation"] == pytest.approx(0.05)

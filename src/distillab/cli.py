@@ -127,13 +127,14 @@ def cmd_sweep(args) -> int:
     from pathlib import Path
 
     from distillab.files import inside
-    from distillab.sweep import compute_summary, format_plan, load_grid, plan, run_sweep
+    from distillab.sweep import compute_summary, format_notes, format_plan, load_grid, plan, run_sweep
 
     spec = load_grid(args.grid)
     out = Path(args.out) if args.out else inside(Path("sweeps"), spec.name, "name")
     if args.dry_run:
         runs = plan(spec, out)
-        print(format_plan(runs, compute_summary(runs, spec, device=args.device, mfu=args.mfu)))
+        print(format_notes(spec.notes) + format_plan(runs, compute_summary(runs, spec, device=args.device,
+                                                                            mfu=args.mfu)))
         return 0
     slurm = {}
     for item in args.slurm or []:

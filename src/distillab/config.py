@@ -36,10 +36,13 @@ class CorpusConfig:
     # hf: a dataset name or local directory, read through HF `datasets`
     path: str | None = None
     hf_config: str | None = None
+    # several configurations read one after another (e.g. every language of a multilingual set);
+    # replaces hf_config
+    hf_configs: list[str] = field(default_factory=list)
     split: str = "train"
     data_files: list[str] = field(default_factory=list)
     streaming: bool = True
-    # any source: keep at most this many documents (in source order)
+    # any source: read only the first this many records (empty ones count, then are dropped)
     limit: int | None = None
 
 
@@ -467,6 +470,8 @@ def validate_data(d: DataConfig) -> None:
         require(bool(cp.paths), "data.corpus.paths", "list at least one file or glob")
     elif cp.source == "hf":
         require(bool(cp.path), "data.corpus.path", "name an HF dataset or a local dataset directory")
+        require(not (cp.hf_configs and cp.hf_config), "data.corpus.hf_configs",
+                "set data.corpus.hf_config or data.corpus.hf_configs, not both")
     require(cp.limit is None or cp.limit > 0, "data.corpus.limit", "must be > 0")
 
 
@@ -512,7 +517,7 @@ OPERATIONAL_KEYS = {
 # Keys added after run ids were first published. They enter a run's identity only when set
 # away from their default, so the id of a run that does not use them never changes.
 LATER_KEYS = (
-    "data.packing", "model.norm_eps", "model.vocab_size", "train.parallel", "train.nonfinite",
+    "data.packing", "data.corpus.hf_configs", "model.norm_eps", "model.vocab_size", "train.parallel", "train.nonfinite",
     "kd.divergence", "kd.beta", "kd.skew", "kd.scale_by_t2", "kd.top_p", "kd.tail_bucket",
     "kd.label_smoothing", "kd.loss_scale", "kd.alpha_schedule.shape", "kd.alpha_schedule.start",
     "kd.alpha_schedule.end", "kd.alpha_schedule.warmup_fraction", "kd.alpha_schedule.decay_fraction",

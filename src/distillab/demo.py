@@ -228,8 +228,9 @@ def requested_members(sweep_dir: Path, study: Study) -> tuple[list[dict], list[s
             if run["role"] != "student" or run["init_seed"] > TUNING_SEEDS + study.max_interval_seeds:
                 continue
             teacher = teachers[run["teacher_id"]]
-            members.append({"seed": run["init_seed"], "teacher": teacher["model"], "teacher_tokens": teacher["tokens"],
-                            "teacher_seed": teacher["init_seed"], "alpha": run["alpha"]})
+            members.append({"model": run["model"], "tokens": run["tokens"], "seed": run["init_seed"],
+                            "teachers": [{"model": teacher["model"], "tokens": teacher["tokens"],
+                                          "seed": teacher["init_seed"]}], "alpha": [run["alpha"]]})
     return members, still_open
 
 

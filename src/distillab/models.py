@@ -8,12 +8,14 @@ model that any tool can load.
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from distillab.config import ModelConfig
+from distillab.data.tokenizer import looks_like_hub_id
 from distillab.errors import CheckpointError, ConfigError
 
 
@@ -76,6 +78,11 @@ def _llama(name, layers, d_model, ffn, note=""):
     return ModelSpec(name, "llama", layers, d_model, 32, 8, 128, ffn, 500_000.0, False, note, norm_eps=1e-5)
 
 
+def _official(name, layers, d_model, heads, head_dim, ffn, tied, note):
+    """A released Llama 3.x checkpoint's shape (for teachers loaded from the hub and their FLOPs)."""
+    return ModelSpec(name, "llama", layers, d_model, heads, 8, head_dim, ffn, 500_000.0, tied, note, norm_eps=1e-5)
+
+
 def _qwen3(name, layers, d_model, heads, kv_heads, head_dim, ffn, note=""):
     return ModelSpec(name, "qwen3", layers, d_model, heads, kv_heads, head_dim, ffn, 1_000_000.0, True, note,
                      norm_eps=1e-6, vocab_rows=151_936)
@@ -97,6 +104,9 @@ LADDER: dict[str, ModelSpec] = {
         _llama("llama-1.7b", 16, 2048, 8192, "paper, Llama-style"),
         _llama("llama-3.8b", 28, 3072, 8192, "paper, Llama-style"),
         _llama("llama-8b", 32, 4096, 14336, "paper, Llama-style"),
+        _official("llama3.2-1b", 16, 2048, 32, 64, 8192, True, "shape of meta-llama/Llama-3.2-1B (official teacher)"),
+        _official("llama3.2-3b", 28, 3072, 24, 128, 8192, True, "shape of meta-llama/Llama-3.2-3B (official teacher)"),
+        _official("llama3.1-8b", 32, 4096, 32, 128, 14336, False, "shape of meta-llama/Llama-3.1-8B (official teacher)"),
         _qwen3("qwen3-0.15b", 20, 512, 8, 4, 64, 1536, "paper ablation, Qwen3-style"),
         _qwen3("qwen3-0.3b", 24, 768, 12, 4, 64, 2304, "paper ablation, Qwen3-style"),
         _qwen3("qwen3-0.6b", 28, 1024, 16, 8, 128, 3072, "paper ablation, Qwen3-style"),
@@ -170,6 +180,24 @@ def build_model(spec: ModelSpec, vocab_size: int, max_seq_len: int, seed: int, e
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
     return model.to(device)
+
+
+def model_directory(name: str, key: str = "kd.teacher") -> Path:
+    """The directory of a model: `name` itself when it exists, else the local snapshot of the hub id
+    `name` in the HF cache ($HF_HUB_CACHE / $HF_HOME), downloaded beforehand. Nothing is fetched."""
+    path = Path(os.path.expanduser(name))
+    if path.exists():
+        return path
+    if not looks_like_hub_id(name):
+        raise ConfigError(key, f"{name} does not exist; train the teacher first")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(name, local_files_only=True, cache_dir=os.environ.get("HF_HUB_CACHE")))
+    except (ImportError, OSError, ValueError):
+        raise ConfigError(key, f"{name} is neither a directory nor a downloaded hub model; download it first "
+                               f"(`huggingface-cli download {name}`, with an HF token for gated models such as "
+                               "Llama) or give its directory") from None
 
 
 def load_causal_lm(path: str | Path, device: torch.device | str, key: str = "kd.teacher"):

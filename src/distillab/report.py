@@ -248,6 +248,8 @@ def write_report(sweep_dir: str | Path, tolerance: float | None = None, about: l
     lines = [f"# {title or 'Sweep report: ' + planned.get('name', sweep_dir.name)}", ""] + verdict_lines
     if about:
         lines += ["## About this run", ""] + about + [""]
+    if spec.get("notes"):
+        lines += ["## Where this grid differs from what it reproduces", ""] + [f"- {n}" for n in spec["notes"]] + [""]
     if extra_sections is not None:
         lines += extra_sections(rows, sweep_dir)
     lines += regime_section(rows, sweep_dir, labels, bands)

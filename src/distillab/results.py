@@ -90,7 +90,7 @@ def run_row(run: dict) -> dict:
         "teacher_id": info.get("teacher"), "teacher_model": info.get("teacher_model"),
         "teacher_tokens": info.get("teacher_tokens"),
         "teacher_kind": info.get("teacher_kind") if run["role"] != "teacher" else None,
-        "kind": info.get("teacher_kind") if run["role"] == "teacher" else None,
+        "kind": info.get("teacher_kind") if run["role"] == "teacher" else info.get("baseline_kind"),
         "alpha": cfg.kd.alpha, "temperature": cfg.kd.temperature, "divergence": cfg.kd.divergence,
         "top_k": cfg.kd.top_k, "objective": objective.setting().label(with_alpha=False),
         "objective_key": objective.setting().key(), "cached_teacher": bool(info.get("cached")),
@@ -146,7 +146,9 @@ def add_gains_and_labels(rows: list[dict], tolerance: float) -> list[dict]:
     label by measured loss, `label_by_loss`, is the verdicts' noise-aware one: `verdicts.label_teachers`.)
     `tolerance` is kept for callers; the labels here do not use it."""
     by_id = {r["run_id"]: r for r in rows}
-    baselines = {(r["model"], r["tokens"], r["init_seed"], r["data_seed"]): r for r in rows if r["role"] == "baseline"}
+    # a student's matched baselines; hand-picked baseline members (controls, other seeds) are never matched
+    baselines = {(r["model"], r["tokens"], r["init_seed"], r["data_seed"]): r for r in rows
+                 if r["role"] == "baseline" and r.get("kind") != "member"}
     for row in (r for r in rows if r["role"] == "student"):
         seeds = (row["init_seed"], row["data_seed"])
         baseline = baselines.get((row["model"], row["tokens"], *seeds))

@@ -26,7 +26,7 @@ from distillab.data.tokenizer import load_tokenizer, tokenizer_fingerprint
 from distillab.checkpoint import verify_checkpoint
 from distillab.errors import CheckpointError, ConfigError
 from distillab.losses import Head, SparseTeacher
-from distillab.models import load_causal_lm, max_positions
+from distillab.models import load_causal_lm, max_positions, model_directory
 from distillab.runtime import autocast
 
 log = logging.getLogger("distillab")
@@ -132,19 +132,19 @@ def build_teacher_signal(kd: KDConfig, data, device: torch.device, precision: st
                          distills: bool) -> TeacherSignal | None:
     """The teacher signal a run's config asks for (None for teachers and baselines).
 
-    Checks, before any training: the teacher exists, shares the run's tokenizer, was built for
+    `kd.teacher` is a model directory, or a hub id already in the local HF cache. Checks,
+    before any training: the teacher exists, shares the run's tokenizer, was built for
     at least `seq_len` positions, and gives finite outputs.
     """
     if not distills:
         return None
-    if not Path(kd.teacher or "").exists():
-        raise ConfigError("kd.teacher", f"{kd.teacher} does not exist; train the teacher first")
-    if (Path(kd.teacher) / "manifest.json").exists():
+    directory = model_directory(kd.teacher or "")
+    if (directory / "manifest.json").exists():
         try:
-            verify_checkpoint(Path(kd.teacher))
+            verify_checkpoint(directory)
         except CheckpointError as exc:
             raise ConfigError("kd.teacher", f"{exc}; retrain or restore the teacher") from None
-    teacher = OnlineTeacher.load(kd.teacher, data.tokenizer, device, precision)
+    teacher = OnlineTeacher.load(directory, data.tokenizer, device, precision)
     if 0 < teacher.positions() < seq_len:
         raise ConfigError("train.seq_len", f"is {seq_len} but the teacher {kd.teacher} was built for "
                                            f"{teacher.positions()} positions; its outputs beyond them are untrained "

@@ -7,7 +7,8 @@ pure function of (data seed, sequence index), so the data position is one intege
 or running a baseline with the student's data seed, sees exactly the same batches.
 
 Every batch carries the ids of its windows: a window id names the same tokens whatever the
-data seed, which is what a teacher cache is keyed by.
+data seed, which is what a teacher cache is keyed by. `distillab.data.packing.PackedStream`
+is the same interface over whole documents packed into windows.
 """
 
 from __future__ import annotations
@@ -54,7 +55,42 @@ def stack_windows(tokens: np.ndarray, starts, length: int) -> torch.Tensor:
     return torch.from_numpy(np.stack([np.asarray(tokens[s : s + length], dtype=np.int64) for s in starts]))
 
 
-class WindowStream:
+class ShuffledWindows:
+    """`n_windows` fixed windows visited epoch by epoch in an order drawn from the data seed.
+
+    Subclasses say what a window holds (`window(ids) -> Batch`); the order, and with it every
+    batch, is a pure function of (data seed, position), and window ids never depend on the seed.
+    """
+
+    n_windows: int
+    data_seed: int
+
+    @lru_cache(maxsize=2)
+    def order(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.data_seed, epoch]).permutation(self.n_windows)
+
+    def window_indices(self, start: int, count: int) -> np.ndarray:
+        """Window ids for sequences start .. start+count-1 of the stream (crossing epochs)."""
+        out = np.empty(count, dtype=np.int64)
+        for i in range(count):
+            epoch, position = divmod(start + i, self.n_windows)
+            out[i] = self.order(epoch)[position]
+        return out
+
+    def window(self, window_ids: np.ndarray) -> Batch:
+        raise NotImplementedError
+
+    def batch(self, start: int, count: int) -> Batch:
+        """The batch of sequences start .. start+count-1 of the stream, each [count, seq_len]."""
+        return self.window(self.window_indices(start, count))
+
+    def epochs(self, sequences: int) -> float:
+        return sequences / self.n_windows
+
+
+class WindowStream(ShuffledWindows):
+    """Fixed windows over the concatenated token stream (`data.packing: concat`)."""
+
     def __init__(self, tokens: np.ndarray, seq_len: int, data_seed: int):
         self.tokens = tokens
         self.seq_len = seq_len
@@ -66,26 +102,7 @@ class WindowStream:
                 f"train.seq_len + 1 = {seq_len + 1}; lower train.seq_len or use a larger corpus"
             )
 
-    @lru_cache(maxsize=2)
-    def _order(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.data_seed, epoch]).permutation(self.n_windows)
-
-    def window_indices(self, start: int, count: int) -> np.ndarray:
-        """Window ids for sequences start .. start+count-1 of the stream (crossing epochs)."""
-        out = np.empty(count, dtype=np.int64)
-        for i in range(count):
-            epoch, position = divmod(start + i, self.n_windows)
-            out[i] = self._order(epoch)[position]
-        return out
-
     def window(self, window_ids: np.ndarray) -> Batch:
         """The batch of the given windows (in that order)."""
         rows = stack_windows(self.tokens, np.asarray(window_ids) * self.seq_len, self.seq_len + 1)
         return Batch(rows[:, :-1].contiguous(), rows[:, 1:].contiguous(), torch.as_tensor(window_ids))
-
-    def batch(self, start: int, count: int) -> Batch:
-        """The batch of sequences start .. start+count-1 of the stream, each [count, seq_len]."""
-        return self.window(self.window_indices(start, count))
-
-    def epochs(self, sequences: int) -> float:
-        return sequences / self.n_windows

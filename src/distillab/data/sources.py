@@ -31,15 +31,18 @@ class Source:
 
 
 def iter_documents(corpus: CorpusConfig, cache_dir: Path) -> Iterator[Document]:
-    """The corpus' non-empty documents in a fixed order (at most `limit`), newlines normalised."""
+    """The non-empty documents among the corpus' first `limit` records (all without a limit), in a
+    fixed order, newlines normalised. Empty records count towards the limit, as in `take(limit)`."""
     documents = SOURCES[corpus.source].documents(corpus, cache_dir)
-    count = 0
-    for document in documents:
+    for count, document in enumerate(documents):
         if corpus.limit is not None and count >= corpus.limit:
             return
         if document.text.strip():
-            count += 1
             yield Document(document.id, normalize_text(document.text))
+
+
+# Keys added after cache keys were first published: part of a corpus' identity only when set.
+LATER_IDENTITY_KEYS = ("hf_configs",)
 
 
 def corpus_identity(corpus: CorpusConfig) -> dict:
@@ -48,6 +51,8 @@ def corpus_identity(corpus: CorpusConfig) -> dict:
     keys = {"source": corpus.source, "limit": corpus.limit}
     for name in source.identity_keys:
         value = getattr(corpus, name)
+        if name in LATER_IDENTITY_KEYS and not value:
+            continue
         keys[name] = list(value) if isinstance(value, list) else value
     return keys
 
@@ -86,17 +91,37 @@ def _flatten_text(value: object) -> str:
     return "" if value is None else str(value)
 
 
+_MISSING = object()
+
+
+def _field(record: object, name: str) -> object:
+    """record[name]; a dotted name walks into nested records (`answers.text`). _MISSING if absent."""
+    if isinstance(record, dict) and name in record:
+        return record[name]
+    value = record
+    for part in name.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return _MISSING
+        value = value[part]
+    return value
+
+
 def _text_of(record: object, field: str | list[str], where: str) -> str:
+    """The text of a record: one field, or several joined by a blank line. A field may be dotted
+    (`answers.text`) and may hold a list of texts (joined by newlines)."""
     fields = [field] if isinstance(field, str) else field
-    if not isinstance(record, dict) or any(f not in record for f in fields):
-        missing = next((f for f in fields if not isinstance(record, dict) or f not in record), fields[0])
-        raise DataError(f"{where}: record has no text field {missing!r} (set data.corpus.text_field)")
+    values = [_field(record, f) for f in fields]
+    for name, value in zip(fields, values):
+        if value is _MISSING:
+            raise DataError(f"{where}: record has no text field {name!r} (set data.corpus.text_field)")
     if len(fields) == 1:
-        value = record[fields[0]]
+        value = values[0]
+        if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+            return "\n".join(value)
         if not isinstance(value, str):
             raise DataError(f"{where}: field {fields[0]!r} is not text")
         return value
-    return "\n\n".join(_flatten_text(record[f]) for f in fields)
+    return "\n\n".join(_flatten_text(v) for v in values)
 
 
 def _iter_files(corpus: CorpusConfig, cache_dir: Path) -> Iterator[Document]:
@@ -156,6 +181,16 @@ def _iter_parquet(path: Path, field: str) -> Iterator[Document]:
 
 
 def _iter_hf(corpus: CorpusConfig, cache_dir: Path) -> Iterator[Document]:
+    """Records of an HF dataset; with `hf_configs`, of each configuration in turn (ids prefixed by it)."""
+    if not corpus.hf_configs:
+        yield from _iter_hf_config(corpus, corpus.hf_config)
+        return
+    for name in corpus.hf_configs:
+        for document in _iter_hf_config(corpus, name):
+            yield Document(f"{name}/{document.id}", document.text)
+
+
+def _iter_hf_config(corpus: CorpusConfig, hf_config: str | None) -> Iterator[Document]:
     try:
         import datasets
     except ImportError:
@@ -164,8 +199,8 @@ def _iter_hf(corpus: CorpusConfig, cache_dir: Path) -> Iterator[Document]:
         ) from None
     path = corpus.path or ""
     kwargs: dict = {"split": corpus.split, "streaming": corpus.streaming}
-    if corpus.hf_config:
-        kwargs["name"] = corpus.hf_config
+    if hf_config:
+        kwargs["name"] = hf_config
     if corpus.data_files:
         kwargs["data_files"] = list(corpus.data_files)
     local = Path(os.path.expanduser(path))
@@ -191,8 +226,9 @@ def _iter_hf(corpus: CorpusConfig, cache_dir: Path) -> Iterator[Document]:
 
 SOURCES: dict[str, Source] = {
     "files": Source(_iter_files, ("paths", "text_field", "text_fields"), lambda c: "files:" + ",".join(c.paths)),
-    "hf": Source(_iter_hf, ("path", "hf_config", "split", "data_files", "text_field", "text_fields"),
-                 lambda c: f"hf:{c.path}" + (f"/{c.hf_config}" if c.hf_config else "") + f"[{c.split}]"),
+    "hf": Source(_iter_hf, ("path", "hf_config", "hf_configs", "split", "data_files", "text_field", "text_fields"),
+                 lambda c: f"hf:{c.path}" + (f"/{'+'.join(c.hf_configs)}" if c.hf_configs else
+                                             f"/{c.hf_config}" if c.hf_config else "") + f"[{c.split}]"),
     "packaged": Source(lambda c, cache_dir: iter_packaged(c.name or "", cache_dir), ("name",),
                        lambda c: f"packaged:{c.name}"),
 }

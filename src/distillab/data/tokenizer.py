@@ -51,7 +51,7 @@ def load_tokenizer(path: str | Path):
     from transformers import AutoTokenizer
 
     local = Path(path)
-    if not local.exists() and not _looks_like_hub_id(str(path)):
+    if not local.exists() and not looks_like_hub_id(str(path)):
         raise DataError(f"{path}: tokenizer directory not found")
     try:
         # a local directory, or a hub id such as meta-llama/Meta-Llama-3-8B (needs hub access)
@@ -66,7 +66,8 @@ def load_tokenizer(path: str | Path):
     return tokenizer
 
 
-def _looks_like_hub_id(text: str) -> bool:
+def looks_like_hub_id(text: str) -> bool:
+    """`owner/name`, as hub ids are spelled (not a relative path such as ./x or ~/x)."""
     parts = text.split("/")
     return len(parts) == 2 and all(parts) and not text.startswith((".", "~"))
 

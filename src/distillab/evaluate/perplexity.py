@@ -7,7 +7,8 @@ kept (deterministic, covering the whole set). Mean token loss = summed negative
 log-likelihood / predicted tokens; perplexity = exp(mean loss) (infinite past float range).
 
 The in-domain `train` set replays the run's own training stream: evenly spaced sequences
-among those the run trained on, in its data order (the paper's "train-0.001").
+among those the run trained on, in its data order (the paper's "train-0.001"), each scored as
+it was trained (with document packing: positions restart per document, padding unscored).
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from distillab.data.loader import WindowStream, stack_windows
+from distillab.data.loader import ShuffledWindows, model_inputs, stack_windows
+from distillab.data.packing import training_stream
 from distillab.errors import DataError
 from distillab.progress import progress
 
@@ -34,16 +36,18 @@ def window_starts(n_tokens: int, seq_len: int, max_windows: int | None) -> np.nd
     return starts
 
 
-def replay_starts(tokens: np.ndarray, train_stream: dict, max_windows: int | None) -> np.ndarray:
-    """Token offsets of evenly spaced windows among the sequences a run trained on, in its order.
-
-    `train_stream`: {"seq_len", "data_seed", "sequences"} as recorded in the checkpoint.
-    """
-    stream = WindowStream(tokens, train_stream["seq_len"], train_stream["data_seed"])
-    seen = max(1, train_stream["sequences"])
+def replay_windows(stream: ShuffledWindows, sequences: int, max_windows: int | None) -> np.ndarray:
+    """Window ids of evenly spaced sequences among the first `sequences` a run trained on, in its order."""
+    seen = max(1, sequences)
     count = min(seen, max_windows or seen)
     positions = np.unique(np.linspace(0, seen - 1, count).round().astype(np.int64))
-    return np.array([stream.window_indices(int(p), 1)[0] for p in positions], dtype=np.int64) * stream.seq_len
+    return np.array([stream.window_indices(int(p), 1)[0] for p in positions], dtype=np.int64)
+
+
+def replay_stream(data, train_stream: dict) -> ShuffledWindows:
+    """The training stream a checkpoint recorded (`train_stream` in its distillab.json)."""
+    return training_stream(data, train_stream["seq_len"], train_stream["data_seed"],
+                           train_stream.get("packing", "concat"), log=lambda *a: None)
 
 
 def vocab_limit(model, tokenizer_size: int | None) -> int | None:
@@ -83,17 +87,45 @@ def perplexity(model, tokens: np.ndarray, seq_len: int, max_windows: int | None 
             "seq_len": seq_len}
 
 
-def evaluate_prepared_sets(model, data, config, device, train_stream: dict, sets=None) -> dict:
-    """Perplexity of a training run's model on its prepared sets (`eval.sets`: validation, train)."""
+@torch.inference_mode()
+def stream_perplexity(model, stream: ShuffledWindows, window_ids: np.ndarray, batch_size: int = 8,
+                      device: torch.device | str = "cpu", vocab_size: int | None = None, desc: str = "eval") -> dict:
+    """Like `perplexity`, over windows of a training stream as they were trained (their position
+    ids and unscored padding included): the mean loss over their target tokens."""
+    was_training = model.training
+    model.eval()
+    limit = vocab_limit(model, vocab_size)
+    total_nll, total_tokens = 0.0, 0
+    chunks = [window_ids[i : i + batch_size] for i in range(0, len(window_ids), batch_size)]
+    for ids in progress(chunks, desc=desc, unit="batch"):
+        batch = stream.window(ids).to(device)
+        logits = model(**model_inputs(batch)).logits
+        if limit is not None:
+            logits = logits[..., :limit]
+        total_nll += float(F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), batch.labels.reshape(-1),
+                                           ignore_index=-100, reduction="sum"))
+        total_tokens += batch.targets
+    if was_training:
+        model.train()
+    loss = total_nll / max(total_tokens, 1)
+    return {"loss": loss, "ppl": safe_exp(loss), "tokens": total_tokens, "windows": int(len(window_ids)),
+            "seq_len": int(stream.seq_len)}
+
+
+def evaluate_prepared_sets(model, data, config, device, train_stream: dict, stream: ShuffledWindows | None = None,
+                           sets=None) -> dict:
+    """Perplexity of a training run's model on its prepared sets (`eval.sets`: validation, train).
+
+    `train` replays `train_stream` (the run's own stream, or `stream` when given: it must be that one)."""
     results = {}
     for name in sets or config.eval.sets:
         if name == "train":
-            tokens = data.tokens("train")
-            starts = replay_starts(tokens, train_stream, config.eval.max_windows)
-            seq_len = train_stream["seq_len"]
-        else:
-            tokens, starts = data.tokens("validation"), None
-            seq_len = config.eval.seq_len or config.train.seq_len
-        results[name] = perplexity(model, tokens, seq_len, config.eval.max_windows, config.eval.batch_size, device,
-                                   data.vocab_size, desc=f"eval {name}", starts=starts)
+            stream = stream or replay_stream(data, train_stream)
+            ids = replay_windows(stream, train_stream["sequences"], config.eval.max_windows)
+            results[name] = stream_perplexity(model, stream, ids, config.eval.batch_size, device, data.vocab_size,
+                                              desc=f"eval {name}")
+            continue
+        seq_len = config.eval.seq_len or config.train.seq_len
+        results[name] = perplexity(model, data.tokens("validation"), seq_len, config.eval.max_windows,
+                                   config.eval.batch_size, device, data.vocab_size, desc=f"eval {name}")
     return results

@@ -23,7 +23,7 @@ from distillab.data.shards import load_prepared, prepare_corpus_tokens
 from distillab.data.sources import corpus_identity
 from distillab.data.tokenizer import load_tokenizer, tokenizer_fingerprint
 from distillab.errors import DataError
-from distillab.evaluate.perplexity import perplexity, replay_starts
+from distillab.evaluate.perplexity import perplexity, replay_stream, replay_windows, stream_perplexity
 from distillab.evaluate.sets import EvalSet, resolve_sets
 from distillab.files import default_cache_dir, sha256_file, stable_hash, write_json_atomic
 from distillab.models import load_causal_lm
@@ -116,8 +116,8 @@ def open_checkpoint(checkpoint: Path, out: Path | None, device: str, cache_dir, 
                       log=log, force=force)
 
 
-def set_tokens(ev: Evaluation, eval_set: EvalSet, max_windows: int | None):
-    """(tokens, window starts or None, identity of the set's content) for one perplexity set."""
+def set_tokens(ev: Evaluation, eval_set: EvalSet):
+    """(tokens, replayed training stream or None, identity of the set's content) for one perplexity set."""
     if eval_set.split is None:
         prepared = prepare_corpus_tokens(eval_set.corpus, ev.tokenizer, ev.cache, log=ev.log)
         return prepared.tokens("all"), None, {"corpus": corpus_identity(eval_set.corpus),
@@ -132,9 +132,9 @@ def set_tokens(ev: Evaluation, eval_set: EvalSet, max_windows: int | None):
     tokens = ev.data.tokens(eval_set.split)
     identity = {"split": eval_set.split, "content": ev.data.manifest["content_sha256"]}
     stream = ev.meta.get("train_stream")
-    if eval_set.split == "train" and stream:  # replay the run's own training sequences
+    if eval_set.split == "train" and stream:  # replay the run's own training sequences, as trained
         identity["replay"] = stream
-        return tokens, replay_starts(tokens, stream, max_windows), identity
+        return tokens, replay_stream(ev.data, stream), identity
     return tokens, None, identity
 
 
@@ -145,15 +145,20 @@ def evaluate_sets(ev: Evaluation, names: list[str], seq_len: int | None, max_win
         raise DataError(f"--seq-len: {window} is beyond the {ev.positions} positions {ev.checkpoint} was built for; "
                         f"its predictions there are untrained (use --seq-len <= {ev.positions})")
     for eval_set in resolve_sets(names):
-        tokens, starts, identity = set_tokens(ev, eval_set, max_windows)
+        tokens, replay, identity = set_tokens(ev, eval_set)
         length = identity["replay"]["seq_len"] if "replay" in identity else window
         key = stable_hash({"weights": ev.weights, "tokenizer": ev.fingerprint, "set": identity, "seq_len": length,
                            "max_windows": max_windows})
         if ev.fresh("sets", eval_set.name, key):
             continue
         started = time.perf_counter()
-        result = perplexity(ev.loaded_model(), tokens, length, max_windows, batch_size, ev.device, len(ev.tokenizer),
-                            desc=eval_set.name, starts=starts)
+        if replay is not None:
+            ids = replay_windows(replay, identity["replay"]["sequences"], max_windows)
+            result = stream_perplexity(ev.loaded_model(), replay, ids, batch_size, ev.device, len(ev.tokenizer),
+                                       desc=eval_set.name)
+        else:
+            result = perplexity(ev.loaded_model(), tokens, length, max_windows, batch_size, ev.device,
+                                len(ev.tokenizer), desc=eval_set.name)
         result["seconds"] = time.perf_counter() - started
         result["tokens_per_s"] = result["tokens"] / max(result["seconds"], 1e-9)
         result.update(domain=eval_set.domain, key=key)

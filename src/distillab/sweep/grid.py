@@ -1,4 +1,10 @@
-"""Grid specs: a base run config, a teacher pool, students, and the KD settings to sweep (YAML)."""
+"""Grid specs: a base run config, a teacher pool, students, and the KD settings to sweep (YAML).
+
+Beside each cross product a grid may name hand-picked members: teachers (`teachers.members`,
+trained, or existing checkpoints with a `path`), students restricted to some teachers
+(`students.members`), baselines (`baseline_members`, e.g. other seeds or a label-smoothing
+control) and (teacher, alpha) pairs (`kd.pairs`: each teacher with its own alpha only).
+"""
 
 from __future__ import annotations
 
@@ -18,10 +24,58 @@ DEFAULT_MFU = 0.40
 
 @dataclass
 class TeacherMember:
-    """One hand-picked teacher of the pool, beside the models x tokens x seeds cross product."""
+    """One hand-picked teacher of the pool, beside the models x tokens x seeds cross product.
+
+    With `path` the teacher is not trained: it is an existing checkpoint directory, or a hub id
+    downloaded beforehand (see `distillab.models.model_directory`); `model` then names a ladder
+    rung of its shape and `tokens` what it was trained on (for compute estimates and reports).
+    """
     model: str = ""
     tokens: int = 0
     seed: int = 42
+    path: str | None = None
+
+
+@dataclass
+class TeacherRef:
+    """A teacher of the pool, named by model, tokens and seed."""
+    model: str = ""
+    tokens: int = 0
+    seed: int = 42
+
+
+@dataclass
+class StudentMember:
+    """A hand-picked student setting, beside the cross product; `teachers` restricts it to those
+    teachers of the pool (empty: every teacher), `alpha` to those alphas (empty: the grid's). Its
+    baselines are added like any other student's."""
+    model: str = ""
+    tokens: int = 0
+    seed: int = 43
+    teachers: list[TeacherRef] = field(default_factory=list)
+    alpha: list[float] = field(default_factory=list)
+
+
+@dataclass
+class BaselineMember:
+    """A hand-picked run without a teacher (alpha = 0), beside the students' matched baselines:
+    another seed or budget, or a control with other run-config `overrides` (e.g. kd.label_smoothing).
+    Built like a student (base, students.train, students.overrides), then the overrides."""
+    model: str = ""
+    tokens: int = 0
+    seed: int = 43
+    overrides: dict = field(default_factory=dict)
+
+
+@dataclass
+class KDPair:
+    """A teacher of the pool with its own alpha(s): students learn from it at these only.
+    `objective` sets other kd keys for this pair (e.g. divergence: hard), over the crossed ones."""
+    model: str = ""
+    tokens: int = 0
+    seed: int = 42
+    alpha: list[float] = field(default_factory=list)
+    objective: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -41,25 +95,13 @@ class TeacherPool:
 
 
 @dataclass
-class StudentMember:
-    """One more student seed on one teacher at one alpha (beside the seeds x teachers x alphas product)."""
-    seed: int = 43
-    teacher: str = ""  # the teacher's model
-    teacher_tokens: int = 0
-    teacher_seed: int = 42
-    alpha: float = 0.5
-
-
-@dataclass
 class StudentSet:
     models: list[str] = field(default_factory=list)
     tokens: list[int] = field(default_factory=list)
     seeds: list[int] = field(default_factory=lambda: [43])
-    # hand-picked (seed, teacher, alpha) students for every model and budget, each with its
-    # baselines (e.g. the seeds a sequential study adds only where a finding is still open)
-    members: list[StudentMember] = field(default_factory=list)
     train: dict = field(default_factory=dict)
     overrides: dict = field(default_factory=dict)
+    members: list[StudentMember] = field(default_factory=list)
     # for each teacher and seed, also a baseline that spends the teacher's inference FLOPs on the
     # student itself: more tokens of the same stream (is distillation better than training longer?)
     compute_matched: bool = False
@@ -71,21 +113,24 @@ class KDSweep:
 
     Any other kd key may be listed under `other` (e.g. loss_scale: [ce_fixed, kd_fixed]). Hard
     labels take T = 1 and no truncation only: other temperatures and top-k values are not
-    crossed with them.
+    crossed with them. With `pairs`, each teacher is used only at its pairs' alphas (instead of
+    every alpha), times the crossed objectives.
     """
     alpha: list[float] = field(default_factory=lambda: [0.5])
     temperature: list[float] = field(default_factory=lambda: [1.0])
     top_k: list[int | None] = field(default_factory=lambda: [None])
     divergence: list[str] = field(default_factory=lambda: ["forward_kl"])
     other: dict = field(default_factory=dict)
+    pairs: list[KDPair] = field(default_factory=list)
 
-    def objectives(self) -> list[dict]:
-        """The kd overrides (without alpha) of every objective in the sweep, in a fixed order."""
+    def objectives(self, extra: dict | None = None) -> list[dict]:
+        """The kd overrides (without alpha) of every objective in the sweep, in a fixed order;
+        `extra` (a pair's objective) is set over each."""
         names = ["temperature", "top_k", "divergence", *sorted(self.other)]
         values = [self.temperature, self.top_k, self.divergence, *(self.other[k] for k in sorted(self.other))]
         out = []
         for combination in itertools.product(*values):
-            kd = dict(zip(names, combination))
+            kd = {**dict(zip(names, combination)), **(extra or {})}
             if kd["divergence"] == "hard":
                 kd.update(temperature=1.0, top_k=None)
             if kd not in out:
@@ -105,12 +150,16 @@ class SweepEval:
 @dataclass
 class GridSpec:
     name: str = "grid"
+    # where the grid differs from what it reproduces, and why: printed by --dry-run, never part
+    # of a run's identity
+    notes: list[str] = field(default_factory=list)
     base: dict = field(default_factory=dict)
     teachers: TeacherPool = field(default_factory=TeacherPool)
     students: StudentSet = field(default_factory=StudentSet)
     kd: KDSweep = field(default_factory=KDSweep)
     eval: SweepEval = field(default_factory=SweepEval)
     baselines: bool = True
+    baseline_members: list[BaselineMember] = field(default_factory=list)
     # teacher vs student-baseline held-out loss within this many nats = same-level
     label_tolerance: float = 0.02
     # verdicts: an interval inside +-margin nats counts as "no effect" (see distillab.verdicts)
@@ -124,9 +173,25 @@ def load_grid(path: str | Path) -> GridSpec:
 
 
 def grid_from_dict(values: dict) -> GridSpec:
+    kd = values.get("kd")
+    if isinstance(kd, dict) and kd.get("pairs") and "alpha" in kd:
+        raise ConfigError("kd.alpha", "leave it out when kd.pairs are given: each pair names its teacher's alphas")
     spec = build_dataclass(GridSpec, values)
     validate_grid(spec)
     return spec
+
+
+def pool_keys(pool: TeacherPool) -> set[tuple[str, int, int]]:
+    """(model, tokens, seed) of every teacher of the pool."""
+    keys = {(m, t, s) for m in pool.models for t in pool.tokens for s in pool.seeds}
+    return keys | {(m.model, m.tokens, m.seed) for m in pool.members}
+
+
+def check_member(key: str, model: str, tokens: int) -> None:
+    if model not in LADDER:
+        raise ConfigError(f"{key}.model", f"unknown model {model!r}; `distillab models` lists them")
+    if tokens <= 0:
+        raise ConfigError(f"{key}.tokens", f"must be > 0, got {tokens}")
 
 
 def validate_grid(spec: GridSpec) -> None:
@@ -140,19 +205,62 @@ def validate_grid(spec: GridSpec) -> None:
             if value <= 0:
                 raise ConfigError(f"{section}.tokens[{i}]", f"must be > 0, got {value}")
     for i, member in enumerate(spec.teachers.members):
-        if member.model not in LADDER:
-            raise ConfigError(f"teachers.members[{i}].model",
-                              f"unknown model {member.model!r}; `distillab models` lists them")
-        if member.tokens <= 0:
-            raise ConfigError(f"teachers.members[{i}].tokens", f"must be > 0, got {member.tokens}")
-    if not spec.students.models or not spec.students.tokens or not spec.students.seeds:
-        raise ConfigError("students", "name at least one student model, token budget and seed")
+        check_member(f"teachers.members[{i}]", member.model, member.tokens)
+    students = spec.students
+    if not students.members and (not students.models or not students.tokens or not students.seeds):
+        raise ConfigError("students", "name at least one student model, token budget and seed (or students.members)")
+    validate_members(spec)
     validate_kd_sweep(spec.kd)
-    for i, member in enumerate(spec.students.members):
-        if not 0 < member.alpha <= 1:
-            raise ConfigError(f"students.members[{i}].alpha", f"must be in (0, 1], got {member.alpha}")
+    validate_pairs(spec)
     if "/" in spec.name or ".." in spec.name or not spec.name.strip():
         raise ConfigError("name", f"{spec.name!r} must be a plain name (it names the sweep directory)")
+
+
+def validate_members(spec: GridSpec) -> None:
+    """Student members name teachers of the pool; baseline members set no teacher."""
+    pool = pool_keys(spec.teachers)
+    for i, member in enumerate(spec.students.members):
+        check_member(f"students.members[{i}]", member.model, member.tokens)
+        for j, alpha in enumerate(member.alpha):
+            if not 0 < alpha <= 1:
+                raise ConfigError(f"students.members[{i}].alpha[{j}]", f"must be in (0, 1], got {alpha}")
+        for j, ref in enumerate(member.teachers):
+            if (ref.model, ref.tokens, ref.seed) not in pool:
+                raise ConfigError(f"students.members[{i}].teachers[{j}]",
+                                  f"{ref.model} @ {ref.tokens:,} tokens (seed {ref.seed}) is not a teacher of the pool")
+    for i, member in enumerate(spec.baseline_members):
+        check_member(f"baseline_members[{i}]", member.model, member.tokens)
+        kd = member.overrides.get("kd") or {}
+        if not isinstance(kd, dict) or {"alpha", "teacher", "alpha_schedule"} & set(kd):
+            raise ConfigError(f"baseline_members[{i}].overrides.kd",
+                              "a baseline trains without a teacher: leave kd.alpha, kd.teacher and kd.alpha_schedule out")
+
+
+def validate_pairs(spec: GridSpec) -> None:
+    """Every pair names a teacher of the pool and valid alphas; every teacher of the pool is in a pair."""
+    pairs = spec.kd.pairs
+    if not pairs:
+        return
+    pool = pool_keys(spec.teachers)
+    for i, pair in enumerate(pairs):
+        key = f"kd.pairs[{i}]"
+        if (pair.model, pair.tokens, pair.seed) not in pool:
+            raise ConfigError(key, f"{pair.model} @ {pair.tokens:,} tokens (seed {pair.seed}) is not a teacher of the "
+                                   "pool (teachers.models x tokens x seeds, or teachers.members)")
+        if not pair.alpha:
+            raise ConfigError(f"{key}.alpha", "name this teacher's alpha (or a list of them)")
+        for j, alpha in enumerate(pair.alpha):
+            if not 0 < alpha <= 1:
+                raise ConfigError(f"{key}.alpha[{j}]", f"must be in (0, 1], got {alpha}")
+        if {"alpha", "teacher"} & set(pair.objective):
+            raise ConfigError(f"{key}.objective", "set alpha in the pair itself; the teacher is the pair's")
+        for name, value in pair.objective.items():
+            build_dataclass(KDConfig, {name: copy.deepcopy(value)}, f"{key}.objective")
+    unpaired = sorted(pool - {(p.model, p.tokens, p.seed) for p in pairs})
+    if unpaired:
+        model, tokens, seed = unpaired[0]
+        raise ConfigError("kd.pairs", f"teacher {model} @ {tokens:,} tokens (seed {seed}) is in the pool but in no "
+                                      "pair, so no student would learn from it; pair it or leave it out of the pool")
 
 
 def validate_kd_sweep(kd: KDSweep) -> None:

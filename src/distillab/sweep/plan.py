@@ -1,21 +1,25 @@
 """A grid expanded into runs: teachers, baselines and students, content-addressed.
 
     teacher   alpha = 0, the teacher's seed for init and data
-    baseline  alpha = 0 with each student's seeds (added automatically)
-    student   one per (student, seed, teacher, alpha, objective)
+    baseline  alpha = 0 with each student's seeds (added automatically), and baseline members
+    student   one per (student, seed, teacher, alpha, objective); with kd.pairs, one per
+              (student, seed, pair, pair alpha, objective)
 
 Each run's id is a hash of its resolved results config (a student names its teacher by the
 teacher's id, not its path), so re-running a grid skips finished runs, resumes interrupted
-ones and shares runs between grids, and ids do not depend on where the sweep lives.
+ones and shares runs between grids, and ids do not depend on where the sweep lives. A teacher
+given as an existing checkpoint (`teachers.members[].path`) is no run: students name it by
+that path or hub id.
 """
 
 from __future__ import annotations
 
 import copy
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
-from distillab.config import config_from_dict, results_config
+from distillab.config import ModelConfig, config_from_dict, results_config
 from distillab.errors import ConfigError
 from distillab.files import stable_hash
 from distillab.flops import compute_matched_tokens, teacher_inference_flops, training_flops
@@ -38,6 +42,36 @@ class Run:
     def name(self) -> str:
         return self.config["name"]
 
+    @property
+    def reference(self) -> str:
+        """How a student's identity names this teacher."""
+        return f"run:{self.id}"
+
+    def checkpoint(self, sweep_dir: Path) -> str:
+        return str(sweep_dir / "runs" / self.id / "final")
+
+
+@dataclass
+class ExternalTeacher:
+    """A teacher the sweep does not train: an existing checkpoint directory or downloaded hub id."""
+    path: str
+    info: dict
+
+    @property
+    def id(self) -> str:
+        return self.path
+
+    @property
+    def reference(self) -> str:
+        return self.path
+
+    def checkpoint(self, sweep_dir: Path) -> str:
+        return self.path
+
+
+def teacher_key(info: dict) -> tuple:
+    return info["model"], info["tokens"], info["seed"]
+
 
 def merge(base: dict, *updates: dict) -> dict:
     """Deep merge of nested dicts; later updates win."""
@@ -51,9 +85,11 @@ def merge(base: dict, *updates: dict) -> dict:
     return out
 
 
-def run_id(config: dict, teacher_id: str | None) -> str:
+def run_id(config: dict, teacher_reference: str | None) -> str:
+    """The run's id: a hash of its results config, with the teacher named by `teacher_reference`
+    (`run:<id>` for a teacher of the sweep, the path or hub id of an external one)."""
     identity = dict(config)
-    identity["kd"] = {**identity.get("kd", {}), "teacher": f"run:{teacher_id}" if teacher_id else None}
+    identity["kd"] = {**identity.get("kd", {}), "teacher": teacher_reference}
     identity.pop("run_dir", None)
     identity.pop("name", None)
     return stable_hash(results_config(config_from_dict(identity)))[:12]
@@ -65,19 +101,20 @@ class Planner:
     def __init__(self, spec: GridSpec, sweep_dir: Path):
         self.spec, self.sweep_dir, self.runs = spec, Path(sweep_dir).resolve(), {}
 
-    def add(self, role: str, config: dict, teacher: Run | None, info: dict, after: Run | None = None) -> Run:
-        identity = run_id(config, teacher.id if teacher else None)
+    def add(self, role: str, config: dict, teacher: Run | ExternalTeacher | None, info: dict,
+            after: Run | None = None) -> Run:
+        identity = run_id(config, teacher.reference if teacher else None)
         if identity in self.runs:
             return self.runs[identity]
         config = merge(config, {"name": f"{role}-{info['model']}-{identity[:6]}",
                                 "run_dir": str(self.sweep_dir / "runs" / identity)})
         if teacher is not None:
-            config["kd"]["teacher"] = str(self.sweep_dir / "runs" / teacher.id / "final")
+            config["kd"]["teacher"] = teacher.checkpoint(self.sweep_dir)
         if after is not None:  # a WSD branch starts from its trunk's checkpoint
             step = config["train"]["branch_from"]
             config["train"]["branch_from"] = str(self.sweep_dir / "runs" / after.id / "checkpoints" / f"step_{step:08d}")
         config_from_dict(config)  # validates: a bad grid fails here, with the key
-        depends = [teacher.id] if teacher else [after.id] if after else []
+        depends = [teacher.id] if isinstance(teacher, Run) else [after.id] if after else []
         self.runs[identity] = Run(identity, role, config, depends, info)
         return self.runs[identity]
 
@@ -87,7 +124,7 @@ class Planner:
                                  "train": {"token_budget": tokens, "init_seed": seed, "data_seed": seed}},
                      {"train": spec.teachers.train}, spec.teachers.overrides, extra or {})
 
-    def teacher_pool(self) -> list[Run]:
+    def teacher_pool(self) -> list[Run | ExternalTeacher]:
         pool, teachers = self.spec.teachers, []
         for model in pool.models:
             for seed in pool.seeds:
@@ -99,9 +136,12 @@ class Planner:
                     teachers.append(self.add("teacher", self.teacher_config(model, seed, tokens), None,
                                              {**info, "tokens": tokens, "teacher_kind": "independent"}))
         for member in pool.members:
-            teacher = self.add("teacher", self.teacher_config(member.model, member.seed, member.tokens), None,
-                               {"model": member.model, "seed": member.seed, "tokens": member.tokens,
-                                "teacher_kind": "independent"})
+            info = {"model": member.model, "seed": member.seed, "tokens": member.tokens}
+            if member.path:
+                teacher = ExternalTeacher(member.path, {**info, "teacher_kind": "external"})
+            else:
+                teacher = self.add("teacher", self.teacher_config(member.model, member.seed, member.tokens), None,
+                                   {**info, "teacher_kind": "independent"})
             if teacher not in teachers:
                 teachers.append(teacher)
         return teachers
@@ -130,59 +170,73 @@ class Planner:
                                     {**info, "tokens": tokens, "teacher_kind": "independent"}))
         return out
 
-    def students(self, teachers: list[Run]) -> None:
+    def student_settings(self) -> list[tuple]:
+        """(model, tokens, seed, allowed teacher keys or None for all, allowed alphas or None for all)
+        of every student setting."""
+        students = self.spec.students
+        out = [(m, t, s, None, None) for m in students.models for t in students.tokens for s in students.seeds]
+        for member in students.members:
+            allowed = {(r.model, r.tokens, r.seed) for r in member.teachers} or None
+            out.append((member.model, member.tokens, member.seed, allowed, member.alpha or None))
+        return out
+
+    def student_base(self, model: str, tokens: int, seed: int) -> dict:
         spec = self.spec
-        for model in spec.students.models:
-            for tokens in spec.students.tokens:
-                for seed in spec.students.seeds:
-                    base, info = self.student_base(model, tokens, seed)
-                    self.distilled(base, info, teachers, spec.kd.alpha)
-                for member in spec.students.members:
-                    base, info = self.student_base(model, tokens, member.seed)
-                    self.distilled(base, info, [self.member_teacher(member, teachers)], [member.alpha])
+        return merge(spec.base, {"model": {"name": model}, "train": {
+            "token_budget": tokens, "init_seed": seed, "data_seed": seed}},
+            {"train": spec.students.train}, spec.students.overrides)
 
-    def student_base(self, model: str, tokens: int, seed: int) -> tuple[dict, dict]:
-        """A student's config without its KD settings, and its baseline (added here)."""
-        spec = self.spec
-        base = merge(spec.base, {"model": {"name": model}, "train": {"token_budget": tokens, "init_seed": seed,
-                                                                     "data_seed": seed}},
-                     {"train": spec.students.train}, spec.students.overrides)
-        info = {"model": model, "tokens": tokens, "seed": seed}
-        if spec.baselines:
-            self.add("baseline", merge(base, {"kd": {"alpha": 0.0, "teacher": None}}), None, info)
-        return base, info
+    def students(self, teachers: list[Run | ExternalTeacher]) -> None:
+        for model, tokens, seed, allowed, alphas in self.student_settings():
+            base = self.student_base(model, tokens, seed)
+            info = {"model": model, "tokens": tokens, "seed": seed}
+            if self.spec.baselines:
+                self.add("baseline", merge(base, {"kd": {"alpha": 0.0, "teacher": None}}), None, info)
+            chosen = [t for t in teachers if allowed is None or teacher_key(t.info) in allowed]
+            self.distilled(base, info, chosen, alphas)
 
-    @staticmethod
-    def member_teacher(member, teachers: list[Run]) -> Run:
-        for teacher in teachers:
-            if (teacher.info["model"], teacher.info["tokens"], teacher.info["seed"]) == \
-                    (member.teacher, member.teacher_tokens, member.teacher_seed):
-                return teacher
-        raise ConfigError("students.members", f"no teacher {member.teacher} @ {member.teacher_tokens:,} tokens "
-                                              f"(seed {member.teacher_seed}) in the pool")
+    def baseline_members(self) -> None:
+        for member in self.spec.baseline_members:
+            config = merge(self.student_base(member.model, member.tokens, member.seed), member.overrides,
+                           {"kd": {"alpha": 0.0, "teacher": None}})
+            self.add("baseline", config, None, {"model": member.model, "tokens": member.tokens, "seed": member.seed,
+                                                "baseline_kind": "member"})
 
-    def matched_tokens(self, base: dict, teacher: Run) -> int:
+    def teacher_settings(self, teacher: Run | ExternalTeacher) -> list[tuple[float, dict]]:
+        """(alpha, objective overrides) a teacher is used at: its pairs' when kd.pairs are given,
+        else every kd.alpha."""
+        kd = self.spec.kd
+        if not kd.pairs:
+            return [(alpha, {}) for alpha in kd.alpha]
+        key = teacher_key(teacher.info)
+        return [(alpha, pair.objective) for pair in kd.pairs if (pair.model, pair.tokens, pair.seed) == key
+                for alpha in pair.alpha]
+
+    def matched_tokens(self, base: dict, teacher) -> int:
         """The compute-matched budget of a student (config `base`) distilled from `teacher`."""
-        student, teacher_cfg = config_from_dict(merge(base, {"kd": {"alpha": 0.0, "teacher": None}})), \
-            config_from_dict(teacher.config)
+        student = config_from_dict(merge(base, {"kd": {"alpha": 0.0, "teacher": None}}))
+        teacher_spec = resolve_spec(config_from_dict(teacher.config).model) if isinstance(teacher, Run) else \
+            resolve_spec(ModelConfig(name=teacher.info["model"]))
         t = student.train
-        return compute_matched_tokens(resolve_spec(student.model), resolve_spec(teacher_cfg.model),
+        return compute_matched_tokens(resolve_spec(student.model), teacher_spec,
                                       student.data.tokenizer.vocab_size, t.seq_len, t.token_budget,
                                       t.batch_size * t.seq_len * t.grad_accum * t.processes)
 
-    def compute_matched(self, base: dict, info: dict, teacher: Run) -> int:
+    def compute_matched(self, base: dict, info: dict, teacher) -> int:
         """The compute-matched baseline of (student, teacher, seed); returns its budget."""
         tokens = self.matched_tokens(base, teacher)
         config = merge(base, {"kd": {"alpha": 0.0, "teacher": None}, "train": {"token_budget": tokens}})
-        self.add("baseline", config, None, {**info, "tokens": tokens, "kind": "compute-matched",
+        self.add("baseline", config, None, {**info, "tokens": tokens, "baseline_kind": "compute-matched",
                                             "matched_teacher": teacher.id})
         return tokens
 
-    def distilled(self, base: dict, info: dict, teachers: list[Run], alphas: list[float]) -> None:
+    def distilled(self, base: dict, info: dict, teachers: list[Run | ExternalTeacher], alphas=None) -> None:
         for teacher in teachers:
             matched = self.compute_matched(base, info, teacher) if self.spec.students.compute_matched else None
-            for alpha in alphas:
-                for objective in self.spec.kd.objectives():
+            for alpha, extra in self.teacher_settings(teacher):
+                if alphas is not None and alpha not in alphas:
+                    continue
+                for objective in self.spec.kd.objectives(extra):
                     config = merge(base, {"kd": {**objective, "alpha": alpha, "teacher": "pending"}})
                     self.add("student", config, teacher, {
                         **info, "teacher": teacher.id, "teacher_model": teacher.info["model"],
@@ -194,6 +248,7 @@ def plan(spec: GridSpec, sweep_dir: Path) -> list[Run]:
     """Every run of the grid, teachers first."""
     planner = Planner(spec, sweep_dir)
     planner.students(planner.teacher_pool())
+    planner.baseline_members()
     return sorted(planner.runs.values(), key=lambda r: ROLE_ORDER[r.role])
 
 
@@ -207,6 +262,8 @@ def run_flops(run: Run, runs_by_id: dict[str, Run]) -> dict:
     teacher = None
     if run.role == "student" and run.depends_on:
         teacher = resolve_spec(config_from_dict(runs_by_id[run.depends_on[0]].config).model)
+    elif run.role == "student":  # an external teacher: the rung of its shape
+        teacher = resolve_spec(ModelConfig(name=run.info["teacher_model"]))
     return {"train": training_flops(cfg, vocab),
             "teacher_inference": teacher_inference_flops(teacher, vocab, cfg, bool(run.info.get("cached")))}
 
@@ -240,6 +297,16 @@ def compute_summary(runs: list[Run], spec: GridSpec, device: str = "cpu", mfu: f
             "hours": {k: v / rate / 3600 for k, v in buckets.items()}, "total_hours": total / rate / 3600}
 
 
+def format_notes(notes: list[str]) -> str:
+    """A grid's notes (where it differs from what it reproduces), for the dry run."""
+    if not notes:
+        return ""
+    lines = ["notes (where this grid differs from what it reproduces):"]
+    for note in notes:
+        lines += textwrap.wrap(note, 110, initial_indent="  - ", subsequent_indent="    ")
+    return "\n".join(lines + ["", ""])
+
+
 def format_plan(runs: list[Run], summary: dict) -> str:
     lines = [f"{len(runs)} runs ({sum(r.role == 'teacher' for r in runs)} teachers, "
              f"{sum(r.role == 'baseline' for r in runs)} baselines, {sum(r.role == 'student' for r in runs)} students)",
@@ -253,8 +320,9 @@ def format_plan(runs: list[Run], summary: dict) -> str:
             from distillab.objective import KDObjective
 
             objective = KDObjective.from_config(config_from_dict(run.config).kd).label(with_alpha=False)
+        teacher = info.get("teacher_model") if info.get("teacher_kind") == "external" else info.get("teacher", "-")
         lines.append(f"{run.id:12s} {run.role:8s} {info['model']:12s} {info['tokens']:16,d} {info['seed']:5d} "
-                     f"{info.get('teacher', '-'):12s} {info.get('alpha', 0):5.2f} {objective[:28]:28s} "
+                     f"{teacher[:12]:12s} {info.get('alpha', 0):5.2f} {objective[:28]:28s} "
                      f"{(cost['train'] + cost['teacher_inference']) / 1e15:10.3f} {cost['hours']:9.2f}")
     lines += ["", "dependencies: " + (", ".join(f"{r.depends_on[0]} -> {r.id}" for r in runs if r.depends_on)
                                      or "none")]

@@ -31,7 +31,8 @@ from distillab import __version__
 from distillab.checkpoint import (latest_verified, load_trainer_state, load_weights, prune_checkpoints, read_meta,
                                   save_checkpoint, step_dir, verify_checkpoint)
 from distillab.config import RunConfig, first_difference, results_config
-from distillab.data.loader import Batch, WindowStream
+from distillab.data.loader import Batch
+from distillab.data.packing import training_stream
 from distillab.data.shards import PreparedData, prepare_data
 from distillab.errors import CheckpointError, ConfigError
 from distillab.evaluate.perplexity import evaluate_prepared_sets
@@ -130,7 +131,7 @@ class Trainer:
             teacher.model = parallel.prepare_teacher(teacher.model)
         model = build_model(spec, data.vocab_size, t.seq_len, t.init_seed, data.tokenizer.eos_token_id, parallel.device)
         stepper = parallel.prepare_model(model, t.activation_checkpointing)
-        stream = WindowStream(data.tokens("train"), t.seq_len, t.data_seed)
+        stream = training_stream(data, t.seq_len, t.data_seed, config.data.packing, log)
         plan = make_plan(t)
         epochs = stream.epochs(plan.steps * t.batch_size * t.grad_accum * parallel.world)
         if epochs > 1:
@@ -161,8 +162,17 @@ class Trainer:
                 "results_config": results_config(self.config), "model": dataclasses.asdict(self.spec),
                 "step": self.step, "tokens": self.tokens, "tokenizer_fingerprint": self.data.fingerprint,
                 "data_dir": str(self.data.path.resolve()), "data_content_sha256": self.data.manifest["content_sha256"],
-                "train_stream": {"seq_len": t.seq_len, "data_seed": t.data_seed, "sequences": self.sequences},
+                "train_stream": self.stream_record(),
                 "teacher": self.config.kd.teacher, "objective": self.objective.as_dict()}
+
+    def stream_record(self) -> dict:
+        """What replays this run's training sequences: window length, data seed, sequences seen (and
+        the packing, when documents are packed)."""
+        t = self.config.train
+        record = {"seq_len": t.seq_len, "data_seed": t.data_seed, "sequences": self.sequences}
+        if self.config.data.packing != "concat":
+            record["packing"] = self.config.data.packing
+        return record
 
     # ------------------------------------------------------------------------- restore
 
@@ -230,7 +240,7 @@ class Trainer:
     def evaluate(self) -> dict:
         """Held-out perplexity on the configured sets (main process only)."""
         self.last_eval = evaluate_prepared_sets(self.model, self.data, self.config, self.parallel.device,
-                                                self.meta()["train_stream"])
+                                                self.stream_record(), self.stream)
         self.model.train()
         return self.last_eval
 
