@@ -45,6 +45,15 @@ class SingleProcess:
     def prepare_teacher(self, model: torch.nn.Module) -> torch.nn.Module:
         return model
 
+    @property
+    def collective_forward(self) -> bool:
+        """True when a forward pass needs every process (sharded weights): evaluation then runs on all."""
+        return False
+
+    def autocast_precision(self, precision: str) -> str:
+        """The precision to autocast the step to (`train.precision` unless the parallelism casts)."""
+        return precision
+
     def unwrap(self, stepper: torch.nn.Module) -> torch.nn.Module:
         """The HF model inside whatever `prepare_model` returned."""
         return getattr(stepper, "module", stepper)
@@ -144,7 +153,11 @@ def setup_parallelism(train: TrainConfig) -> SingleProcess:
     import torch.distributed as dist
 
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if "WORLD_SIZE" in os.environ:
+            dist.init_process_group(backend=backend)
+        else:  # fsdp on one process without torchrun: a world of one
+            dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
     rank, local_rank = dist.get_rank(), int(os.environ.get("LOCAL_RANK", "0"))
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)
@@ -152,5 +165,5 @@ def setup_parallelism(train: TrainConfig) -> SingleProcess:
     if train.parallel == "fsdp":
         from distillab.train.fsdp import FullySharded
 
-        return FullySharded(device, rank, world)
+        return FullySharded(device, rank, world, train.precision)
     return DataParallel(device, rank, world)

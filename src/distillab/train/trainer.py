@@ -220,7 +220,7 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         result = train_step(self.stepper, self.optimizer, self.batches(), self.objective, self.teacher, self.parallel,
-                            step=self.step, steps=self.plan.steps, grad_clip=t.grad_clip, precision=t.precision,
+                            step=self.step, steps=self.plan.steps, grad_clip=t.grad_clip, precision=self.parallel.autocast_precision(t.precision),
                             guard=self.guard, diagnostics=diagnostics)
         self.step += 1
         self.tokens += result.targets
@@ -293,7 +293,7 @@ class Trainer:
         bar.set_postfix(loss=f"{result.loss:.3f}", tok_s=f"{result.targets / (time.perf_counter() - started):,.0f}")
         if do_log:
             row = self.log_row(result, lr)
-            if do_eval and self.parallel.is_main:
+            if do_eval and (self.parallel.is_main or self.parallel.collective_forward):
                 NonFiniteGuard.check_weights(self.step, self.model, "evaluation")
                 row.update({f"eval/{name}/{k}": r[k] for name, r in self.evaluate().items() for k in ("loss", "ppl")})
             metrics.write(row)
