@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from distillab.config import ModelConfig, TrainConfig
 from distillab.data.loader import Batch
+from distillab.gpus import gpu_from_device_name
 from distillab.losses import SparseTeacher
 from distillab.losses.teacher_rows import truncate_dense
 from distillab.models import build_model, resolve_spec
@@ -36,8 +37,6 @@ from distillab.train.parallel import SingleProcess
 from distillab.train.schedule import make_optimizer
 from distillab.train.step import train_step
 
-# Dense bf16 peak of common GPUs (FLOP/s), for MFU.
-GPU_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "L4": 121e12}
 
 
 def sync(device: torch.device) -> None:
@@ -61,8 +60,8 @@ def matmul_ceiling(device: torch.device, size: int = 2048, repeats: int = 10) ->
 def device_peak(device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    return next((peak for key, peak in GPU_PEAK_FLOPS.items() if key in name), None)
+    known = gpu_from_device_name(torch.cuda.get_device_name(device))
+    return known.bf16_peak_flops if known else None
 
 
 class StepTimer:
