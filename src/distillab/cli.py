@@ -130,6 +130,7 @@ def cmd_bench(args) -> int:
         threads=args.threads,
         divergence=args.divergence,
         cached_k=args.cached_k,
+        compile_blocks=args.compile,
         log=log,
     )
     if args.json:
@@ -281,6 +282,8 @@ def add_models_and_bench(sub) -> None:
     bench.add_argument("--divergence", default="forward_kl", help="KD divergence of kd_step (default forward_kl)")
     bench.add_argument("--cached-k", type=int, default=None, metavar="K",
                        help="also time a KD step whose teacher is its top-K held in memory (a cache's signal)")
+    bench.add_argument("--compile", action="store_true",
+                       help="torch.compile each student block first (the warmup steps pay the compile time)")
     bench.add_argument("--json", action="store_true", help="print the measurements as JSON")
     bench.set_defaults(func=cmd_bench)
 

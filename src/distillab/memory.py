@@ -8,7 +8,7 @@ micro-batch, d / f / L the student's width, MLP width and layers, V the output r
                  holds the gathered compute copies in flight: the root unit (embeddings, output
                  layer) and two blocks (the current one and the prefetched next), w bytes each;
                  ddp with bf16 autocast keeps a w-byte cast of the weights (+wP)
-    gradients    fp32: 4P, plus 4P of DDP's communication buckets; 4P/N under fsdp
+    gradients    fp32: 4P, plus 4P of DDP's communication buckets when N > 1; 4P/N under fsdp
     optimizer    AdamW's two fp32 moments: 8P (ddp) or 8P/N (fsdp)
     activations  what backward keeps, per token per block: w x (6d + 2 kv + 4f) (norm inputs,
                  q/k/v, attention output, projections, the SwiGLU's gate, up, product and
@@ -18,8 +18,9 @@ micro-batch, d / f / L the student's width, MLP width and layers, V the output r
     logits       the student's output: t x V x (4 + 4) bytes (fp32 logits and their gradient),
                  or, when the output layer is fused into the loss (ddp / single process, at
                  least 2^28 logits), chunk scratch only: 3 x 4 bytes x rows x V
-    teacher      w x Pt (ddp) or w x Pt / N plus its gathered root and two blocks (fsdp); its
-                 logits t x V x 4 bytes unless fused (ddp); one block's forward working set
+    teacher      stored as loaded, fp32: 4 Pt (ddp) or 4 Pt / N plus its gathered root and two
+                 blocks at width w (fsdp); its logits t x V x 4 bytes unless fused (ddp); one
+                 block's forward working set
     overhead     CUDA context, NCCL buffers and allocator slack: 2 GiB + 5 % of the rest
 
 These are estimates of the peak, within ~10-15 % for the Llama-shaped models of the ladder
@@ -104,7 +105,7 @@ def student_components(spec: ModelSpec, vocab: int, layout: Layout) -> dict[str,
     weights = weight_bytes(spec, vocab, layout, 4)
     if not layout.sharded and layout.width == 2:
         weights += 2 * total  # autocast's cast of the weights
-    gradients = 4 * total / n if layout.sharded else 8 * total
+    gradients = 4 * total / n if layout.sharded else (8 if n > 1 else 4) * total
     optimizer = 8 * total / n if layout.sharded else 8 * total
     return {"weights": weights, "gradients": gradients, "optimizer": optimizer,
             "activations": activation_bytes(spec, layout), "logits": logit_bytes(layout, vocab, 8)}
@@ -113,7 +114,7 @@ def student_components(spec: ModelSpec, vocab: int, layout: Layout) -> dict[str,
 def teacher_bytes(spec: ModelSpec, vocab: int, layout: Layout) -> float:
     tokens = layout.batch_size * layout.seq_len
     working = layout.width * tokens * (4 * spec.d_model + 3 * spec.ffn)
-    return weight_bytes(spec, vocab, layout, layout.width) + logit_bytes(layout, vocab, 4) + working
+    return weight_bytes(spec, vocab, layout, 4) + logit_bytes(layout, vocab, 4) + working
 
 
 @dataclass

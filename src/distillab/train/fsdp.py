@@ -33,17 +33,7 @@ from torch.distributed.tensor import distribute_tensor
 
 from distillab.errors import ConfigError
 from distillab.runtime import is_sharded
-from distillab.train.parallel import DataParallel, SingleProcess
-
-
-def transformer_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The decoder blocks of an HF causal LM (`model.<base>.layers`)."""
-    backbone = getattr(model, model.base_model_prefix, None)
-    layers = getattr(backbone, "layers", None)
-    if layers is None:
-        raise ConfigError("train.parallel", f"fsdp needs a decoder with .{model.base_model_prefix}.layers; "
-                                            f"{type(model).__name__} has none (use ddp)")
-    return list(layers)
+from distillab.train.parallel import DataParallel, SingleProcess, transformer_blocks
 
 
 def full(tensor: torch.Tensor) -> torch.Tensor:
@@ -76,8 +66,8 @@ class FullySharded(DataParallel):
         fully_shard(model, mesh=self.mesh, mp_policy=self.policy, reshard_after_forward=True)
         return model
 
-    def prepare_model(self, model, activation_checkpointing: bool = False):
-        return self.shard(SingleProcess.prepare_model(self, model, activation_checkpointing))
+    def prepare_model(self, model, activation_checkpointing: bool = False, compile_blocks: bool = False):
+        return self.shard(SingleProcess.prepare_model(self, model, activation_checkpointing, compile_blocks))
 
     def prepare_teacher(self, model):
         model.requires_grad_(False)

@@ -36,10 +36,14 @@ class SingleProcess:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def prepare_model(self, model: torch.nn.Module, activation_checkpointing: bool = False) -> torch.nn.Module:
+    def prepare_model(self, model: torch.nn.Module, activation_checkpointing: bool = False,
+                      compile_blocks: bool = False) -> torch.nn.Module:
         """The module the step calls (the model itself here)."""
         if activation_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if compile_blocks:
+            for block in transformer_blocks(model):
+                block.compile()
         return model
 
     def prepare_teacher(self, model: torch.nn.Module) -> torch.nn.Module:
@@ -107,10 +111,10 @@ class SingleProcess:
 class DataParallel(SingleProcess):
     name = "ddp"
 
-    def prepare_model(self, model, activation_checkpointing: bool = False):
+    def prepare_model(self, model, activation_checkpointing: bool = False, compile_blocks: bool = False):
         from torch.nn.parallel import DistributedDataParallel
 
-        model = super().prepare_model(model, activation_checkpointing)
+        model = super().prepare_model(model, activation_checkpointing, compile_blocks)
         return DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
 
     def micro_batch(self, stepper, last: bool):
@@ -137,6 +141,16 @@ class DataParallel(SingleProcess):
 
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def transformer_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The decoder blocks of an HF causal LM (`model.<base>.layers`)."""
+    backbone = getattr(model, model.base_model_prefix, None)
+    layers = getattr(backbone, "layers", None)
+    if layers is None:
+        raise ConfigError("train.parallel", f"{type(model).__name__} has no .{model.base_model_prefix}.layers to "
+                                            "shard or compile per block")
+    return list(layers)
 
 
 def setup_parallelism(train: TrainConfig) -> SingleProcess:

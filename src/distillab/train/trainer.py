@@ -130,7 +130,7 @@ class Trainer:
         if teacher is not None:
             teacher.model = parallel.prepare_teacher(teacher.model)
         model = build_model(spec, data.vocab_size, t.seq_len, t.init_seed, data.tokenizer.eos_token_id, parallel.device)
-        stepper = parallel.prepare_model(model, t.activation_checkpointing)
+        stepper = parallel.prepare_model(model, t.activation_checkpointing, t.compile)
         stream = training_stream(data, t.seq_len, t.data_seed, config.data.packing, log)
         plan = make_plan(t)
         epochs = stream.epochs(plan.steps * t.batch_size * t.grad_accum * parallel.world)
