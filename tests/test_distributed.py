@@ -81,3 +81,91 @@ def test_sweep_launches_multi_process_runs_with_torchrun(tmp_path, cache_dir):
     one = [json.loads(l) for l in (single.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in two] == [r["step"] for r in one]
     assert all(b["loss"] == pytest.approx(a["loss"], rel=1e-4) for a, b in zip(one, two))
+
+
+# ---------------------------------------------------------------------------------------- FSDP2
+
+
+def torchrun(tmp_path: Path, cache_dir: Path, config: dict, processes: int, *args: str) -> str:
+    """`distillab train` on `processes` gloo processes of this machine; returns its output."""
+    path = tmp_path / f"{config['name']}-{processes}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    env = {**os.environ, "DISTILLAB_CACHE": str(cache_dir)}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                             str(processes), "-m", "distillab.cli", "train", str(path), *args], env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    return result.stdout + result.stderr
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_same_run(one: Path, other: Path, rel: float = 1e-4) -> None:
+    """Equal logged steps, losses (float tolerance) and final weights."""
+    from safetensors.torch import load_file
+
+    a, b = metrics(one), metrics(other)
+    assert [r["step"] for r in a] == [r["step"] for r in b] and len(a) >= 3
+    for x, y in zip(a, b):
+        assert y["loss"] == pytest.approx(x["loss"], rel=rel)
+    wa, wb = load_file(one / "final" / "model.safetensors"), load_file(other / "final" / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        assert (wa[name] - wb[name]).abs().max() < 1e-4, name
+
+
+BUDGET = 6 * 8 * 32
+
+
+def fsdp_run(tmp_path, cache_dir, name, processes, kd=None, **train_keys):
+    train_keys = {"batch_size": 8 // processes, "processes": processes, "parallel": "fsdp", "token_budget": BUDGET,
+                  "threads": 1, "checkpoint_every": 2, **train_keys}
+    return tiny_run(tmp_path, cache_dir, name, train=train_keys, **({"kd": kd} if kd else {}))
+
+
+@pytest.mark.parametrize("distil", [False, True], ids=["lm", "kd"])
+def test_fsdp_two_processes_match_one_process(tmp_path, cache_dir, tiny_teacher, distil):
+    """FSDP2 on 2 gloo processes (student and teacher sharded) = one plain process with the same
+    global batch: the same loss at every logged step and the same final weights."""
+    kd = {"teacher": str(tiny_teacher), "alpha": 0.5} if distil else None
+    single = train(config_from_dict(tiny_run(tmp_path, cache_dir, "single", **({"kd": kd} if kd else {}),
+                                             train={"batch_size": 8, "token_budget": BUDGET, "threads": 1})),
+                   log=lambda *a: None)
+    torchrun(tmp_path, cache_dir, fsdp_run(tmp_path, cache_dir, "fsdp", 2, kd), 2)
+    assert_same_run(single.run_dir, tmp_path / "fsdp")
+
+
+def test_fsdp_on_a_world_of_one_matches_the_plain_process(tmp_path, cache_dir):
+    """train.parallel=fsdp without torchrun: the FSDP code path on one process, same numbers."""
+    single = train(config_from_dict(tiny_run(tmp_path, cache_dir, "single",
+                                             train={"batch_size": 8, "token_budget": BUDGET, "threads": 1})),
+                   log=lambda *a: None)
+    sharded = train(config_from_dict(fsdp_run(tmp_path, cache_dir, "fsdp1", 1)), log=lambda *a: None)
+    assert_same_run(single.run_dir, sharded.run_dir, rel=1e-5)
+
+
+@pytest.mark.parametrize("first,then", [(2, 1), (1, 2)], ids=["2-then-1", "1-then-2"])
+def test_fsdp_resumes_on_another_number_of_processes(tmp_path, cache_dir, capsys, first, then):
+    """Stopped after 3 steps on `first` processes and resumed on `then`: the run continues the
+    uninterrupted single-process trajectory (global batch unchanged, layout changed)."""
+    reference = train(config_from_dict(tiny_run(tmp_path, cache_dir, "reference",
+                                                train={"batch_size": 8, "token_budget": BUDGET, "threads": 1,
+                                                       "checkpoint_every": 2})), log=lambda *a: None)
+    resumed = tmp_path / "resumed"
+
+    def launch(processes, *args):
+        config = fsdp_run(tmp_path, cache_dir, "resumed", processes)
+        if processes == 1:
+            from distillab.cli import main
+            config_path = tmp_path / "resumed-1.yaml"
+            config_path.write_text(yaml.safe_dump(config))
+            assert main(["train", str(config_path), *args]) == 0
+            return capsys.readouterr().out
+        return torchrun(tmp_path, cache_dir, config, processes, *args)
+    launch(first, "--stop-after", "3")
+    assert not (resumed / "final").exists() and (resumed / "checkpoints").exists()
+    output = launch(then)
+    assert "resuming" in output and "from step 3" in output, output[-1000:]
+    assert_same_run(reference.run_dir, resumed)

@@ -26,6 +26,8 @@ import torch.nn.functional as F
 
 from distillab.config import ModelConfig, TrainConfig
 from distillab.data.loader import Batch
+from distillab.gpus import GIB, gpu_from_device_name
+from distillab.memory import Layout, memory_plan
 from distillab.losses import SparseTeacher
 from distillab.losses.teacher_rows import truncate_dense
 from distillab.models import build_model, resolve_spec
@@ -36,8 +38,6 @@ from distillab.train.parallel import SingleProcess
 from distillab.train.schedule import make_optimizer
 from distillab.train.step import train_step
 
-# Dense bf16 peak of common GPUs (FLOP/s), for MFU.
-GPU_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "L4": 121e12}
 
 
 def sync(device: torch.device) -> None:
@@ -61,8 +61,8 @@ def matmul_ceiling(device: torch.device, size: int = 2048, repeats: int = 10) ->
 def device_peak(device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    return next((peak for key, peak in GPU_PEAK_FLOPS.items() if key in name), None)
+    known = gpu_from_device_name(torch.cuda.get_device_name(device))
+    return known.bf16_peak_flops if known else None
 
 
 class StepTimer:
@@ -134,7 +134,7 @@ class MemoryCache:
 def run_bench(model: str, teacher: str | None = None, batch_size: int = 16, seq_len: int = 256, steps: int = 10,
               warmup: int = 3, vocab_size: int = 4096, device: str = "auto", threads: int | None = None,
               precision: str = "float32", divergence: str = "forward_kl", cached_k: int | None = None,
-              log=print) -> dict:
+              compile_blocks: bool = False, log=print) -> dict:
     setup_runtime(threads)
     torch_device = resolve_device(device, key="--device")
     student_spec = resolve_spec(ModelConfig(name=model))
@@ -144,10 +144,12 @@ def run_bench(model: str, teacher: str | None = None, batch_size: int = 16, seq_
                     "gpu": torch.cuda.get_device_name(torch_device) if torch_device.type == "cuda" else None,
                     "threads": torch.get_num_threads(), "torch": torch.__version__, "model": model, "teacher": teacher,
                     "batch_size": batch_size, "seq_len": seq_len, "vocab_size": vocab_size, "steps": steps,
-                    "precision": precision, "divergence": divergence, "cached_k": cached_k,
+                    "precision": precision, "divergence": divergence, "cached_k": cached_k, "compile": compile_blocks,
                     "matmul_gflops": matmul_ceiling(torch_device), "peak_flops": device_peak(torch_device)}
     log(f"bench: fp32 matmul ceiling {result['matmul_gflops']:.0f} GFLOP/s")
     student = build_model(student_spec, vocab_size, seq_len, seed=0, device=torch_device)
+    if compile_blocks:
+        SingleProcess(torch_device).prepare_model(student, compile_blocks=True)
     optimizer = make_optimizer(student, TrainConfig(batch_size=batch_size, seq_len=seq_len, lr=1e-3))
     signal, flops_teacher = None, 0.0
     if teacher is not None:
@@ -159,8 +161,23 @@ def run_bench(model: str, teacher: str | None = None, batch_size: int = 16, seq_
     objective = KDObjective(alpha=0.5, divergence=divergence)
     add_steps(timer, student, optimizer, batch, signal, objective, precision, cached_k,
               student_spec.training_flops_per_token(vocab_size, seq_len), flops_teacher)
-    report(result, timer, timer.run(steps, warmup), batch_size * seq_len, log)
+    started = time.perf_counter()
+    times = timer.run(steps, warmup)
+    result["wall_seconds"] = time.perf_counter() - started
+    report(result, timer, times, batch_size * seq_len, log)
+    if torch_device.type == "cuda":
+        record_memory(result, student_spec, teacher_spec if teacher else None, vocab_size, precision, log)
     return result
+
+
+def record_memory(result: dict, student, teacher, vocab_size: int, precision: str, log) -> None:
+    """Measured peak CUDA memory of the benchmark against the memory plan of the same layout."""
+    layout = Layout("ddp", 1, result["batch_size"], result["seq_len"], False, 2 if precision == "bfloat16" else 4)
+    plan = memory_plan(student, vocab_size, layout, teacher)
+    result["peak_memory_gib"] = torch.cuda.max_memory_allocated() / GIB
+    result["memory_plan_gib"] = plan.total / GIB
+    log(f"bench: peak CUDA memory {result['peak_memory_gib']:.1f} GiB; the memory plan says "
+        f"{result['memory_plan_gib']:.1f} GiB ({plan.describe()})")
 
 
 def report(result: dict, timer: StepTimer, times: dict[str, list[float]], tokens: int, log) -> None:

@@ -47,8 +47,22 @@ def cmd_train(args) -> int:
     from distillab.train import train
 
     config = load_config(args.config, args.overrides)
+    if args.dry_run:
+        return dry_run_train(config, args.gpu)
     result = train(config, stop_after_steps=args.stop_after)
     return 0 if result.completed or args.stop_after else 3
+
+
+def dry_run_train(config, gpu_name: str | None) -> int:
+    """Print the run's memory plan per GPU; refuse (exit 2) one that does not fit `gpu_name`."""
+    from distillab.gpus import gpu
+    from distillab.memory import refuse_unless_fits, run_memory_plan, teacher_of_config
+
+    teacher, note = teacher_of_config(config)
+    plan = run_memory_plan(config, teacher, gpu(gpu_name) if gpu_name else None)
+    print(f"memory plan: {plan.describe()}{note}")
+    refuse_unless_fits(plan, config, teacher, f"{config.name} ({config.model.name})")
+    return 0
 
 
 def cmd_eval(args) -> int:
@@ -116,6 +130,7 @@ def cmd_bench(args) -> int:
         threads=args.threads,
         divergence=args.divergence,
         cached_k=args.cached_k,
+        compile_blocks=args.compile,
         log=log,
     )
     if args.json:
@@ -127,7 +142,8 @@ def cmd_sweep(args) -> int:
     from pathlib import Path
 
     from distillab.files import inside
-    from distillab.sweep import compute_summary, format_notes, format_plan, load_grid, plan, run_sweep
+    from distillab.gpus import gpu
+    from distillab.sweep import compute_summary, format_memory, format_notes, format_plan, load_grid, plan, run_sweep
 
     spec = load_grid(args.grid)
     out = Path(args.out) if args.out else inside(Path("sweeps"), spec.name, "name")
@@ -135,6 +151,7 @@ def cmd_sweep(args) -> int:
         runs = plan(spec, out)
         print(format_notes(spec.notes) + format_plan(runs, compute_summary(runs, spec, device=args.device,
                                                                             mfu=args.mfu)))
+        format_memory(runs, gpu(args.gpu) if args.gpu else None)
         return 0
     slurm = {}
     for item in args.slurm or []:
@@ -183,7 +200,18 @@ def add_train(sub) -> None:
         "--stop-after", type=int, default=None, metavar="STEPS",
         help="checkpoint and stop once this many optimizer steps are done; run again to resume",
     )
+    add_memory_args(train, "train nothing: print the run's memory plan per GPU (and refuse one that does not fit "
+                           "--gpu)")
     train.set_defaults(func=cmd_train)
+
+
+def add_memory_args(parser, dry_run_help: str | None) -> None:
+    from distillab.gpus import GPUS
+
+    if dry_run_help:
+        parser.add_argument("--dry-run", action="store_true", help=dry_run_help)
+    parser.add_argument("--gpu", choices=sorted(GPUS), default=None,
+                        help="check the memory plan against this GPU's memory (with --dry-run)")
 
 
 def add_eval(sub) -> None:
@@ -254,6 +282,8 @@ def add_models_and_bench(sub) -> None:
     bench.add_argument("--divergence", default="forward_kl", help="KD divergence of kd_step (default forward_kl)")
     bench.add_argument("--cached-k", type=int, default=None, metavar="K",
                        help="also time a KD step whose teacher is its top-K held in memory (a cache's signal)")
+    bench.add_argument("--compile", action="store_true",
+                       help="torch.compile each student block first (the warmup steps pay the compile time)")
     bench.add_argument("--json", action="store_true", help="print the measurements as JSON")
     bench.set_defaults(func=cmd_bench)
 
@@ -267,6 +297,7 @@ def add_sweep_and_report(sub) -> None:
     sweep.add_argument("grid", help="grid spec (YAML); see configs/examples/grid_small.yaml")
     sweep.add_argument("--out", default=None, help="sweep directory (default sweeps/<name>)")
     sweep.add_argument("--dry-run", action="store_true", help="print runs, dependencies and compute; run nothing")
+    add_memory_args(sweep, None)
     sweep.add_argument("--device", default="cpu", help="compute estimate for: cpu, h100, tpu-v6e (default cpu)")
     sweep.add_argument("--mfu", type=float, default=0.4, help="model FLOP utilisation for h100 / tpu-v6e estimates")
     sweep.add_argument("--workers", type=int, default=1, help="runs at once (each gets cores / workers threads)")

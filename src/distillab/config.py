@@ -132,6 +132,8 @@ class TrainConfig:
     parallel: Literal["ddp", "fsdp"] = "ddp"
     # recompute each transformer block's activations in backward instead of keeping them
     activation_checkpointing: bool = False
+    # torch.compile each transformer block in place (GPUs; the first steps pay the compile time)
+    compile: bool = False
     # a non-finite loss, gradient norm or weight: stop (keep the last good checkpoint) or skip:N
     # (drop that step's update, at most N times in the run, then stop)
     nonfinite: str = "stop"
@@ -506,6 +508,7 @@ OPERATIONAL_KEYS = {
     "train.tensorboard",
     "train.wandb_project",
     "train.activation_checkpointing",
+    "train.compile",
     "eval.max_windows",
     "eval.batch_size",
     "eval.sets",

@@ -40,6 +40,13 @@ def resolve_device(name: str, key: str = "train.device") -> torch.device:
     return device
 
 
+def is_sharded(tensor: torch.Tensor) -> bool:
+    """Whether `tensor` is a shard of a distributed tensor (FSDP2 parameters and their state)."""
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
+
+
 def autocast(device: torch.device, precision: str):
     """bf16 autocast on GPUs when asked; plain fp32 otherwise (bf16 is slower on these CPUs)."""
     if precision == "bfloat16" and device.type == "cuda":

@@ -27,7 +27,7 @@ from distillab.checkpoint import verify_checkpoint
 from distillab.errors import CheckpointError, ConfigError
 from distillab.losses import Head, SparseTeacher
 from distillab.models import load_causal_lm, max_positions, model_directory
-from distillab.runtime import autocast
+from distillab.runtime import autocast, is_sharded
 
 log = logging.getLogger("distillab")
 
@@ -91,8 +91,9 @@ class OnlineTeacher:
 
     def projects_plainly(self) -> bool:
         """True when logits are exactly hidden @ W_out^T (no soft-capping or scaling)."""
-        return (self.model.config.model_type in PLAIN_HEAD_MODELS
-                and self.model.get_output_embeddings() is not None)
+        output = self.model.get_output_embeddings()
+        return (self.model.config.model_type in PLAIN_HEAD_MODELS and output is not None
+                and not is_sharded(output.weight))
 
     def signal(self, batch: Batch, head: bool = False) -> torch.Tensor | Head:
         with torch.inference_mode(), autocast(self.device, self.precision):

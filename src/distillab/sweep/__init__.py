@@ -7,7 +7,7 @@
 
 from distillab.sweep.execute import execute_run, read_status, run_sweep
 from distillab.sweep.grid import GridSpec, grid_from_dict, load_grid
-from distillab.sweep.plan import Run, compute_summary, format_notes, format_plan, plan
+from distillab.sweep.plan import Run, compute_summary, format_memory, format_notes, format_plan, plan
 
 __all__ = ["execute_run", "read_status", "run_sweep", "GridSpec", "grid_from_dict", "load_grid", "Run",
-           "compute_summary", "format_notes", "format_plan", "plan"]
+           "compute_summary", "format_memory", "format_notes", "format_plan", "plan"]

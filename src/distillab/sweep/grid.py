@@ -15,10 +15,12 @@ from pathlib import Path
 
 from distillab.config import DIVERGENCES, KDConfig, build_dataclass, read_yaml_mapping
 from distillab.errors import ConfigError
+from distillab.gpus import GPUS
 from distillab.models import LADDER
 
 # Peak dense bf16 throughput of accelerators, for compute estimates at a stated MFU.
-DEVICE_PEAK_FLOPS = {"h100": 989e12, "h200": 989e12, "a100": 312e12, "tpu-v6e": 918e12}
+DEVICE_PEAK_FLOPS = {"h100": GPUS["h100-80gb"].bf16_peak_flops, "h200": GPUS["h200-141gb"].bf16_peak_flops,
+                     "a100": GPUS["a100-80gb"].bf16_peak_flops, "tpu-v6e": 918e12}
 DEFAULT_MFU = 0.40
 
 

@@ -23,7 +23,9 @@ from distillab.config import ModelConfig, config_from_dict, results_config
 from distillab.errors import ConfigError
 from distillab.files import stable_hash
 from distillab.flops import compute_matched_tokens, teacher_inference_flops, training_flops
-from distillab.models import resolve_spec
+from distillab.gpus import GPU
+from distillab.memory import refuse_unless_fits, run_memory_plan
+from distillab.models import ModelSpec, resolve_spec
 from distillab.sweep.grid import DEFAULT_MFU, DEVICE_PEAK_FLOPS, GridSpec
 from distillab.train.schedule import make_plan
 
@@ -259,13 +261,40 @@ def run_flops(run: Run, runs_by_id: dict[str, Run]) -> dict:
     """Training FLOPs of the run and, for students, the teacher's forward passes over its tokens."""
     cfg = config_from_dict(run.config)
     vocab = cfg.data.tokenizer.vocab_size
-    teacher = None
-    if run.role == "student" and run.depends_on:
-        teacher = resolve_spec(config_from_dict(runs_by_id[run.depends_on[0]].config).model)
-    elif run.role == "student":  # an external teacher: the rung of its shape
-        teacher = resolve_spec(ModelConfig(name=run.info["teacher_model"]))
+    teacher = teacher_spec(run, runs_by_id)
     return {"train": training_flops(cfg, vocab),
             "teacher_inference": teacher_inference_flops(teacher, vocab, cfg, bool(run.info.get("cached")))}
+
+
+def teacher_spec(run: Run, runs_by_id: dict[str, Run]) -> ModelSpec | None:
+    """The shape of a student's teacher: its run's model, or an external teacher's rung (None for
+    teachers and baselines)."""
+    if run.role != "student":
+        return None
+    if run.depends_on:
+        return resolve_spec(config_from_dict(runs_by_id[run.depends_on[0]].config).model)
+    return resolve_spec(ModelConfig(name=run.info["teacher_model"]))
+
+
+def format_memory(runs: list[Run], gpu: GPU | None) -> list[str]:
+    """The dry run's memory plans, one per distinct (role, student, teacher, layout); refuses (a
+    one-line ConfigError) the first that does not fit `gpu`, after the lines are printed."""
+    by_id, seen, lines, refusal = {r.id: r for r in runs}, set(), ["", "memory plan per GPU:"], None
+    for run in runs:
+        cfg, teacher = config_from_dict(run.config), teacher_spec(run, by_id)
+        memory = run_memory_plan(cfg, teacher, gpu)
+        key = (run.role, run.info["model"], teacher.name if teacher else None, memory.layout)
+        if key in seen:
+            continue
+        seen.add(key)
+        what = f"{run.role} {run.info['model']}" + (f" with teacher {teacher.name}" if teacher else "")
+        lines.append(f"  {what}: {memory.describe()}")
+        if not memory.fits and refusal is None:
+            refusal = (memory, cfg, teacher, what)
+    print("\n".join(lines))
+    if refusal is not None:
+        refuse_unless_fits(*refusal)
+    return lines
 
 
 def compute_rate(spec: GridSpec, device: str, mfu: float) -> tuple[float, str]:

@@ -36,14 +36,27 @@ class SingleProcess:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def prepare_model(self, model: torch.nn.Module, activation_checkpointing: bool = False) -> torch.nn.Module:
+    def prepare_model(self, model: torch.nn.Module, activation_checkpointing: bool = False,
+                      compile_blocks: bool = False) -> torch.nn.Module:
         """The module the step calls (the model itself here)."""
         if activation_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if compile_blocks:
+            for block in transformer_blocks(model):
+                block.compile()
         return model
 
     def prepare_teacher(self, model: torch.nn.Module) -> torch.nn.Module:
         return model
+
+    @property
+    def collective_forward(self) -> bool:
+        """True when a forward pass needs every process (sharded weights): evaluation then runs on all."""
+        return False
+
+    def autocast_precision(self, precision: str) -> str:
+        """The precision to autocast the step to (`train.precision` unless the parallelism casts)."""
+        return precision
 
     def unwrap(self, stepper: torch.nn.Module) -> torch.nn.Module:
         """The HF model inside whatever `prepare_model` returned."""
@@ -98,10 +111,10 @@ class SingleProcess:
 class DataParallel(SingleProcess):
     name = "ddp"
 
-    def prepare_model(self, model, activation_checkpointing: bool = False):
+    def prepare_model(self, model, activation_checkpointing: bool = False, compile_blocks: bool = False):
         from torch.nn.parallel import DistributedDataParallel
 
-        model = super().prepare_model(model, activation_checkpointing)
+        model = super().prepare_model(model, activation_checkpointing, compile_blocks)
         return DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
 
     def micro_batch(self, stepper, last: bool):
@@ -130,6 +143,16 @@ class DataParallel(SingleProcess):
             dist.destroy_process_group()
 
 
+def transformer_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The decoder blocks of an HF causal LM (`model.<base>.layers`)."""
+    backbone = getattr(model, model.base_model_prefix, None)
+    layers = getattr(backbone, "layers", None)
+    if layers is None:
+        raise ConfigError("train.parallel", f"{type(model).__name__} has no .{model.base_model_prefix}.layers to "
+                                            "shard or compile per block")
+    return list(layers)
+
+
 def setup_parallelism(train: TrainConfig) -> SingleProcess:
     """Start the process group (under torchrun), pick the device and threads, return the parallelism."""
     device = resolve_device(train.device)
@@ -144,7 +167,11 @@ def setup_parallelism(train: TrainConfig) -> SingleProcess:
     import torch.distributed as dist
 
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if "WORLD_SIZE" in os.environ:
+            dist.init_process_group(backend=backend)
+        else:  # fsdp on one process without torchrun: a world of one
+            dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
     rank, local_rank = dist.get_rank(), int(os.environ.get("LOCAL_RANK", "0"))
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)
@@ -152,5 +179,5 @@ def setup_parallelism(train: TrainConfig) -> SingleProcess:
     if train.parallel == "fsdp":
         from distillab.train.fsdp import FullySharded
 
-        return FullySharded(device, rank, world)
+        return FullySharded(device, rank, world, train.precision)
     return DataParallel(device, rank, world)

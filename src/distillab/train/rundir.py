@@ -18,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-from distillab.config import OPERATIONAL_KEYS, RunConfig, dump_yaml, first_difference, flatten
+from distillab.config import OPERATIONAL_KEYS, RunConfig, dump_yaml, first_difference, flatten, results_view
 from distillab.errors import ConfigError, DataError
 from distillab.files import check_writable, exclusive_lock, write_json_atomic, write_text_atomic
 
@@ -75,8 +75,22 @@ class RunDirectory:
         write_json_atomic(self.summary_path, summary)
 
 
+# How a global batch is laid out over processes and micro-batches: a run may resume under
+# another layout of the same global batch (e.g. 2 FSDP processes -> 1 process with grad_accum 2);
+# it then continues the same trajectory up to floating-point summation order.
+LAYOUT_KEYS = frozenset({"train.batch_size", "train.grad_accum", "train.processes", "train.parallel"})
+
+
+def global_batch(values: dict) -> int:
+    return values["train.batch_size"] * values.get("train.grad_accum", 1) * values.get("train.processes", 1)
+
+
 def refuse_differences(recorded: dict, config: RunConfig, where: str, allowed: set = frozenset()) -> None:
-    """ConfigError naming the first results key whose value differs from what `where` recorded."""
+    """ConfigError naming the first results key whose value differs from what `where` recorded
+    (the layout keys may differ together when the global batch does not)."""
+    current = results_view(config)
+    if "train.batch_size" in recorded and global_batch(recorded) == global_batch(current):
+        allowed = set(allowed) | LAYOUT_KEYS
     difference = first_difference({k: v for k, v in recorded.items() if k not in OPERATIONAL_KEYS}, config, allowed)
     if difference is not None:
         key, was, now = difference

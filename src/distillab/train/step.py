@@ -19,7 +19,7 @@ import torch
 from distillab.data.loader import Batch, model_inputs
 from distillab.losses import Head, SparseTeacher, objective_loss
 from distillab.objective import KDObjective
-from distillab.runtime import autocast
+from distillab.runtime import autocast, is_sharded
 from distillab.train.guard import NonFiniteGuard
 
 # Above this many logits per micro-batch (1 GiB of fp32) the LM head is fused into the loss.
@@ -44,8 +44,8 @@ class StepResult:
 
 def fuse_head(model, batch: Batch) -> bool:
     """Whether the student's logits would be large enough to fuse its output layer into the loss."""
-    config = model.config
-    plain = config.model_type in PLAIN_HEAD_MODELS and model.get_output_embeddings() is not None
+    config, output = model.config, model.get_output_embeddings()
+    plain = config.model_type in PLAIN_HEAD_MODELS and output is not None and not is_sharded(output.weight)
     return plain and batch.inputs.numel() * config.vocab_size >= HEAD_FUSION_ELEMENTS
 
 

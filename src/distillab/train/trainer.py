@@ -130,7 +130,7 @@ class Trainer:
         if teacher is not None:
             teacher.model = parallel.prepare_teacher(teacher.model)
         model = build_model(spec, data.vocab_size, t.seq_len, t.init_seed, data.tokenizer.eos_token_id, parallel.device)
-        stepper = parallel.prepare_model(model, t.activation_checkpointing)
+        stepper = parallel.prepare_model(model, t.activation_checkpointing, t.compile)
         stream = training_stream(data, t.seq_len, t.data_seed, config.data.packing, log)
         plan = make_plan(t)
         epochs = stream.epochs(plan.steps * t.batch_size * t.grad_accum * parallel.world)
@@ -220,7 +220,7 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         result = train_step(self.stepper, self.optimizer, self.batches(), self.objective, self.teacher, self.parallel,
-                            step=self.step, steps=self.plan.steps, grad_clip=t.grad_clip, precision=t.precision,
+                            step=self.step, steps=self.plan.steps, grad_clip=t.grad_clip, precision=self.parallel.autocast_precision(t.precision),
                             guard=self.guard, diagnostics=diagnostics)
         self.step += 1
         self.tokens += result.targets
@@ -293,7 +293,7 @@ class Trainer:
         bar.set_postfix(loss=f"{result.loss:.3f}", tok_s=f"{result.targets / (time.perf_counter() - started):,.0f}")
         if do_log:
             row = self.log_row(result, lr)
-            if do_eval and self.parallel.is_main:
+            if do_eval and (self.parallel.is_main or self.parallel.collective_forward):
                 NonFiniteGuard.check_weights(self.step, self.model, "evaluation")
                 row.update({f"eval/{name}/{k}": r[k] for name, r in self.evaluate().items() for k in ("loss", "ppl")})
             metrics.write(row)
