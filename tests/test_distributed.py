@@ -125,7 +125,7 @@ def fsdp_run(tmp_path, cache_dir, name, processes, kd=None, **train_keys):
     return tiny_run(tmp_path, cache_dir, name, train=train_keys, **({"kd": kd} if kd else {}))
 
 
-@pytest.mark.parametrize("distil", [False, True], ids=["lm", "kd"])
+@pytest.mark.parametrize("distil", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["lm", "kd"])
 def test_fsdp_two_processes_match_one_process(tmp_path, cache_dir, tiny_teacher, distil):
     """FSDP2 on 2 gloo processes (student and teacher sharded) = one plain process with the same
     global batch: the same loss at every logged step and the same final weights."""
@@ -146,6 +146,7 @@ def test_fsdp_on_a_world_of_one_matches_the_plain_process(tmp_path, cache_dir):
     assert_same_run(single.run_dir, sharded.run_dir, rel=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("first,then", [(2, 1), (1, 2)], ids=["2-then-1", "1-then-2"])
 def test_fsdp_resumes_on_another_number_of_processes(tmp_path, cache_dir, capsys, first, then):
     """Stopped after 3 steps on `first` processes and resumed on `then`: the run continues the
