@@ -194,7 +194,7 @@ def add_teacher(sub) -> None:
         "cache", help="run a teacher once over a run config's training split and store its top-K per position",
         description="Capture, per target position of every training window (window id w = tokens[w*seq_len : "
         "w*seq_len+seq_len+1]), the teacher's K most likely tokens, their log-probabilities at T = 1 and the "
-        "log tail mass. A student reads it with kd.teacher_cache=DIR (and kd.teacher=the same teacher).")
+        "log tail mass. A student reads it with kd.cache=DIR (and kd.teacher=the same teacher).")
     cache.add_argument("--teacher", required=True, help="the teacher: an HF model directory (e.g. runs/NAME/final)")
     cache.add_argument("--data", required=True, metavar="CONFIG",
                        help="a run config (YAML): its data section and train.seq_len (and train.precision)")

@@ -1,8 +1,8 @@
 """`distillab teacher cache`: run a teacher once over a prepared training split and store its top-K.
 
-Windows are the training loop's own: non-overlapping runs of `seq_len + 1` tokens, window id w
-covering tokens[w * seq_len : w * seq_len + seq_len + 1] (`distillab.data.loader.WindowStream`);
-the teacher sees a window's first `seq_len` tokens and, per target position, the cache keeps
+Windows are the training loop's own (`distillab.data.packing.training_stream`, concat or packed
+documents, window ids independent of the data seed); the teacher sees a window exactly as the
+student will (its inputs, positions and document mask) and, per target position, the cache keeps
 the K most likely next tokens (most likely first), their log-probabilities at T = 1 and the log
 of the rest of the mass. Windows are captured in ascending id order and stored by id, so one
 capture serves every data-order seed. A capture may hold only some windows: the first N, or
@@ -21,11 +21,12 @@ from distillab.cache.coding import CODINGS, TopKRows, make_coding
 from distillab.cache.store import (FORMAT, MANIFEST, CacheWriter, TeacherCache, data_identity, read_manifest,
                                    teacher_identity, writer_lock)
 from distillab.config import RunConfig
-from distillab.data.loader import WindowStream
+from distillab.data.loader import ShuffledWindows
+from distillab.data.packing import training_stream
 from distillab.data.shards import prepare_data
 from distillab.errors import ConfigError, DataError
 from distillab.files import default_cache_dir, stable_hash
-from distillab.models import load_causal_lm
+from distillab.models import load_causal_lm, model_directory
 from distillab.progress import progress_bar
 from distillab.runtime import resolve_device, setup_runtime
 from distillab.teacher import OnlineTeacher, check_finite_outputs, check_same_tokenizer
@@ -53,14 +54,14 @@ def top_k_rows(logits: torch.Tensor, k: int) -> TopKRows:
     return TopKRows(torch.cat(ids).numpy().astype(np.int64), torch.cat(logprobs).numpy(), torch.cat(tails).numpy())
 
 
-def select_windows(n_windows: int, windows: int | None, readers: list | None, stream: WindowStream) -> np.ndarray:
+def select_windows(n_windows: int, windows: int | None, readers: list | None, stream_for) -> np.ndarray:
     """The window ids to capture, ascending: all, the first `windows`, or those `readers` read.
 
-    readers: [(data_seed, sequences), ...]: the union of what each such run trains on.
+    readers: [(data_seed, sequences), ...]: the union of what each such run trains on;
+    stream_for(data_seed) is the training stream of that seed.
     """
     if readers:
-        read = [WindowStream(stream.tokens, stream.seq_len, int(seed)).windows_read(int(sequences))
-                for seed, sequences in readers]
+        read = [stream_for(int(seed)).windows_read(int(sequences)) for seed, sequences in readers]
         return np.unique(np.concatenate(read))
     if windows is None:
         return np.arange(n_windows, dtype=np.int64)
@@ -89,7 +90,7 @@ def reusable(out: Path, manifest: dict, ids: np.ndarray) -> bool:
         existing = read_manifest(out, "--out")
     except DataError:
         return False
-    same = all(existing.get(key) == manifest[key] for key in ("top_k", "seq_len", "coding", "tokenizer_fingerprint"))
+    same = all(existing.get(key) == manifest[key] for key in ("top_k", "seq_len", "packing", "coding", "tokenizer_fingerprint"))
     same = same and existing["teacher"]["weights_sha256"] == manifest["teacher"]["weights_sha256"]
     same = same and existing["data"]["train_sha256"] == manifest["data"]["train_sha256"]
     if not same:
@@ -112,45 +113,68 @@ def check_out(out: Path) -> None:
 def capture_teacher_cache(teacher_dir: str | Path, config: RunConfig, top_k: int, out: str | Path | None = None,
                           coding: str = "compact", windows: int | None = None, readers: list | None = None,
                           device: str = "auto", threads: int | None = None, log=print) -> Path:
-    """Capture the teacher's top-`top_k` over the training split of `config.data` at
-    `config.train.seq_len` into `out` (default: a content-addressed directory under the data
-    cache); reuse `out` when it already holds this capture. Returns the cache directory."""
-    if coding not in CODINGS:
-        raise ConfigError("--coding", f"must be one of {', '.join(CODINGS)}, got {coding!r}")
-    if not (Path(teacher_dir) / "config.json").is_file():
-        raise ConfigError("--teacher", f"{teacher_dir} is not an HF model directory (no config.json); name a "
-                                       "teacher's final directory")
+    """`distillab teacher cache`: prepare `config.data`, then `ensure_capture` at `config.train`'s
+    seq_len and precision. Returns the cache directory."""
     setup_runtime(threads)
     torch_device = resolve_device(device, key="--device")
-    seq_len, precision = config.train.seq_len, config.train.precision
     data = prepare_data(config.data, log)
+    return ensure_capture(Path(teacher_dir), data, config, top_k, out, coding, windows, readers, torch_device, log)
+
+
+def capture_for_run(config: RunConfig, cache: dict, log=print) -> Path:
+    """A sweep's planned cache (`distillab.sweep.caches`) for the student `config`: captured by the
+    first of its students to start, reused by the rest."""
+    setup_runtime(config.train.threads)
+    device = resolve_device(config.train.device)
+    data = prepare_data(config.data, log)
+    return ensure_capture(model_directory(config.kd.teacher), data, config, int(cache["top_k"]), out=cache["dir"],
+                          readers=cache["readers"], device=device, log=log)
+
+
+def default_cache_path(config: RunConfig, manifest: dict, ids: np.ndarray) -> Path:
+    """A content-addressed directory under the data cache for this capture."""
+    root = default_cache_dir() if config.data.cache_dir is None else Path(config.data.cache_dir).expanduser()
+    return root / "teacher_caches" / stable_hash({**manifest, "teacher": manifest["teacher"]["weights_sha256"],
+                                                 "data": manifest["data"]["train_sha256"],
+                                                 "windows": stable_hash(ids.tolist())})
+
+
+def ensure_capture(teacher_dir: Path, data, config: RunConfig, top_k: int, out: str | Path | None = None,
+                   coding: str = "compact", windows: int | None = None, readers: list | None = None,
+                   device: torch.device = torch.device("cpu"), log=print) -> Path:
+    """The cache of the teacher in `teacher_dir` over prepared `data`'s training split (as
+    `config` packs it, at its seq_len): reused when `out` (default: content-addressed) already
+    holds it, captured otherwise. Concurrent callers for one cache capture it once: the others
+    wait on its lock and then reuse it."""
+    if coding not in CODINGS:
+        raise ConfigError("--coding", f"must be one of {', '.join(CODINGS)}, got {coding!r}")
+    if not (teacher_dir / "config.json").is_file():
+        raise ConfigError("--teacher", f"{teacher_dir} is not an HF model directory (no config.json); name a "
+                                       "teacher's final directory")
     if not 1 <= top_k <= data.vocab_size:
         raise ConfigError("--top-k", f"must be in [1, {data.vocab_size}] (the vocabulary), got {top_k}")
-    stream = WindowStream(data.tokens("train"), seq_len, 0)
-    ids = select_windows(stream.n_windows, windows, readers, stream)
-    manifest = {"teacher": teacher_identity(Path(teacher_dir)), "tokenizer_fingerprint": data.fingerprint,
-                "vocab_size": data.vocab_size, "data": data_identity(data), "seq_len": seq_len, "top_k": top_k,
-                "coding": make_coding(coding, data.vocab_size, top_k).describe(),
+    seq_len, packing, precision = config.train.seq_len, config.data.packing, config.train.precision
+    stream = training_stream(data, seq_len, 0, packing, log)
+    ids = select_windows(stream.n_windows, windows, readers,
+                         lambda seed: training_stream(data, seq_len, seed, packing, lambda *a: None))
+    manifest = {"teacher": teacher_identity(teacher_dir), "tokenizer_fingerprint": data.fingerprint,
+                "vocab_size": data.vocab_size, "data": data_identity(data), "seq_len": seq_len, "packing": packing,
+                "top_k": top_k, "coding": make_coding(coding, data.vocab_size, top_k).describe(),
                 "windows": {"of": stream.n_windows, "all": len(ids) == stream.n_windows}}
-    if out is None:
-        out = default_cache_dir() if config.data.cache_dir is None else Path(config.data.cache_dir).expanduser()
-        out = out / "teacher_caches" / stable_hash({**manifest, "teacher": manifest["teacher"]["weights_sha256"],
-                                                   "data": manifest["data"]["train_sha256"],
-                                                   "windows": stable_hash(ids.tolist())})
-    out = Path(out)
+    out = Path(out) if out is not None else default_cache_path(config, manifest, ids)
     with writer_lock(out):
         if reusable(out, manifest, ids):
             log(f"teacher cache: {out} already holds this capture; reusing it")
             return out
         check_out(out)
-        teacher = load_teacher(Path(teacher_dir), data, torch_device, precision, seq_len)
-        manifest["capture"] = {"precision": precision, "device": str(torch_device), "distillab_version": __version__,
+        teacher = load_teacher(teacher_dir, data, device, precision, seq_len)
+        manifest["capture"] = {"precision": precision, "device": str(device), "distillab_version": __version__,
                                "torch": torch.__version__, "format": FORMAT}
         write_capture(teacher, stream, ids, make_coding(coding, data.vocab_size, top_k), out, manifest, log)
     return out
 
 
-def write_capture(teacher: OnlineTeacher, stream: WindowStream, ids: np.ndarray, coding, out: Path, manifest: dict,
+def write_capture(teacher: OnlineTeacher, stream: ShuffledWindows, ids: np.ndarray, coding, out: Path, manifest: dict,
                   log) -> None:
     """Run the teacher over the windows `ids` (ascending), batch by batch, and write the cache."""
     seq_len, k = stream.seq_len, manifest["top_k"]

@@ -136,10 +136,10 @@ class TeacherCache:
     path: Path
     manifest: dict
     index: np.ndarray
-    key: str = "kd.teacher_cache"
+    key: str = "kd.cache"
 
     @classmethod
-    def open(cls, path: str | Path, key: str = "kd.teacher_cache") -> "TeacherCache":
+    def open(cls, path: str | Path, key: str = "kd.cache") -> "TeacherCache":
         """Check the manifest, the index's sha256 and every shard's presence and size."""
         path = Path(path)
         manifest = read_manifest(path, key)

@@ -82,7 +82,7 @@ class ShuffledWindows:
         (what a teacher cache must hold for a run that trains on that many sequences)."""
         if sequences >= self.n_windows:
             return np.arange(self.n_windows, dtype=np.int64)
-        return np.sort(self._order(0)[:sequences]).astype(np.int64)
+        return np.sort(self.order(0)[:sequences]).astype(np.int64)
 
     def window(self, window_ids: np.ndarray) -> Batch:
         raise NotImplementedError

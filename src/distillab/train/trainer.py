@@ -134,7 +134,8 @@ class Trainer:
         if spec.vocab_rows is not None and spec.vocab_rows < data.vocab_size:
             raise ConfigError("model.vocab_size", f"is {spec.vocab_rows} but the tokenizer has {data.vocab_size} "
                                                   "tokens")
-        teacher = build_teacher_signal(config.kd, data, parallel.device, t.precision, t.seq_len, objective.distills)
+        teacher = build_teacher_signal(config.kd, data, parallel.device, t.precision, t.seq_len, objective.distills,
+                                       config.data.packing)
         if isinstance(teacher, OnlineTeacher):
             teacher.model = parallel.prepare_teacher(teacher.model)
         model = build_model(spec, data.vocab_size, t.seq_len, t.init_seed, data.tokenizer.eos_token_id, parallel.device)
