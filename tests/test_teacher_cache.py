@@ -25,6 +25,8 @@ from distillab.train import train
 from conftest import tiny_run
 
 QUIET = dict(log=lambda *a: None)
+# what the tiny students read: data seed 42, 8 steps x 4 sequences (a capture of just those windows)
+READERS = [(42, 32)]
 
 
 def random_rows(n: int, vocab: int, k: int, seed: int = 0) -> TopKRows:
@@ -110,21 +112,24 @@ def student_config(tmp_path_factory, cache_dir, tiny_teacher):
 def exact_cache(student_config, tiny_teacher, tmp_path_factory):
     out = tmp_path_factory.mktemp("caches") / "exact"
     return capture_teacher_cache(tiny_teacher, student_config("capture"), 8, out=out, coding="float32", threads=1,
-                                 **QUIET)
+                                 readers=READERS, **QUIET)
 
 
-def test_capture_stores_the_teachers_top_k_of_every_window(exact_cache, student_config, tiny_teacher):
-    """Read back, the cache equals the teacher's own logits' top-8 for any window, in any order."""
+def test_capture_stores_the_teachers_top_k_of_the_windows_read(exact_cache, student_config, tiny_teacher):
+    """The capture holds exactly the windows its readers visit; read back in any order, it equals
+    the teacher's own logits' top-8."""
     from distillab.models import load_causal_lm
     from distillab.data.packing import training_stream
 
     config = student_config("check")
     data = prepare_data(config.data, lambda *a: None)
-    stream = training_stream(data, 32, 0, "concat", lambda *a: None)
+    stream = training_stream(data, 32, 42, "concat", lambda *a: None)
     cache = TeacherCache.open(exact_cache)
-    assert cache.manifest["windows"]["captured"] == stream.n_windows
+    read = stream.windows_read(32)
+    assert np.array_equal(cache.window_ids, read) and len(read) == 32
+    assert np.array_equal(np.sort(stream.window_indices(0, 32)), read)
     model = load_causal_lm(Path(tiny_teacher), torch.device("cpu"))
-    ids = np.array([5, 0, stream.n_windows - 1])
+    ids = np.array([read[5], read[0], read[-1]])
     with torch.no_grad():
         logits = model(input_ids=stream.window(ids).inputs).logits
     expected = top_k_rows(logits.reshape(-1, logits.shape[-1]), 8)
@@ -137,7 +142,7 @@ def test_capture_stores_the_teachers_top_k_of_every_window(exact_cache, student_
 def test_capture_is_reused_not_repeated(exact_cache, student_config, tiny_teacher):
     lines = []
     again = capture_teacher_cache(tiny_teacher, student_config("capture"), 8, out=exact_cache, coding="float32",
-                                  threads=1, log=lines.append)
+                                  threads=1, readers=READERS, log=lines.append)
     assert again == exact_cache and any("reusing" in line for line in lines)
 
 
@@ -155,7 +160,7 @@ def test_a_run_from_the_cache_matches_the_online_top_k_run(exact_cache, student_
     np.testing.assert_allclose(losses(cached), losses(online), rtol=1e-5, atol=1e-6)
     compact = student_config("compact-capture")
     path = capture_teacher_cache(compact.kd.teacher, compact, 8, out=Path(exact_cache).parent / "compact", threads=1,
-                                 **QUIET)
+                                 readers=READERS, **QUIET)
     from_compact = train(student_config("from-compact", top_k=4, temperature=2.0, cache=str(path)), **QUIET)
     online_4 = train(student_config("online-4", top_k=4, temperature=2.0), **QUIET)
     np.testing.assert_allclose(losses(from_compact), losses(online_4), rtol=2e-3)
@@ -231,7 +236,7 @@ def test_cli_capture(tiny_teacher, tmp_path, cache_dir, capsys):
 
     config.write_text(yaml.safe_dump(tiny_run(tmp_path, cache_dir, "cli")))
     code = main(["teacher", "cache", "--teacher", str(tiny_teacher), "--data", str(config), "--top-k", "4",
-                 "--out", str(tmp_path / "cli-cache"), "--threads", "1"])
+                 "--out", str(tmp_path / "cli-cache"), "--threads", "1", "--windows", "16"])
     assert code == 0
     cache = TeacherCache.open(tmp_path / "cli-cache")
     assert cache.top_k == 4 and cache.manifest["coding"]["name"] == "compact"
@@ -242,6 +247,7 @@ def test_cli_capture(tiny_teacher, tmp_path, cache_dir, capsys):
 # ---------------------------------------------------------------------------------------- sweeps
 
 
+@pytest.mark.slow
 def test_a_sweep_captures_one_cache_per_teacher_and_its_students_read_it(tmp_path, cache_dir):
     """kd.cache: auto (the default): a teacher serving students at top-k 4 and 8 gets one top-8
     cache; the dry run shows it with its storage and FLOPs; every student trains from it; the
