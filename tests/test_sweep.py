@@ -325,7 +325,7 @@ def test_external_teachers_are_named_by_path_and_not_trained(tmp_path, cache_dir
 
     cfg = config_from_dict(student.config)
     assert summary["per_run"][student.id]["teacher_inference"] == teacher_inference_flops(
-        LADDER["cpu-0.3m"], cfg.data.tokenizer.vocab_size, cfg, False) > 0
+        LADDER["cpu-0.3m"], cfg.data.tokenizer.vocab_size, cfg) > 0
 
 
 def test_notes_are_printed_and_kept_out_of_run_ids(tmp_path, cache_dir):

@@ -42,6 +42,17 @@ def cmd_data_list(args) -> int:
     return 0
 
 
+def cmd_teacher_cache(args) -> int:
+    from distillab.cache.capture import capture_teacher_cache
+    from distillab.config import load_config
+
+    config = load_config(args.data, args.overrides)
+    out = capture_teacher_cache(args.teacher, config, args.top_k, out=args.out, coding=args.coding,
+                                windows=args.windows, device=args.device, threads=args.threads)
+    print(out)
+    return 0
+
+
 def cmd_train(args) -> int:
     from distillab.config import load_config
     from distillab.train import train
@@ -193,6 +204,33 @@ def add_data(sub) -> None:
     data.set_defaults(func=lambda args: (data.print_help(), 2)[1])
 
 
+def add_teacher(sub) -> None:
+    teacher = sub.add_parser("teacher", help="teacher caches: a teacher's top-K captured once, read by many students")
+    teacher_sub = teacher.add_subparsers(dest="teacher_command", metavar="ACTION")
+    cache = teacher_sub.add_parser(
+        "cache", help="run a teacher once over a run config's training split and store its top-K per position",
+        description="Capture, per target position of every training window (window id w = tokens[w*seq_len : "
+        "w*seq_len+seq_len+1]), the teacher's K most likely tokens, their log-probabilities at T = 1 and the "
+        "log tail mass. A student reads it with kd.cache=DIR (and kd.teacher=the same teacher).")
+    cache.add_argument("--teacher", required=True, help="the teacher: an HF model directory (e.g. runs/NAME/final)")
+    cache.add_argument("--data", required=True, metavar="CONFIG",
+                       help="a run config (YAML): its data section and train.seq_len (and train.precision)")
+    cache.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a value of the run config by its dotted key (repeatable)")
+    cache.add_argument("--top-k", type=int, required=True, metavar="K", help="tokens kept per position")
+    cache.add_argument("--out", default=None,
+                       help="cache directory (default: a content-addressed one under the data cache)")
+    cache.add_argument("--coding", choices=["compact", "float32"], default="compact",
+                       help="compact: quantised log-probs (step 1/64 nat), delta-coded ids, zlib (default); "
+                            "float32: exact, 8K + 4 bytes per token")
+    cache.add_argument("--windows", type=int, default=None, metavar="N",
+                       help="capture only windows 0 .. N-1 (default: every window of the training split)")
+    cache.add_argument("--device", default="auto")
+    cache.add_argument("--threads", type=int, default=None)
+    cache.set_defaults(func=cmd_teacher_cache)
+    teacher.set_defaults(func=lambda args: (teacher.print_help(), 2)[1])
+
+
 def add_train(sub) -> None:
     train = sub.add_parser("train", help="train (or resume) a teacher or student run")
     add_config_args(train)
@@ -329,7 +367,7 @@ def add_demo(sub) -> None:
     demo.set_defaults(func=cmd_demo)
 
 
-VERBS = (add_data, add_train, add_eval, add_analyze, add_models_and_bench, add_sweep_and_report, add_demo)
+VERBS = (add_data, add_teacher, add_train, add_eval, add_analyze, add_models_and_bench, add_sweep_and_report, add_demo)
 
 
 def build_parser() -> argparse.ArgumentParser:

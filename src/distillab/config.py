@@ -162,11 +162,20 @@ class ScheduleConfig:
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd", "hard")
 
 
+# kd.cache values that are not a directory
+CACHE_MODES = ("auto", "off")
+
+
 @dataclass
 class KDConfig:
     # an HF causal-LM directory with the run's tokenizer (a distillab run's `final`, or a
     # downloaded model); unset for teachers and baselines
     teacher: str | None = None
+    # where the teacher's signal comes from: off = run the teacher; a directory = read its top-K
+    # from that cache (`distillab teacher cache`; checked against kd.teacher's weights, the run's
+    # data, packing and seq_len; kd.top_k defaults to K); auto = off for a single run, and in a
+    # sweep a cache per teacher serving >= 2 students with a top-k or hard-label objective
+    cache: str = "auto"
     alpha: float = 0.0
     temperature: float = 1.0
     # KL(p_T || p_S) by default; hard = cross-entropy against the teacher's argmax (no T^2)
@@ -400,6 +409,8 @@ def validate_kd(kd: KDConfig) -> None:
     distills = kd.alpha > 0 or kd.alpha_schedule.shape != "constant"
     require(not distills or kd.teacher is not None, "kd.alpha",
             f"is {kd.alpha} but kd.teacher is unset: name a teacher checkpoint or set kd.alpha=0")
+    require(kd.cache in CACHE_MODES or kd.teacher is not None, "kd.cache",
+            "names a cache directory but kd.teacher is unset (the cache is checked against that teacher's weights)")
     require(kd.top_k is None or kd.top_k >= 1, "kd.top_k", f"must be >= 1, got {kd.top_k}")
     require(kd.top_p is None or 0 < kd.top_p <= 1, "kd.top_p", f"must be in (0, 1], got {kd.top_p}")
     require(kd.top_k is None or kd.top_p is None, "kd.top_p",
@@ -525,7 +536,7 @@ LATER_KEYS = (
     "kd.label_smoothing", "kd.loss_scale", "kd.alpha_schedule.shape", "kd.alpha_schedule.start",
     "kd.alpha_schedule.end", "kd.alpha_schedule.warmup_fraction", "kd.alpha_schedule.decay_fraction",
     "kd.temperature_schedule.shape", "kd.temperature_schedule.start", "kd.temperature_schedule.end",
-    "kd.temperature_schedule.warmup_fraction", "kd.temperature_schedule.decay_fraction",
+    "kd.temperature_schedule.warmup_fraction", "kd.temperature_schedule.decay_fraction", "kd.cache",
 )
 
 

@@ -2,8 +2,8 @@
 
 A run's training FLOPs count the tokens it trains: its whole budget, or for a WSD branch only
 the decay it trains from its trunk's checkpoint. A student's teacher-inference FLOPs count a
-forward pass of the teacher per student token when the teacher runs online, and nothing when
-its outputs come from a cache (the cache's capture is a job of its own, counted once).
+forward pass of the teacher per student token when the teacher runs online; from a cache, its
+equal share of the cache's one capture (so a sweep's sums count the teacher's inference once).
 """
 
 from __future__ import annotations
@@ -26,11 +26,25 @@ def training_flops(config: RunConfig, vocab_size: int) -> float:
     return spec.training_flops_per_token(vocab_size, config.train.seq_len) * trained_tokens(config)
 
 
-def teacher_inference_flops(teacher: ModelSpec | None, vocab_size: int, config: RunConfig, cached: bool) -> float:
-    """A student's teacher forward passes over its tokens (0 without a teacher or from a cache)."""
-    if teacher is None or cached:
+def teacher_inference_flops(teacher: ModelSpec | None, vocab_size: int, config: RunConfig,
+                            cache: dict | None = None) -> float:
+    """A student's teacher forward passes over its tokens (0 without a teacher); from a sweep's
+    cache (`info["cache"]`: readers, students), its share of the capture."""
+    if teacher is None:
         return 0.0
+    if cache is not None:
+        return capture_flops(teacher, vocab_size, config.train.seq_len, captured_tokens(cache, config.train.seq_len)) \
+            / cache["students"]
     return teacher.forward_flops_per_token(vocab_size, config.train.seq_len) * trained_tokens(config)
+
+
+def captured_tokens(cache: dict, seq_len: int) -> int:
+    """At most the tokens a sweep's cache captures: per data seed the longest reader's windows
+    (readers of one seed read a prefix of one order), summed over seeds."""
+    longest: dict[int, int] = {}
+    for seed, sequences in cache["readers"]:
+        longest[seed] = max(longest.get(seed, 0), sequences)
+    return sum(longest.values()) * seq_len
 
 
 def capture_flops(teacher: ModelSpec, vocab_size: int, seq_len: int, tokens: int) -> float:

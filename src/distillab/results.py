@@ -96,7 +96,7 @@ def run_row(run: dict) -> dict:
         "objective_key": objective.setting().key(), "cached_teacher": bool(info.get("cached")),
         "matched_tokens": info.get("matched_tokens"), "matched_teacher": info.get("matched_teacher"),
         "trained_tokens": trained_tokens(cfg), "train_flops": training_flops(cfg, vocab),
-        "teacher_inference_flops": teacher_inference_flops(teacher, vocab, cfg, bool(info.get("cached"))),
+        "teacher_inference_flops": teacher_inference_flops(teacher, vocab, cfg, info.get("teacher_cache")),
     }
 
 

@@ -18,13 +18,15 @@ import logging
 from pathlib import Path
 from typing import Protocol
 
+import numpy as np
 import torch
 
-from distillab.config import KDConfig
+from distillab.cache.store import TeacherCache, data_identity, first_mismatch, teacher_identity
+from distillab.config import CACHE_MODES, KDConfig
 from distillab.data.loader import Batch, model_inputs
 from distillab.data.tokenizer import load_tokenizer, tokenizer_fingerprint
 from distillab.checkpoint import verify_checkpoint
-from distillab.errors import CheckpointError, ConfigError
+from distillab.errors import CheckpointError, ConfigError, DataError
 from distillab.losses import Head, SparseTeacher
 from distillab.models import load_causal_lm, max_positions, model_directory
 from distillab.runtime import autocast, is_sharded
@@ -114,6 +116,65 @@ class OnlineTeacher:
             return torch.matmul(hidden, weight.T, out=self.buffer)
 
 
+class CachedTeacher:
+    """A teacher's top-K per position read from a cache by window id: no forward pass.
+
+    Serves `SparseTeacher` rows; the loss truncates them further (top_k <= K, top_p) and
+    tempers them (see `distillab.losses.teacher_rows` for which variants are exact).
+    """
+
+    def __init__(self, cache: TeacherCache):
+        self.cache = cache
+        self.top_k = cache.top_k
+        self.description = f"cache:{cache.path} (top-{cache.top_k}, {cache.manifest['coding']['name']} coding)"
+
+    @classmethod
+    def open(cls, path: str | Path, teacher_dir: str | Path, data, seq_len: int, top_k: int | None,
+             packing: str = "concat") -> "CachedTeacher":
+        """The cache in `path`, after checking it was captured from the teacher in `teacher_dir` over
+        this run's tokenizer and training data at `seq_len`, with at least `top_k` tokens per position."""
+        cache = TeacherCache.open(path)
+        mismatch = first_mismatch(cache.manifest, teacher_identity(Path(teacher_dir)), data.fingerprint,
+                                  data_identity(data))
+        if mismatch is not None:
+            raise ConfigError("kd.cache", f"{path} {mismatch}")
+        if cache.seq_len != seq_len:
+            raise ConfigError("train.seq_len", f"is {seq_len} but the teacher cache {path} was captured at seq_len "
+                                               f"{cache.seq_len}; use that, or capture the cache again at {seq_len}")
+        if cache.manifest.get("packing", "concat") != packing:
+            raise ConfigError("data.packing", f"is {packing} but the teacher cache {path} was captured over "
+                                              f"{cache.manifest['packing']} windows; capture it again")
+        if top_k is not None and top_k > cache.top_k:
+            raise ConfigError("kd.top_k", f"is {top_k} but the teacher cache {path} holds only the top {cache.top_k} "
+                                          f"tokens per position; use kd.top_k <= {cache.top_k} or capture with "
+                                          f"--top-k {top_k}")
+        return cls(cache)
+
+    def inference_flops_per_token(self) -> float:
+        return 0.0
+
+    def check_covers(self, stream, sequences: int) -> None:
+        """Refuse, before training, a run that would read windows the cache did not capture."""
+        missing = self.cache.missing(stream.windows_read(sequences))
+        if len(missing):
+            raise ConfigError("kd.cache", f"{self.cache.path} holds {len(self.cache.window_ids):,} of the "
+                                                  f"training split's {stream.n_windows:,} windows, but this run also "
+                                                  f"reads {len(missing):,} others (e.g. window {missing[0]}); capture "
+                                                  "them (without --windows, a capture takes every window)")
+
+    def signal(self, batch: Batch, head: bool = False) -> SparseTeacher:
+        """The cached rows of the batch's windows as [batch, seq, K] (`head` is ignored: no logits)."""
+        size, seq = batch.inputs.shape
+        if seq != self.cache.seq_len:
+            raise DataError(f"kd.cache: a batch of {seq} positions, but the cache holds windows of "
+                            f"{self.cache.seq_len}")
+        rows = self.cache.rows(np.asarray(batch.window_ids.cpu()))
+        device, k = batch.inputs.device, self.top_k
+        return SparseTeacher(torch.from_numpy(rows.ids).view(size, seq, k).to(device),
+                             torch.from_numpy(rows.logprobs).view(size, seq, k).to(device),
+                             torch.from_numpy(rows.log_tail).view(size, seq).to(device))
+
+
 def forward_logits(model, batch: Batch) -> torch.Tensor:
     return model(**model_inputs(batch)).logits
 
@@ -130,12 +191,14 @@ def check_same_tokenizer(path: Path, tokenizer, key: str = "kd.teacher") -> None
 
 
 def build_teacher_signal(kd: KDConfig, data, device: torch.device, precision: str, seq_len: int,
-                         distills: bool) -> TeacherSignal | None:
+                         distills: bool, packing: str = "concat") -> TeacherSignal | None:
     """The teacher signal a run's config asks for (None for teachers and baselines).
 
-    `kd.teacher` is a model directory, or a hub id already in the local HF cache. Checks,
-    before any training: the teacher exists, shares the run's tokenizer, was built for
-    at least `seq_len` positions, and gives finite outputs.
+    Checks, before any training: the teacher exists (a directory, or a hub id already in the local
+    HF cache), shares the run's tokenizer, was built for at least `seq_len` positions, and gives
+    finite outputs. With `kd.cache` a directory: the cache was captured from that teacher's weights
+    over this run's tokenizer, training split and seq_len, with K >= kd.top_k (a mismatch is a
+    one-line ConfigError naming what differs).
     """
     if not distills:
         return None
@@ -145,6 +208,8 @@ def build_teacher_signal(kd: KDConfig, data, device: torch.device, precision: st
             verify_checkpoint(directory)
         except CheckpointError as exc:
             raise ConfigError("kd.teacher", f"{exc}; retrain or restore the teacher") from None
+    if kd.cache not in CACHE_MODES:
+        return CachedTeacher.open(kd.cache, str(directory), data, seq_len, kd.top_k, packing)
     teacher = OnlineTeacher.load(directory, data.tokenizer, device, precision)
     if 0 < teacher.positions() < seq_len:
         raise ConfigError("train.seq_len", f"is {seq_len} but the teacher {kd.teacher} was built for "

@@ -77,6 +77,13 @@ class ShuffledWindows:
             out[i] = self.order(epoch)[position]
         return out
 
+    def windows_read(self, sequences: int) -> np.ndarray:
+        """The distinct window ids that sequences 0 .. sequences-1 of the stream visit, ascending
+        (what a teacher cache must hold for a run that trains on that many sequences)."""
+        if sequences >= self.n_windows:
+            return np.arange(self.n_windows, dtype=np.int64)
+        return np.sort(self.order(0)[:sequences]).astype(np.int64)
+
     def window(self, window_ids: np.ndarray) -> Batch:
         raise NotImplementedError
 

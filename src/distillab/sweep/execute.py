@@ -56,6 +56,7 @@ def first_line(exc: BaseException) -> str:
 
 def execute_run(sweep_dir: str | Path, run_id: str, threads: int | None = None) -> dict:
     """Train (or resume) one run of a planned sweep, then evaluate it. Runs in a worker process."""
+    from distillab.cache.capture import capture_for_run
     from distillab.evaluate.run import evaluate_checkpoint
     from distillab.train import train
 
@@ -68,6 +69,8 @@ def execute_run(sweep_dir: str | Path, run_id: str, threads: int | None = None) 
     try:
         config_values = merge(run["config"], {"train": {"threads": threads}} if threads else {})
         config = config_from_dict(config_values)
+        if run["info"].get("teacher_cache"):
+            capture_for_run(config, run["info"]["teacher_cache"])
         if config.train.processes > 1 and "WORLD_SIZE" not in os.environ:
             final_dir = train_with_torchrun(config_values, config.train.processes)
         else:

@@ -25,7 +25,8 @@ from distillab.files import stable_hash
 from distillab.flops import compute_matched_tokens, teacher_inference_flops, training_flops
 from distillab.gpus import GPU
 from distillab.memory import refuse_unless_fits, run_memory_plan
-from distillab.models import ModelSpec, resolve_spec
+from distillab.models import resolve_spec
+from distillab.sweep.caches import assign_caches, format_caches, teacher_spec
 from distillab.sweep.grid import DEFAULT_MFU, DEVICE_PEAK_FLOPS, GridSpec
 from distillab.train.schedule import make_plan
 
@@ -217,10 +218,10 @@ class Planner:
     def matched_tokens(self, base: dict, teacher) -> int:
         """The compute-matched budget of a student (config `base`) distilled from `teacher`."""
         student = config_from_dict(merge(base, {"kd": {"alpha": 0.0, "teacher": None}}))
-        teacher_spec = resolve_spec(config_from_dict(teacher.config).model) if isinstance(teacher, Run) else \
+        shape = resolve_spec(config_from_dict(teacher.config).model) if isinstance(teacher, Run) else \
             resolve_spec(ModelConfig(name=teacher.info["model"]))
         t = student.train
-        return compute_matched_tokens(resolve_spec(student.model), teacher_spec,
+        return compute_matched_tokens(resolve_spec(student.model), shape,
                                       student.data.tokenizer.vocab_size, t.seq_len, t.token_budget,
                                       t.batch_size * t.seq_len * t.grad_accum * t.processes)
 
@@ -251,6 +252,7 @@ def plan(spec: GridSpec, sweep_dir: Path) -> list[Run]:
     planner = Planner(spec, sweep_dir)
     planner.students(planner.teacher_pool())
     planner.baseline_members()
+    assign_caches(list(planner.runs.values()), planner.sweep_dir)
     return sorted(planner.runs.values(), key=lambda r: ROLE_ORDER[r.role])
 
 
@@ -263,17 +265,7 @@ def run_flops(run: Run, runs_by_id: dict[str, Run]) -> dict:
     vocab = cfg.data.tokenizer.vocab_size
     teacher = teacher_spec(run, runs_by_id)
     return {"train": training_flops(cfg, vocab),
-            "teacher_inference": teacher_inference_flops(teacher, vocab, cfg, bool(run.info.get("cached")))}
-
-
-def teacher_spec(run: Run, runs_by_id: dict[str, Run]) -> ModelSpec | None:
-    """The shape of a student's teacher: its run's model, or an external teacher's rung (None for
-    teachers and baselines)."""
-    if run.role != "student":
-        return None
-    if run.depends_on:
-        return resolve_spec(config_from_dict(runs_by_id[run.depends_on[0]].config).model)
-    return resolve_spec(ModelConfig(name=run.info["teacher_model"]))
+            "teacher_inference": teacher_inference_flops(teacher, vocab, cfg, run.info.get("teacher_cache"))}
 
 
 def format_memory(runs: list[Run], gpu: GPU | None) -> list[str]:
@@ -363,4 +355,4 @@ def format_plan(runs: list[Run], summary: dict) -> str:
     teacher_cost = flops["teacher_training"] + flops["teacher_inference"]
     lines.append(f"  distillation pays for itself only if its gain beats spending {teacher_cost / 1e15:.3f} PFLOP "
                  "on the students instead")
-    return "\n".join(lines)
+    return "\n".join(lines + format_caches(runs))

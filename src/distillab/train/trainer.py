@@ -40,7 +40,7 @@ from distillab.files import stable_hash
 from distillab.models import ModelSpec, build_model, resolve_spec
 from distillab.objective import KDObjective
 from distillab.progress import progress_bar
-from distillab.teacher import build_teacher_signal
+from distillab.teacher import CachedTeacher, OnlineTeacher, build_teacher_signal
 from distillab.train.guard import NonFiniteError, NonFiniteGuard
 from distillab.train.metrics import LogWindow, MetricsSink, NoMetrics
 from distillab.train.parallel import SingleProcess, setup_parallelism
@@ -93,6 +93,14 @@ def check_branch(meta: dict, config: RunConfig, source: Path) -> None:
                                                "a branch may differ from its trunk only in train.token_budget")
 
 
+def cached_objective(objective: KDObjective, teacher: CachedTeacher, log) -> KDObjective:
+    """From a cache of the top K, an untruncated soft objective is the top-K one (kd.top_k = K)."""
+    if objective.truncated or objective.divergence == "hard":
+        return objective
+    log(f"train: kd.top_k is unset; from the teacher cache it is the cache's K = {teacher.top_k} (renormalised)")
+    return dataclasses.replace(objective, top_k=teacher.top_k)
+
+
 def config_hash(config: RunConfig) -> str:
     return stable_hash(results_config(config))
 
@@ -101,11 +109,11 @@ class Trainer:
     """A run's state and its phases. `train()` below is the whole lifecycle in order."""
 
     def __init__(self, config: RunConfig, parallel: SingleProcess, data: PreparedData, spec: ModelSpec, stepper,
-                 optimizer, teacher, stream, plan: Plan, log):
+                 optimizer, teacher, stream, plan: Plan, log, objective: KDObjective | None = None):
         self.config, self.parallel, self.data, self.spec = config, parallel, data, spec
         self.stepper, self.optimizer, self.teacher, self.stream, self.plan = stepper, optimizer, teacher, stream, plan
         self.model = parallel.unwrap(stepper)
-        self.objective = KDObjective.from_config(config.kd)
+        self.objective = objective or KDObjective.from_config(config.kd)
         self.guard = NonFiniteGuard(config.train.nonfinite)
         self.log = log
         self.step = self.tokens = self.sequences = 0
@@ -126,17 +134,22 @@ class Trainer:
         if spec.vocab_rows is not None and spec.vocab_rows < data.vocab_size:
             raise ConfigError("model.vocab_size", f"is {spec.vocab_rows} but the tokenizer has {data.vocab_size} "
                                                   "tokens")
-        teacher = build_teacher_signal(config.kd, data, parallel.device, t.precision, t.seq_len, objective.distills)
-        if teacher is not None:
+        teacher = build_teacher_signal(config.kd, data, parallel.device, t.precision, t.seq_len, objective.distills,
+                                       config.data.packing)
+        if isinstance(teacher, OnlineTeacher):
             teacher.model = parallel.prepare_teacher(teacher.model)
         model = build_model(spec, data.vocab_size, t.seq_len, t.init_seed, data.tokenizer.eos_token_id, parallel.device)
         stepper = parallel.prepare_model(model, t.activation_checkpointing, t.compile)
         stream = training_stream(data, t.seq_len, t.data_seed, config.data.packing, log)
         plan = make_plan(t)
-        epochs = stream.epochs(plan.steps * t.batch_size * t.grad_accum * parallel.world)
-        if epochs > 1:
-            log(f"train: the budget covers {epochs:.2f} epochs of the training split (data repeats)")
-        return cls(config, parallel, data, spec, stepper, make_optimizer(stepper, t), teacher, stream, plan, log)
+        sequences = plan.steps * t.batch_size * t.grad_accum * parallel.world
+        if stream.epochs(sequences) > 1:
+            log(f"train: the budget covers {stream.epochs(sequences):.2f} epochs of the training split (data repeats)")
+        if isinstance(teacher, CachedTeacher):
+            teacher.check_covers(stream, sequences)
+            objective = cached_objective(objective, teacher, log)
+        return cls(config, parallel, data, spec, stepper, make_optimizer(stepper, t), teacher, stream, plan, log,
+                   objective)
 
     # ------------------------------------------------------------------------- state
 
