@@ -33,7 +33,7 @@ from dataclasses import dataclass, replace
 
 import json
 
-from distillab.config import RunConfig
+from distillab.config import CACHE_MODES, RunConfig
 from distillab.errors import ConfigError
 from distillab.gpus import GIB, GPU
 from distillab.models import ModelSpec, model_directory, resolve_spec
@@ -193,6 +193,8 @@ def teacher_of_config(config: RunConfig) -> tuple[ModelSpec | None, str]:
     """A run's teacher shape from its directory's config.json, with a note when it is not counted."""
     if config.kd.teacher is None or (config.kd.alpha == 0 and config.kd.alpha_schedule.shape == "constant"):
         return None, ""
+    if config.kd.cache not in CACHE_MODES:
+        return None, " (teacher read from its cache: no teacher model in memory)"
     try:
         directory = model_directory(config.kd.teacher)
         return spec_from_hf_config(json.loads((directory / "config.json").read_text())), ""

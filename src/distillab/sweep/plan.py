@@ -273,7 +273,8 @@ def format_memory(runs: list[Run], gpu: GPU | None) -> list[str]:
     one-line ConfigError) the first that does not fit `gpu`, after the lines are printed."""
     by_id, seen, lines, refusal = {r.id: r for r in runs}, set(), ["", "memory plan per GPU:"], None
     for run in runs:
-        cfg, teacher = config_from_dict(run.config), teacher_spec(run, by_id)
+        cfg = config_from_dict(run.config)
+        teacher = None if run.info.get("teacher_cache") else teacher_spec(run, by_id)  # a cache holds no model
         memory = run_memory_plan(cfg, teacher, gpu)
         key = (run.role, run.info["model"], teacher.name if teacher else None, memory.layout)
         if key in seen:
