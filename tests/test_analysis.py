@@ -248,3 +248,12 @@ def test_analyze_cli_writes_the_authors_tables(tiny_teacher, short_run, tmp_path
     markdown = (out / "analysis.md").read_text()
     assert "## Loss by position (20 equal buckets)" in markdown and "Quintiles of the reference's entropy" in markdown
     assert (out / "authors_analysis.png").stat().st_size > 1000
+
+
+def test_unknown_reference_is_one_line_error():
+    from distillab.errors import DistillabError
+    from distillab.evaluate.analysis import check_reference
+
+    check_reference("baseline", {"student": 0, "baseline": 0})
+    with pytest.raises(DistillabError, match=r"--reference: 'teacher' is not among --model names \(student, baseline\)"):
+        check_reference("teacher", {"student": 0, "baseline": 0})
