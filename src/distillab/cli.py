@@ -99,7 +99,7 @@ def cmd_analyze(args) -> int:
     from distillab.evaluate.analysis import analyze_checkpoints
 
     analyze_checkpoints(args.model, args.pairs, args.gain, args.set, args.seq_len, args.max_windows, args.out,
-                        args.batch_size, args.device)
+                        args.batch_size, args.device, reference=args.reference)
     return 0
 
 
@@ -280,18 +280,25 @@ def add_analyze(sub) -> None:
     analysis = sub.add_parser(
         "analyze", help="mechanism analysis: distributions of student, teacher and baseline compared",
         description="Per-model (entropy, max prob, ground-truth log-prob and rank, effective vocabulary, top-k "
-        "mass), per-pair (KL both ways, JS, top-1 agreement, top-5 Jaccard, logit cosine, top-10 Spearman, "
-        "probability overlap) and the student's gain over its baseline by token difficulty and position. "
-        "Writes analysis.json and PNG plots.",
+        "mass, loss, perplexity), per-pair (KL both ways, JS, top-1 agreement, top-5 Jaccard, logit cosine, top-10 "
+        "Spearman, probability overlap) and the student's gain over its baseline by token difficulty and position; "
+        "in the authors' form, loss by 20 equal position buckets and gain, loss change and entropy change by "
+        "quintile of the reference's entropy (and loss). Defaults are the authors' 200 windows of 2,048 tokens. "
+        "Writes analysis.json, analysis.md and PNG plots.",
     )
     analysis.add_argument("--model", action="append", required=True, metavar="NAME=DIR",
                           help="a checkpoint under a name (repeat); student, teacher, baseline get default pairs")
     analysis.add_argument("--pairs", nargs="*", metavar="A:B", help="pairs to compare (default: student:teacher, "
-                          "student:baseline)")
+                          "student:baseline, teacher:baseline)")
     analysis.add_argument("--gain", metavar="STUDENT:BASELINE", help="gain pair (default: student:baseline)")
-    analysis.add_argument("--set", default="validation", help="evaluation set (default: validation)")
-    analysis.add_argument("--seq-len", type=int, default=None)
-    analysis.add_argument("--max-windows", type=int, default=16)
+    analysis.add_argument("--reference", metavar="NAME", help="model whose entropy and loss set token difficulty "
+                          "quintiles (default: the gain pair's baseline)")
+    analysis.add_argument("--set", default="validation", help="evaluation set (default: validation; the authors: "
+                          "wikitext103)")
+    analysis.add_argument("--seq-len", type=int, default=None, help="window length (default: 2,048, or the "
+                          "model's positions if fewer)")
+    analysis.add_argument("--max-windows", type=int, default=200, help="evenly spaced windows (default: 200; "
+                          "fewer on the CPU)")
     analysis.add_argument("--batch-size", type=int, default=4)
     analysis.add_argument("--device", default="auto")
     analysis.add_argument("--out", required=True, help="output directory")

@@ -8,10 +8,14 @@ Per pair (a, b):
     kl_ab = KL(p_a || p_b), kl_ba, js (Jensen-Shannon, nats), top1_agreement,
     top5_jaccard, logit_cosine, top10_spearman (rank correlation of a's and b's logits over
     a's top-10 tokens), prob_overlap = sum_v min(p_a, p_b)
+    loss = -gt_logprob and perplexity = exp(loss) over all analysed tokens
 Gain (student vs baseline): student minus baseline ground-truth log-prob per token, binned by
 quintile of the baseline's entropy (token difficulty) and by position in the window.
+The authors' form (`paper` in analysis.json, see analysis_tables.py): loss in 20 equal
+position buckets per model, gain and entropy change by 20 buckets and by difficulty quintile.
 
-The metric functions are pure and take logits [N, V]; `analyze` runs models over windows.
+The metric functions are pure and take logits [N, V]; `analyze` runs models over windows,
+in row chunks (`chunked`) so that float64 copies of the logits stay small.
 """
 
 from __future__ import annotations
@@ -23,14 +27,19 @@ import torch
 
 from distillab.data.loader import stack_windows
 from distillab.errors import DistillabError
-from distillab.evaluate.perplexity import vocab_limit, window_starts
-from distillab.files import default_cache_dir, write_json_atomic
+from distillab.evaluate.analysis_tables import analysis_markdown, authors_analysis, plot_authors_analysis
+from distillab.evaluate.perplexity import safe_exp, vocab_limit, window_starts
+from distillab.files import default_cache_dir, write_json_atomic, write_text_atomic
 from distillab.models import load_causal_lm
 
 MODEL_METRICS = ("entropy", "max_prob", "gt_logprob", "gt_rank", "top1_acc", "effective_vocab", "top10_mass",
                  "top50_mass")
 PAIR_METRICS = ("kl_ab", "kl_ba", "js", "top1_agreement", "top5_jaccard", "logit_cosine", "top10_spearman",
                 "prob_overlap")
+
+# the authors' analysis: 2,048-token sequences (200: the CLI's --max-windows default); their pairs
+AUTHORS_SEQ_LEN = 2048
+DEFAULT_PAIRS = (("student", "teacher"), ("student", "baseline"), ("teacher", "baseline"))
 
 
 def model_token_metrics(logits: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -122,6 +131,31 @@ def gain_analysis(student_lp: np.ndarray, baseline_lp: np.ndarray, baseline_entr
             "by_position": by_position}
 
 
+def chunk_rows(vocab: int, budget_bytes: int = 1 << 28) -> int:
+    """Rows per chunk so that one float64 [rows, vocab] tensor stays within `budget_bytes`."""
+    return max(1, budget_bytes // (8 * vocab))
+
+
+def chunked(fn, tensors: tuple[torch.Tensor, ...], rows: int) -> dict[str, torch.Tensor]:
+    """fn applied to row slices of `tensors`, per-row outputs concatenated: the same values as
+    fn on the whole rows (every metric here is row-wise), with float64 copies of at most
+    `rows` rows of logits alive at a time."""
+    parts = [fn(*(t[i : i + rows] for t in tensors)) for i in range(0, len(tensors[0]), rows)]
+    return {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
+
+
+def batch_logits(loaded: dict, window: torch.Tensor, vocab_size: int | None) -> dict[str, torch.Tensor]:
+    """Each model's logits [rows, V] over window[:, :-1], cut to the tokenizer's vocabulary."""
+    logits = {}
+    for name, model in loaded.items():
+        out = model(input_ids=window[:, :-1], use_cache=False).logits
+        limit = vocab_limit(model, vocab_size)
+        if limit:
+            out = out[..., :limit]
+        logits[name] = out.reshape(-1, out.shape[-1])
+    return logits
+
+
 @torch.inference_mode()
 def analyze(
     models: dict[str, Path],
@@ -135,61 +169,72 @@ def analyze(
     vocab_size: int | None = None,
     device: torch.device = torch.device("cpu"),
     set_name: str = "",
+    reference: str | None = None,
     log=print,
 ) -> dict:
-    """Run every model over the same windows; write analysis.json and the plots into `out_dir`."""
+    """Run every model over the same windows; write analysis.json, analysis.md and the plots
+    into `out_dir`. `reference` (default: the gain pair's baseline) sets token difficulty."""
+    reference = reference or (gain[1] if gain else None)
+    check_reference(reference, models)
     loaded = {name: load_causal_lm(path, device, key=f"--model {name}").eval() for name, path in models.items()}
     pairs = pairs or []
     starts = window_starts(len(tokens), seq_len, max_windows)
     sums_model = {name: {m: 0.0 for m in MODEL_METRICS} for name in loaded}
     sums_pair = {f"{a}|{b}": {m: 0.0 for m in PAIR_METRICS} for a, b in pairs}
-    gain_parts: dict[str, list] = {"student": [], "baseline": [], "entropy": [], "position": []}
+    per_token: dict[str, dict[str, list]] = {name: {"loss": [], "entropy": []} for name in loaded}
     count = 0
     for i in range(0, len(starts), batch_size):
         window = stack_windows(tokens, starts[i : i + batch_size], seq_len + 1).to(device)
         targets = window[:, 1:].reshape(-1)
-        logits = {}
-        for name, model in loaded.items():
-            out = model(input_ids=window[:, :-1], use_cache=False).logits
-            limit = vocab_limit(model, vocab_size)
-            if limit:
-                out = out[..., :limit]
-            logits[name] = out.reshape(-1, out.shape[-1])
-        per_model = {name: model_token_metrics(z, targets) for name, z in logits.items()}
-        for name, metrics in per_model.items():
+        logits = batch_logits(loaded, window, vocab_size)
+        rows = chunk_rows(max(z.shape[-1] for z in logits.values()))
+        for name, z in logits.items():
+            metrics = chunked(model_token_metrics, (z, targets), rows)
             for metric, values in metrics.items():
                 sums_model[name][metric] += float(values.sum())
+            per_token[name]["loss"].append((-metrics["gt_logprob"]).cpu().numpy())
+            per_token[name]["entropy"].append(metrics["entropy"].cpu().numpy())
         for a, b in pairs:
-            for metric, values in pair_token_metrics(logits[a], logits[b]).items():
+            for metric, values in chunked(pair_token_metrics, (logits[a], logits[b]), rows).items():
                 sums_pair[f"{a}|{b}"][metric] += float(values.sum())
-        if gain:
-            student, baseline = gain
-            gain_parts["student"].append(per_model[student]["gt_logprob"].cpu().numpy())
-            gain_parts["baseline"].append(per_model[baseline]["gt_logprob"].cpu().numpy())
-            gain_parts["entropy"].append(per_model[baseline]["entropy"].cpu().numpy())
-            gain_parts["position"].append(np.tile(np.arange(seq_len), window.shape[0]))
         count += targets.numel()
+    arrays = {name: {k: np.concatenate(v) for k, v in parts.items()} for name, parts in per_token.items()}
+    positions = np.tile(np.arange(seq_len), len(starts))
     result = {
         "set": set_name,
         "seq_len": seq_len,
         "windows": int(len(starts)),
         "tokens": count,
         "checkpoints": {name: str(path) for name, path in models.items()},
-        "models": {name: {m: v / count for m, v in sums.items()} for name, sums in sums_model.items()},
+        "models": {name: model_means(sums, count) for name, sums in sums_model.items()},
         "pairs": {name: {m: v / count for m, v in sums.items()} for name, sums in sums_pair.items()},
     }
     if gain:
         result["gain"] = {"student": gain[0], "baseline": gain[1], **gain_analysis(
-            *(np.concatenate(gain_parts[k]) for k in ("student", "baseline", "entropy", "position")), seq_len)}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out_dir / "analysis.json", result)
-    plot_analysis(result, out_dir)
-    log(f"analyze: {count:,} tokens over {len(starts)} windows; wrote {out_dir / 'analysis.json'} and plots")
+            -arrays[gain[0]]["loss"], -arrays[gain[1]]["loss"], arrays[gain[1]]["entropy"], positions, seq_len)}
+    result["paper"] = authors_analysis(arrays, positions, seq_len, gain, reference)
+    write_analysis(result, out_dir)
+    log(f"analyze: {count:,} tokens over {len(starts)} windows; wrote {out_dir / 'analysis.json'}, analysis.md "
+        "and plots")
     return result
 
 
+def model_means(sums: dict[str, float], count: int) -> dict[str, float]:
+    """Today's per-token means, then loss = -mean gt_logprob and perplexity = exp(loss)."""
+    means = {m: v / count for m, v in sums.items()}
+    return {**means, "loss": -means["gt_logprob"], "perplexity": safe_exp(-means["gt_logprob"])}
+
+
+def write_analysis(result: dict, out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out_dir / "analysis.json", result)
+    write_text_atomic(out_dir / "analysis.md", analysis_markdown(result))
+    plot_analysis(result, out_dir)
+
+
 def plot_analysis(result: dict, out_dir: Path) -> list[Path]:
-    """One PNG per view: per-model metrics, per-pair metrics, gain by difficulty, gain by position."""
+    """One PNG per view: per-model metrics, per-pair metrics, gain by difficulty, gain by position,
+    and the authors' form (authors_analysis.png)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -230,7 +275,7 @@ def plot_analysis(result: dict, out_dir: Path) -> list[Path]:
             fig.savefig(out_dir / file, dpi=100)
             plt.close(fig)
             written.append(out_dir / file)
-    return written
+    return written + plot_authors_analysis(result, out_dir)
 
 
 def parse_models(items: list[str]) -> dict[str, Path]:
@@ -244,6 +289,11 @@ def parse_models(items: list[str]) -> dict[str, Path]:
             raise DistillabError(f"--model {name}: {path} is not an HF model directory (no config.json)")
         models[name] = Path(path)
     return models
+
+
+def check_reference(reference: str | None, models: dict) -> None:
+    if reference is not None and reference not in models:
+        raise DistillabError(f"--reference: {reference!r} is not among --model names ({', '.join(models)})")
 
 
 def parse_pair(text: str, models: dict, option: str) -> tuple[str, str]:
@@ -269,8 +319,10 @@ def analysis_tokens(set_name: str, first: Path, tokenizer) -> np.ndarray:
 
 
 def analyze_checkpoints(model_args: list[str], pair_args: list[str] | None, gain_arg: str | None, set_name: str,
-                        seq_len: int | None, max_windows: int, out: str, batch_size: int, device: str) -> dict:
-    """`distillab analyze`: checkpoints that share a tokenizer, compared on one set."""
+                        seq_len: int | None, max_windows: int, out: str, batch_size: int, device: str,
+                        reference: str | None = None) -> dict:
+    """`distillab analyze`: checkpoints that share a tokenizer, compared on one set; windows of
+    `seq_len` (default: the authors' 2,048, or the model's positions if fewer)."""
     import json
 
     from distillab.data.tokenizer import load_tokenizer, tokenizer_fingerprint
@@ -278,16 +330,18 @@ def analyze_checkpoints(model_args: list[str], pair_args: list[str] | None, gain
 
     setup_runtime(None)
     models = parse_models(model_args)
+    check_reference(reference, models)
     first = next(iter(models.values()))
     tokenizer = load_tokenizer(first)
     for name, path in models.items():
         if tokenizer_fingerprint(load_tokenizer(path)) != tokenizer_fingerprint(tokenizer):
             raise DistillabError(f"--model {name}: {path} has another tokenizer than {first}; models must share one")
     pairs = [parse_pair(p, models, "--pairs") for p in pair_args or []] or [
-        (a, b) for a, b in (("student", "teacher"), ("student", "baseline")) if a in models and b in models]
+        (a, b) for a, b in DEFAULT_PAIRS if a in models and b in models]
     gain = parse_pair(gain_arg, models, "--gain") if gain_arg else (
         ("student", "baseline") if "student" in models and "baseline" in models else None)
     positions = json.loads((first / "config.json").read_text()).get("max_position_embeddings") or 256
-    return analyze(models, analysis_tokens(set_name, first, tokenizer), seq_len or int(positions), max_windows,
-                   Path(out), pairs=pairs, gain=gain, batch_size=batch_size, vocab_size=len(tokenizer),
-                   device=resolve_device(device, key="--device"), set_name=set_name)
+    seq_len = seq_len or min(AUTHORS_SEQ_LEN, int(positions))
+    return analyze(models, analysis_tokens(set_name, first, tokenizer), seq_len, max_windows, Path(out),
+                   pairs=pairs, gain=gain, batch_size=batch_size, vocab_size=len(tokenizer),
+                   device=resolve_device(device, key="--device"), set_name=set_name, reference=reference)
