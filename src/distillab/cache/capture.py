@@ -90,7 +90,8 @@ def reusable(out: Path, manifest: dict, ids: np.ndarray) -> bool:
         existing = read_manifest(out, "--out")
     except DataError:
         return False
-    same = all(existing.get(key) == manifest[key] for key in ("top_k", "seq_len", "packing", "coding", "tokenizer_fingerprint"))
+    keys = ("top_k", "seq_len", "packing", "coding", "tokenizer_fingerprint")
+    same = all(existing.get(key) == manifest[key] for key in keys)
     same = same and existing["teacher"]["weights_sha256"] == manifest["teacher"]["weights_sha256"]
     same = same and existing["data"]["train_sha256"] == manifest["data"]["train_sha256"]
     if not same:
