@@ -77,6 +77,7 @@ def cmd_eval(args) -> int:
             out=args.out if len(args.checkpoint) == 1 else None,
             device=args.device,
             force=args.force,
+            chat_template=args.chat_template,
         )
     return 0
 
@@ -232,6 +233,9 @@ def add_eval(sub) -> None:
     evaluate.add_argument("--batch-size", type=int, default=8)
     evaluate.add_argument("--device", default="auto")
     evaluate.add_argument("--force", action="store_true", help="recompute results already in eval.json")
+    evaluate.add_argument("--chat-template", action="store_true",
+                          help="downstream prompts in the checkpoint's chat template, few-shot examples as turns "
+                               "(for SFT checkpoints)")
     evaluate.add_argument("--out", default=None, help="output file (default: CHECKPOINT/eval.json)")
     evaluate.set_defaults(func=cmd_eval)
 

