@@ -74,16 +74,15 @@ def rendered_by_hand(messages: list[dict]) -> tuple[str, str, str]:
     return whole, said, context
 
 
-def test_sft_loss_at_step_one_equals_float64_cross_entropy_over_assistant_tokens(sft_run, init_model, cache_dir):
+def assistant_nll(model_dir: Path, records: list) -> tuple[float, int, int]:
+    """(summed negative log-likelihood of the assistant tokens, their number, positions) of single-turn
+    conversations, each rendered by hand and run alone in float64."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    result, held_out = sft_run
-    tokenizer = AutoTokenizer.from_pretrained(str(init_model))
-    model = AutoModelForCausalLM.from_pretrained(str(init_model), dtype=torch.float64).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float64).eval()
     nll, targets, positions = 0.0, 0, 0
-    for record in trivia(cache_dir, 4):
-        if record.id == held_out:
-            continue
+    for record in records:
         (question, answer) = record.fields["messages"]
         prompt = EOS + f"### User:\n{question['content']}\n### Assistant:\n"
         whole = tokenizer(prompt + answer["content"] + EOS, add_special_tokens=False)["input_ids"]
@@ -94,11 +93,24 @@ def test_sft_loss_at_step_one_equals_float64_cross_entropy_over_assistant_tokens
         nll -= sum(float(logp[i - 1, whole[i]]) for i in range(len(prefix), len(whole)))
         targets += len(whole) - len(prefix)
         positions += len(whole) - 1
+    return nll, targets, positions
+
+
+def test_sft_loss_at_step_one_equals_float64_cross_entropy_over_assistant_tokens(sft_run, init_model, cache_dir):
+    result, held_out = sft_run
+    records = trivia(cache_dir, 4)
+    nll, targets, positions = assistant_nll(init_model, [r for r in records if r.id != held_out])
     assert positions <= SEQ  # the three training conversations share the one window a step sees
     first = json.loads((result.run_dir / "metrics.jsonl").read_text().splitlines()[0])
     assert first["step"] == 1 and first["tokens"] == targets
     assert first["loss"] == pytest.approx(nll / targets, abs=2e-5)
     assert first["lr"] == pytest.approx(1e-5)  # the authors' schedule is the default
+    # the held-out conversation, scored before and after fine-tuning on its assistant tokens
+    summary = json.loads((result.run_dir / "summary.json").read_text())
+    for model_dir, scored in ((init_model, summary["sft"]["eval_before"]), (result.final_dir, summary["eval"])):
+        nll, targets, _ = assistant_nll(model_dir, [r for r in records if r.id == held_out])
+        assert scored["validation"]["tokens"] == targets
+        assert scored["validation"]["loss"] == pytest.approx(nll / targets, abs=2e-5)
 
 
 def test_targets_are_exactly_the_assistant_text(init_model, cache_dir, tmp_path):

@@ -28,7 +28,12 @@ def cmd_data_prepare(args) -> int:
     from distillab.data.shards import prepare_data
 
     config = load_config(args.config, args.overrides)
-    data = prepare_data(config.data)
+    if config.sft.init_from:  # an SFT config: its chat data, rendered with its template
+        from distillab.sft import prepare_sft_data
+
+        data, _ = prepare_sft_data(config)
+    else:
+        data = prepare_data(config.data)
     print(data.path)
     return 0
 

@@ -73,12 +73,17 @@ def init_directory(name: str) -> Path:
     return source
 
 
+def prepare_sft_data(config: RunConfig, log=print) -> tuple[PreparedData, Path]:
+    """(the run's chat data rendered with its template, the directory of the checkpoint to fine-tune)."""
+    source = init_directory(config.sft.init_from)
+    template, origin = chat_template(load_tokenizer(source), config.sft.chat_template)
+    return prepare_chat_data(config.data, config.sft, source, template, origin, log), source
+
+
 def start_sft(config: RunConfig, device, log=print) -> SFTStart:
     """Load the checkpoint to fine-tune and prepare its chat data (rendered with its template)."""
     t = config.train
-    source = init_directory(config.sft.init_from)
-    template, origin = chat_template(load_tokenizer(source), config.sft.chat_template)
-    data = prepare_chat_data(config.data, config.sft, source, template, origin, log)
+    data, source = prepare_sft_data(config, log)
     model = load_causal_lm(source, device, key="sft.init_from")
     if model.config.vocab_size < data.vocab_size:
         raise ConfigError("sft.init_from", f"{source} has {model.config.vocab_size} output rows but its tokenizer "

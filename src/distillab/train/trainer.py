@@ -114,6 +114,7 @@ class Trainer:
         self.step = self.tokens = self.sequences = 0
         self.window = LogWindow()
         self.last_eval: dict = {}
+        self.start_eval: dict = {}  # an SFT run: the held-out losses of the model it starts from
 
     # ------------------------------------------------------------------------- build
 
@@ -153,8 +154,13 @@ class Trainer:
         epochs = start.stream.epochs(plan.steps * t.batch_size * t.grad_accum * parallel.world)
         log(f"sft: {config.sft.init_from}, {plan.steps} steps over {start.stream.n_windows:,} windows of packed "
             f"conversations ({epochs:.2f} epochs)")
-        return cls(config, parallel, start.data, start.spec, stepper, make_optimizer(stepper, t), None, start.stream,
-                   plan, log)
+        trainer = cls(config, parallel, start.data, start.spec, stepper, make_optimizer(stepper, t), None,
+                      start.stream, plan, log)
+        if parallel.is_main:
+            trainer.start_eval = trainer.evaluate()
+            log("sft: before fine-tuning: " + ", ".join(f"{name} loss {r['loss']:.4f}"
+                                                        for name, r in trainer.start_eval.items()))
+        return trainer
 
     # ------------------------------------------------------------------------- state
 
@@ -357,21 +363,29 @@ class Trainer:
 
     def check_not_diverged(self) -> None:
         """A held-out loss no better than guessing uniformly (after 10 steps), or 1 nat worse at any
-        length, is a diverged run (weights blown up, or collapsed to a constant), not a model."""
+        length, is a diverged run (weights blown up, or collapsed to a constant), not a model. An SFT
+        run starts from a trained model that may be worse than uniform on new data: it has diverged
+        when its held-out loss ends more than 1 nat above where it started."""
         uniform = math.log(self.data.vocab_size)
         for name, result in self.last_eval.items():
-            loss = result["loss"]
-            if not math.isfinite(loss) or loss > uniform + 1.0 or (self.step >= 10 and loss >= uniform):
+            loss, start = result["loss"], self.start_eval.get(name)
+            if start:
+                worse, than = loss > start["loss"] + 1.0, f"more than 1 nat above its {start['loss']:.4f} at the start"
+            else:
+                worse = loss > uniform + 1.0 or (self.step >= 10 and loss >= uniform)
+                than = f"no better than guessing uniformly ({uniform:.4f})"
+            if not math.isfinite(loss) or worse:
                 raise NonFiniteError(f"training diverged: after {self.step} steps the {name} loss is {loss:.4f} nats, "
-                                     f"no better than guessing uniformly ({uniform:.4f}); lower train.lr (the last "
-                                     "good checkpoint is kept, final is not written)")
+                                     f"{than}; lower train.lr (the last good checkpoint is kept, final is not written)")
 
     def summary(self) -> dict:
         return {"name": self.config.name, "status": "done", "steps": self.step, "tokens": self.tokens,
                 "model": self.spec.name, "non_embedding_parameters": self.spec.non_embedding_parameters(),
                 "parameters": sum(p.numel() for p in self.model.parameters()), "objective": self.objective.as_dict(),
                 "objective_label": self.objective.label(), "teacher": self.config.kd.teacher,
-                "skipped_steps": self.guard.skipped, "eval": self.last_eval, "config_hash": config_hash(self.config)}
+                "skipped_steps": self.guard.skipped, "eval": self.last_eval, "config_hash": config_hash(self.config),
+                **({"sft": {"init_from": self.config.sft.init_from, "eval_before": self.start_eval}}
+                   if self.start_eval else {})}
 
 
 def train(config: RunConfig, *, stop_after_steps: int | None = None, log=print,
