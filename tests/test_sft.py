@@ -300,3 +300,74 @@ def test_shipped_sft_configs_load_and_the_paper_template_trains_on_assistant_tex
                                          "Today Date: 26 Jul 2024\n\n<|eot_id|>" + header.format("user") + question +
                                          "<|eot_id|>" + header.format("assistant") + answer + "<|eot_id|>")
         assert tokenizer.decode([t for t, f in zip(ids, flags) if f]) == answer + "<|eot_id|>"
+
+
+@pytest.mark.slow
+def test_sweep_sft_stage_fine_tunes_every_run_and_reports_gains_before_and_after(tmp_path, cache_dir):
+    import csv
+
+    import yaml
+
+    from distillab.report import write_report
+    from distillab.sweep import load_grid, plan, run_sweep
+    from distillab.sweep.plan import sft_run_dir
+
+    chats, template = tmp_path / "sums.jsonl", tmp_path / "short.jinja"  # the grid's models know 32 positions
+    chats.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"{a}+{b}"},
+                                                      {"role": "assistant", "content": f"{a + b}"}]}) + "\n"
+                             for a in range(4) for b in range(4)))
+    template.write_text("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'assistant' %}={% generation %}"
+                        "{{ m['content'] }}{{ eos_token }}{% endgeneration %}{% else %}{{ m['content'] }}{% endif %}"
+                        "{% endfor %}{% if add_generation_prompt %}={% endif %}")
+    stage = {"data": {"corpus": {"source": "files", "paths": [str(chats)]}, "validation_fraction": 0.25},
+             "train": {"batch_size": 2, "seq_len": 32, "log_every": 1, "eval_every": 3, "checkpoint_every": 3},
+             "sft": {"steps": 3, "chat_template": str(template)}, "eval": {"max_windows": 4}}
+    grid = {"name": "sft", "base": {
+        "data": {"corpus": {"source": "packaged", "name": "python-stdlib", "limit": 150}, "tokenizer": {"vocab_size": 512},
+                 "validation_fraction": 0.08, "cache_dir": str(cache_dir)},
+        "train": {"batch_size": 4, "seq_len": 32, "eval_every": 1000, "checkpoint_every": 1000, "threads": 1},
+        "eval": {"max_windows": 4}},
+        "teachers": {"models": ["cpu-0.1m"], "tokens": [1024], "seeds": [42]},
+        "students": {"models": ["cpu-0.1m"], "tokens": [512], "seeds": [43]}, "kd": {"alpha": [0.5]},
+        "eval": {"sets": ["in-domain"], "tasks": ["piqa"], "limit": 2, "max_windows": 4}, "sft": stage}
+    (tmp_path / "grid.yaml").write_text(yaml.safe_dump(grid))
+    spec, sweep_dir = load_grid(tmp_path / "grid.yaml"), tmp_path / "sweep"
+    assert all(s == "done" for s in run_sweep(spec, sweep_dir, workers=1, log=quiet).values())
+    runs = {r.role: r for r in plan(spec, sweep_dir)}
+    for run in runs.values():
+        fine_tuned = sft_run_dir(sweep_dir / "runs" / run.id, stage) / "final"
+        assert json.loads((fine_tuned / "distillab.json").read_text())["results_config"]["sft.init_from"] == \
+            str(sweep_dir.resolve() / "runs" / run.id / "final")
+        assert json.loads((fine_tuned / "eval.json").read_text())["tasks"]["piqa"]["chat_template"]
+    assert "## Gains before and after SFT" in write_report(sweep_dir).read_text()
+    rows = {r["role"]: r for r in csv.DictReader(open(sweep_dir / "results.csv"))}
+    student, baseline = rows["student"], rows["baseline"]
+    for metric, gain in (("validation", lambda s, b: b - s), ("train", lambda s, b: b - s)):
+        assert float(student[f"gain_sft/{metric}"]) == pytest.approx(
+            gain(float(student[f"sft_loss/{metric}"]), float(baseline[f"sft_loss/{metric}"])))
+    assert float(student["gain_sft_acc/piqa"]) == pytest.approx(
+        float(student["sft_acc/piqa"]) - float(baseline["sft_acc/piqa"]))
+    # another stage: only the fine-tuning is redone
+    pretrained = sweep_dir / "runs" / runs["student"].id / "final" / "model.safetensors"
+    stamp = pretrained.stat().st_mtime_ns
+    grid["sft"]["sft"]["steps"] = 4
+    (tmp_path / "grid.yaml").write_text(yaml.safe_dump(grid))
+    assert all(s == "done" for s in run_sweep(load_grid(tmp_path / "grid.yaml"), sweep_dir, log=quiet).values())
+    assert pretrained.stat().st_mtime_ns == stamp
+    summary = json.loads((sft_run_dir(sweep_dir / "runs" / runs["student"].id, grid["sft"]) / "summary.json")
+                         .read_text())
+    assert summary["steps"] == 4
+
+
+def test_a_grids_sft_stage_is_checked_when_it_loads():
+    from distillab.sweep import grid_from_dict
+
+    grid = {"teachers": {"models": ["cpu-0.1m"], "tokens": [1024]},
+            "students": {"models": ["cpu-0.1m"], "tokens": [512]}}
+    assert grid_from_dict({**grid, "sft": {"sft": {"steps": 10}}}).sft == {"sft": {"steps": 10}}
+    for stage, key in (({"train": {"lr": -1}}, "sft.train.lr"), ({"sft": {"stepz": 3}}, "sft.sft.stepz"),
+                       ({"model": {"name": "cpu-1m+"}}, "sft.model"), ({"run_dir": "x"}, "sft.run_dir"),
+                       ({"sft": {"init_from": "x"}}, "sft.sft.init_from")):
+        with pytest.raises(ConfigError) as error:
+            grid_from_dict({**grid, "sft": stage})
+        assert error.value.key == key

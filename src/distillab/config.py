@@ -7,6 +7,7 @@ names the dotted key.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import re
 import types
@@ -357,6 +358,18 @@ def apply_overrides(values: dict, overrides: list[str]) -> dict:
             node = child
         node[path[-1]] = value
     return values
+
+
+def merge(base: dict, *updates: dict) -> dict:
+    """Deep merge of nested dicts (copies); later updates win."""
+    out = copy.deepcopy(base)
+    for update in updates:
+        for key, value in update.items():
+            if isinstance(value, dict) and isinstance(out.get(key), dict):
+                out[key] = merge(out[key], value)
+            else:
+                out[key] = copy.deepcopy(value)
+    return out
 
 
 def config_from_dict(values: dict) -> RunConfig:

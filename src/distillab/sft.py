@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from distillab.checkpoint import read_meta, verify_checkpoint
-from distillab.config import RunConfig, apply_overrides, config_from_dict, read_yaml_mapping, require
+from distillab.config import RunConfig, apply_overrides, config_from_dict, merge, read_yaml_mapping, require
 from distillab.data.chat import chat_template, prepare_chat_data
 from distillab.data.packing import PackedStream, conversation_stream
 from distillab.data.shards import PreparedData
@@ -32,17 +32,9 @@ from distillab.models import ModelSpec, load_causal_lm, max_positions, model_dir
 SFT_DEFAULTS = {"train": {"lr": 1e-5, "warmup_fraction": 0.01, "min_lr_ratio": 0.1, "schedule": "cosine"}}
 
 
-def merged(base: dict, over: dict) -> dict:
-    """`over` on top of `base`, mappings merged key by key."""
-    out = dict(base)
-    for key, value in over.items():
-        out[key] = merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
-
-
 def sft_config(values: dict, overrides: list[str] | None = None) -> RunConfig:
     """An SFT run's config: `values` (and `--set` overrides) over `SFT_DEFAULTS`; `sft.init_from` required."""
-    config = config_from_dict(apply_overrides(merged(SFT_DEFAULTS, values), overrides or []))
+    config = config_from_dict(apply_overrides(merge(SFT_DEFAULTS, values), overrides or []))
     require(config.sft.init_from is not None, "sft.init_from",
             "name the checkpoint to fine-tune (a distillab final directory or an HF model directory)")
     return config
