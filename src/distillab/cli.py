@@ -209,7 +209,7 @@ def add_sft(sub) -> None:
         description="Fine-tune sft.init_from (a distillab final directory or an HF model directory) on chat records "
         "in the HF messages format (data.corpus: files .jsonl, hf, or a packaged chat set such as trivia-chat), "
         "rendered with a chat template, whole conversations packed into train.seq_len windows, for sft.steps steps. "
-        "Defaults to the authors' schedule: lr 1e-5, 1%% warmup, cosine to 10%%. Writes an HF checkpoint whose "
+        "Defaults to the authors' schedule: lr 1e-5, 1% warmup, cosine to 10%. Writes an HF checkpoint whose "
         "tokenizer carries the template (evaluate it with `distillab eval --chat-template`).",
     )
     add_config_args(sft)
