@@ -8,7 +8,7 @@ import logging
 import sys
 
 from distillab import __version__
-from distillab.errors import DistillabError
+from distillab.errors import ConfigError, DistillabError
 
 
 def add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -28,7 +28,12 @@ def cmd_data_prepare(args) -> int:
     from distillab.data.shards import prepare_data
 
     config = load_config(args.config, args.overrides)
-    data = prepare_data(config.data)
+    if config.sft.init_from:  # an SFT config: its chat data, rendered with its template
+        from distillab.sft import prepare_sft_data
+
+        data, _ = prepare_sft_data(config)
+    else:
+        data = prepare_data(config.data)
     print(data.path)
     return 0
 
@@ -58,6 +63,9 @@ def cmd_train(args) -> int:
     from distillab.train import train
 
     config = load_config(args.config, args.overrides)
+    if config.sft.init_from:
+        raise ConfigError("sft.init_from", "is set: this is an SFT run; run it with `distillab sft` (which applies "
+                                           "the SFT schedule's defaults)")
     if args.dry_run:
         return dry_run_train(config, args.gpu)
     result = train(config, stop_after_steps=args.stop_after)
@@ -76,6 +84,14 @@ def dry_run_train(config, gpu_name: str | None) -> int:
     return 0
 
 
+def cmd_sft(args) -> int:
+    from distillab.sft import load_sft_config
+    from distillab.train import train
+
+    result = train(load_sft_config(args.config, args.overrides), stop_after_steps=args.stop_after)
+    return 0 if result.completed or args.stop_after else 3
+
+
 def cmd_eval(args) -> int:
     from distillab.evaluate.run import evaluate_checkpoint
 
@@ -91,6 +107,7 @@ def cmd_eval(args) -> int:
             out=args.out if len(args.checkpoint) == 1 else None,
             device=args.device,
             force=args.force,
+            chat_template=args.chat_template,
         )
     return 0
 
@@ -252,6 +269,21 @@ def add_memory_args(parser, dry_run_help: str | None) -> None:
                         help="check the memory plan against this GPU's memory (with --dry-run)")
 
 
+def add_sft(sub) -> None:
+    sft = sub.add_parser(
+        "sft", help="supervised fine-tuning of a checkpoint on chat records (loss on assistant tokens only)",
+        description="Fine-tune sft.init_from (a distillab final directory or an HF model directory) on chat records "
+        "in the HF messages format (data.corpus: files .jsonl, hf, or a packaged chat set such as trivia-chat), "
+        "rendered with a chat template, whole conversations packed into train.seq_len windows, for sft.steps steps. "
+        "Defaults to the authors' schedule: lr 1e-5, 1% warmup, cosine to 10%. Writes an HF checkpoint whose "
+        "tokenizer carries the template (evaluate it with `distillab eval --chat-template`).",
+    )
+    add_config_args(sft)
+    sft.add_argument("--stop-after", type=int, default=None, metavar="STEPS",
+                     help="checkpoint and stop once this many optimizer steps are done; run again to resume")
+    sft.set_defaults(func=cmd_sft)
+
+
 def add_eval(sub) -> None:
     evaluate = sub.add_parser(
         "eval", help="perplexity sets and downstream tasks of checkpoints -> CHECKPOINT/eval.json",
@@ -272,6 +304,9 @@ def add_eval(sub) -> None:
     evaluate.add_argument("--batch-size", type=int, default=8)
     evaluate.add_argument("--device", default="auto")
     evaluate.add_argument("--force", action="store_true", help="recompute results already in eval.json")
+    evaluate.add_argument("--chat-template", action="store_true",
+                          help="downstream prompts in the checkpoint's chat template, few-shot examples as turns "
+                               "(for SFT checkpoints)")
     evaluate.add_argument("--out", default=None, help="output file (default: CHECKPOINT/eval.json)")
     evaluate.set_defaults(func=cmd_eval)
 
@@ -374,7 +409,7 @@ def add_demo(sub) -> None:
     demo.set_defaults(func=cmd_demo)
 
 
-VERBS = (add_data, add_teacher, add_train, add_eval, add_analyze, add_models_and_bench, add_sweep_and_report, add_demo)
+VERBS = (add_data, add_teacher, add_train, add_sft, add_eval, add_analyze, add_models_and_bench, add_sweep_and_report, add_demo)
 
 
 def build_parser() -> argparse.ArgumentParser:

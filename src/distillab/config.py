@@ -7,6 +7,7 @@ names the dotted key.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import re
 import types
@@ -206,6 +207,21 @@ class EvalConfig:
 
 
 @dataclass
+class SFTConfig:
+    """Supervised fine-tuning (`distillab sft`): chat records from `data.corpus`, loss on assistant tokens."""
+
+    # the checkpoint to fine-tune: a distillab `final` directory or an HF model directory; set = an SFT run
+    init_from: str | None = None
+    # a Jinja chat template file with {% generation %} markers around assistant text; unset: the
+    # tokenizer's own template, else distillab's default (data/templates/chat.jinja)
+    chat_template: str | None = None
+    # optimizer steps (the authors': 4,000); replaces train.token_budget
+    steps: int = 4000
+    # the record field holding the conversation: [{role: system | user | assistant, content}, ...]
+    messages_field: str = "messages"
+
+
+@dataclass
 class RunConfig:
     name: str = "run"
     # unset: runs/<name>
@@ -215,6 +231,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     kd: KDConfig = field(default_factory=KDConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
 
     @property
     def resolved_run_dir(self) -> Path:
@@ -354,6 +371,18 @@ def apply_overrides(values: dict, overrides: list[str]) -> dict:
     return values
 
 
+def merge(base: dict, *updates: dict) -> dict:
+    """Deep merge of nested dicts (copies); later updates win."""
+    out = copy.deepcopy(base)
+    for update in updates:
+        for key, value in update.items():
+            if isinstance(value, dict) and isinstance(out.get(key), dict):
+                out[key] = merge(out[key], value)
+            else:
+                out[key] = copy.deepcopy(value)
+    return out
+
+
 def config_from_dict(values: dict) -> RunConfig:
     config = build_dataclass(RunConfig, values)
     validate(config)
@@ -398,6 +427,7 @@ def validate(c: RunConfig) -> None:
     validate_train(c.train)
     validate_data(c.data)
     validate_eval(c.eval)
+    validate_sft(c)
     require(bool(c.name.strip()), "name", "must not be empty")
     if not c.run_dir:
         c.resolved_run_dir  # noqa: B018  (raises when the name would leave runs/)
@@ -496,6 +526,22 @@ def validate_eval(e: EvalConfig) -> None:
         require(name in ("validation", "train"), f"eval.sets[{i}]", "must be validation or train")
 
 
+def validate_sft(c: RunConfig) -> None:
+    """An SFT run takes its model and tokenizer from `sft.init_from` and trains without a teacher."""
+    s = c.sft
+    require(s.steps > 0, "sft.steps", f"must be > 0, got {s.steps}")
+    require(bool(s.messages_field), "sft.messages_field", "must name the field holding the messages")
+    if s.init_from is None:
+        require(s.chat_template is None, "sft.chat_template", "applies to SFT runs only; set sft.init_from too")
+        return
+    require(c.model == ModelConfig(), "model", "an SFT run takes its model from sft.init_from; leave model.* unset")
+    require(c.data.tokenizer.path is None, "data.tokenizer.path",
+            "an SFT run uses the tokenizer of sft.init_from; leave data.tokenizer.path unset")
+    require(c.kd.teacher is None and c.kd.alpha == 0, "kd.teacher", "an SFT run trains without a teacher; leave "
+            "kd.* unset")
+    require(c.train.branch_from is None, "train.branch_from", "an SFT run starts from sft.init_from")
+
+
 def to_dict(config: Any) -> dict:
     return dataclasses.asdict(config)
 
@@ -537,6 +583,7 @@ LATER_KEYS = (
     "kd.alpha_schedule.end", "kd.alpha_schedule.warmup_fraction", "kd.alpha_schedule.decay_fraction",
     "kd.temperature_schedule.shape", "kd.temperature_schedule.start", "kd.temperature_schedule.end",
     "kd.temperature_schedule.warmup_fraction", "kd.temperature_schedule.decay_fraction", "kd.cache",
+    "sft.init_from", "sft.chat_template", "sft.steps", "sft.messages_field",
 )
 
 

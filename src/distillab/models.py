@@ -136,6 +136,20 @@ def resolve_spec(model: ModelConfig) -> ModelSpec:
     return spec
 
 
+def spec_from_hf_config(config, name: str, key: str = "sft.init_from") -> ModelSpec:
+    """The ladder's description of an HF Llama or Qwen3 model built elsewhere (e.g. an official checkpoint)."""
+    if config.model_type not in ("llama", "qwen3"):
+        raise ConfigError(key, f"{name} is a {config.model_type!r} model; distillab trains Llama and Qwen3 models")
+    heads = config.num_attention_heads
+    rope = getattr(config, "rope_parameters", None) or {}
+    return ModelSpec(name=name, family=config.model_type, layers=config.num_hidden_layers, d_model=config.hidden_size,
+                     heads=heads, kv_heads=config.num_key_value_heads or heads,
+                     head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
+                     ffn=config.intermediate_size, rope_theta=float(rope.get("rope_theta", 10000.0)),
+                     tie_embeddings=bool(config.tie_word_embeddings), norm_eps=float(config.rms_norm_eps),
+                     vocab_rows=config.vocab_size)
+
+
 def hf_config(spec: ModelSpec, vocab_size: int, max_seq_len: int, eos_token_id: int | None = None):
     """The transformers config of a rung for a tokenizer of `vocab_size` tokens."""
     common = dict(

@@ -200,6 +200,26 @@ def gains_section(summary: list[dict]) -> list[str]:
     return lines
 
 
+def sft_section(summary: list[dict]) -> list[str]:
+    """Each student's gains before and after the grid's SFT stage, side by side."""
+    fine_tuned = [s for s in summary if any(s[f"sft_{m}"]["n"] for m in ("in_domain", "ood", "downstream"))]
+    if not fine_tuned:
+        return []
+    lines = ["", "## Gains before and after SFT", "",
+             "The same students and baselines after both were fine-tuned on chat data (the grid's `sft` stage; "
+             "downstream tasks in the chat template, few-shot examples as turns). In-domain after SFT is scored on the "
+             "chat data's assistant tokens.", "",
+             "| student | tokens | teacher | teacher tokens | α | objective | downstream | downstream after SFT | "
+             "in-domain | in-domain after SFT | OOD | OOD after SFT |",
+             "|---|---:|---|---:|---:|---|---|---|---|---|---|---|"]
+    for s in fine_tuned:
+        lines.append(f"| {s['model']} | {s['tokens']:,} | {s['teacher_model']} | {s['teacher_tokens']:,} | "
+                     f"{s['alpha']} | {s['objective']} | {format_ci(s['downstream'])} | "
+                     f"{format_ci(s['sft_downstream'])} | {format_ci(s['in_domain'])} | "
+                     f"{format_ci(s['sft_in_domain'])} | {format_ci(s['ood'])} | {format_ci(s['sft_ood'])} |")
+    return lines
+
+
 def wsd_section(rows: list[dict]) -> list[str]:
     kinds = [r for r in rows if r["role"] == "teacher" and r.get("kind") in ("wsd-branch", "independent", "wsd-trunk")]
     if not any(r["kind"] == "wsd-branch" for r in kinds):
@@ -253,7 +273,8 @@ def write_report(sweep_dir: str | Path, tolerance: float | None = None, about: l
     if extra_sections is not None:
         lines += extra_sections(rows, sweep_dir)
     lines += regime_section(rows, sweep_dir, labels, bands)
-    lines += runs_section(rows) + gains_section(summary) + wsd_section(rows) + best_alpha_section(summary)
+    lines += runs_section(rows) + gains_section(summary) + sft_section(summary) + wsd_section(rows)
+    lines += best_alpha_section(summary)
     lines += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]
     lines += ["", f"Full table: `{csv_path.name}`" + (f", `{parquet_path.name}`" if parquet_path else "") + "."]
     markdown = "\n".join(lines) + "\n"

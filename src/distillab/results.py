@@ -4,7 +4,9 @@ Gains are paired: each student is compared with the baseline that has its model,
 budget and seeds (same initial weights, same batches). For a loss, gain = baseline - student
 (positive: distillation helped); for an accuracy, gain = student - baseline. Aggregates:
 in-domain and OOD gain = mean loss gain over the sets of that domain; downstream gain = mean
-accuracy gain over tasks.
+accuracy gain over tasks. With an SFT stage, the fine-tuned models' evaluations are columns
+`sft_loss/<set>`, `sft_acc/<task>` and the student's gains over its fine-tuned baseline
+`gain_sft/...`, beside the gains before fine-tuning.
 
 Relationship labels of a (teacher, student) pair:
     by_loss    strong-to-weak if the teacher's held-out loss is below the student baseline's by
@@ -29,6 +31,7 @@ from distillab.flops import teacher_inference_flops, trained_tokens, training_fl
 from distillab.models import resolve_spec
 from distillab.objective import KDObjective
 from distillab.stats import mean_ci, prediction_interval
+from distillab.sweep.plan import sft_run_dir
 
 HELD_OUT = "validation"
 
@@ -101,21 +104,33 @@ def run_row(run: dict) -> dict:
 
 
 def collect_rows(sweep_dir: Path) -> list[dict]:
-    """One row per run with its settings, eval results and compute."""
-    rows = []
-    for run in read_plan(sweep_dir)["runs"]:
+    """One row per run with its settings, eval results and compute (and its SFT model's, `sft_` columns)."""
+    rows, planned = [], read_plan(sweep_dir)
+    for run in planned["runs"]:
         row = run_row(run)
-        eval_path = Path(run["config"]["run_dir"]) / "final" / "eval.json"
-        report = json.loads(eval_path.read_text()) if eval_path.exists() else {}
-        for name, result in report.get("sets", {}).items():
-            row[f"loss/{name}"] = result["loss"]
-            row[f"ppl/{name}"] = result["ppl"]
-            row[f"domain/{name}"] = result.get("domain")
-        for name, result in report.get("tasks", {}).items():
-            row[f"acc/{name}"] = result["value"]
-            row[f"acc_stderr/{name}"] = result["stderr"]
+        run_dir = Path(run["config"]["run_dir"])
+        row.update(eval_columns(run_dir / "final" / "eval.json"))
+        if planned.get("sft"):
+            row.update(eval_columns(sft_run_dir(run_dir, planned["sft"]) / "final" / "eval.json", "sft_"))
         rows.append(row)
     return rows
+
+
+def eval_columns(eval_path: Path, prefix: str = "") -> dict:
+    """loss / ppl / domain per set and acc / acc_stderr per task of one eval.json, names prefixed."""
+    report = json.loads(eval_path.read_text()) if eval_path.exists() else {}
+    columns = {}
+    for name, result in report.get("sets", {}).items():
+        columns.update({f"{prefix}loss/{name}": result["loss"], f"{prefix}ppl/{name}": result["ppl"],
+                        f"{prefix}domain/{name}": result.get("domain")})
+    for name, result in report.get("tasks", {}).items():
+        columns.update({f"{prefix}acc/{name}": result["value"], f"{prefix}acc_stderr/{name}": result["stderr"]})
+    return columns
+
+
+def sft_view(row: dict) -> dict:
+    """A row's SFT-model columns under their plain names (`sft_loss/x` -> `loss/x`)."""
+    return {key[4:]: value for key, value in row.items() if key.startswith("sft_")}
 
 
 def paired_gains(row: dict, baseline: dict, prefix: str) -> dict:
@@ -162,6 +177,8 @@ def add_gains_and_labels(rows: list[dict], tolerance: float) -> list[dict]:
             row["teacher_loss/validation"] = teacher.get(f"loss/{HELD_OUT}")
         if baseline:
             row.update(paired_gains(row, baseline, "gain"))
+        if baseline and sft_view(row):  # the same pair after both were fine-tuned
+            row.update(paired_gains(sft_view(row), sft_view(baseline), "gain_sft"))
         if matched:
             row.update(paired_gains(row, matched, "gain_matched"))
     return rows
@@ -208,5 +225,6 @@ def summarize(rows: list[dict]) -> list[dict]:
         for metric in ("in_domain", "ood", "downstream"):
             entry[metric] = mean_ci([m.get(f"gain/{metric}") for m in members])
             entry[f"matched_{metric}"] = mean_ci([m.get(f"gain_matched/{metric}") for m in members])
+            entry[f"sft_{metric}"] = mean_ci([m.get(f"gain_sft/{metric}") for m in members])
         out.append(entry)
     return out

@@ -1,4 +1,5 @@
-"""Documents: whole texts with stable ids, as every corpus source yields them."""
+"""Documents: whole texts with stable ids, as every corpus source yields them; records: whole
+structured rows (chat records), as structured sources also yield them."""
 
 from __future__ import annotations
 
@@ -11,6 +12,16 @@ from distillab.errors import DataError
 class Document:
     id: str
     text: str
+
+
+@dataclass(frozen=True)
+class Record:
+    """One record of a structured source (a JSON line, a Parquet row, a dataset row): its id, where it
+    is (`file:line`, `hf:path[index]`, `packaged:name[index]`: what an error names) and its fields."""
+
+    id: str
+    where: str
+    fields: dict
 
 
 def normalize_text(text: str) -> str:

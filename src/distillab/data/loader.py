@@ -64,6 +64,7 @@ class ShuffledWindows:
 
     n_windows: int
     data_seed: int
+    packing: str  # what the run records as its stream's packing (concat | documents | conversations)
 
     @lru_cache(maxsize=2)
     def order(self, epoch: int) -> np.ndarray:
@@ -97,6 +98,8 @@ class ShuffledWindows:
 
 class WindowStream(ShuffledWindows):
     """Fixed windows over the concatenated token stream (`data.packing: concat`)."""
+
+    packing = "concat"
 
     def __init__(self, tokens: np.ndarray, seq_len: int, data_seed: int):
         self.tokens = tokens

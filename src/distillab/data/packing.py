@@ -26,6 +26,13 @@ documents before packing; here the windows are shuffled after it.
 
 The plan (which pieces fill which window) is computed once per (token stream, window length)
 and cached beside the prepared data, memory-mapped when read.
+
+Chat data (`distillab.data.chat`, for `distillab sft`) is packed the same way, conversation by
+conversation (`conversation_stream`): a conversation's run is its tokens as inputs (but the
+last) and as labels (but the first), and a label is kept only where the token is the
+assistant's (every other label is -100). A conversation longer than a window is cut to it (its
+tail dropped, so every piece keeps the start of its conversation); one whose kept part holds
+no assistant token is left out. The plan is computed in memory (one first-fit pass).
 """
 
 from __future__ import annotations
@@ -123,6 +130,18 @@ def pack_documents(tokens: np.ndarray, eos_id: int, seq_len: int, bins: int = PA
     return PackingPlan(starts[order], lengths[order].astype(np.int32), offsets)
 
 
+def pack_conversations(starts: np.ndarray, first_targets: np.ndarray, n_tokens: int, seq_len: int,
+                       bins: int = PACKING_BINS) -> PackingPlan:
+    """The packing plan of conversations starting at `starts` (back to back in a stream of `n_tokens`),
+    each cut to `seq_len` positions and left out when its first target falls beyond that."""
+    starts = np.asarray(starts, dtype=np.int64)
+    ends = np.append(starts[1:], n_tokens)
+    lengths = np.minimum(ends - starts - 1, seq_len)
+    keep = (lengths > 0) & (np.asarray(first_targets, dtype=np.int64) - starts <= lengths)
+    order, offsets = first_fit(lengths[keep], seq_len, bins)
+    return PackingPlan(starts[keep][order], lengths[keep][order].astype(np.int32), offsets)
+
+
 def cached_plan(tokens: np.ndarray, eos_id: int, seq_len: int, cache: Path | None, log=print) -> PackingPlan:
     """`pack_documents`, read from (or written to) `cache/documents-L{seq_len}-b{bins}-v{format}/`.
 
@@ -176,13 +195,19 @@ def write_plan(path: Path, plan: PackingPlan, identity: dict) -> None:
 
 
 class PackedStream(ShuffledWindows):
-    """Windows of whole documents (see the module docstring), with the interface of `WindowStream`."""
+    """Windows of whole documents (see the module docstring), with the interface of `WindowStream`.
+
+    With `targets` (a 0/1 flag per token of the stream: chat data) a label is kept only where its
+    token is flagged, and the stream's packing is `conversations`.
+    """
 
     def __init__(self, tokens: np.ndarray, seq_len: int, data_seed: int, eos_id: int,
-                 plan: PackingPlan | None = None):
+                 plan: PackingPlan | None = None, targets: np.ndarray | None = None):
         self.tokens, self.seq_len, self.data_seed, self.eos_id = tokens, seq_len, data_seed, eos_id
         self.plan = plan if plan is not None else pack_documents(tokens, eos_id, seq_len)
         self.n_windows = self.plan.n_windows
+        self.targets = targets
+        self.packing = "documents" if targets is None else "conversations"
 
     def row(self, window_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(inputs, labels, position ids) of one window, each [seq_len]."""
@@ -195,6 +220,9 @@ class PackedStream(ShuffledWindows):
             start, n = int(plan.starts[piece]), int(plan.lengths[piece])
             run = np.asarray(self.tokens[start : start + n + 1], dtype=np.int64)
             inputs[at : at + n], labels[at : at + n] = run[:-1], run[1:]
+            if self.targets is not None:
+                flags = np.asarray(self.targets[start + 1 : start + n + 1], dtype=bool)
+                labels[at : at + n][~flags] = PAD_LABEL
             positions[at : at + n] = np.arange(n)
             at += n
         positions[at:] = np.arange(size - at)  # padding: a segment of its own
@@ -207,8 +235,22 @@ class PackedStream(ShuffledWindows):
         return Batch(inputs, labels, torch.as_tensor(np.asarray(window_ids)), positions)
 
 
+def conversation_stream(data, split: str, seq_len: int, data_seed: int) -> PackedStream:
+    """A split of prepared chat data as packed conversations, labels on the assistant's tokens only."""
+    tokens = data.tokens(split)
+    plan = pack_conversations(data.array(split, "starts"), data.array(split, "first_targets"), len(tokens), seq_len)
+    if plan.n_windows == 0:
+        raise DataError(f"{data.path}: no {split} conversation has an assistant token within train.seq_len = "
+                        f"{seq_len}; raise train.seq_len")
+    eos_id = int(data.manifest["tokenizer"]["eos_token_id"])
+    return PackedStream(tokens, seq_len, data_seed, eos_id, plan, targets=data.array(split, "targets"))
+
+
 def training_stream(data, seq_len: int, data_seed: int, packing: str, log=print) -> ShuffledWindows:
-    """The training split of prepared `data` as the stream `data.packing` names (concat | documents)."""
+    """The training split of prepared `data` as the stream `packing` names: concat | documents (`data.packing`),
+    or conversations (chat data)."""
+    if packing == "conversations":
+        return conversation_stream(data, "train", seq_len, data_seed)
     tokens = data.tokens("train")
     if packing == "concat":
         return WindowStream(tokens, seq_len, data_seed)

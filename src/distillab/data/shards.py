@@ -71,6 +71,14 @@ class PreparedData:
             raise DataError(f"{self.path / MANIFEST}: no split {split!r} (have {', '.join(self.manifest['splits'])})")
         return np.memmap(self.path / info["file"], dtype=self.manifest["dtype"], mode="r")
 
+    def array(self, split: str, name: str) -> np.ndarray:
+        """A split's side array (chat data: `targets`, `starts`, `first_targets`; see `distillab.data.chat`)."""
+        self.tokens(split)  # the split exists
+        info = self.manifest["splits"][split].get("arrays", {}).get(name)
+        if info is None:
+            raise DataError(f"{self.path / MANIFEST}: split {split!r} has no {name!r} array (it is not chat data)")
+        return np.memmap(self.path / info["file"], dtype=info["dtype"], mode="r")
+
 
 # ----------------------------------------------------------------------------- verification
 
@@ -84,7 +92,8 @@ def load_prepared(path: Path, verify: bool = True) -> PreparedData:
     except json.JSONDecodeError:
         raise DataError(f"{manifest_path}: not valid JSON; delete {path} and prepare again") from None
     if verify:
-        for split, info in manifest["splits"].items():
+        files = [info for split in manifest["splits"].values() for info in (split, *split.get("arrays", {}).values())]
+        for info in files:
             shard = Path(path) / info["file"]
             if not shard.exists():
                 raise DataError(f"{shard}: shard missing; delete {path} and prepare again")

@@ -4,6 +4,9 @@
 - `hf`: HF `datasets` (hub names or local dataset directories / data files), streaming.
 - `packaged`: real text shipped inside registry packages, fetched once and cached
   (`distillab.data.packaged`).
+
+Structured sources (JSON lines, Parquet, HF datasets, packaged chat sets) also yield whole
+records (`iter_records`), for readers that need more than one text field (chat records).
 """
 
 from __future__ import annotations
@@ -16,18 +19,19 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from distillab.config import CorpusConfig
-from distillab.data.documents import Document, decode_text, normalize_text
-from distillab.data.packaged import iter_packaged
+from distillab.data.documents import Document, Record, decode_text, normalize_text
+from distillab.data.packaged import iter_packaged, iter_packaged_records
 from distillab.errors import DataError
 
 
 @dataclass(frozen=True)
 class Source:
-    """How one kind of corpus yields documents, which config keys name its content, and its label."""
+    """How one kind of corpus yields documents (and records), which config keys name its content, and its label."""
 
     documents: Callable[[CorpusConfig, Path], Iterator[Document]]
     identity_keys: tuple[str, ...]
     describe: Callable[[CorpusConfig], str]
+    records: Callable[[CorpusConfig, Path], Iterator[Record]]
 
 
 def iter_documents(corpus: CorpusConfig, cache_dir: Path) -> Iterator[Document]:
@@ -39,6 +43,15 @@ def iter_documents(corpus: CorpusConfig, cache_dir: Path) -> Iterator[Document]:
             return
         if document.text.strip():
             yield Document(document.id, normalize_text(document.text))
+
+
+def iter_records(corpus: CorpusConfig, cache_dir: Path) -> Iterator[Record]:
+    """The corpus' first `limit` records (all without a limit), whole, in a fixed order (chat records
+    for `distillab sft`). Plain-text files have no records."""
+    for count, record in enumerate(SOURCES[corpus.source].records(corpus, cache_dir)):
+        if corpus.limit is not None and count >= corpus.limit:
+            return
+        yield record
 
 
 # Keys added after cache keys were first published: part of a corpus' identity only when set.
@@ -124,10 +137,13 @@ def _text_of(record: object, field: str | list[str], where: str) -> str:
     return "\n\n".join(_flatten_text(v) for v in values)
 
 
+JSON_LINES = (".jsonl", ".jsonl.gz", ".json")
+
+
 def _iter_files(corpus: CorpusConfig, cache_dir: Path) -> Iterator[Document]:
     for path in _expand(corpus.paths):
         name = path.name
-        if name.endswith((".jsonl", ".jsonl.gz", ".json")):
+        if name.endswith(JSON_LINES):
             yield from _iter_jsonl(path, corpus.text_fields or corpus.text_field)
         elif name.endswith(".parquet"):
             yield from _iter_parquet(path, corpus.text_field)
@@ -140,34 +156,55 @@ def _iter_files(corpus: CorpusConfig, cache_dir: Path) -> Iterator[Document]:
             yield Document(id=path.stem, text=decode_text(raw, str(path)))
 
 
-def _iter_jsonl(path: Path, field: str | list[str]) -> Iterator[Document]:
+def _file_records(corpus: CorpusConfig, cache_dir: Path) -> Iterator[Record]:
+    for path in _expand(corpus.paths):
+        if path.name.endswith(JSON_LINES):
+            yield from _jsonl_records(path)
+        elif path.name.endswith(".parquet"):
+            yield from _parquet_records(path)
+        else:
+            raise DataError(f"{path}: records come from JSON lines (.jsonl) or Parquet files, not from plain text; "
+                            "list only those in data.corpus.paths")
+
+
+def _jsonl_records(path: Path) -> Iterator[Record]:
     import gzip
 
     opener = gzip.open if path.name.endswith(".gz") else open
     with opener(path, "rb") as handle:
         for line_number, raw in enumerate(handle, 1):
+            where = f"{path}:{line_number}"
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as exc:
-                raise DataError(f"{path}:{line_number}: not UTF-8 (byte {raw[exc.start]:#04x} at column "
+                raise DataError(f"{where}: not UTF-8 (byte {raw[exc.start]:#04x} at column "
                                 f"{exc.start + 1}); JSON lines must be UTF-8") from None
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
             except json.JSONDecodeError:
-                raise DataError(f"{path}:{line_number}: not valid JSON") from None
-            text = _text_of(record, field, f"{path}:{line_number}")
-            doc_id = str(record.get("id", f"{path.stem}:{line_number}"))
-            yield Document(id=doc_id, text=text)
+                raise DataError(f"{where}: not valid JSON") from None
+            if not isinstance(record, dict):
+                raise DataError(f"{where}: not a JSON object (one record per line)")
+            yield Record(str(record.get("id", f"{path.stem}:{line_number}")), where, record)
 
 
-def _iter_parquet(path: Path, field: str) -> Iterator[Document]:
+def _iter_jsonl(path: Path, field: str | list[str]) -> Iterator[Document]:
+    for record in _jsonl_records(path):
+        yield Document(id=record.id, text=_text_of(record.fields, field, record.where))
+
+
+def _parquet_file(path: Path):
     try:
         import pyarrow.parquet as pq
     except ImportError:
         raise DataError(f"{path}: reading Parquet needs pyarrow (pip install pyarrow)") from None
-    table = pq.ParquetFile(path)
+    return pq.ParquetFile(path)
+
+
+def _iter_parquet(path: Path, field: str) -> Iterator[Document]:
+    table = _parquet_file(path)
     if field not in table.schema_arrow.names:
         raise DataError(f"{path}: no column {field!r} (set data.corpus.text_field)")
     row = 0
@@ -177,20 +214,43 @@ def _iter_parquet(path: Path, field: str) -> Iterator[Document]:
             row += 1
 
 
+def _parquet_records(path: Path) -> Iterator[Record]:
+    row = 0
+    for batch in _parquet_file(path).iter_batches():
+        for record in batch.to_pylist():
+            yield Record(str(record.get("id", f"{path.stem}:{row}")), f"{path}[row {row}]", record)
+            row += 1
+
+
 # ----------------------------------------------------------------------------- hf datasets
 
 
 def _iter_hf(corpus: CorpusConfig, cache_dir: Path) -> Iterator[Document]:
+    """Records of an HF dataset as documents (their text field or fields)."""
+    for record in _hf_records(corpus, cache_dir):
+        yield Document(id=record.id, text=_text_of(record.fields, corpus.text_fields or corpus.text_field,
+                                                   record.where))
+
+
+def _hf_records(corpus: CorpusConfig, cache_dir: Path) -> Iterator[Record]:
     """Records of an HF dataset; with `hf_configs`, of each configuration in turn (ids prefixed by it)."""
     if not corpus.hf_configs:
-        yield from _iter_hf_config(corpus, corpus.hf_config)
+        yield from _hf_config_records(corpus, corpus.hf_config)
         return
     for name in corpus.hf_configs:
-        for document in _iter_hf_config(corpus, name):
-            yield Document(f"{name}/{document.id}", document.text)
+        for record in _hf_config_records(corpus, name):
+            yield Record(f"{name}/{record.id}", record.where, record.fields)
 
 
-def _iter_hf_config(corpus: CorpusConfig, hf_config: str | None) -> Iterator[Document]:
+def _hf_config_records(corpus: CorpusConfig, hf_config: str | None) -> Iterator[Record]:
+    path = corpus.path or ""
+    where = f"hf:{path}" + (f"/{hf_config}" if corpus.hf_configs else "")
+    for index, record in enumerate(_hf_dataset(corpus, hf_config)):
+        doc_id = record.get("id", index) if isinstance(record, dict) else index
+        yield Record(str(doc_id), f"{where}[{index}]", record if isinstance(record, dict) else {})
+
+
+def _hf_dataset(corpus: CorpusConfig, hf_config: str | None):
     try:
         import datasets
     except ImportError:
@@ -218,17 +278,17 @@ def _iter_hf_config(corpus: CorpusConfig, hf_config: str | None) -> Iterator[Doc
     except (FileNotFoundError, ValueError, ConnectionError, OSError) as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise DataError(f"data.corpus.path: cannot load HF dataset {path!r}: {first_line}") from None
-    for index, record in enumerate(dataset):
-        text = _text_of(record, corpus.text_fields or corpus.text_field, f"hf:{path}[{index}]")
-        doc_id = record.get("id", index) if isinstance(record, dict) else index
-        yield Document(id=str(doc_id), text=text)
+    return dataset
 
 
 SOURCES: dict[str, Source] = {
-    "files": Source(_iter_files, ("paths", "text_field", "text_fields"), lambda c: "files:" + ",".join(c.paths)),
+    "files": Source(_iter_files, ("paths", "text_field", "text_fields"), lambda c: "files:" + ",".join(c.paths),
+                    _file_records),
     "hf": Source(_iter_hf, ("path", "hf_config", "hf_configs", "split", "data_files", "text_field", "text_fields"),
                  lambda c: f"hf:{c.path}" + (f"/{'+'.join(c.hf_configs)}" if c.hf_configs else
-                                             f"/{c.hf_config}" if c.hf_config else "") + f"[{c.split}]"),
+                                             f"/{c.hf_config}" if c.hf_config else "") + f"[{c.split}]",
+                 _hf_records),
     "packaged": Source(lambda c, cache_dir: iter_packaged(c.name or "", cache_dir), ("name",),
-                       lambda c: f"packaged:{c.name}"),
+                       lambda c: f"packaged:{c.name}",
+                       lambda c, cache_dir: iter_packaged_records(c.name or "", cache_dir)),
 }

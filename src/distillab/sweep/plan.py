@@ -14,12 +14,11 @@ that path or hub id.
 
 from __future__ import annotations
 
-import copy
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
-from distillab.config import ModelConfig, config_from_dict, results_config
+from distillab.config import ModelConfig, config_from_dict, merge, results_config
 from distillab.errors import ConfigError
 from distillab.files import stable_hash
 from distillab.flops import compute_matched_tokens, teacher_inference_flops, training_flops
@@ -76,16 +75,10 @@ def teacher_key(info: dict) -> tuple:
     return info["model"], info["tokens"], info["seed"]
 
 
-def merge(base: dict, *updates: dict) -> dict:
-    """Deep merge of nested dicts; later updates win."""
-    out = copy.deepcopy(base)
-    for update in updates:
-        for key, value in update.items():
-            if isinstance(value, dict) and isinstance(out.get(key), dict):
-                out[key] = merge(out[key], value)
-            else:
-                out[key] = copy.deepcopy(value)
-    return out
+def sft_run_dir(run_dir: str | Path, stage: dict) -> Path:
+    """Where a run's SFT stage (the grid's `sft` values) lives: RUN/sft-<hash of the stage>, so another
+    stage is another fine-tuning run beside the first."""
+    return Path(run_dir) / f"sft-{stable_hash(stage)[:12]}"
 
 
 def run_id(config: dict, teacher_reference: str | None) -> str:

@@ -18,9 +18,10 @@ class Plan:
     decay_start: int  # first step of the final decay (wsd); == warmup_steps for cosine
 
 
-def make_plan(train: TrainConfig) -> Plan:
+def make_plan(train: TrainConfig, steps: int | None = None) -> Plan:
+    """Steps from the token budget (or `steps` given: SFT's fixed count), warmup and decay start."""
     tokens_per_step = train.batch_size * train.seq_len * train.grad_accum * train.processes
-    steps = max(1, train.token_budget // tokens_per_step)
+    steps = steps or max(1, train.token_budget // tokens_per_step)
     warmup = train.warmup_steps if train.warmup_steps is not None else int(round(train.warmup_fraction * steps))
     warmup = min(warmup, steps - 1)
     if train.schedule == "wsd":

@@ -5,6 +5,8 @@
       RunDirectory checks    writable; the recorded config, when there is progress to resume
       Trainer.build          data, model, teacher signal, optimizer, schedule; every check that
                              can fail runs here, before anything is written to the run directory
+                             (an SFT run, `sft.init_from` set: the checkpoint to fine-tune and its
+                             chat data, `distillab.sft`)
       RunDirectory.claim     one writer per run directory
       Trainer.restore        the newest verified checkpoint (or a WSD branch point), bound to
                              the same config, tokenizer and data; then config.yaml
@@ -40,6 +42,7 @@ from distillab.files import stable_hash
 from distillab.models import ModelSpec, build_model, resolve_spec
 from distillab.objective import KDObjective
 from distillab.progress import progress_bar
+from distillab.sft import start_sft
 from distillab.teacher import CachedTeacher, OnlineTeacher, build_teacher_signal
 from distillab.train.guard import NonFiniteError, NonFiniteGuard
 from distillab.train.metrics import LogWindow, MetricsSink, NoMetrics
@@ -119,12 +122,15 @@ class Trainer:
         self.step = self.tokens = self.sequences = 0
         self.window = LogWindow()
         self.last_eval: dict = {}
+        self.start_eval: dict = {}  # an SFT run: the held-out losses of the model it starts from
 
     # ------------------------------------------------------------------------- build
 
     @classmethod
     def build(cls, config: RunConfig, parallel: SingleProcess, log=print) -> "Trainer":
         """Everything a run needs, checked: data, model, teacher signal, optimizer, schedule."""
+        if config.sft.init_from:
+            return cls.build_sft(config, parallel, log)
         t = config.train
         data = prepare_data(config.data, log)
         spec = resolve_spec(config.model)
@@ -151,6 +157,24 @@ class Trainer:
         return cls(config, parallel, data, spec, stepper, make_optimizer(stepper, t), teacher, stream, plan, log,
                    objective)
 
+    @classmethod
+    def build_sft(cls, config: RunConfig, parallel: SingleProcess, log=print) -> "Trainer":
+        """An SFT run: the checkpoint to fine-tune, its packed chat data, `sft.steps` steps, no teacher."""
+        t = config.train
+        start = start_sft(config, parallel.device, log)
+        stepper = parallel.prepare_model(start.model, t.activation_checkpointing, t.compile)
+        plan = make_plan(t, steps=config.sft.steps)
+        epochs = start.stream.epochs(plan.steps * t.batch_size * t.grad_accum * parallel.world)
+        log(f"sft: {config.sft.init_from}, {plan.steps} steps over {start.stream.n_windows:,} windows of packed "
+            f"conversations ({epochs:.2f} epochs)")
+        trainer = cls(config, parallel, start.data, start.spec, stepper, make_optimizer(stepper, t), None,
+                      start.stream, plan, log)
+        if parallel.is_main or parallel.collective_forward:
+            trainer.start_eval = trainer.evaluate()
+            log("sft: before fine-tuning: " + ", ".join(f"{name} loss {r['loss']:.4f}"
+                                                        for name, r in trainer.start_eval.items()))
+        return trainer
+
     # ------------------------------------------------------------------------- state
 
     def state_dict(self) -> dict:
@@ -171,20 +195,23 @@ class Trainer:
         """What produced a checkpoint: written into its distillab.json."""
         t = self.config.train
         return {"distillab_version": __version__, "run_name": self.config.name,
-                "role": "student" if self.objective.distills else "lm", "config_hash": config_hash(self.config),
+                "role": self.role(), "config_hash": config_hash(self.config),
                 "results_config": results_config(self.config), "model": dataclasses.asdict(self.spec),
                 "step": self.step, "tokens": self.tokens, "tokenizer_fingerprint": self.data.fingerprint,
                 "data_dir": str(self.data.path.resolve()), "data_content_sha256": self.data.manifest["content_sha256"],
                 "train_stream": self.stream_record(),
                 "teacher": self.config.kd.teacher, "objective": self.objective.as_dict()}
 
+    def role(self) -> str:
+        return "sft" if self.config.sft.init_from else "student" if self.objective.distills else "lm"
+
     def stream_record(self) -> dict:
         """What replays this run's training sequences: window length, data seed, sequences seen (and
-        the packing, when documents are packed)."""
+        the packing, when documents or conversations are packed)."""
         t = self.config.train
         record = {"seq_len": t.seq_len, "data_seed": t.data_seed, "sequences": self.sequences}
-        if self.config.data.packing != "concat":
-            record["packing"] = self.config.data.packing
+        if self.stream.packing != "concat":
+            record["packing"] = self.stream.packing
         return record
 
     # ------------------------------------------------------------------------- restore
@@ -325,7 +352,8 @@ class Trainer:
 
     def describe(self) -> None:
         n_params = sum(p.numel() for p in self.model.parameters())
-        teacher = f", {self.objective.label()}, teacher {self.teacher.description}" if self.teacher else ", LM only"
+        teacher = (f", {self.objective.label()}, teacher {self.teacher.description}" if self.teacher else
+                   ", SFT on assistant tokens" if self.role() == "sft" else ", LM only")
         self.log(f"train: {self.config.name}: {self.spec.name} ({self.spec.non_embedding_parameters():,} non-embedding "
                  f"/ {n_params:,} parameters), {self.plan.steps} steps x {self.plan.tokens_per_step:,} tokens{teacher}")
 
@@ -348,21 +376,29 @@ class Trainer:
 
     def check_not_diverged(self) -> None:
         """A held-out loss no better than guessing uniformly (after 10 steps), or 1 nat worse at any
-        length, is a diverged run (weights blown up, or collapsed to a constant), not a model."""
+        length, is a diverged run (weights blown up, or collapsed to a constant), not a model. An SFT
+        run starts from a trained model that may be worse than uniform on new data: it has diverged
+        when its held-out loss ends more than 1 nat above where it started."""
         uniform = math.log(self.data.vocab_size)
         for name, result in self.last_eval.items():
-            loss = result["loss"]
-            if not math.isfinite(loss) or loss > uniform + 1.0 or (self.step >= 10 and loss >= uniform):
+            loss, start = result["loss"], self.start_eval.get(name)
+            if start:
+                worse, than = loss > start["loss"] + 1.0, f"more than 1 nat above its {start['loss']:.4f} at the start"
+            else:
+                worse = loss > uniform + 1.0 or (self.step >= 10 and loss >= uniform)
+                than = f"no better than guessing uniformly ({uniform:.4f})"
+            if not math.isfinite(loss) or worse:
                 raise NonFiniteError(f"training diverged: after {self.step} steps the {name} loss is {loss:.4f} nats, "
-                                     f"no better than guessing uniformly ({uniform:.4f}); lower train.lr (the last "
-                                     "good checkpoint is kept, final is not written)")
+                                     f"{than}; lower train.lr (the last good checkpoint is kept, final is not written)")
 
     def summary(self) -> dict:
         return {"name": self.config.name, "status": "done", "steps": self.step, "tokens": self.tokens,
                 "model": self.spec.name, "non_embedding_parameters": self.spec.non_embedding_parameters(),
                 "parameters": sum(p.numel() for p in self.model.parameters()), "objective": self.objective.as_dict(),
                 "objective_label": self.objective.label(), "teacher": self.config.kd.teacher,
-                "skipped_steps": self.guard.skipped, "eval": self.last_eval, "config_hash": config_hash(self.config)}
+                "skipped_steps": self.guard.skipped, "eval": self.last_eval, "config_hash": config_hash(self.config),
+                **({"sft": {"init_from": self.config.sft.init_from, "eval_before": self.start_eval}}
+                   if self.start_eval else {})}
 
 
 def train(config: RunConfig, *, stop_after_steps: int | None = None, log=print,
