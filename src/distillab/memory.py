@@ -31,12 +31,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-import json
-
 from distillab.config import CACHE_MODES, RunConfig
 from distillab.errors import ConfigError
 from distillab.gpus import GIB, GPU
-from distillab.models import ModelSpec, model_directory, resolve_spec
+from distillab.models import ModelSpec, model_directory, resolve_spec, spec_from_hf_config
 
 HEAD_FUSION_ELEMENTS = 1 << 28  # as distillab.train.step
 GPU_CHUNK_ROWS_ELEMENTS = 1 << 26  # as distillab.losses.fused (GPU chunk of rows x vocab)
@@ -178,17 +176,6 @@ def what_would_fit(student: ModelSpec, vocab: int, layout: Layout, teacher: Mode
     return "nothing tried fits (fsdp, activation checkpointing, micro-batch 1, up to 256 GPUs); use a larger GPU"
 
 
-def spec_from_hf_config(values: dict, name: str = "teacher") -> ModelSpec:
-    """The shape of a model from its HF `config.json` values (Llama / Qwen-like decoders)."""
-    heads = values["num_attention_heads"]
-    return ModelSpec(name=name, family="qwen3" if values.get("model_type") == "qwen3" else "llama",
-                     layers=values["num_hidden_layers"], d_model=values["hidden_size"], heads=heads,
-                     kv_heads=values.get("num_key_value_heads", heads),
-                     head_dim=values.get("head_dim") or values["hidden_size"] // heads, ffn=values["intermediate_size"],
-                     rope_theta=values.get("rope_theta", 10000.0), tie_embeddings=values.get("tie_word_embeddings", False),
-                     vocab_rows=values.get("vocab_size"))
-
-
 def teacher_of_config(config: RunConfig) -> tuple[ModelSpec | None, str]:
     """A run's teacher shape from its directory's config.json, with a note when it is not counted."""
     if config.kd.teacher is None or (config.kd.alpha == 0 and config.kd.alpha_schedule.shape == "constant"):
@@ -196,8 +183,10 @@ def teacher_of_config(config: RunConfig) -> tuple[ModelSpec | None, str]:
     if config.kd.cache not in CACHE_MODES:
         return None, " (teacher read from its cache: no teacher model in memory)"
     try:
+        from transformers import AutoConfig
+
         directory = model_directory(config.kd.teacher)
-        return spec_from_hf_config(json.loads((directory / "config.json").read_text())), ""
+        return spec_from_hf_config(AutoConfig.from_pretrained(str(directory)), "teacher", key="kd.teacher"), ""
     except (OSError, ValueError, KeyError, ConfigError):
         return None, f" (teacher {config.kd.teacher} not found: not counted)"
 
