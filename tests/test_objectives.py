@@ -53,8 +53,8 @@ def teacher_side(t_row, temperature, top_k=None, top_p=None, tail=False):
         cumulative = np.cumsum(p1[order]) - p1[order]
         kept = order[cumulative < top_p]
     masses = p1[kept]
-    if tail:
-        masses = np.append(masses, 1 - masses.sum())
+    if tail:  # the dropped tokens' mass, summed (not 1 - kept mass: exact however small)
+        masses = np.append(masses, np.delete(p1, kept).sum())
     tempered = np.exp(log_softmax(np.log(np.maximum(masses, 1e-300)) / temperature))
     return kept, tempered
 
@@ -192,6 +192,30 @@ def test_a_sparse_teacher_equals_the_dense_truncated_one(name):
     assert float(sparse.total.detach()) == pytest.approx(total, rel=1e-10)
     np.testing.assert_allclose(leaf.grad.numpy(),
                                numeric_gradient(lambda z: objective(z, t, y, 0.5, 2.0, name, top_k=4)[0], s), atol=1e-7)
+
+
+@pytest.mark.parametrize("name", DIVERGENCES)
+def test_a_tail_below_float32_resolution_is_kept(name):
+    """A peaked teacher (tail mass ~1e-12) with the tail bucket: the tail is the dropped tokens'
+    mass, not 1 - kept mass (which float32 rounds to 0, making reverse KL infinite). Online in
+    float32, and from sparse rows (a top-6 capture) at k = 6 and k = 4, against float64."""
+    s, t, y = inputs(5, rows=5, vocab=11)
+    t[:, 0] += 30.0
+    labels, student = torch.tensor(y), torch.tensor(s, dtype=torch.float32)
+    captured = truncate_dense(torch.tensor(t, dtype=torch.float32), 6, None)
+    assert float(captured.log_tail.max()) < -25  # far below float32's resolution of 1 (~ -16.6)
+    for temperature in (1.0, 2.0):
+        for k in (6, 4):
+            expected = objective(s, t, y, 0.5, temperature, name, top_k=k, tail=True)[2]
+            common = dict(alpha=0.5, temperature=temperature, divergence=name, top_k=k, tail_bucket=True)
+            leaf = student.clone().requires_grad_(True)
+            online = distillation_loss(leaf, torch.tensor(t, dtype=torch.float32), labels, **common)
+            online.total.backward()
+            sparse = sparse_distillation_loss(student.clone(), captured.indices, captured.logprobs, captured.log_tail,
+                                              labels, **common)
+            assert float(online.kd) == pytest.approx(expected, rel=1e-4)
+            assert float(sparse.kd) == pytest.approx(expected, rel=1e-4)
+            assert torch.isfinite(leaf.grad).all()
 
 
 @pytest.mark.parametrize("temperature", [1.0, 2.0])

@@ -33,26 +33,23 @@ class SparseRows:
     log_tail: torch.Tensor  # [rows] float, log of the mass outside the kept tokens
 
 
-def log1mexp(x: torch.Tensor) -> torch.Tensor:
-    """log(1 - exp(x)) for x <= 0, accurate at both ends."""
-    x = x.clamp(max=0.0)
-    return torch.where(x > -0.6931471805599453, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
-
-
-def tail_of(logprobs: torch.Tensor) -> torch.Tensor:
-    """log of the mass outside the kept tokens: log(1 - sum exp(logprobs))."""
-    return log1mexp(torch.logsumexp(logprobs, dim=-1))
+def with_dropped(log_tail: torch.Tensor, dropped: torch.Tensor) -> torch.Tensor:
+    """log(tail mass + sum exp(dropped)): the tail after dropping more tokens, with no cancellation
+    however small it is (-inf entries of `dropped` add nothing)."""
+    return torch.logsumexp(torch.cat([log_tail[:, None], dropped], dim=-1), dim=-1)
 
 
 def truncate_dense(teacher: torch.Tensor, top_k: int | None, top_p: float | None) -> SparseRows:
-    """Dense teacher logits [rows, V] -> the kept tokens as sparse rows (T = 1 log-probs)."""
+    """Dense teacher logits [rows, V] -> the kept tokens as sparse rows (T = 1 log-probs); the
+    tail is the dropped tokens' mass summed, exact even when it is far below 1e-7."""
     lse = torch.logsumexp(teacher, dim=-1, keepdim=True)
     if top_k is not None:
         values, indices = teacher.topk(top_k, dim=-1)
-        logprobs = values - lse
-        return SparseRows(indices, logprobs, tail_of(logprobs))
+        rest = torch.logsumexp(teacher.scatter(-1, indices, NEG_INF), dim=-1)
+        return SparseRows(indices, values - lse, rest - lse[:, 0])
     values, indices = teacher.sort(dim=-1, descending=True)
-    return keep_top_p(SparseRows(indices, values - lse, torch.zeros(teacher.shape[0], device=teacher.device)), top_p)
+    nothing = torch.full((teacher.shape[0],), NEG_INF, dtype=teacher.dtype, device=teacher.device)
+    return keep_top_p(SparseRows(indices, values - lse, nothing), top_p)
 
 
 def keep_top_p(rows: SparseRows, top_p: float) -> SparseRows:
@@ -64,16 +61,16 @@ def keep_top_p(rows: SparseRows, top_p: float) -> SparseRows:
     keep = mass_before < top_p
     keep[:, 0] = True
     logprobs = rows.logprobs.masked_fill(~keep, NEG_INF)
+    log_tail = with_dropped(rows.log_tail, rows.logprobs.masked_fill(keep, NEG_INF))
     width = int(keep.sum(-1).max())  # drop columns no row keeps
-    logprobs, indices = logprobs[:, :width], rows.indices[:, :width]
-    return SparseRows(indices, logprobs, tail_of(logprobs))
+    return SparseRows(rows.indices[:, :width], logprobs[:, :width], log_tail)
 
 
 def select(rows: SparseRows, top_k: int | None, top_p: float | None) -> SparseRows:
     """Apply a truncation to already sparse rows (a cache captured at K >= top_k)."""
     if top_k is not None:
-        logprobs = rows.logprobs[:, :top_k]
-        return SparseRows(rows.indices[:, :top_k], logprobs, tail_of(logprobs))
+        return SparseRows(rows.indices[:, :top_k], rows.logprobs[:, :top_k],
+                          with_dropped(rows.log_tail, rows.logprobs[:, top_k:]))
     if top_p is not None:
         return keep_top_p(rows, top_p)
     return rows
