@@ -206,6 +206,7 @@ def direct_per_token(model_dir, tokens: np.ndarray, seq_len: int, starts: np.nda
     return {"loss": loss.numpy(), "entropy": -(log_p.exp() * log_p).sum(-1).numpy()}
 
 
+@pytest.mark.slow
 def test_analyze_cli_writes_the_authors_tables(tiny_teacher, short_run, tmp_path):
     import json
     import os

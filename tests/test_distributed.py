@@ -125,7 +125,8 @@ def fsdp_run(tmp_path, cache_dir, name, processes, kd=None, **train_keys):
     return tiny_run(tmp_path, cache_dir, name, train=train_keys, **({"kd": kd} if kd else {}))
 
 
-@pytest.mark.parametrize("distil", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["lm", "kd"])
+@pytest.mark.slow
+@pytest.mark.parametrize("distil", [False, True], ids=["lm", "kd"])
 def test_fsdp_two_processes_match_one_process(tmp_path, cache_dir, tiny_teacher, distil):
     """FSDP2 on 2 gloo processes (student and teacher sharded) = one plain process with the same
     global batch: the same loss at every logged step and the same final weights."""

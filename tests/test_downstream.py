@@ -118,6 +118,7 @@ def test_checkpoint_with_another_tokenizer_is_refused(checkpoint, tmp_path, cach
     assert result.returncode == 2 and "another tokenizer" in result.stderr and result.stderr.count("\n") == 1
 
 
+@pytest.mark.slow
 def test_analyze_cli_writes_json_and_plots(checkpoint, tmp_path):
     out = tmp_path / "analysis"
     result = subprocess.run([sys.executable, "-m", "distillab.cli", "analyze", "--model", f"student={checkpoint}",

@@ -65,6 +65,7 @@ def test_eval_cli_writes_eval_json(trained, tmp_path):
     assert report["tokenizer_fingerprint"] and report["data_content_sha256"]
 
 
+@pytest.mark.slow
 def test_eval_errors_are_one_line(trained, tmp_path):
     missing = cli("eval", "--checkpoint", str(tmp_path / "nope"))
     assert missing.returncode == 2 and missing.stderr.count("\n") == 1 and "not found" in missing.stderr

@@ -57,6 +57,7 @@ def test_the_paper_8b_student_under_ddp_on_80gb_is_refused_with_what_would_fit(t
     assert ": fits" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_every_paper_preset_fits_80gb_gpus_at_its_layout(capsys):
     for preset in sorted(PAPER.glob("*.yaml")):
         assert main(["sweep", str(preset), "--dry-run", "--gpu", "h100-80gb"]) == 0, preset.name

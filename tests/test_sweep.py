@@ -110,6 +110,7 @@ def test_bad_grid_names_the_key(tmp_path, cache_dir):
     assert info.value.key == "train.lr"
 
 
+@pytest.mark.slow
 def test_grid_runs_fails_retries_and_reports(tmp_path, cache_dir):
     spec = load_grid(grid_file(tmp_path, cache_dir, notes=["Shakespeare stands in for the corpus"]))
     sweep_dir = tmp_path / "sweep"
