@@ -30,7 +30,7 @@ import numpy as np
 from distillab.errors import DataError
 
 # The compact coding's quantisation step in nats (2^-6): log-probs within 1/128 nat, i.e. each
-# probability within 0.8 % of its value. Chosen with benchmarks/cache_size.py.
+# probability within 0.8 % of its value. Its cost in bytes and student loss: benchmarks/cache_size.py.
 LOG_STEP = 1.0 / 64.0
 # The largest code: log-probs below -MAX_CODE * step (about -1024 nats, probability 0 in
 # float32) are stored as that; -inf too.
