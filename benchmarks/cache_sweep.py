@@ -32,8 +32,8 @@ def grid(cache: str) -> dict:
                           "validation_fraction": 0.08},
                  "train": {"batch_size": 16, "seq_len": 256, "lr": 3.0e-3, "eval_every": 1000, "log_every": 20,
                            "checkpoint_every": 1000}},
-        "teachers": {"models": ["cpu-3m"], "tokens": [262_144], "seeds": [42]},
-        "students": {"models": ["cpu-1m"], "tokens": [131_072], "seeds": [43, 44]},
+        "teachers": {"models": ["cpu-3m"], "tokens": [131_072], "seeds": [42]},
+        "students": {"models": ["cpu-1m"], "tokens": [65_536], "seeds": [43, 44]},
         "kd": {"alpha": [0.2, 0.5, 0.8], "top_k": [64], "other": {"cache": [cache]}},
         "eval": {"sets": ["validation"], "tasks": [], "max_windows": 8},
     }
