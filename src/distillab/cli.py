@@ -251,13 +251,15 @@ def add_teacher(sub) -> None:
 def add_train(sub) -> None:
     train = sub.add_parser("train", help="train (or resume) a teacher or student run")
     add_config_args(train)
-    train.add_argument(
-        "--stop-after", type=int, default=None, metavar="STEPS",
-        help="checkpoint and stop once this many optimizer steps are done; run again to resume",
-    )
+    add_stop_after(train)
     add_memory_args(train, "train nothing: print the run's memory plan per GPU (and refuse one that does not fit "
                            "--gpu)")
     train.set_defaults(func=cmd_train)
+
+
+def add_stop_after(parser) -> None:
+    parser.add_argument("--stop-after", type=int, default=None, metavar="STEPS",
+                        help="checkpoint and stop once this many optimizer steps are done; run again to resume")
 
 
 def add_memory_args(parser, dry_run_help: str | None) -> None:
@@ -279,8 +281,7 @@ def add_sft(sub) -> None:
         "tokenizer carries the template (evaluate it with `distillab eval --chat-template`).",
     )
     add_config_args(sft)
-    sft.add_argument("--stop-after", type=int, default=None, metavar="STEPS",
-                     help="checkpoint and stop once this many optimizer steps are done; run again to resume")
+    add_stop_after(sft)
     sft.set_defaults(func=cmd_sft)
 
 
