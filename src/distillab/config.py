@@ -160,7 +160,7 @@ class ScheduleConfig:
     decay_fraction: float = 0.2
 
 
-DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd", "hard")
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd", "hard", "uld", "alm")
 
 
 # kd.cache values that are not a directory
@@ -181,7 +181,7 @@ class KDConfig:
     temperature: float = 1.0
     # KL(p_T || p_S) by default; hard = cross-entropy against the teacher's argmax (no T^2)
     divergence: Literal["forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd",
-                        "hard"] = "forward_kl"
+                        "hard", "uld", "alm"] = "forward_kl"
     beta: float = 0.5  # jsd: weight of the teacher in the mixture m = beta p_T + (1 - beta) p_S
     skew: float = 0.1  # skew KL: the mixture weight lambda
     scale_by_t2: bool = True  # multiply the KD term by T^2 (keeps gradient scale across T)
@@ -195,6 +195,21 @@ class KDConfig:
     loss_scale: Literal["mix", "ce_fixed", "kd_fixed"] = "mix"
     alpha_schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     temperature_schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    # sampled teacher signal (docs/teacher-signals.md): per position, this many token ids drawn from
+    # the teacher (from its distribution at proposal_temperature, importance-weighted back), an
+    # unbiased estimate of the forward-KL gradient; unset = the full (or top-k) distribution
+    samples: int | None = None
+    proposal_temperature: float = 1.0
+    # a teacher that is an intermediate checkpoint of a hub model: its revision (a branch, tag or
+    # commit already in the local HF cache; nothing is fetched)
+    teacher_revision: str | None = None
+    # several teachers at once: further teachers beside kd.teacher, their caches (kd.cache is
+    # kd.teacher's), the weights of [kd.teacher, *kd.teachers] (empty: equal) and how they combine:
+    # mixture = the weighted mixture of their distributions, route = each document to one teacher
+    teachers: list[str] = field(default_factory=list)
+    caches: list[str] = field(default_factory=list)
+    teacher_weights: list[float] = field(default_factory=list)
+    teacher_mix: Literal["mixture", "route"] = "mixture"
 
 
 @dataclass
@@ -434,6 +449,9 @@ def validate(c: RunConfig) -> None:
 
 
 def validate_kd(kd: KDConfig) -> None:
+    from distillab.signals.checks import validate_signal
+
+    validate_signal(kd)
     require(0.0 <= kd.alpha <= 1.0, "kd.alpha", f"must be in [0, 1], got {kd.alpha}")
     require(kd.temperature > 0, "kd.temperature", f"must be > 0, got {kd.temperature}")
     distills = kd.alpha > 0 or kd.alpha_schedule.shape != "constant"
@@ -583,6 +601,8 @@ LATER_KEYS = (
     "kd.alpha_schedule.end", "kd.alpha_schedule.warmup_fraction", "kd.alpha_schedule.decay_fraction",
     "kd.temperature_schedule.shape", "kd.temperature_schedule.start", "kd.temperature_schedule.end",
     "kd.temperature_schedule.warmup_fraction", "kd.temperature_schedule.decay_fraction", "kd.cache",
+    "kd.samples", "kd.proposal_temperature", "kd.teacher_revision", "kd.teachers", "kd.caches",
+    "kd.teacher_weights", "kd.teacher_mix",
     "sft.init_from", "sft.chat_template", "sft.steps", "sft.messages_field",
 )
 

@@ -79,13 +79,23 @@ class KDObjective:
     loss_scale: str = "mix"
     alpha_schedule: Schedule = Schedule()
     temperature_schedule: Schedule = Schedule()
+    # the teacher signal's shape (distillab.signals): draws per position and their proposal
+    # temperature; several teachers' normalised weights (() for one) and how they combine
+    samples: int | None = None
+    proposal_temperature: float = 1.0
+    teacher_weights: tuple = ()
+    teacher_mix: str = "mixture"
 
     @classmethod
     def from_config(cls, kd: KDConfig) -> "KDObjective":
-        fields = {f.name for f in dataclasses.fields(cls)} - {"alpha_schedule", "temperature_schedule"}
+        from distillab.signals.checks import teacher_weights
+
+        fields = {f.name for f in dataclasses.fields(cls)} - {"alpha_schedule", "temperature_schedule",
+                                                                "teacher_weights"}
         return cls(**{name: getattr(kd, name) for name in fields},
                    alpha_schedule=Schedule.from_config(kd.alpha_schedule),
-                   temperature_schedule=Schedule.from_config(kd.temperature_schedule))
+                   temperature_schedule=Schedule.from_config(kd.temperature_schedule),
+                   teacher_weights=teacher_weights(kd))
 
     @classmethod
     def from_dict(cls, values: dict) -> "KDObjective":
@@ -93,6 +103,7 @@ class KDObjective:
         values = dict(values)
         for name in ("alpha_schedule", "temperature_schedule"):
             values[name] = Schedule(**values.get(name, {}))
+        values["teacher_weights"] = tuple(values.get("teacher_weights", ()))
         return cls(**values)
 
     def as_dict(self) -> dict:
@@ -140,7 +151,8 @@ class KDObjective:
         else:
             name = {"forward_kl": "forward KL", "reverse_kl": "reverse KL", "tvd": "TVD",
                     "jsd": f"JSD β {self.beta:g}", "skew_forward_kl": f"skew forward KL λ {self.skew:g}",
-                    "skew_reverse_kl": f"skew reverse KL λ {self.skew:g}"}.get(self.divergence, self.divergence)
+                    "skew_reverse_kl": f"skew reverse KL λ {self.skew:g}", "uld": "ULD (cross-tokenizer)",
+                    "alm": "ALM (cross-tokenizer)"}.get(self.divergence, self.divergence)
             parts.append(name)
             parts.append(f"T {self.temperature:g}" + (f" {self.temperature_schedule.label()}"
                                                        if self.temperature_schedule.label() else ""))
@@ -150,6 +162,13 @@ class KDObjective:
             parts.append(f"top-{self.top_k}" + (" + tail" if self.tail_bucket else ""))
         if self.top_p is not None:
             parts.append(f"top-p {self.top_p:g}" + (" + tail" if self.tail_bucket else ""))
+        if self.samples is not None:
+            parts.append(f"sampled {self.samples}" + (f" at τ {self.proposal_temperature:g}"
+                                                       if self.proposal_temperature != 1.0 else ""))
+        if self.teacher_weights:
+            weights = "/".join(f"{w:.2g}" for w in self.teacher_weights)
+            parts.append(f"{len(self.teacher_weights)} teachers, "
+                         + ("mixture" if self.teacher_mix == "mixture" else "routed per document") + f" {weights}")
         if self.label_smoothing:
             parts.append(f"label smoothing {self.label_smoothing:g}")
         if self.loss_scale != "mix":

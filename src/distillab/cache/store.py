@@ -208,7 +208,8 @@ class TeacherCache:
     def rows(self, window_ids) -> TopKRows:
         """The rows of the given windows, concatenated in that order: [len(ids) * seq_len, K]."""
         try:
-            return TopKRows.concat([self.coding.decode(self.blob(int(w)), self.seq_len) for w in window_ids])
+            parts = [self.coding.decode(self.blob(int(w)), self.seq_len) for w in window_ids]
+            return type(parts[0]).concat(parts) if parts else TopKRows.concat(parts)
         except DataError as exc:
             message = str(exc)
             raise DataError(message if message.startswith(self.key) else f"{self.key}: {self.path}: {message}") \

@@ -26,10 +26,11 @@ import torch.nn.functional as F
 
 from distillab.losses.divergences import DIVERGENCES, Params
 from distillab.losses.fused import LossSpec, Workspace, chunk_rows, chunk_terms
+from distillab.losses.sampled import SampledTeacher
 from distillab.losses.teacher_rows import SparseRows
 
-__all__ = ["LossOutput", "Head", "SparseTeacher", "LossSpec", "distillation_loss", "sparse_distillation_loss",
-           "objective_loss", "reference_distillation_loss", "DIVERGENCES"]
+__all__ = ["LossOutput", "Head", "SparseTeacher", "SampledTeacher", "LossSpec", "distillation_loss",
+           "sparse_distillation_loss", "objective_loss", "reference_distillation_loss", "DIVERGENCES"]
 
 
 @dataclass
@@ -81,6 +82,8 @@ class Rows:
             k = source.indices.shape[-1]
             self.sparse = SparseRows(source.indices.reshape(-1, k), source.logprobs.reshape(-1, k),
                                      source.log_tail.reshape(-1))
+        elif isinstance(source, SampledTeacher):
+            self.sampled = source.flat()
         elif source is not None:
             self.dense = source.detach().reshape(-1, source.shape[-1])
 
@@ -93,6 +96,8 @@ class Rows:
         if isinstance(self.source, SparseTeacher):
             s = self.sparse
             return SparseRows(s.indices[start:end].long(), s.logprobs[start:end].to(dtype), s.log_tail[start:end].to(dtype))
+        if isinstance(self.source, SampledTeacher):
+            return self.sampled.chunk(start, end, dtype)
         return self.dense[start:end].to(dtype)
 
 
@@ -252,6 +257,10 @@ def run_fused(student, teacher, labels: torch.Tensor, spec: LossSpec, ignore_ind
         raise ValueError(f"top_k must be in [1, vocabulary size {vocab}], got {spec.top_k}")
     if tuple(labels.shape) != student_shape[:-1]:
         raise ValueError(f"labels {tuple(labels.shape)} do not match logits {student_shape}")
+    if isinstance(teacher, SampledTeacher) and (spec.divergence != "forward_kl" or spec.temperature != 1.0
+                                                 or spec.truncated or spec.tail_bucket):
+        raise ValueError("a sampled teacher signal is an unbiased estimate for forward KL at T = 1, untruncated, "
+                         "only")
     labels = normalize_labels(labels, ignore_index)
     if isinstance(student, Head):
         total, ce, kd = FusedLoss.apply(student.hidden, student.weight, labels, student, teacher, spec, False)

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from distillab.losses.divergences import DIVERGENCES, FUSED_DENSE, Params
+from distillab.losses.sampled import SampledRows, sampled_forward_kl
 from distillab.losses.teacher_rows import NEG_INF, SparseRows, select, tempered_categories, truncate_dense
 
 # A student category outside the kept tokens gets this log-probability instead of -inf: exp()
@@ -106,7 +107,10 @@ class KDGradient:
 
 
 def kd_term(student: torch.Tensor, teacher, spec: LossSpec, ws: Workspace) -> KDGradient:
-    """The KD term of one chunk; `teacher` is a dense [rows, V] tensor or SparseRows."""
+    """The KD term of one chunk; `teacher` is a dense [rows, V] tensor, SparseRows or SampledRows."""
+    if isinstance(teacher, SampledRows):
+        value, grad = sampled_forward_kl(student, teacher, ws.get("kd", student.shape[0]))
+        return KDGradient(value, grad=grad)
     if spec.divergence == "hard":
         index = teacher.indices[:, :1] if isinstance(teacher, SparseRows) else teacher.argmax(-1, keepdim=True)
         return KDGradient(-student.gather(1, index).squeeze(1), minus_index=index, plus_student_lse=True)
