@@ -25,11 +25,12 @@ import torch
 import torch.nn.functional as F
 
 from distillab.losses.divergences import DIVERGENCES, Params
+from distillab.losses.cross_tokenizer import AlignedTeacher, alm_sum, uld_sum
 from distillab.losses.fused import LossSpec, Workspace, chunk_rows, chunk_terms
 from distillab.losses.sampled import SampledTeacher
 from distillab.losses.teacher_rows import SparseRows
 
-__all__ = ["LossOutput", "Head", "SparseTeacher", "SampledTeacher", "LossSpec", "distillation_loss",
+__all__ = ["LossOutput", "Head", "SparseTeacher", "SampledTeacher", "AlignedTeacher", "LossSpec", "distillation_loss",
            "sparse_distillation_loss", "objective_loss", "reference_distillation_loss", "DIVERGENCES"]
 
 
@@ -301,6 +302,9 @@ def objective_loss(student, teacher, labels: torch.Tensor, objective, step: int,
                    overwrite_logits: bool = False) -> LossOutput:
     """The loss of a `KDObjective` at 0-based `step` of `steps`: what the training loop calls."""
     now = objective.at(step, steps)
+    if isinstance(teacher, AlignedTeacher):
+        return aligned_loss(student, teacher, labels, objective.divergence, now, objective.scale_by_t2,
+                            objective.label_smoothing)
     spec = make_spec(alpha=now.alpha, temperature=now.temperature, divergence=objective.divergence,
                      beta=objective.beta, skew=objective.skew, scale_by_t2=objective.scale_by_t2,
                      label_smoothing=objective.label_smoothing, top_k=objective.top_k, top_p=objective.top_p,
@@ -308,6 +312,28 @@ def objective_loss(student, teacher, labels: torch.Tensor, objective, step: int,
     if teacher is None:
         spec = LossSpec(label_smoothing=objective.label_smoothing)
     return run_fused(student, teacher, labels, spec, overwrite_logits=overwrite_logits)
+
+
+def aligned_loss(student, teacher: AlignedTeacher, labels: torch.Tensor, divergence: str, now, scale_by_t2: bool,
+                 label_smoothing: float = 0.0) -> LossOutput:
+    """w_ce CE + w_kd c D for a teacher with another tokenizer (`distillab.losses.cross_tokenizer`):
+    D = ULD or ALM over the aligned positions / chunks, per student target token."""
+    if isinstance(student, Head):
+        raise ValueError("a cross-tokenizer teacher needs the student's logits (not a fused output layer)")
+    if divergence not in ("uld", "alm"):
+        raise ValueError(f"a cross-tokenizer teacher signal needs divergence uld or alm, got {divergence!r}")
+    vocab = student.shape[-1]
+    flat, flat_labels = student.reshape(-1, vocab).float(), labels.reshape(-1)
+    n_tokens = max(int((flat_labels >= 0).sum()), 1)
+    if divergence == "uld":
+        kd = uld_sum(flat, teacher, now.temperature) / n_tokens
+        scale = now.temperature**2 if scale_by_t2 else 1.0
+    else:
+        kd = alm_sum(flat, flat_labels, teacher, now.temperature) / n_tokens
+        scale = 1.0
+    ce = run_fused(student, None, labels, LossSpec(label_smoothing=label_smoothing))
+    total = now.ce_weight * ce.total + now.kd_weight * scale * kd
+    return LossOutput(total=total, ce=ce.ce, kd=(scale * kd).detach(), n_tokens=ce.n_tokens)
 
 
 def reference_distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None,
