@@ -52,8 +52,11 @@ def cmd_teacher_cache(args) -> int:
     from distillab.config import load_config
 
     config = load_config(args.data, args.overrides)
-    out = capture_teacher_cache(args.teacher, config, args.top_k, out=args.out, coding=args.coding,
-                                windows=args.windows, device=args.device, threads=args.threads)
+    if (args.coding == "sampled") != (args.samples is not None) or (args.coding != "sampled") != (args.top_k is not None):
+        raise ConfigError("--coding", "give --top-k K with compact or float32, --samples M with sampled")
+    out = capture_teacher_cache(args.teacher, config, args.top_k or args.samples, out=args.out, coding=args.coding,
+                                windows=args.windows, device=args.device, threads=args.threads,
+                                proposal_temperature=args.proposal_temperature)
     print(out)
     return 0
 
@@ -234,12 +237,17 @@ def add_teacher(sub) -> None:
                        help="a run config (YAML): its data section and train.seq_len (and train.precision)")
     cache.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a value of the run config by its dotted key (repeatable)")
-    cache.add_argument("--top-k", type=int, required=True, metavar="K", help="tokens kept per position")
+    cache.add_argument("--top-k", type=int, default=None, metavar="K", help="tokens kept per position")
+    cache.add_argument("--samples", type=int, default=None, metavar="M",
+                       help="--coding sampled: tokens drawn per position (their distinct ids and counts are kept)")
+    cache.add_argument("--proposal-temperature", type=float, default=1.0, metavar="TAU",
+                       help="--coding sampled: draw from the teacher at this temperature (importance-weighted back)")
     cache.add_argument("--out", default=None,
                        help="cache directory (default: a content-addressed one under the data cache)")
-    cache.add_argument("--coding", choices=["compact", "float32"], default="compact",
+    cache.add_argument("--coding", choices=["compact", "float32", "sampled"], default="compact",
                        help="compact: quantised log-probs (step 1/64 nat), delta-coded ids, zlib (default); "
-                            "float32: exact, 8K + 4 bytes per token")
+                            "float32: exact, 8K + 4 bytes per token; sampled: M draws per position (unbiased "
+                            "forward KL, docs/teacher-signals.md)")
     cache.add_argument("--windows", type=int, default=None, metavar="N",
                        help="capture only windows 0 .. N-1 (default: every window of the training split)")
     cache.add_argument("--device", default="auto")

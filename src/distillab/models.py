@@ -196,20 +196,26 @@ def build_model(spec: ModelSpec, vocab_size: int, max_seq_len: int, seed: int, e
     return model.to(device)
 
 
-def model_directory(name: str, key: str = "kd.teacher") -> Path:
+def model_directory(name: str, key: str = "kd.teacher", revision: str | None = None) -> Path:
     """The directory of a model: `name` itself when it exists, else the local snapshot of the hub id
-    `name` in the HF cache ($HF_HUB_CACHE / $HF_HOME), downloaded beforehand. Nothing is fetched."""
+    `name` in the HF cache ($HF_HUB_CACHE / $HF_HOME), downloaded beforehand, at `revision` (a branch
+    such as a checkpoint suite's `step1000`, a tag or a commit; default main). Nothing is fetched."""
     path = Path(os.path.expanduser(name))
     if path.exists():
+        if revision is not None:
+            raise ConfigError("kd.teacher_revision", f"{name} is a directory; a revision applies to hub ids (name "
+                                                     "the checkpoint's directory instead)")
         return path
     if not looks_like_hub_id(name):
         raise ConfigError(key, f"{name} does not exist; train the teacher first")
     try:
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(name, local_files_only=True, cache_dir=os.environ.get("HF_HUB_CACHE")))
+        return Path(snapshot_download(name, revision=revision, local_files_only=True,
+                                      cache_dir=os.environ.get("HF_HUB_CACHE")))
     except (ImportError, OSError, ValueError):
-        raise ConfigError(key, f"{name} is neither a directory nor a downloaded hub model; download it first "
+        at = f" at revision {revision}" if revision else ""
+        raise ConfigError(key, f"{name}{at} is neither a directory nor a downloaded hub model; download it first "
                                f"(`huggingface-cli download {name}`, with an HF token for gated models such as "
                                "Llama) or give its directory") from None
 

@@ -202,7 +202,7 @@ def build_teacher_signal(kd: KDConfig, data, device: torch.device, precision: st
     """
     if not distills:
         return None
-    directory = model_directory(kd.teacher or "")
+    directory = model_directory(kd.teacher or "", revision=kd.teacher_revision)
     if (directory / "manifest.json").exists():
         try:
             verify_checkpoint(directory)

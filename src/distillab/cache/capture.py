@@ -11,6 +11,7 @@ exactly those that given readers (data seed, sequences trained) visit.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +30,7 @@ from distillab.files import default_cache_dir, stable_hash
 from distillab.models import load_causal_lm, model_directory
 from distillab.progress import progress_bar
 from distillab.runtime import resolve_device, setup_runtime
+from distillab.signals.sampling import draw
 from distillab.teacher import OnlineTeacher, check_finite_outputs, check_same_tokenizer
 
 # Rows x vocabulary per top-k extraction chunk (fp32 scratch of 256 MB at most).
@@ -113,13 +115,15 @@ def check_out(out: Path) -> None:
 
 def capture_teacher_cache(teacher_dir: str | Path, config: RunConfig, top_k: int, out: str | Path | None = None,
                           coding: str = "compact", windows: int | None = None, readers: list | None = None,
-                          device: str = "auto", threads: int | None = None, log=print) -> Path:
+                          device: str = "auto", threads: int | None = None, log=print,
+                          proposal_temperature: float = 1.0) -> Path:
     """`distillab teacher cache`: prepare `config.data`, then `ensure_capture` at `config.train`'s
     seq_len and precision. Returns the cache directory."""
     setup_runtime(threads)
     torch_device = resolve_device(device, key="--device")
     data = prepare_data(config.data, log)
-    return ensure_capture(Path(teacher_dir), data, config, top_k, out, coding, windows, readers, torch_device, log)
+    return ensure_capture(Path(teacher_dir), data, config, top_k, out, coding, windows, readers, torch_device, log,
+                          proposal_temperature)
 
 
 def capture_for_run(config: RunConfig, cache: dict, log=print) -> Path:
@@ -129,7 +133,8 @@ def capture_for_run(config: RunConfig, cache: dict, log=print) -> Path:
     device = resolve_device(config.train.device)
     data = prepare_data(config.data, log)
     return ensure_capture(model_directory(config.kd.teacher), data, config, int(cache["top_k"]), out=cache["dir"],
-                          readers=cache["readers"], device=device, log=log)
+                          readers=cache["readers"], device=device, log=log, coding=cache.get("coding", "compact"),
+                          proposal_temperature=float(cache.get("proposal_temperature", 1.0)))
 
 
 def default_cache_path(config: RunConfig, manifest: dict, ids: np.ndarray) -> Path:
@@ -142,7 +147,7 @@ def default_cache_path(config: RunConfig, manifest: dict, ids: np.ndarray) -> Pa
 
 def ensure_capture(teacher_dir: Path, data, config: RunConfig, top_k: int, out: str | Path | None = None,
                    coding: str = "compact", windows: int | None = None, readers: list | None = None,
-                   device: torch.device = torch.device("cpu"), log=print) -> Path:
+                   device: torch.device = torch.device("cpu"), log=print, proposal_temperature: float = 1.0) -> Path:
     """The cache of the teacher in `teacher_dir` over prepared `data`'s training split (as
     `config` packs it, at its seq_len): reused when `out` (default: content-addressed) already
     holds it, captured otherwise. Concurrent callers for one cache capture it once: the others
@@ -152,7 +157,9 @@ def ensure_capture(teacher_dir: Path, data, config: RunConfig, top_k: int, out: 
     if not (teacher_dir / "config.json").is_file():
         raise ConfigError("--teacher", f"{teacher_dir} is not an HF model directory (no config.json); name a "
                                        "teacher's final directory")
-    if not 1 <= top_k <= data.vocab_size:
+    if coding == "sampled" and not 1 <= top_k <= 255:
+        raise ConfigError("--samples", f"must be in [1, 255], got {top_k}")
+    if not 1 <= top_k <= data.vocab_size and coding != "sampled":
         raise ConfigError("--top-k", f"must be in [1, {data.vocab_size}] (the vocabulary), got {top_k}")
     seq_len, packing, precision = config.train.seq_len, config.data.packing, config.train.precision
     stream = training_stream(data, seq_len, 0, packing, log)
@@ -160,7 +167,9 @@ def ensure_capture(teacher_dir: Path, data, config: RunConfig, top_k: int, out: 
                          lambda seed: training_stream(data, seq_len, seed, packing, lambda *a: None))
     manifest = {"teacher": teacher_identity(teacher_dir), "tokenizer_fingerprint": data.fingerprint,
                 "vocab_size": data.vocab_size, "data": data_identity(data), "seq_len": seq_len, "packing": packing,
-                "top_k": top_k, "coding": make_coding(coding, data.vocab_size, top_k).describe(),
+                "top_k": top_k, "coding": make_coding({"name": coding, "samples": top_k,
+                                                       "proposal_temperature": proposal_temperature},
+                                                      data.vocab_size, top_k).describe(),
                 "windows": {"of": stream.n_windows, "all": len(ids) == stream.n_windows}}
     out = Path(out) if out is not None else default_cache_path(config, manifest, ids)
     with writer_lock(out):
@@ -171,7 +180,7 @@ def ensure_capture(teacher_dir: Path, data, config: RunConfig, top_k: int, out: 
         teacher = load_teacher(teacher_dir, data, device, precision, seq_len)
         manifest["capture"] = {"precision": precision, "device": str(device), "distillab_version": __version__,
                                "torch": torch.__version__, "format": FORMAT}
-        write_capture(teacher, stream, ids, make_coding(coding, data.vocab_size, top_k), out, manifest, log)
+        write_capture(teacher, stream, ids, make_coding(manifest["coding"], data.vocab_size, top_k), out, manifest, log)
     return out
 
 
@@ -180,7 +189,8 @@ def write_capture(teacher: OnlineTeacher, stream: ShuffledWindows, ids: np.ndarr
     """Run the teacher over the windows `ids` (ascending), batch by batch, and write the cache."""
     seq_len, k = stream.seq_len, manifest["top_k"]
     per_batch = max(1, BATCH_ELEMENTS // (seq_len * teacher.vocab_size))
-    log(f"teacher cache: capturing top-{k} of {teacher.description} over {len(ids):,} of {stream.n_windows:,} windows "
+    what = f"{k} draws" if coding.name == "sampled" else f"top-{k}"
+    log(f"teacher cache: capturing {what} of {teacher.description} over {len(ids):,} of {stream.n_windows:,} windows "
         f"({len(ids) * seq_len:,} tokens, {manifest['coding']['name']} coding) into {out}")
     writer = CacheWriter(out)
     bar = progress_bar(total=len(ids), desc="teacher cache", unit="window")
@@ -188,11 +198,13 @@ def write_capture(teacher: OnlineTeacher, stream: ShuffledWindows, ids: np.ndarr
         for start in range(0, len(ids), per_batch):
             batch_ids = ids[start : start + per_batch]
             logits = teacher.signal(stream.window(batch_ids).to(teacher.device))
-            rows = top_k_rows(logits.reshape(-1, logits.shape[-1]), k)
+            flat = logits.reshape(-1, logits.shape[-1])
+            rows = draw(flat, batch_ids.tolist(), coding.samples, coding.proposal_temperature) \
+                if coding.name == "sampled" else top_k_rows(flat, k)
             for i, window_id in enumerate(batch_ids):
                 part = slice(i * seq_len, (i + 1) * seq_len)
-                writer.add(int(window_id), coding.encode(TopKRows(rows.ids[part], rows.logprobs[part],
-                                                                  rows.log_tail[part])))
+                writer.add(int(window_id), coding.encode(type(rows)(*(getattr(rows, f.name)[part]
+                                                                      for f in dataclasses.fields(rows)))))
             bar.update(len(batch_ids))
     except BaseException:
         writer.abort()

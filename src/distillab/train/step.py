@@ -74,7 +74,7 @@ def train_step(stepper, optimizer: torch.optim.Optimizer, batches: list[Batch], 
         with parallel.micro_batch(stepper, last=index == len(batches) - 1):
             with autocast(device, precision):
                 student = student_output(stepper, model, batch, head)
-            if diagnostics and index == 0 and teacher_out is not None and not head:
+            if diagnostics and index == 0 and isinstance(teacher_out, (torch.Tensor, SparseTeacher)) and not head:
                 diag = distribution_diagnostics(student.detach(), teacher_out, batch.labels)
             out = objective_loss(student, teacher_out, batch.labels, objective, step, steps, overwrite_logits=True)
             share = out.n_tokens / max(step_targets, 1)

@@ -43,7 +43,8 @@ from distillab.models import ModelSpec, build_model, resolve_spec
 from distillab.objective import KDObjective
 from distillab.progress import progress_bar
 from distillab.sft import start_sft
-from distillab.teacher import CachedTeacher, OnlineTeacher, build_teacher_signal
+from distillab.signals.build import build_signal, check_covers, online_teachers
+from distillab.teacher import CachedTeacher
 from distillab.train.guard import NonFiniteError, NonFiniteGuard
 from distillab.train.metrics import LogWindow, MetricsSink, NoMetrics
 from distillab.train.parallel import SingleProcess, setup_parallelism
@@ -140,10 +141,10 @@ class Trainer:
         if spec.vocab_rows is not None and spec.vocab_rows < data.vocab_size:
             raise ConfigError("model.vocab_size", f"is {spec.vocab_rows} but the tokenizer has {data.vocab_size} "
                                                   "tokens")
-        teacher = build_teacher_signal(config.kd, data, parallel.device, t.precision, t.seq_len, objective.distills,
-                                       config.data.packing)
-        if isinstance(teacher, OnlineTeacher):
-            teacher.model = parallel.prepare_teacher(teacher.model)
+        teacher = build_signal(config.kd, data, parallel.device, t.precision, t.seq_len, objective.distills,
+                               config.data.packing)
+        for online in online_teachers(teacher):
+            online.model = parallel.prepare_teacher(online.model)
         model = build_model(spec, data.vocab_size, t.seq_len, t.init_seed, data.tokenizer.eos_token_id, parallel.device)
         stepper = parallel.prepare_model(model, t.activation_checkpointing, t.compile)
         stream = training_stream(data, t.seq_len, t.data_seed, config.data.packing, log)
@@ -151,8 +152,8 @@ class Trainer:
         sequences = plan.steps * t.batch_size * t.grad_accum * parallel.world
         if stream.epochs(sequences) > 1:
             log(f"train: the budget covers {stream.epochs(sequences):.2f} epochs of the training split (data repeats)")
+        check_covers(teacher, stream, sequences)
         if isinstance(teacher, CachedTeacher):
-            teacher.check_covers(stream, sequences)
             objective = cached_objective(objective, teacher, log)
         return cls(config, parallel, data, spec, stepper, make_optimizer(stepper, t), teacher, stream, plan, log,
                    objective)
