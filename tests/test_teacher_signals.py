@@ -127,3 +127,37 @@ def test_a_hub_teacher_at_a_revision_is_found_offline(tmp_path, tiny_teacher, mo
     assert model_directory("suite/tiny").name == "a" * 40
     with pytest.raises(ConfigError, match="step999"):
         model_directory("suite/tiny", revision="step999")
+
+
+@pytest.mark.slow
+def test_a_sweep_with_two_teachers_at_once_and_a_teacher_of_another_tokenizer(tmp_path, cache_dir):
+    """Planned, run and reported: a mixture of the pool's two teachers, and an external teacher with its
+    own tokenizer (ALM); results.csv and the report name each student's signal."""
+    from distillab.report import write_report
+    from distillab.sweep import load_grid, plan, run_sweep
+    from test_sweep import grid_file
+
+    other = train(config_from_dict(tiny_run(tmp_path, cache_dir, "other-tokenizer", train={"threads": 1},
+                                            data={"tokenizer": {"vocab_size": 300}})), **QUIET).final_dir
+    grid = load_grid(grid_file(
+        tmp_path, cache_dir, teachers={"models": ["cpu-0.1m"], "tokens": [1024], "seeds": [42, 44],
+                                       "members": [{"path": str(other), "model": "cpu-0.1m", "tokens": 1024,
+                                                    "seed": 7}]},
+        kd={"pairs": [{"model": "cpu-0.1m", "tokens": 1024, "seed": 42, "alpha": [0.5]},
+                      {"model": "cpu-0.1m", "tokens": 1024, "seed": 44, "alpha": [0.5]},
+                      {"model": "cpu-0.1m", "tokens": 1024, "seed": 7, "alpha": [0.5],
+                       "objective": {"divergence": "alm"}}],
+            "teacher_sets": [{"members": [{"model": "cpu-0.1m", "tokens": 1024, "seed": 42},
+                                          {"model": "cpu-0.1m", "tokens": 1024, "seed": 44}],
+                              "weights": [0.5, 0.5], "alpha": [0.5]}]}))
+    runs = plan(grid, tmp_path / "sweep")
+    group = [r for r in runs if r.config["kd"].get("teachers")]
+    assert len(group) == 1 and len(group[0].depends_on) == 2
+    assert set(run_sweep(grid, tmp_path / "sweep", workers=1, log=lambda *a: None).values()) == {"done"}
+    report = write_report(tmp_path / "sweep").read_text()
+    assert "## Teacher signals" in report and "2 teachers, mixture" in report and "own tokenizer (ALM)" in report
+    import csv
+
+    rows = list(csv.DictReader((tmp_path / "sweep" / "results.csv").open()))
+    signals = {r["teacher_signal"] for r in rows if r["role"] == "student"}
+    assert signals == {"online full", "online full of 2 teachers, mixed", "online own tokenizer (ALM)"}

@@ -30,6 +30,7 @@ from distillab.files import write_text_atomic
 from distillab.flops import teacher_inference_flops, trained_tokens, training_flops
 from distillab.models import resolve_spec
 from distillab.objective import KDObjective
+from distillab.signals.describe import describe_signal
 from distillab.stats import mean_ci, prediction_interval
 from distillab.sweep.plan import sft_run_dir
 
@@ -97,6 +98,8 @@ def run_row(run: dict) -> dict:
         "alpha": cfg.kd.alpha, "temperature": cfg.kd.temperature, "divergence": cfg.kd.divergence,
         "top_k": cfg.kd.top_k, "objective": objective.setting().label(with_alpha=False),
         "objective_key": objective.setting().key(), "cached_teacher": bool(info.get("cached")),
+        "teacher_signal": describe_signal(cfg.kd, bool(info.get("teacher_cache"))),
+        "teachers": "+".join(info["teachers"]) if info.get("teachers") else info.get("teacher_model"),
         "matched_tokens": info.get("matched_tokens"), "matched_teacher": info.get("matched_teacher"),
         "trained_tokens": trained_tokens(cfg), "train_flops": training_flops(cfg, vocab),
         "teacher_inference_flops": teacher_inference_flops(teacher, vocab, cfg, info.get("teacher_cache")),

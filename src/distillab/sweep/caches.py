@@ -30,6 +30,8 @@ def cache_k(config: dict) -> int | None:
     objective = KDObjective.from_config(cfg.kd)
     if cfg.kd.cache != "auto" or not objective.distills or cfg.kd.top_p is not None:
         return None
+    if cfg.kd.teachers or cfg.kd.samples is not None or cfg.kd.divergence in ("uld", "alm"):
+        return None  # several teachers, draws and other tokenizers are served online (or by kd.cache: DIR)
     if objective.divergence == "hard":
         return 1
     return objective.top_k

@@ -40,6 +40,8 @@ class TeacherMember:
     tokens: int = 0
     seed: int = 42
     path: str | None = None
+    # a hub id's revision (a checkpoint suite's intermediate step, e.g. step1000; in the local HF cache)
+    revision: str | None = None
 
 
 @dataclass
@@ -114,6 +116,16 @@ class StudentSet:
 
 
 @dataclass
+class TeacherSet:
+    """Several teachers of the pool taught at once (`kd.teachers`): their distributions mixed with
+    `weights` (empty: equal), or each document routed to one of them (`mix: route`)."""
+    members: list[TeacherRef] = field(default_factory=list)
+    weights: list[float] = field(default_factory=list)
+    mix: str = "mixture"
+    alpha: list[float] = field(default_factory=list)  # empty: kd.alpha
+
+
+@dataclass
 class KDSweep:
     """KD settings crossed with each other (and with every teacher) for each student.
 
@@ -128,6 +140,8 @@ class KDSweep:
     divergence: list[str] = field(default_factory=lambda: ["forward_kl"])
     other: dict = field(default_factory=dict)
     pairs: list[KDPair] = field(default_factory=list)
+    # students of several teachers at once, beside the single-teacher ones (at every kd.alpha)
+    teacher_sets: list[TeacherSet] = field(default_factory=list)
 
     def objectives(self, extra: dict | None = None) -> list[dict]:
         """The kd overrides (without alpha) of every objective in the sweep, in a fixed order;
@@ -221,6 +235,7 @@ def validate_grid(spec: GridSpec) -> None:
     validate_members(spec)
     validate_kd_sweep(spec.kd)
     validate_pairs(spec)
+    validate_teacher_sets(spec)
     validate_sft_stage(spec.sft)
     if "/" in spec.name or ".." in spec.name or not spec.name.strip():
         raise ConfigError("name", f"{spec.name!r} must be a plain name (it names the sweep directory)")
@@ -271,6 +286,25 @@ def validate_pairs(spec: GridSpec) -> None:
         model, tokens, seed = unpaired[0]
         raise ConfigError("kd.pairs", f"teacher {model} @ {tokens:,} tokens (seed {seed}) is in the pool but in no "
                                       "pair, so no student would learn from it; pair it or leave it out of the pool")
+
+
+def validate_teacher_sets(spec: GridSpec) -> None:
+    """Each set names >= 2 teachers of the pool, a weight per member (or none) and mixture or route."""
+    pool = pool_keys(spec.teachers)
+    for i, group in enumerate(spec.kd.teacher_sets):
+        key = f"kd.teacher_sets[{i}]"
+        if len(group.members) < 2:
+            raise ConfigError(f"{key}.members", "name at least two teachers of the pool")
+        for j, ref in enumerate(group.members):
+            if (ref.model, ref.tokens, ref.seed) not in pool:
+                raise ConfigError(f"{key}.members[{j}]", f"{ref.model} @ {ref.tokens:,} tokens (seed {ref.seed}) is "
+                                                         "not a teacher of the pool")
+        if group.weights and len(group.weights) != len(group.members):
+            raise ConfigError(f"{key}.weights", f"give one weight per member ({len(group.members)}), or none")
+        if not group.alpha and not spec.kd.alpha:
+            raise ConfigError(f"{key}.alpha", "name this set's alphas (kd.alpha is empty with kd.pairs)")
+        if group.mix not in ("mixture", "route"):
+            raise ConfigError(f"{key}.mix", f"must be mixture or route, got {group.mix!r}")
 
 
 def validate_sft_stage(stage: dict) -> None:

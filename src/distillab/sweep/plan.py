@@ -55,20 +55,51 @@ class Run:
 
 @dataclass
 class ExternalTeacher:
-    """A teacher the sweep does not train: an existing checkpoint directory or downloaded hub id."""
+    """A teacher the sweep does not train: an existing checkpoint directory or downloaded hub id
+    (at a revision: a checkpoint suite's intermediate step)."""
     path: str
     info: dict
+    revision: str | None = None
 
     @property
     def id(self) -> str:
-        return self.path
+        return self.reference
 
     @property
     def reference(self) -> str:
-        return self.path
+        return self.path + (f"@{self.revision}" if self.revision else "")
 
     def checkpoint(self, sweep_dir: Path) -> str:
         return self.path
+
+
+@dataclass
+class TeacherGroup:
+    """Several teachers of the pool at once: students name the first in kd.teacher, the rest in kd.teachers."""
+    members: list
+    weights: list[float]
+    mix: str
+    alpha: list[float]
+
+    @property
+    def id(self) -> str:
+        return "+".join(m.id for m in self.members)
+
+    @property
+    def reference(self) -> str:
+        return self.members[0].reference
+
+    @property
+    def info(self) -> dict:
+        return {**self.members[0].info, "teachers": [m.info["model"] for m in self.members]}
+
+    def checkpoint(self, sweep_dir: Path) -> str:
+        return self.members[0].checkpoint(sweep_dir)
+
+    def kd(self, sweep_dir: Path) -> dict:
+        """The kd keys naming the other teachers (checkpoints) and how they combine."""
+        return {"teachers": [m.checkpoint(sweep_dir) for m in self.members[1:]], "teacher_weights": self.weights,
+                "teacher_mix": self.mix}
 
 
 def teacher_key(info: dict) -> tuple:
@@ -81,11 +112,14 @@ def sft_run_dir(run_dir: str | Path, stage: dict) -> Path:
     return Path(run_dir) / f"sft-{stable_hash(stage)[:12]}"
 
 
-def run_id(config: dict, teacher_reference: str | None) -> str:
+def run_id(config: dict, teacher_reference: str | None, other_references: list[str] | None = None) -> str:
     """The run's id: a hash of its results config, with the teacher named by `teacher_reference`
-    (`run:<id>` for a teacher of the sweep, the path or hub id of an external one)."""
+    (`run:<id>` for a teacher of the sweep, the path or hub id of an external one) and several
+    teachers' others by theirs."""
     identity = dict(config)
     identity["kd"] = {**identity.get("kd", {}), "teacher": teacher_reference}
+    if other_references:
+        identity["kd"]["teachers"] = other_references
     identity.pop("run_dir", None)
     identity.pop("name", None)
     return stable_hash(results_config(config_from_dict(identity)))[:12]
@@ -97,20 +131,25 @@ class Planner:
     def __init__(self, spec: GridSpec, sweep_dir: Path):
         self.spec, self.sweep_dir, self.runs = spec, Path(sweep_dir).resolve(), {}
 
-    def add(self, role: str, config: dict, teacher: Run | ExternalTeacher | None, info: dict,
+    def add(self, role: str, config: dict, teacher: Run | ExternalTeacher | TeacherGroup | None, info: dict,
             after: Run | None = None) -> Run:
-        identity = run_id(config, teacher.reference if teacher else None)
+        members = teacher.members if isinstance(teacher, TeacherGroup) else [teacher] if teacher else []
+        if isinstance(teacher, TeacherGroup):
+            config = merge(config, {"kd": teacher.kd(self.sweep_dir)})
+        identity = run_id(config, teacher.reference if teacher else None, [m.reference for m in members[1:]])
         if identity in self.runs:
             return self.runs[identity]
         config = merge(config, {"name": f"{role}-{info['model']}-{identity[:6]}",
                                 "run_dir": str(self.sweep_dir / "runs" / identity)})
         if teacher is not None:
             config["kd"]["teacher"] = teacher.checkpoint(self.sweep_dir)
+        if isinstance(members[0] if members else None, ExternalTeacher) and members[0].revision:
+            config["kd"]["teacher_revision"] = members[0].revision
         if after is not None:  # a WSD branch starts from its trunk's checkpoint
             step = config["train"]["branch_from"]
             config["train"]["branch_from"] = str(self.sweep_dir / "runs" / after.id / "checkpoints" / f"step_{step:08d}")
         config_from_dict(config)  # validates: a bad grid fails here, with the key
-        depends = [teacher.id] if isinstance(teacher, Run) else [after.id] if after else []
+        depends = [m.id for m in members if isinstance(m, Run)] or ([after.id] if after else [])
         self.runs[identity] = Run(identity, role, config, depends, info)
         return self.runs[identity]
 
@@ -134,7 +173,7 @@ class Planner:
         for member in pool.members:
             info = {"model": member.model, "seed": member.seed, "tokens": member.tokens}
             if member.path:
-                teacher = ExternalTeacher(member.path, {**info, "teacher_kind": "external"})
+                teacher = ExternalTeacher(member.path, {**info, "teacher_kind": "external"}, member.revision)
             else:
                 teacher = self.add("teacher", self.teacher_config(member.model, member.seed, member.tokens), None,
                                    {**info, "teacher_kind": "independent"})
@@ -190,6 +229,14 @@ class Planner:
                 self.add("baseline", merge(base, {"kd": {"alpha": 0.0, "teacher": None}}), None, info)
             chosen = [t for t in teachers if allowed is None or teacher_key(t.info) in allowed]
             self.distilled(base, info, chosen, alphas)
+            if allowed is None:
+                self.distilled(base, info, self.teacher_groups(teachers), alphas)
+
+    def teacher_groups(self, teachers: list) -> list[TeacherGroup]:
+        """The grid's teacher sets (kd.teacher_sets), their members found in the pool."""
+        by_key = {teacher_key(t.info): t for t in teachers}
+        return [TeacherGroup([by_key[(r.model, r.tokens, r.seed)] for r in group.members], list(group.weights),
+                             group.mix, list(group.alpha)) for group in self.spec.kd.teacher_sets]
 
     def baseline_members(self) -> None:
         for member in self.spec.baseline_members:
@@ -198,10 +245,12 @@ class Planner:
             self.add("baseline", config, None, {"model": member.model, "tokens": member.tokens, "seed": member.seed,
                                                 "baseline_kind": "member"})
 
-    def teacher_settings(self, teacher: Run | ExternalTeacher) -> list[tuple[float, dict]]:
+    def teacher_settings(self, teacher) -> list[tuple[float, dict]]:
         """(alpha, objective overrides) a teacher is used at: its pairs' when kd.pairs are given,
-        else every kd.alpha."""
+        else every kd.alpha (a teacher set: every kd.alpha)."""
         kd = self.spec.kd
+        if isinstance(teacher, TeacherGroup):
+            return [(alpha, {}) for alpha in teacher.alpha or kd.alpha]
         if not kd.pairs:
             return [(alpha, {}) for alpha in kd.alpha]
         key = teacher_key(teacher.info)
@@ -228,7 +277,8 @@ class Planner:
 
     def distilled(self, base: dict, info: dict, teachers: list[Run | ExternalTeacher], alphas=None) -> None:
         for teacher in teachers:
-            matched = self.compute_matched(base, info, teacher) if self.spec.students.compute_matched else None
+            matched = self.compute_matched(base, info, teacher) \
+                if self.spec.students.compute_matched and not isinstance(teacher, TeacherGroup) else None
             for alpha, extra in self.teacher_settings(teacher):
                 if alphas is not None and alpha not in alphas:
                     continue
@@ -236,6 +286,7 @@ class Planner:
                     config = merge(base, {"kd": {**objective, "alpha": alpha, "teacher": "pending"}})
                     self.add("student", config, teacher, {
                         **info, "teacher": teacher.id, "teacher_model": teacher.info["model"],
+                        **({"teachers": teacher.info["teachers"]} if "teachers" in teacher.info else {}),
                         "teacher_tokens": teacher.info["tokens"], "teacher_kind": teacher.info["teacher_kind"],
                         "alpha": alpha, "matched_tokens": matched, **objective})
 
