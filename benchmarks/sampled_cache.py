@@ -10,11 +10,12 @@ Part 1, bytes per token at a large vocabulary: a cpu-55k teacher with a tokenize
 per token from each manifest (shard bytes / tokens) and the mean distinct ids per position.
 
 Part 2, student loss at equal bytes, the demo's scale (tokenizer of 512): a cpu-55k teacher
-(655,360 tokens, lr 3e-3, batches of 32), a sampled cache at m = 64 and compact top-K caches at
-K = 1 .. 16; the top-K whose bytes per token are closest to the sampled cache's (not above it)
-is "equal bytes". cpu-27k students (262,144 tokens, alpha 0.5, T = 1) on seeds 1 and 2: the
-baseline (no teacher), the full online teacher, the sampled cache, and the top-K cache at equal
-bytes. Held-out loss on 64 windows; gains are paired (baseline - student, same seed).
+(655,360 tokens, lr 3e-3, batches of 32), sampled caches at m = 12 and 64 and compact top-K
+caches at K = 2 .. 64; for each sampled cache, the top-K with the most bytes per token not above
+its own is "equal bytes". cpu-27k students (655,360 tokens, the demo's, alpha 0.5, T = 1) on
+seeds 1 and 2: the baseline (no teacher), the full online teacher, each sampled cache and its
+equal-bytes top-K cache. Held-out loss on 64 windows; gains are paired (baseline - student,
+same seed).
 
 Target (issue 23): <= 40 bytes per token at the paper's m (~12 distinct tokens per position; we
 report m = 12 .. 64 draws).
@@ -93,34 +94,44 @@ def part_sizes(work: Path) -> dict:
     return {"teacher": teacher, "caches": caches}
 
 
+def closest_not_above(caches: list[dict], bytes_per_token: float) -> dict:
+    """The top-K cache with the most bytes per token that does not exceed `bytes_per_token`."""
+    fitting = [c for c in caches if c["bytes_per_token"] <= bytes_per_token] or caches[:1]
+    return max(fitting, key=lambda c: c["bytes_per_token"])
+
+
 def part_students(work: Path) -> dict:
-    student_tokens, batch, seeds = 262_144, 32, (1, 2)
+    student_tokens, batch, seeds = 655_360, 32, (1, 2)
     config = run_config(work, "teacher-512", 512, "cpu-55k", 655_360, 3e-3, batch)
     teacher = train_run(config)
     say(f"512 teacher: held-out {teacher['loss']:.3f} ({teacher['seconds']} s)")
     readers = [[seed, student_tokens // SEQ_LEN] for seed in seeds]
-    sampled = capture(teacher["dir"], config, work / "caches" / "512-s64", "sampled", 64, readers=readers)
+    sampled = {m: capture(teacher["dir"], config, work / "caches" / f"512-s{m}", "sampled", m, readers=readers)
+               for m in (12, 64)}
     tops = [capture(teacher["dir"], config, work / "caches" / f"512-k{k}", "compact", k, readers=readers)
-            for k in (1, 2, 4, 8, 16)]
-    fitting = [c for c in tops if c["bytes_per_token"] <= sampled["bytes_per_token"]] or tops[:1]
-    equal = max(fitting, key=lambda c: c["bytes_per_token"])
-    say(f"  sampled 64: {sampled['bytes_per_token']:.1f} B/token; equal bytes: top-{equal['k']} "
-        f"({equal['bytes_per_token']:.1f})")
-    arms = {"baseline": {}, "full online": {"teacher": teacher["dir"], "alpha": 0.5},
-            "sampled 64 (cache)": {"teacher": teacher["dir"], "alpha": 0.5, "samples": 64, "cache": sampled["dir"]},
-            f"top-{equal['k']} (cache, equal bytes)": {"teacher": teacher["dir"], "alpha": 0.5, "top_k": equal["k"],
-                                                       "cache": equal["dir"]}}
+            for k in (2, 4, 8, 16, 32, 64)]
+    arms = {"baseline": {}, "full online": {"teacher": teacher["dir"], "alpha": 0.5}}
+    for m, cache in sampled.items():
+        equal = closest_not_above(tops, cache["bytes_per_token"])
+        say(f"  sampled {m}: {cache['bytes_per_token']:.1f} B/token ({cache['mean_distinct_ids']:.1f} ids); "
+            f"equal bytes: top-{equal['k']} ({equal['bytes_per_token']:.1f})")
+        arms[f"sampled {m} (cache, {cache['bytes_per_token']:.1f} B)"] = {
+            "teacher": teacher["dir"], "alpha": 0.5, "samples": m, "cache": cache["dir"]}
+        arms[f"top-{equal['k']} (cache, {equal['bytes_per_token']:.1f} B)"] = {
+            "teacher": teacher["dir"], "alpha": 0.5, "top_k": equal["k"], "cache": equal["dir"]}
     results = {}
     for arm, kd in arms.items():
         for seed in seeds:
-            name = f"student-{arm.split()[0]}-{seed}"
+            slug = "".join(ch if ch.isalnum() else "-" for ch in arm)
+            name = f"student-{student_tokens}-{slug}-{seed}"
             results.setdefault(arm, {})[seed] = train_run(run_config(work, name, 512, "cpu-27k", student_tokens, 3e-3,
                                                                      batch, seed, kd))
             say(f"  {arm} seed {seed}: {results[arm][seed]['loss']:.4f} ({results[arm][seed]['seconds']} s)")
     gains = {arm: {seed: results["baseline"][seed]["loss"] - r["loss"] for seed, r in runs.items()}
              for arm, runs in results.items() if arm != "baseline"}
-    return {"teacher": teacher, "sampled": sampled, "top_k": tops, "equal_bytes": equal, "students": results,
-            "gains": gains}
+    for arm, by_seed in gains.items():
+        say(f"  gain {arm}: " + ", ".join(f"{g:+.4f}" for g in by_seed.values()))
+    return {"teacher": teacher, "sampled": sampled, "top_k": tops, "students": results, "gains": gains}
 
 
 def main() -> int:

@@ -152,3 +152,22 @@ def test_a_tokenizer_that_is_not_byte_level_is_refused(tmp_path):
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=raw, eos_token=END_OF_TEXT, unk_token="[UNK]")
     with pytest.raises(ConfigError, match="byte-level"):
         token_bytes(tokenizer, "kd.teacher")
+
+
+def test_chunk_likelihoods_are_the_teachers_own(tokenizers):
+    """chunk_logp equals the teacher's log-probabilities of the chunk's tokens, summed one by one."""
+    student_tok, teacher_tok = tokenizers
+    net = model(len(teacher_tok), 3)
+    ids = windows(student_tok, 2, seed=3)
+    signal = signal_for(net, teacher_tok, student_tok, ids)
+    teacher = CrossTokenizerTeacher(net, teacher_tok, student_tok, torch.device("cpu"), "test")
+    chunk = 0
+    for window in ids.tolist():
+        a = align_window(window, teacher.student_bytes, teacher.student_eos, teacher_tok, teacher.teacher_bytes)
+        with torch.no_grad():
+            log_p = torch.log_softmax(net(input_ids=torch.tensor([a.teacher_ids[:-1]])).logits[0].double(), -1)
+        for _, positions in a.chunks:
+            expected = sum(float(log_p[k, a.teacher_ids[k + 1]]) for k in positions)
+            assert abs(float(signal.chunk_logp[chunk]) - expected) < 1e-4
+            chunk += 1
+    assert chunk == len(signal.chunk_logp)

@@ -55,7 +55,7 @@ def build_signal(kd: KDConfig, data, device: torch.device, precision: str, seq_l
         if packing != "concat":
             raise ConfigError("data.packing", f"kd.divergence={kd.divergence} needs concat windows")
         directory = model_directory(kd.teacher or "", revision=kd.teacher_revision)
-        return CrossTokenizerTeacher.load(directory, data.tokenizer, device)
+        return CrossTokenizerTeacher.load(directory, data.tokenizer, device, kd.divergence)
     names = [(kd.teacher, kd.cache), *zip(kd.teachers, kd.caches or ["off"] * len(kd.teachers))]
     signals = [one_signal(kd, name, cache, data, device, precision, seq_len, packing, first=i == 0)
                for i, (name, cache) in enumerate(names)]

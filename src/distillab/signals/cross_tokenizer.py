@@ -163,9 +163,11 @@ def match(s_start: np.ndarray, s_end: np.ndarray, t_start: np.ndarray, t_end: np
 class CrossTokenizerTeacher:
     """A frozen HF causal LM with its own tokenizer, run on each student window re-tokenized."""
 
-    def __init__(self, model, teacher_tokenizer, student_tokenizer, device: torch.device, description: str):
+    def __init__(self, model, teacher_tokenizer, student_tokenizer, device: torch.device, description: str,
+                 divergence: str | None = None):
         self.model = model.to(device).eval().requires_grad_(False)
         self.teacher_tokenizer, self.device, self.description = teacher_tokenizer, device, description
+        self.divergence = divergence  # uld needs only the pairs, alm only the chunks (None: both)
         self.teacher_bytes = token_bytes(teacher_tokenizer, "kd.teacher")
         self.student_bytes = token_bytes(student_tokenizer, "data.tokenizer")
         self.student_eos = student_tokenizer.eos_token_id
@@ -174,7 +176,8 @@ class CrossTokenizerTeacher:
         self.positions = int(getattr(model.config, "max_position_embeddings", 0) or 0)
 
     @classmethod
-    def load(cls, path: Path, student_tokenizer, device: torch.device) -> "CrossTokenizerTeacher":
+    def load(cls, path: Path, student_tokenizer, device: torch.device, divergence: str | None = None
+             ) -> "CrossTokenizerTeacher":
         from distillab.models import load_causal_lm
 
         try:
@@ -183,7 +186,7 @@ class CrossTokenizerTeacher:
             raise ConfigError("kd.teacher", f"{path} holds no loadable tokenizer; a cross-tokenizer teacher ships "
                                             "its own") from None
         return cls(load_causal_lm(path, device), teacher_tokenizer, student_tokenizer, device,
-                   f"online:{path} (own tokenizer, {len(teacher_tokenizer):,} tokens)")
+                   f"online:{path} (own tokenizer, {len(teacher_tokenizer):,} tokens)", divergence)
 
     def inference_flops_per_token(self) -> float:
         config = self.model.config
@@ -212,20 +215,30 @@ class CrossTokenizerTeacher:
             log_p = torch.log_softmax(self.model(input_ids=ids[:, :-1].to(self.device)).logits.float()[..., : self.vocab],
                                       dim=-1)
         usable = length - 1  # teacher positions with a prediction
-        pair_rows, pair_at, row_chunk, chunk_logp = [], [], torch.full((len(alignments) * seq,), -1), []
+        next_logp = log_p.gather(2, ids[:, 1:].to(log_p.device)[..., None]).squeeze(-1)  # [B, usable]
+        pair_rows, pair_at, chunk_rows, chunk_positions, row_chunk_ids, position_chunk_ids = [], [], [], [], [], []
+        chunks = 0
         for b, a in enumerate(alignments):
-            for i, k in a.pairs:
+            for i, k in a.pairs if self.divergence != "alm" else ():
                 if k < usable:
                     pair_rows.append(b * seq + i)
-                    pair_at.append((b, k))
-            for student, teacher in a.chunks:
-                if max(teacher) >= usable:
+                    pair_at.append(b * usable + k)
+            for student, teacher in a.chunks if self.divergence != "uld" else ():
+                if teacher[-1] >= usable:
                     continue
-                targets = ids[b, [k + 1 for k in teacher]]
-                chunk_logp.append(float(log_p[b, teacher].gather(1, targets[:, None].to(log_p.device)).sum()))
-                row_chunk[[b * seq + i for i in student]] = len(chunk_logp) - 1
-        rows_at = torch.tensor(pair_at, dtype=torch.long).reshape(-1, 2)
-        sorted_logp = log_p[rows_at[:, 0], rows_at[:, 1]].sort(dim=-1, descending=True).values
+                chunk_rows.extend(b * seq + i for i in student)
+                row_chunk_ids.extend([chunks] * len(student))
+                chunk_positions.extend(b * usable + k for k in teacher)
+                position_chunk_ids.extend([chunks] * len(teacher))
+                chunks += 1
+        row_chunk = torch.full((len(alignments) * seq,), -1, dtype=torch.long)
+        row_chunk[chunk_rows] = torch.tensor(row_chunk_ids, dtype=torch.long)
+        chunk_logp = torch.zeros(chunks, dtype=torch.float64).index_add_(
+            0, torch.tensor(position_chunk_ids, dtype=torch.long),
+            next_logp.reshape(-1)[torch.tensor(chunk_positions, dtype=torch.long)].double().cpu())
+        flat = log_p.reshape(-1, log_p.shape[-1])
+        sorted_logp = flat[torch.tensor(pair_at, dtype=torch.long)].sort(dim=-1, descending=True).values \
+            if pair_at else flat[:0]
         device = self.device
         return AlignedTeacher(torch.tensor(pair_rows, dtype=torch.long, device=device), sorted_logp.clone(),
-                              row_chunk.to(device), torch.tensor(chunk_logp, dtype=torch.float32, device=device))
+                              row_chunk.to(device), chunk_logp.float().to(device))
