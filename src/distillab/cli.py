@@ -52,7 +52,8 @@ def cmd_teacher_cache(args) -> int:
     from distillab.config import load_config
 
     config = load_config(args.data, args.overrides)
-    if (args.coding == "sampled") != (args.samples is not None) or (args.coding != "sampled") != (args.top_k is not None):
+    sampled = args.coding == "sampled"
+    if sampled != (args.samples is not None) or sampled == (args.top_k is not None):
         raise ConfigError("--coding", "give --top-k K with compact or float32, --samples M with sampled")
     out = capture_teacher_cache(args.teacher, config, args.top_k or args.samples, out=args.out, coding=args.coding,
                                 windows=args.windows, device=args.device, threads=args.threads,

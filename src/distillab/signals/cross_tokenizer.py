@@ -212,8 +212,8 @@ class CrossTokenizerTeacher:
         for b, a in enumerate(alignments):
             ids[b, : min(length, len(a.teacher_ids))] = torch.tensor(a.teacher_ids[:length])
         with torch.inference_mode():
-            log_p = torch.log_softmax(self.model(input_ids=ids[:, :-1].to(self.device)).logits.float()[..., : self.vocab],
-                                      dim=-1)
+            logits = self.model(input_ids=ids[:, :-1].to(self.device)).logits.float()[..., : self.vocab]
+            log_p = torch.log_softmax(logits, dim=-1)
         usable = length - 1  # teacher positions with a prediction
         next_logp = log_p.gather(2, ids[:, 1:].to(log_p.device)[..., None]).squeeze(-1)  # [B, usable]
         pair_rows, pair_at, chunk_rows, chunk_positions, row_chunk_ids, position_chunk_ids = [], [], [], [], [], []

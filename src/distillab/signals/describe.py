@@ -22,7 +22,8 @@ def describe_signal(kd, cached: bool = False) -> str | None:
     if kd.divergence in ("uld", "alm"):
         what = f"own tokenizer ({kd.divergence.upper()})"
     elif kd.samples is not None:
-        what = f"sampled {kd.samples}" + (f" at tau {kd.proposal_temperature:g}" if kd.proposal_temperature != 1 else "")
+        tau = f" at tau {kd.proposal_temperature:g}" if kd.proposal_temperature != 1 else ""
+        what = f"sampled {kd.samples}{tau}"
     elif kd.divergence == "hard":
         what = "hard (argmax)"
     elif kd.top_k is not None:
@@ -49,7 +50,8 @@ def signals_section(rows: list[dict]) -> list[str]:
     lines = ["", "## Teacher signals", "",
              "Which signal each student saw: online or from a cache; full, top-k, sampled, or a teacher with "
              "its own tokenizer; one teacher or several (mixed or routed per document).", "",
-             "| teachers | α | objective | signal | seeds | in-domain gain (nats, 95 % CI) |", "|---|---:|---|---|---:|---|"]
+             "| teachers | α | objective | signal | seeds | in-domain gain (nats, 95 % CI) |",
+             "|---|---:|---|---|---:|---|"]
     for (teachers, alpha, objective, signal), members in sorted(cells.items(), key=str):
         gain = mean_ci([m.get("gain/in_domain") for m in members])
         shown = "—" if gain.get("mean") is None else f"{gain['mean']:+.4f}" + (
