@@ -10,7 +10,7 @@ import torch
 
 from distillab.losses import Head, distillation_loss, make_spec, run_fused, sparse_distillation_loss
 from distillab.losses.teacher_rows import truncate_dense
-from distillab.objective import KDObjective, Schedule
+from distillab.losses.objective import KDObjective, Schedule
 
 DIVERGENCES = ["forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd"]
 

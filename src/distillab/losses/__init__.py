@@ -4,7 +4,7 @@
 
 averaged over target tokens (labels other than `ignore_index`), with p_T and p_S the
 teacher's and the student's distributions at temperature T, (w_ce, w_kd) = (1 - a, a) by
-default, and c = T^2 (see `distillab.objective` for the whole objective).
+default, and c = T^2 (see `distillab.losses.objective` for the whole objective).
 
 Entry points (all return `LossOutput`):
     distillation_loss         dense student and teacher logits (the paper's setting)

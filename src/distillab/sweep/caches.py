@@ -19,7 +19,7 @@ from distillab.config import ModelConfig, config_from_dict, results_view
 from distillab.files import stable_hash
 from distillab.flops import captured_tokens, teacher_inference_flops
 from distillab.models import ModelSpec, resolve_spec
-from distillab.objective import KDObjective
+from distillab.losses.objective import KDObjective
 from distillab.train.schedule import make_plan
 
 

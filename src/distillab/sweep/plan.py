@@ -332,7 +332,7 @@ def format_plan(runs: list[Run], summary: dict) -> str:
         info, cost = run.info, summary["per_run"][run.id]
         objective = ""
         if run.role == "student":
-            from distillab.objective import KDObjective
+            from distillab.losses.objective import KDObjective
 
             objective = KDObjective.from_config(config_from_dict(run.config).kd).label(with_alpha=False)
         teacher = info.get("teacher_model") if info.get("teacher_kind") == "external" else info.get("teacher", "-")

@@ -40,7 +40,7 @@ from distillab.errors import CheckpointError, ConfigError
 from distillab.evaluate.perplexity import evaluate_prepared_sets
 from distillab.files import stable_hash
 from distillab.models import ModelSpec, build_model, resolve_spec
-from distillab.objective import KDObjective
+from distillab.losses.objective import KDObjective
 from distillab.progress import progress_bar
 from distillab.sft import start_sft
 from distillab.teacher import CachedTeacher, OnlineTeacher, build_teacher_signal
