@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from distillab.checkpoint import read_meta, verify_checkpoint
-from distillab.config import RunConfig, apply_overrides, config_from_dict, merge, read_yaml_mapping, require
+from distillab.config import RunConfig, apply_overrides, config_from_dict, merge, read_yaml_mapping
+from distillab.errors import require
 from distillab.data.chat import chat_template, prepare_chat_data
 from distillab.data.packing import PackedStream, conversation_stream
 from distillab.data.shards import PreparedData

@@ -9,10 +9,13 @@ D_T a divergence between the teacher's and the student's distributions at temper
 argmax, never scaled), over the teacher truncated to its top-k / top-p tokens when asked.
 a and T may follow schedules over the run.
 
-Config, loss, training loop, sweep, report and verdicts all take a `KDObjective`. `key()` is
-stable (for grouping runs and naming settings), `label()` is for people. Adding a divergence
-means a new name in `DIVERGENCES` (config) and a kernel in `distillab.losses`; nothing here
-or downstream enumerates divergences.
+`KDObjective` is that value, checked when it is made (`check_objective`: the one place KD
+values are checked). A run config's `kd:` section is one (`distillab.config.KDConfig` adds
+where the teacher's signal comes from); the loss reads it at a step through `at()`
+(`StepObjective`). Config, loss, training loop, sweep, report and verdicts all take it. `key()`
+is stable (for grouping runs and naming settings), `label()` is for people. The divergences,
+their parameters and labels come from `distillab.losses.divergences.DIVERGENCES`; nothing here
+or downstream enumerates them.
 """
 
 from __future__ import annotations
@@ -20,23 +23,33 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from typing import Literal
 
-from distillab.config import KDConfig, ScheduleConfig
+from distillab.errors import ConfigError, require
+from distillab.losses.divergences import DIVERGENCES, Divergence, Params
 
 
 @dataclass(frozen=True)
 class Schedule:
-    """A value over training progress in [0, 1] (see `distillab.config.ScheduleConfig`)."""
+    """How a KD weight or temperature moves over training (fractions of the run's steps).
 
-    shape: str = "constant"
+    constant: the value throughout; linear / cosine: from `start` to `end` (default: the value);
+    wsd: `start` -> the value over `warmup_fraction`, hold, then -> `end` over the last
+    `decay_fraction`. `start` and `end` default to 0 for wsd and to the value otherwise.
+    """
+
+    shape: Literal["constant", "linear", "cosine", "wsd"] = "constant"
     start: float | None = None
     end: float | None = None
     warmup_fraction: float = 0.1
     decay_fraction: float = 0.2
 
-    @classmethod
-    def from_config(cls, config: ScheduleConfig) -> "Schedule":
-        return cls(**dataclasses.asdict(config))
+    def __post_init__(self):
+        for part in ("warmup_fraction", "decay_fraction"):
+            value = getattr(self, part)
+            require(0 <= value <= 1, part, f"must be in [0, 1], got {value}")
+        require(self.warmup_fraction + self.decay_fraction <= 1, "decay_fraction",
+                "warmup_fraction + decay_fraction must be <= 1")
 
     def value(self, peak: float, progress: float) -> float:
         """The scheduled value at `progress` (0 = first step, 1 = last) for a run whose value is `peak`."""
@@ -64,28 +77,40 @@ class Schedule:
         return f"{self.shape}({ends[0]}→{ends[1]})"
 
 
+# (w_ce, w_kd) from the alpha in force, per kd.loss_scale
+LOSS_WEIGHTS = {"mix": lambda alpha: (1.0 - alpha, alpha), "ce_fixed": lambda alpha: (1.0, alpha),
+                "kd_fixed": lambda alpha: (1.0 - alpha, 1.0)}
+
+
 @dataclass(frozen=True)
-class KDObjective:
+class KDObjective(Params):
+    """What a student is trained on (the module docstring has the formula). The divergences'
+    parameters (`beta`, `skew`, ...) are inherited from `Params`. Made only with valid values."""
+
     alpha: float = 0.0
     temperature: float = 1.0
+    # KL(p_T || p_S) by default; hard = cross-entropy against the teacher's argmax (no T^2);
+    # any name of `distillab.losses.divergences.DIVERGENCES`
     divergence: str = "forward_kl"
-    beta: float = 0.5
-    skew: float = 0.1
-    scale_by_t2: bool = True
+    scale_by_t2: bool = True  # multiply the KD term by T^2 (keeps gradient scale across T)
+    # truncate the teacher to its k most likely tokens, or to the smallest set holding p of its
+    # mass (at T = 1); renormalised over the kept tokens, or the rest kept as one tail category
     top_k: int | None = None
     top_p: float | None = None
     tail_bucket: bool = False
-    label_smoothing: float = 0.0
-    loss_scale: str = "mix"
+    label_smoothing: float = 0.0  # on the CE term
+    # mix: (1 - alpha) CE + alpha KD; ce_fixed: CE + alpha KD; kd_fixed: (1 - alpha) CE + KD
+    loss_scale: Literal["mix", "ce_fixed", "kd_fixed"] = "mix"
     alpha_schedule: Schedule = Schedule()
     temperature_schedule: Schedule = Schedule()
 
+    def __post_init__(self):
+        check_objective(self)
+
     @classmethod
-    def from_config(cls, kd: KDConfig) -> "KDObjective":
-        fields = {f.name for f in dataclasses.fields(cls)} - {"alpha_schedule", "temperature_schedule"}
-        return cls(**{name: getattr(kd, name) for name in fields},
-                   alpha_schedule=Schedule.from_config(kd.alpha_schedule),
-                   temperature_schedule=Schedule.from_config(kd.temperature_schedule))
+    def from_config(cls, kd) -> "KDObjective":
+        """The objective of a `kd:` section (a `KDConfig`, or anything with the objective's fields)."""
+        return cls(**{f.name: getattr(kd, f.name) for f in dataclasses.fields(cls)})
 
     @classmethod
     def from_dict(cls, values: dict) -> "KDObjective":
@@ -99,6 +124,11 @@ class KDObjective:
         return dataclasses.asdict(self)
 
     @property
+    def entry(self) -> Divergence:
+        """The divergence's registry entry."""
+        return DIVERGENCES[self.divergence]
+
+    @property
     def distills(self) -> bool:
         """Whether the run needs a teacher at all (some step has a KD weight above zero)."""
         return self.alpha > 0 or self.alpha_schedule.shape != "constant"
@@ -108,15 +138,12 @@ class KDObjective:
         return self.top_k is not None or self.top_p is not None
 
     def at(self, step: int, steps: int) -> "StepObjective":
-        """The weights and temperature in force at 0-based `step` of a run of `steps` steps."""
+        """The objective in force at 0-based `step` of a run of `steps` steps: what the loss reads."""
         progress = step / max(1, steps - 1)
         alpha = self.alpha_schedule.value(self.alpha, progress)
         temperature = self.temperature_schedule.value(self.temperature, progress)
-        ce_weight, kd_weight = {"mix": (1.0 - alpha, alpha), "ce_fixed": (1.0, alpha),
-                                "kd_fixed": (1.0 - alpha, 1.0)}[self.loss_scale]
-        if not self.distills:
-            ce_weight, kd_weight = 1.0, 0.0
-        return StepObjective(alpha, temperature, ce_weight, kd_weight)
+        ce_weight, kd_weight = LOSS_WEIGHTS[self.loss_scale](alpha) if self.distills else (1.0, 0.0)
+        return StepObjective(self, alpha, temperature, ce_weight, kd_weight)
 
     def setting(self) -> "KDObjective":
         """The objective without alpha: what a sweep varies alpha within (a verdict's setting)."""
@@ -124,24 +151,17 @@ class KDObjective:
 
     def key(self) -> str:
         """A stable, complete identity: equal keys <=> equal objectives. Defaults are left out."""
-        default = KDObjective()
-        parts = []
-        for name, value in dataclasses.asdict(self).items():
-            if value != dataclasses.asdict(default)[name]:
-                parts.append(f"{name}={_compact(value)}")
+        default = dataclasses.asdict(KDObjective())
+        parts = [f"{name}={_compact(value)}" for name, value in dataclasses.asdict(self).items()
+                 if value != default[name]]
         return ",".join(parts) or "lm"
 
     def label(self, with_alpha: bool = True) -> str:
         """A short human description, e.g. 'α 0.5, forward KL, T 2, top-20'."""
         parts = [f"α {self.alpha:g}" + (f" {self.alpha_schedule.label()}" if self.alpha_schedule.label() else "")
                  ] if with_alpha else []
-        if self.divergence == "hard":
-            parts.append("hard labels")
-        else:
-            name = {"forward_kl": "forward KL", "reverse_kl": "reverse KL", "tvd": "TVD",
-                    "jsd": f"JSD β {self.beta:g}", "skew_forward_kl": f"skew forward KL λ {self.skew:g}",
-                    "skew_reverse_kl": f"skew reverse KL λ {self.skew:g}"}.get(self.divergence, self.divergence)
-            parts.append(name)
+        parts.append(self.entry.describe(self))
+        if not self.entry.argmax_teacher:
             parts.append(f"T {self.temperature:g}" + (f" {self.temperature_schedule.label()}"
                                                        if self.temperature_schedule.label() else ""))
             if not self.scale_by_t2:
@@ -165,9 +185,68 @@ def _compact(value) -> str:
 
 @dataclass(frozen=True)
 class StepObjective:
-    """What one step uses: the scheduled alpha and temperature, and the two loss weights."""
+    """The objective at one step: the scheduled alpha and temperature and the two loss weights,
+    beside the run's `objective` (divergence, truncation, label smoothing, ...)."""
 
+    objective: KDObjective
     alpha: float
     temperature: float
     ce_weight: float
     kd_weight: float
+
+    @property
+    def kd_scale(self) -> float:
+        """c: the KD term's factor (T^2, or 1 for hard labels and when scaling is off)."""
+        argmax = self.objective.entry.argmax_teacher
+        return self.temperature**2 if self.objective.scale_by_t2 and not argmax else 1.0
+
+    def without_teacher(self) -> "StepObjective":
+        """The language-model loss alone (CE weight 1): a step whose teacher signal is empty."""
+        return dataclasses.replace(self, ce_weight=1.0, kd_weight=0.0)
+
+
+# ----------------------------------------------------------------------------- the checks
+
+# The values a field may take alone: name -> (test, what the values must be).
+FIELD_RULES = {
+    "alpha": (lambda v: 0.0 <= v <= 1.0, "must be in [0, 1]"),
+    "temperature": (lambda v: v > 0, "must be > 0"),
+    "divergence": (lambda v: v in DIVERGENCES, f"must be one of {', '.join(DIVERGENCES)}"),
+    "top_k": (lambda v: v is None or v >= 1, "must be >= 1"),
+    "top_p": (lambda v: v is None or 0 < v <= 1, "must be in (0, 1]"),
+    "label_smoothing": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    **{f.name: (f.metadata["ok"], f"must be {f.metadata['bounds']}") for f in dataclasses.fields(Params)},
+}
+
+
+def field_problem(name: str, value) -> str | None:
+    """What is wrong with `value` as the objective's field `name` on its own; None if nothing."""
+    rule = FIELD_RULES.get(name)
+    if rule is None or rule[0](value):
+        return None
+    return f"{rule[1]}, got {value!r}"
+
+
+def check_objective(o: KDObjective) -> None:
+    """Every check of KD values, alone and together: a ConfigError naming the field (relative to
+    the kd section; `distillab.config` puts it inside `kd.`)."""
+    for f in dataclasses.fields(KDObjective):
+        problem = field_problem(f.name, getattr(o, f.name))
+        if problem is not None:
+            raise ConfigError(f.name, problem)
+    require(o.top_k is None or o.top_p is None, "top_p",
+            "set kd.top_k or kd.top_p, not both (which would apply first is ambiguous)")
+    require(not o.tail_bucket or o.truncated, "tail_bucket",
+            "needs a truncation (kd.top_k or kd.top_p) whose dropped mass forms the tail")
+    if o.entry.argmax_teacher:
+        require(o.temperature == 1.0 and o.temperature_schedule.shape == "constant", "temperature",
+                f"must be 1 with kd.divergence={o.divergence} (the teacher's argmax has no temperature)")
+        for key in ("top_k", "top_p"):
+            require(getattr(o, key) is None, key, f"leave unset with kd.divergence={o.divergence} (ambiguous "
+                    "with the argmax)")
+        require(not o.tail_bucket, "tail_bucket", f"leave unset with kd.divergence={o.divergence}")
+    for end in ("start", "end"):
+        value = getattr(o.alpha_schedule, end)
+        require(value is None or 0 <= value <= 1, f"alpha_schedule.{end}", f"must be in [0, 1], got {value}")
+        value = getattr(o.temperature_schedule, end)
+        require(value is None or value > 0, f"temperature_schedule.{end}", f"must be > 0, got {value}")

@@ -29,7 +29,6 @@ from distillab.errors import DataError
 from distillab.files import write_text_atomic
 from distillab.flops import teacher_inference_flops, trained_tokens, training_flops
 from distillab.models import resolve_spec
-from distillab.losses.objective import KDObjective
 from distillab.study.stats import mean_ci, prediction_interval
 from distillab.sweep.plan import sft_run_dir
 
@@ -82,7 +81,7 @@ def run_row(run: dict) -> dict:
     spec = resolve_spec(cfg.model)
     run_dir = Path(run["config"]["run_dir"])
     status = json.loads((run_dir / "status.json").read_text()) if (run_dir / "status.json").exists() else {}
-    info, objective = run["info"], KDObjective.from_config(cfg.kd)
+    info, objective = run["info"], cfg.kd.objective()
     vocab = cfg.data.tokenizer.vocab_size
     teacher = resolve_spec(ModelConfig(name=info["teacher_model"])) if info.get("teacher_model") else None
     return {

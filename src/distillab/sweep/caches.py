@@ -19,7 +19,6 @@ from distillab.config import ModelConfig, config_from_dict, results_view
 from distillab.files import stable_hash
 from distillab.flops import captured_tokens, teacher_inference_flops
 from distillab.models import ModelSpec, resolve_spec
-from distillab.losses.objective import KDObjective
 from distillab.train.schedule import make_plan
 
 
@@ -27,10 +26,10 @@ def cache_k(config: dict) -> int | None:
     """The K a cache needs to serve this run's objective exactly; None if none does (or `kd.cache`
     is not auto, or the run does not distil)."""
     cfg = config_from_dict(config)
-    objective = KDObjective.from_config(cfg.kd)
+    objective = cfg.kd.objective()
     if cfg.kd.cache != "auto" or not objective.distills or cfg.kd.top_p is not None:
         return None
-    if objective.divergence == "hard":
+    if objective.entry.argmax_teacher:
         return 1
     return objective.top_k
 

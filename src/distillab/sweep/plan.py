@@ -332,9 +332,7 @@ def format_plan(runs: list[Run], summary: dict) -> str:
         info, cost = run.info, summary["per_run"][run.id]
         objective = ""
         if run.role == "student":
-            from distillab.losses.objective import KDObjective
-
-            objective = KDObjective.from_config(config_from_dict(run.config).kd).label(with_alpha=False)
+            objective = config_from_dict(run.config).kd.objective().label(with_alpha=False)
         teacher = info.get("teacher_model") if info.get("teacher_kind") == "external" else info.get("teacher", "-")
         lines.append(f"{run.id:12s} {run.role:8s} {info['model']:12s} {info['tokens']:16,d} {info['seed']:5d} "
                      f"{teacher[:12]:12s} {info.get('alpha', 0):5.2f} {objective[:28]:28s} "
