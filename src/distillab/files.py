@@ -1,9 +1,9 @@
 """File utilities shared by data preparation, checkpoints, sweeps, evaluation and reports.
 
 Every write that another process (or a later run) may read is atomic: content goes to a
-temporary file or directory beside its final place and is renamed into place, so a reader
-sees the old version or the new one, never half of one. Files get the permissions the umask
-gives (never mkstemp's 0600).
+temporary file beside its final place and is renamed into place, so a reader sees the old
+version or the new one, never half of one (whole directories: `distillab.artefact`). Files get
+the permissions the umask gives (never mkstemp's 0600).
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import fcntl
 import hashlib
 import json
 import os
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -47,17 +46,6 @@ def umask() -> int:
     return current
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_bytes_atomic(path: Path, data: bytes) -> None:
     """Write `data` to `path` through a temporary file and a rename (mode from the umask)."""
     path = Path(path)
@@ -81,42 +69,6 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 def write_json_atomic(path: Path, obj: object) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
-
-
-def make_temp_dir(parent: Path, prefix: str) -> Path:
-    """A temporary directory beside its final place, with normal (umask) permissions."""
-    path = Path(tempfile.mkdtemp(dir=parent, prefix=prefix))
-    os.chmod(path, 0o777 & ~umask())
-    return path
-
-
-def replace_dir(tmp: Path, final: Path) -> None:
-    """Move a finished temporary directory into place, replacing any previous `final`."""
-    if final.exists():
-        trash = final.with_name(f".trash-{final.name}-{os.getpid()}")
-        os.rename(final, trash)
-        os.rename(tmp, final)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.rename(tmp, final)
-    _fsync_dir(final.parent)
-
-
-def fix_permissions(folder: Path) -> None:
-    """Give every file under `folder` the umask's permissions (some writers use 0600)."""
-    mode = 0o666 & ~umask()
-    for path in Path(folder).rglob("*"):
-        if path.is_file():
-            os.chmod(path, mode)
-
-
-def remove_stale_temp_dirs(parent: Path, prefixes: tuple[str, ...] = (".tmp-", ".trash-")) -> None:
-    """Leftovers of writes interrupted by a crash (never in use: callers hold the lock)."""
-    if not Path(parent).is_dir():
-        return
-    for child in Path(parent).iterdir():
-        if child.name.startswith(prefixes):
-            shutil.rmtree(child, ignore_errors=True)
 
 
 @contextlib.contextmanager
