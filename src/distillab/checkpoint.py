@@ -16,7 +16,6 @@ manifest is not a checkpoint; one whose files disagree with it is corrupt and is
 from __future__ import annotations
 
 import json
-import re
 import shutil
 from pathlib import Path
 
@@ -26,10 +25,10 @@ from distillab.artefact import MANIFEST, AtomicDirectory, file_digests, file_pro
     remove_leftovers
 from distillab.errors import CheckpointError
 from distillab.files import write_json_atomic
+from distillab.layout import STEP, step_name
 
 TRAINER_STATE = "trainer_state.pt"
 META = "distillab.json"
-STEP_DIR = re.compile(r"^step_(\d{8})$")
 
 
 def save_checkpoint(target: Path, model, tokenizer, meta: dict, trainer_state: dict | None = None,
@@ -72,7 +71,7 @@ def verify_model_directory(path: Path) -> bool:
 
 
 def step_dir(checkpoints: Path, step: int) -> Path:
-    return Path(checkpoints) / f"step_{step:08d}"
+    return Path(checkpoints) / step_name(step)
 
 
 def list_checkpoints(checkpoints: Path) -> list[tuple[int, Path]]:
@@ -81,7 +80,7 @@ def list_checkpoints(checkpoints: Path) -> list[tuple[int, Path]]:
         return []
     found = []
     for child in Path(checkpoints).iterdir():
-        match = STEP_DIR.match(child.name)
+        match = STEP.match(child.name)
         if match and (child / MANIFEST).is_file():
             found.append((int(match.group(1)), child))
     return sorted(found)

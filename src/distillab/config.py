@@ -20,6 +20,7 @@ import yaml
 
 from distillab.errors import ConfigError, require
 from distillab.files import inside
+from distillab.layout import RUNS
 from distillab.losses.objective import KDObjective, field_problem
 
 
@@ -207,7 +208,7 @@ class RunConfig:
     @property
     def resolved_run_dir(self) -> Path:
         """`run_dir` when given; else runs/<name>, which must stay inside runs/."""
-        return Path(self.run_dir) if self.run_dir else inside(Path("runs"), self.name, "name")
+        return Path(self.run_dir) if self.run_dir else inside(RUNS, self.name, "name")
 
 
 # ----------------------------------------------------------------------------- loading

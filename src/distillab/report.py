@@ -6,12 +6,13 @@ The rows and gains come from `distillab.results`, the verdicts from `distillab.v
 from __future__ import annotations
 
 import base64
-import json
 from pathlib import Path
 
 from distillab.files import write_json_atomic, write_text_atomic
+from distillab.layout import SweepLayout
 from distillab.study.results import HELD_OUT, add_gains_and_labels, collect_rows, summarize, write_table
 from distillab.study.stats import format_ci, mean_ci
+from distillab.sweep.execute import read_plan
 
 
 def make_plots(summary: list[dict], out_dir: Path) -> list[Path]:
@@ -254,7 +255,8 @@ def write_report(sweep_dir: str | Path, tolerance: float | None = None, about: l
     from distillab.study.verdicts import label_teachers, verdict_sections
 
     sweep_dir = Path(sweep_dir)
-    planned = json.loads((sweep_dir / "plan.json").read_text()) if (sweep_dir / "plan.json").exists() else {}
+    files = SweepLayout(sweep_dir)
+    planned = read_plan(sweep_dir) if files.plan.exists() else {}
     spec = planned.get("spec", {})
     tolerance = spec.get("label_tolerance", 0.02) if tolerance is None else tolerance
     rows = add_gains_and_labels(collect_rows(sweep_dir), tolerance)
@@ -262,7 +264,7 @@ def write_report(sweep_dir: str | Path, tolerance: float | None = None, about: l
     csv_path, parquet_path = write_table(rows, sweep_dir)
     summary = summarize(rows)
     verdict_lines, verdict_data = verdict_sections(rows, tolerance, spec.get("verdict_margin", 0.02))
-    write_json_atomic(sweep_dir / "summary.json", {"groups": summary, "best_alpha": best_alpha(summary),
+    write_json_atomic(files.summary, {"groups": summary, "best_alpha": best_alpha(summary),
                                                    "verdicts": verdict_data})
     plots = make_plots(summary, sweep_dir)
     lines = [f"# {title or 'Sweep report: ' + planned.get('name', sweep_dir.name)}", ""] + verdict_lines
@@ -278,9 +280,9 @@ def write_report(sweep_dir: str | Path, tolerance: float | None = None, about: l
     lines += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]
     lines += ["", f"Full table: `{csv_path.name}`" + (f", `{parquet_path.name}`" if parquet_path else "") + "."]
     markdown = "\n".join(lines) + "\n"
-    write_text_atomic(sweep_dir / "report.md", markdown)
-    write_text_atomic(sweep_dir / "report.html", to_html(markdown, sweep_dir))
-    return sweep_dir / "report.md"
+    write_text_atomic(files.report, markdown)
+    write_text_atomic(files.report_html, to_html(markdown, sweep_dir))
+    return files.report
 
 
 def to_html(markdown: str, folder: Path) -> str:

@@ -27,6 +27,7 @@ from distillab.errors import DataError
 from distillab.evaluate.perplexity import perplexity, stream_perplexity, stream_set
 from distillab.evaluate.sets import EvalSet, resolve_sets
 from distillab.files import default_cache_dir, stable_hash, write_json_atomic
+from distillab.layout import EVAL
 from distillab.models import load_causal_lm
 from distillab.runtime import resolve_device, setup_runtime
 
@@ -88,7 +89,7 @@ def open_checkpoint(checkpoint: Path, out: Path | None, device: str, cache_dir, 
     tokenizer = load_tokenizer(checkpoint)
     weights = weights_sha256(checkpoint)
     positions = int(json.loads((checkpoint / "config.json").read_text()).get("max_position_embeddings") or 256)
-    out_path = Path(out) if out else checkpoint / "eval.json"
+    out_path = Path(out) if out else checkpoint / EVAL
     report = load_report(out_path)
     if report.get("weights_sha256") != weights:
         report = {}  # another model was evaluated into this file: start over

@@ -23,6 +23,7 @@ from distillab.errors import ConfigError
 from distillab.files import stable_hash
 from distillab.flops import compute_matched_tokens, teacher_inference_flops, training_flops
 from distillab.gpus import GPU
+from distillab.layout import SweepLayout
 from distillab.memory import refuse_unless_fits, run_memory_plan
 from distillab.models import resolve_spec
 from distillab.sweep.caches import assign_caches, format_caches, teacher_spec
@@ -50,7 +51,7 @@ class Run:
         return f"run:{self.id}"
 
     def checkpoint(self, sweep_dir: Path) -> str:
-        return str(sweep_dir / "runs" / self.id / "final")
+        return str(SweepLayout(sweep_dir).run(self.id).final)
 
 
 @dataclass
@@ -75,12 +76,6 @@ def teacher_key(info: dict) -> tuple:
     return info["model"], info["tokens"], info["seed"]
 
 
-def sft_run_dir(run_dir: str | Path, stage: dict) -> Path:
-    """Where a run's SFT stage (the grid's `sft` values) lives: RUN/sft-<hash of the stage>, so another
-    stage is another fine-tuning run beside the first."""
-    return Path(run_dir) / f"sft-{stable_hash(stage)[:12]}"
-
-
 def run_id(config: dict, teacher_reference: str | None) -> str:
     """The run's id: a hash of its results config, with the teacher named by `teacher_reference`
     (`run:<id>` for a teacher of the sweep, the path or hub id of an external one)."""
@@ -103,12 +98,12 @@ class Planner:
         if identity in self.runs:
             return self.runs[identity]
         config = merge(config, {"name": f"{role}-{info['model']}-{identity[:6]}",
-                                "run_dir": str(self.sweep_dir / "runs" / identity)})
+                                "run_dir": str(SweepLayout(self.sweep_dir).run(identity).path)})
         if teacher is not None:
             config["kd"]["teacher"] = teacher.checkpoint(self.sweep_dir)
         if after is not None:  # a WSD branch starts from its trunk's checkpoint
             step = config["train"]["branch_from"]
-            config["train"]["branch_from"] = str(self.sweep_dir / "runs" / after.id / "checkpoints" / f"step_{step:08d}")
+            config["train"]["branch_from"] = str(SweepLayout(self.sweep_dir).run(after.id).step(step))
         config_from_dict(config)  # validates: a bad grid fails here, with the key
         depends = [teacher.id] if isinstance(teacher, Run) else [after.id] if after else []
         self.runs[identity] = Run(identity, role, config, depends, info)
