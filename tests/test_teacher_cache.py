@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from distillab.cache.capture import capture_teacher_cache, ensure_capture, top_k_rows
+from distillab.capture import capture_teacher_cache, ensure_capture, top_k_rows
 from distillab.cache.coding import LOG_STEP, CompactCoding, Float32Coding, TopKRows
 from distillab.cache.store import TeacherCache
 from distillab.config import config_from_dict

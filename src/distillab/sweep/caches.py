@@ -6,7 +6,7 @@ vocabulary) gets one cache: K = the largest k among them (1 for hard labels only
 windows those students read (the union over their data seeds and lengths), in
 `SWEEP/caches/<hash>/`. Each such student's `kd.cache` names that directory and its plan entry
 carries the capture settings (`info["teacher_cache"]`); whichever of them starts first captures the cache
-(`distillab.cache.capture.capture_for_run`), the others wait on its lock and read it. A
+(`distillab.capture.capture_for_run`), the others wait on its lock and read it. A
 student's run id does not change: `kd.cache: auto` is what it asked for.
 """
 

@@ -57,7 +57,7 @@ def first_line(exc: BaseException) -> str:
 
 def execute_run(sweep_dir: str | Path, run_id: str, threads: int | None = None) -> dict:
     """Train (or resume) one run of a planned sweep, then evaluate it. Runs in a worker process."""
-    from distillab.cache.capture import capture_for_run
+    from distillab.capture import capture_for_run
     from distillab.evaluate.run import evaluate_checkpoint
     from distillab.train import train
 
