@@ -9,14 +9,14 @@ the permissions the umask gives (never mkstemp's 0600).
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import hashlib
 import json
 import os
 import tempfile
 from pathlib import Path
 from typing import Any
+
+from filelock import FileLock, Timeout
 
 from distillab.errors import DistillabError
 
@@ -73,19 +73,19 @@ def write_json_atomic(path: Path, obj: object) -> None:
 
 @contextlib.contextmanager
 def file_lock(path: Path):
-    """An exclusive advisory lock that waits its turn (concurrent preparation of one cache entry)."""
+    """An exclusive lock that waits its turn (concurrent preparation of one cache entry)."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(path))
     try:
-        handle = open(path, "a")
+        lock.acquire()
     except PermissionError:
         raise DistillabError(f"{path.parent}: not writable; set DISTILLAB_CACHE or data.cache_dir to a "
                              "directory you can write") from None
-    with handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 class LockHeld(DistillabError):
@@ -96,32 +96,38 @@ class LockHeld(DistillabError):
 def exclusive_lock(path: Path, what: str):
     """An exclusive lock that is refused at once when held: one writer per run directory or sweep.
 
-    The holder's pid is written into the lock file, so the refusal names it. The lock is the
-    kernel's (flock), so a killed holder releases it: a stale lock file never blocks anyone.
+    The holder writes its pid into the lock file once it holds it, so a refusal names it. The
+    lock is the kernel's (filelock's native lock), so a killed holder releases it: a stale lock
+    file never blocks anyone.
     """
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(path), blocking=False, on_acquired=record_pid)
     try:
-        handle = open(path, "a+")
+        lock.acquire()
+    except Timeout:
+        raise LockHeld(f"{what} is in use by another process (pid {lock_holder(path)}); wait for it to finish or "
+                       "stop it first") from None
     except PermissionError:
         raise DistillabError(f"{path.parent}: not writable; choose another directory") from None
-    with handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            if exc.errno not in (errno.EAGAIN, errno.EACCES):
-                raise
-            handle.seek(0)
-            holder = handle.read().strip() or "unknown"
-            raise LockHeld(f"{what} is in use by another process (pid {holder}); wait for it to finish or stop "
-                           "it first") from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(str(os.getpid()))
-        handle.flush()
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def record_pid(fd: int) -> None:
+    """Into a just-acquired lock file: this process's pid (what a refused process reports)."""
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, str(os.getpid()).encode(), 0)
+
+
+def lock_holder(path: Path) -> str:
+    """The pid recorded in a held lock file ("unknown" if it was released meanwhile)."""
+    try:
+        return Path(path).read_text().strip() or "unknown"
+    except OSError:
+        return "unknown"
 
 
 def check_writable(folder: Path, key: str) -> None:

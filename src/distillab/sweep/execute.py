@@ -21,6 +21,7 @@ import subprocess
 import sys
 import time
 import traceback
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from pathlib import Path
 
 import yaml
@@ -318,9 +319,19 @@ def submitit_submitter(sweep_dir: Path, executor: str, threads: int, slurm: dict
     return lambda run_id: Job(ex.submit(execute_run, str(sweep_dir), run_id, threads))
 
 
+# submitit's jobs offer no wait-for-any: they are polled this often
+SUBMITIT_POLL_SECONDS = 0.5
+
+
 def wait_any(in_flight: dict) -> list[str]:
+    """The ids of the jobs that have finished, once at least one has: local workers' futures
+    through `concurrent.futures.wait`, submitit's jobs by polling."""
+    futures = [job.handle for job in in_flight.values() if isinstance(job.handle, Future)]
     while True:
-        finished = [run_id for run_id, handle in in_flight.items() if handle.done()]
+        finished = [run_id for run_id, job in in_flight.items() if job.done()]
         if finished:
             return finished
-        time.sleep(0.5)
+        if len(futures) == len(in_flight):
+            wait(futures, return_when=FIRST_COMPLETED)
+        else:
+            time.sleep(SUBMITIT_POLL_SECONDS)
