@@ -39,115 +39,55 @@ def step_name(step: int) -> str:
     return f"step_{step:08d}"
 
 
-@dataclass(frozen=True)
-class RunLayout:
-    """The files of one run directory."""
+def entry(*names: str) -> property:
+    """A path inside the directory: `path / names...`."""
+    return property(lambda self: self.path.joinpath(*names))
 
+
+@dataclass(frozen=True)
+class Directory:
     path: Path
 
     def __post_init__(self):
         object.__setattr__(self, "path", Path(self.path))
 
-    @property
-    def config(self) -> Path:
-        return self.path / "config.yaml"
 
-    @property
-    def lock(self) -> Path:
-        return self.path / LOCK
+class RunLayout(Directory):
+    """The files of one run directory."""
 
-    @property
-    def launch(self) -> Path:
-        return self.path / "launch.yaml"
-
-    @property
-    def metrics(self) -> Path:
-        return self.path / "metrics.jsonl"
-
-    @property
-    def tensorboard(self) -> Path:
-        return self.path / "tensorboard"
-
-    @property
-    def checkpoints(self) -> Path:
-        return self.path / "checkpoints"
+    config = entry("config.yaml")
+    lock = entry(LOCK)
+    launch = entry("launch.yaml")
+    metrics = entry("metrics.jsonl")
+    tensorboard = entry("tensorboard")
+    checkpoints = entry("checkpoints")
+    final = entry("final")
+    evaluation = entry("final", EVAL)
+    summary = entry(SUMMARY)
+    status = entry("status.json")
+    worker_log = entry("worker.log")
 
     def step(self, step: int) -> Path:
         return self.checkpoints / step_name(step)
-
-    @property
-    def final(self) -> Path:
-        return self.path / "final"
-
-    @property
-    def evaluation(self) -> Path:
-        return self.final / EVAL
-
-    @property
-    def summary(self) -> Path:
-        return self.path / SUMMARY
-
-    @property
-    def status(self) -> Path:
-        return self.path / "status.json"
-
-    @property
-    def worker_log(self) -> Path:
-        return self.path / "worker.log"
 
     def sft(self, stage: dict) -> "RunLayout":
         """A sweep's SFT stage of this run (the grid's `sft` values): another stage is another run."""
         return RunLayout(self.path / f"sft-{stable_hash(stage)[:12]}")
 
 
-@dataclass(frozen=True)
-class SweepLayout:
+class SweepLayout(Directory):
     """The files of one sweep directory."""
 
-    path: Path
-
-    def __post_init__(self):
-        object.__setattr__(self, "path", Path(self.path))
-
-    @property
-    def plan(self) -> Path:
-        return self.path / "plan.json"
-
-    @property
-    def summary(self) -> Path:
-        return self.path / SUMMARY
-
-    @property
-    def lock(self) -> Path:
-        return self.path / LOCK
+    plan = entry("plan.json")
+    summary = entry(SUMMARY)
+    lock = entry(LOCK)
+    results_csv = entry("results.csv")
+    results_parquet = entry("results.parquet")
+    report = entry("report.md")
+    report_html = entry("report.html")
+    submitit = entry("submitit")
+    demo_state = entry("demo_state.json")
+    demo_result = entry("demo.json")
 
     def run(self, run_id: str) -> RunLayout:
         return RunLayout(self.path / RUNS / run_id)
-
-    @property
-    def results_csv(self) -> Path:
-        return self.path / "results.csv"
-
-    @property
-    def results_parquet(self) -> Path:
-        return self.path / "results.parquet"
-
-    @property
-    def report(self) -> Path:
-        return self.path / "report.md"
-
-    @property
-    def report_html(self) -> Path:
-        return self.path / "report.html"
-
-    @property
-    def submitit(self) -> Path:
-        return self.path / "submitit"
-
-    @property
-    def demo_state(self) -> Path:
-        return self.path / "demo_state.json"
-
-    @property
-    def demo_result(self) -> Path:
-        return self.path / "demo.json"
