@@ -12,9 +12,9 @@ and pilot runs on the project's 2-core machines):
     baselines      per seed: the plain baseline (same init, same batches) and, per teacher, a
                    compute-matched one that spends the teacher's inference FLOPs on more tokens
     seeds          every teacher x alpha on the tuning seeds (alpha is tuned on them), then round
-                   by round the seeds `distillab.adaptive.seeds_to_add` asks for: the teachers of
+                   by round the seeds `distillab.study.adaptive.seeds_to_add` asks for: the teachers of
                    each finding still open, at their tuned alpha, up to its next look of the
-                   group-sequential design (`distillab.sequential`), while the next round fits
+                   group-sequential design (`distillab.study.sequential`), while the next round fits
                    the time budget (predicted from the measured seconds per run so far). The
                    intervals stay valid under this optional stopping. Budget and caps are fixed
                    below, before any demo runs.
@@ -297,7 +297,7 @@ def about_lines(study: Study, size: str, workers: int, progress: Progress, epoch
         f"In-domain text: packaged corpus `{study.corpus}`. {epochs}",
         f"Seeds: every teacher × α on {TUNING_SEEDS} tuning seeds, then, round by round, more seeds for the teachers "
         f"of the findings still open, while the next round fits the {study.budget_minutes:g}-minute budget (at most "
-        f"{study.max_interval_seeds} interval seeds; fixed in `distillab.demo` before any run). Seeds used: "
+        f"{study.max_interval_seeds} interval seeds; fixed in `distillab.study.demo` before any run). Seeds used: "
         f"{', '.join(map(str, seeds))}. Rounds: "
         + "; ".join(f"{r['runs']} runs in {r['seconds'] / 60:.1f} min, open after it: {', '.join(r['open']) or 'none'}"
                     for r in progress.rounds) + f". Stopped because {progress.stop}.",

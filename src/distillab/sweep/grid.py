@@ -169,7 +169,7 @@ class GridSpec:
     baseline_members: list[BaselineMember] = field(default_factory=list)
     # teacher vs student-baseline held-out loss within this many nats = same-level
     label_tolerance: float = 0.02
-    # verdicts: an interval inside +-margin nats counts as "no effect" (see distillab.verdicts)
+    # verdicts: an interval inside +-margin nats counts as "no effect" (see distillab.study.verdicts)
     verdict_margin: float = 0.02
     # CPU throughput for estimates (GFLOP/s achieved in training); measure with `distillab bench`
     cpu_gflops: float = 120.0
