@@ -48,7 +48,7 @@ def cmd_data_list(args) -> int:
 
 
 def cmd_teacher_cache(args) -> int:
-    from distillab.cache.capture import capture_teacher_cache
+    from distillab.capture import capture_teacher_cache
     from distillab.config import load_config
 
     config = load_config(args.data, args.overrides)
