@@ -447,12 +447,12 @@ class FittedLaw:
             sup, gain = self.noise["supervised"], self.noise["in_domain"]
             noise = sup.tau2 + sup.sigma2 / n + gain.tau2 + gain.sigma2 / n
             loss = point["baseline"] - point["in_domain"]
-            result["loss"] = self.interval(loss, [b["baseline"] - b["in_domain"] for b in boots], noise)
+            kept = [(law, b) for law, b in zip(self.replicates, boots) if "in_domain" in b]
+            result["loss"] = self.interval(loss, [b["baseline"] - b["in_domain"] for _, b in kept], noise)
             if matched_D is not None:  # the compute-matched baseline's loss (the law's) minus the student's
-                matched = [law.supervised.loss(N, matched_D) for law in [self.point, *self.replicates]]
-                value = matched[0] - loss
-                result["matched"] = self.interval(value, [m - b["baseline"] + b["in_domain"]
-                                                          for m, b in zip(matched[1:], boots)], noise)
+                value = self.point.supervised.loss(N, matched_D) - loss
+                result["matched"] = self.interval(value, [law.supervised.loss(N, matched_D) - b["baseline"]
+                                                          + b["in_domain"] for law, b in kept], noise)
         return result
 
     def interval(self, value: np.ndarray, samples: list, noise) -> dict:
@@ -468,7 +468,8 @@ class FittedLaw:
                                         ("α", alpha, "alpha", ""), ("teacher gap Δ", gap, "gap", " nats")):
             lo, hi = self.domain[key]
             values = np.asarray(values, dtype=float)
-            outside = (values < lo * (1 - 1e-9) - 1e-12) | (values > hi * (1 + 1e-9) + 1e-12)
+            slack = 1e-9 * max(abs(lo), abs(hi), 1.0)
+            outside = (values < lo - slack) | (values > hi + slack)
             if outside.any():
                 factor = ""
                 if key in ("N", "D"):
