@@ -39,10 +39,13 @@ from distillab.stats import t_quantile_975
 SCALING_STUDENTS = ("cpu-3.5k", "cpu-7k", "cpu-14k", "cpu-27k")
 QUICK_STUDENTS = ("cpu-3.5k", "cpu-7k", "cpu-14k")
 # a size's time budget (the default demo's rule of seeds while the next round fits the budget) is the default
-# demo's budget scaled by the size's predicted cost per run: OVERHEAD_SECONDS (evaluation, start-up; measured) plus
-# training FLOPs at SECONDS_PER_TFLOP (one thread; measured). See docs/scaling.md for the measurements.
-OVERHEAD_SECONDS = 20.0
-SECONDS_PER_TFLOP = 45.0
+# demo's budget scaled by the size's predicted seconds per run: RUN_OVERHEAD_SECONDS (start-up and evaluation) plus
+# its steps at KD_STEP_SECONDS. At these sizes a step costs about the same whatever the model (`distillab bench`,
+# batch 32 x 128, vocabulary 512, one thread: LM 56-60 ms, KD with the student's largest teacher 78-96 ms, for
+# cpu-3.5k .. cpu-27k), so run time follows the number of steps; the overhead is the default demo's measured
+# worker-seconds (2 x 1,455 s for 75 runs) less its steps at those speeds, per run. docs/scaling.md has the numbers.
+RUN_OVERHEAD_SECONDS = 25.0
+KD_STEP_SECONDS = 0.09
 FINDING_CLAIMS = {"F1": +1, "F2": -1, "F3-OOD": +1, "F3-downstream": +1}  # sign of the paper's claimed quantity
 CLAIM_WORDS = {"F1": "a weaker teacher helps", "F2": "a stronger teacher's extra gain saturates or reverses",
                "F3-OOD": "the gain is larger out of distribution", "F3-downstream": "downstream accuracy gains"}
@@ -81,13 +84,8 @@ def scaling_study(rung: str, base: str = "default") -> Study:
 
 
 def run_cost(rung: str, tokens: int, study: Study) -> float:
-    """Predicted seconds of one of the size's runs: overhead + a student at the top of its ladder (training FLOPs
-    of the student and the teacher's forward)."""
-    rungs = cpu_rungs()
-    teacher = rungs[min(rungs.index(rung) + 2, len(rungs) - 1)]
-    flops = (LADDER[rung].training_flops_per_token(study.vocab, study.seq_len)
-             + LADDER[teacher].forward_flops_per_token(study.vocab, study.seq_len)) * tokens
-    return OVERHEAD_SECONDS + SECONDS_PER_TFLOP * flops / 1e12
+    """Predicted seconds of one distilled run of the size: overhead + its steps at KD_STEP_SECONDS."""
+    return RUN_OVERHEAD_SECONDS + KD_STEP_SECONDS * tokens / (study.batch_size * study.seq_len)
 
 
 # ----------------------------------------------------------------------------- running the sizes
