@@ -50,9 +50,7 @@ def test_the_runs_that_narrow_a_finding_most_are_ranked_first():
     order = np.argsort(expected)[::-1]
     assert [id(s["cell"]) for s in ranked] == [id(cells[i]) for i in order]
     assert [s["score"] for s in ranked] == pytest.approx(sorted(expected, reverse=True), rel=1e-6)
-    # more of the finding's own cells narrow it more than a strong teacher at a tiny alpha
-    best = ranked[0]["cell"]
-    assert best["teacher"]["gap"] < 0 and ranked[-1]["score"] < ranked[0]["score"] / 2
+    assert 0 < ranked[-1]["score"] < ranked[0]["score"] < 1  # every run informs the finding, none settles it
     # a decided finding asks for nothing
     assert narrowing_runs(law, cells, [{**finding, "decision": "reproduced"}], top=3) == []
 

@@ -228,7 +228,7 @@ def predict_cells(law: FittedLaw, cells: list[dict], measured: tuple[dict, dict]
         cell["one_seed"] = pick(one, i)
         flops = cell["row"]["train_flops"] + cell["row"]["teacher_inference_flops"]
         cell["flops"] = flops
-        overall = mean.get("overall", mean["in_domain"])["gain"][i]
+        overall = (mean.get("overall") or mean["in_domain"])["gain"][i]
         cell["gain_per_pflop"] = overall / (flops / 1e15) if flops else None
     return cells
 
@@ -259,7 +259,7 @@ def best_cells(cells: list[dict]) -> dict[tuple, dict]:
 
 
 def overall(cell: dict) -> dict:
-    return cell["predicted"].get("overall", cell["predicted"]["in_domain"])
+    return cell["predicted"].get("overall") or cell["predicted"]["in_domain"]
 
 
 def stronger_pairs(best: list[dict]) -> list[tuple[dict, dict]]:
@@ -377,7 +377,7 @@ def predictable_cells(cells: list[dict], margin: float) -> list[dict]:
     """Cells whose one-seed prediction interval of the overall gain lies within ±margin of its prediction."""
     out = []
     for cell in (c for c in cells if "one_seed" in c):
-        gain = cell["one_seed"].get("overall", cell["one_seed"]["in_domain"])
+        gain = cell["one_seed"].get("overall") or cell["one_seed"]["in_domain"]
         if (gain["pi"][1] - gain["pi"][0]) / 2 <= margin:
             out.append(cell)
     return out
@@ -554,7 +554,7 @@ def runs_lines(result: dict) -> list[str]:
               f"One-seed prediction interval of the overall gain within ±{result['margin']:g} nats of the prediction: "
               "their outcome is known well enough that running them adds little to a verdict.", ""]
     predictable = result["predictable"]
-    lines += [f"- {cell_label(c)}: {fmt_interval(c['one_seed'].get('overall', c['one_seed']['in_domain']), 'pi')}"
+    lines += [f"- {cell_label(c)}: {fmt_interval(c['one_seed'].get('overall') or c['one_seed']['in_domain'], 'pi')}"
               for c in predictable] or ["None."]
     return lines + [""]
 
