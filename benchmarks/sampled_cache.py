@@ -66,7 +66,7 @@ def train_run(config: dict) -> dict:
 
 def capture(teacher: str, config: dict, out: Path, coding: str, k: int, windows: int | None = None,
             readers: list | None = None) -> dict:
-    from distillab.cache.capture import capture_teacher_cache
+    from distillab.capture import capture_teacher_cache
     from distillab.cache.store import TeacherCache
     from distillab.config import config_from_dict
 

@@ -10,11 +10,12 @@ from distillab.cache.coding import DrawnRows, make_coding
 from distillab.config import config_from_dict
 from distillab.errors import ConfigError
 from distillab.losses import SampledTeacher, run_fused
-from distillab.losses.fused import LossSpec
+from distillab.losses.objective import KDObjective
 from distillab.losses.sampled import sampled_gradient_float64
 from distillab.signals.sampling import distinct_with_counts, draw, to_teacher
 
 ROWS, VOCAB, SAMPLES, REPEATS = 3, 40, 12, 3000
+KD_ONLY = KDObjective(alpha=1.0, samples=SAMPLES).at(0, 1)  # CE weight 0, KD weight 1
 
 
 def problem(seed: int = 0):
@@ -29,7 +30,7 @@ def loss_gradients(student: torch.Tensor, signal: SampledTeacher) -> torch.Tenso
     """Per-row d KD / d z through the training loss (alpha = 1), one row of gradients per repeat."""
     logits = student.float().expand(REPEATS, ROWS, VOCAB).clone().requires_grad_(True)
     labels = torch.zeros(REPEATS, ROWS, dtype=torch.long)
-    out = run_fused(logits, signal, labels, LossSpec(ce_weight=0.0, kd_weight=1.0))
+    out = run_fused(logits, signal, labels, KD_ONLY)
     out.total.backward()
     return logits.grad.double() * REPEATS * ROWS
 
@@ -87,7 +88,7 @@ def test_sampled_loss_gradient_equals_its_float64_formula_and_value():
     rows = draw(teacher.float(), [7], SAMPLES, 1.0)
     signal = to_teacher(rows, (1, ROWS), SAMPLES, 1.0, torch.device("cpu"))
     logits = student.float()[None].clone().requires_grad_(True)
-    out = run_fused(logits, signal, torch.zeros(1, ROWS, dtype=torch.long), LossSpec(ce_weight=0.0, kd_weight=1.0))
+    out = run_fused(logits, signal, torch.zeros(1, ROWS, dtype=torch.long), KD_ONLY)
     out.total.backward()
     expected = sampled_gradient_float64(student[None], signal.indices, signal.weights) / ROWS
     assert torch.allclose(logits.grad.double(), expected, atol=1e-6)
@@ -148,9 +149,12 @@ def test_config_refuses_what_has_no_unbiased_estimator(kd, key):
     assert info.value.key == key and "\n" not in str(info.value)
 
 
-def test_a_sampled_signal_reaches_the_loss_only_for_forward_kl():
+def test_a_sampled_signal_reaches_the_loss_only_through_an_objective_with_samples():
     teacher, student, _ = problem()
     signal = to_teacher(draw(teacher.float(), [0], SAMPLES), (1, ROWS), SAMPLES, 1.0, torch.device("cpu"))
-    with pytest.raises(ValueError, match="forward KL"):
+    with pytest.raises(ValueError, match="samples"):
         run_fused(student.float()[None], signal, torch.zeros(1, ROWS, dtype=torch.long),
-                  LossSpec(kd_weight=0.5, divergence="reverse_kl"))
+                  KDObjective(alpha=0.5, divergence="reverse_kl").at(0, 1))
+    with pytest.raises(ConfigError) as info:  # the objective itself refuses draws for reverse KL
+        KDObjective(alpha=0.5, divergence="reverse_kl", samples=SAMPLES)
+    assert info.value.key == "divergence"

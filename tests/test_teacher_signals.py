@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from distillab.cache.capture import capture_teacher_cache
+from distillab.capture import capture_teacher_cache
 from distillab.config import config_from_dict
 from distillab.data.loader import Batch
 from distillab.data.shards import prepare_data

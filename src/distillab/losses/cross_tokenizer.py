@@ -14,7 +14,10 @@ aligns the two tokenizations of a window by byte spans).
 
 Both are summed over their positions / chunks and divided by the student's target tokens (as
 every KD term here), with the factor c = T^2 for ULD (1 for ALM, whose T scales log-likelihoods),
-and enter `total = w_ce CE + w_kd c D`. They are written with autograd over the student logits.
+and enter `total = w_ce CE + w_kd c D`. They are written with autograd over the student logits
+(neither is row-local: see `distillab.losses.aligned_loss`) and registered as the `aligned`
+kernels of `distillab.losses.divergences.DIVERGENCES`, all with the signature
+(student logits [N, V], labels [N], AlignedTeacher, T) -> D summed over the batch.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ class AlignedTeacher:
     chunk_logp: torch.Tensor
 
 
-def uld_sum(student: torch.Tensor, aligned: AlignedTeacher, temperature: float) -> torch.Tensor:
+def uld_sum(student: torch.Tensor, labels: torch.Tensor, aligned: AlignedTeacher, temperature: float) -> torch.Tensor:
     """Sum over aligned rows of sum_r |sorted q_T(r) - sorted p_T(r)| (zero-padded); differentiable in `student`."""
     if aligned.pair_rows.numel() == 0:
         return student.sum() * 0.0

@@ -13,8 +13,9 @@ log p(x) at them. The KD term is the importance-sampling estimate of KL(p || q):
 
 Both are linear in p_hat, so their expectations over the draws are KL(p || q) and its gradient
 q - p exactly: the estimator is unbiased. Only forward KL is linear in p this way (reverse KL
-needs log p at every token, JSD / skew KL / TVD are non-linear in p); the config refuses the
-others (`distillab.signals.checks`). Padding columns have p_hat = 0 and add nothing.
+needs log p at every token, JSD / skew KL / TVD are non-linear in p): forward KL's registry entry
+names `sampled_forward_kl` as its `sampled` kernel, and the objective refuses kd.samples with a
+divergence that has none. Padding columns have p_hat = 0 and add nothing.
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+# The most draws per position (a sampled cache stores each count in one byte).
+MAX_SAMPLES = 255
 
 
 @dataclass

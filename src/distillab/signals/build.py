@@ -1,6 +1,7 @@
 """The teacher signal a run's `kd` section asks for: the one factory the training loop calls.
 
-    kd.divergence uld | alm   a `CrossTokenizerTeacher` (any tokenizer; byte-span alignment)
+    a cross-tokenizer kd.divergence (uld, alm: an `aligned` kernel in the registry)
+                              a `CrossTokenizerTeacher` (any tokenizer; byte-span alignment)
     kd.samples                the teacher's draws (`SampledOnlineTeacher`), or a `sampled` cache
     kd.teachers               `SeveralTeachers` over kd.teacher and kd.teachers (each online or
                               from its cache in kd.cache / kd.caches), mixed or routed
@@ -20,7 +21,6 @@ import torch
 from distillab.config import KDConfig
 from distillab.errors import ConfigError
 from distillab.models import model_directory
-from distillab.signals.checks import CROSS_TOKENIZER, teacher_weights
 from distillab.signals.cross_tokenizer import CrossTokenizerTeacher
 from distillab.signals.sampling import SampledOnlineTeacher, to_teacher
 from distillab.signals.several import DocumentRouter, SeveralTeachers
@@ -51,17 +51,17 @@ def build_signal(kd: KDConfig, data, device: torch.device, precision: str, seq_l
     """The run's teacher signal (None for teachers and baselines), every check done before training."""
     if not distills:
         return None
-    if kd.divergence in CROSS_TOKENIZER:
+    if kd.entry.aligned is not None:
         if packing != "concat":
             raise ConfigError("data.packing", f"kd.divergence={kd.divergence} needs concat windows")
         directory = model_directory(kd.teacher or "", revision=kd.teacher_revision)
-        return CrossTokenizerTeacher.load(directory, data.tokenizer, device, kd.divergence)
+        return CrossTokenizerTeacher.load(directory, data.tokenizer, device, kd.entry.alignment)
     names = [(kd.teacher, kd.cache), *zip(kd.teachers, kd.caches or ["off"] * len(kd.teachers))]
     signals = [one_signal(kd, name, cache, data, device, precision, seq_len, packing, first=i == 0)
                for i, (name, cache) in enumerate(names)]
     if len(signals) == 1:
         return signals[0]
-    weights = teacher_weights(kd)
+    weights = kd.teacher_shares(len(signals))
     router = DocumentRouter(data.tokens("train"), data.tokenizer.eos_token_id, seq_len, packing, weights) \
         if kd.teacher_mix == "route" else None
     return SeveralTeachers(signals, weights, kd.teacher_mix, router)

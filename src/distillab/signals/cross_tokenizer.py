@@ -164,10 +164,12 @@ class CrossTokenizerTeacher:
     """A frozen HF causal LM with its own tokenizer, run on each student window re-tokenized."""
 
     def __init__(self, model, teacher_tokenizer, student_tokenizer, device: torch.device, description: str,
-                 divergence: str | None = None):
+                 alignment: str | None = None):
         self.model = model.to(device).eval().requires_grad_(False)
         self.teacher_tokenizer, self.device, self.description = teacher_tokenizer, device, description
-        self.divergence = divergence  # uld needs only the pairs, alm only the chunks (None: both)
+        # what the divergence's kernel reads (`Divergence.alignment`): "positions" (the pairs) or
+        # "chunks"; None: both
+        self.alignment = alignment
         self.teacher_bytes = token_bytes(teacher_tokenizer, "kd.teacher")
         self.student_bytes = token_bytes(student_tokenizer, "data.tokenizer")
         self.student_eos = student_tokenizer.eos_token_id
@@ -176,7 +178,7 @@ class CrossTokenizerTeacher:
         self.positions = int(getattr(model.config, "max_position_embeddings", 0) or 0)
 
     @classmethod
-    def load(cls, path: Path, student_tokenizer, device: torch.device, divergence: str | None = None
+    def load(cls, path: Path, student_tokenizer, device: torch.device, alignment: str | None = None
              ) -> "CrossTokenizerTeacher":
         from distillab.models import load_causal_lm
 
@@ -186,7 +188,7 @@ class CrossTokenizerTeacher:
             raise ConfigError("kd.teacher", f"{path} holds no loadable tokenizer; a cross-tokenizer teacher ships "
                                             "its own") from None
         return cls(load_causal_lm(path, device), teacher_tokenizer, student_tokenizer, device,
-                   f"online:{path} (own tokenizer, {len(teacher_tokenizer):,} tokens)", divergence)
+                   f"online:{path} (own tokenizer, {len(teacher_tokenizer):,} tokens)", alignment)
 
     def inference_flops_per_token(self) -> float:
         config = self.model.config
@@ -219,11 +221,11 @@ class CrossTokenizerTeacher:
         pair_rows, pair_at, chunk_rows, chunk_positions, row_chunk_ids, position_chunk_ids = [], [], [], [], [], []
         chunks = 0
         for b, a in enumerate(alignments):
-            for i, k in a.pairs if self.divergence != "alm" else ():
+            for i, k in a.pairs if self.alignment != "chunks" else ():
                 if k < usable:
                     pair_rows.append(b * seq + i)
                     pair_at.append(b * usable + k)
-            for student, teacher in a.chunks if self.divergence != "uld" else ():
+            for student, teacher in a.chunks if self.alignment != "positions" else ():
                 if teacher[-1] >= usable:
                     continue
                 chunk_rows.extend(b * seq + i for i in student)

@@ -11,20 +11,20 @@ where: online (the teacher runs beside the student) or cache (read by window id)
 from __future__ import annotations
 
 from distillab.config import CACHE_MODES
-from distillab.stats import mean_ci
+from distillab.study.stats import mean_ci
 
 
 def describe_signal(kd, cached: bool = False) -> str | None:
     """The signal of a run's `kd` section (None without a teacher); `cached`: a sweep gave it a cache."""
-    if kd.teacher is None or (kd.alpha == 0 and kd.alpha_schedule.shape == "constant"):
+    if kd.teacher is None or not kd.distills:
         return None
     where = "cache" if cached or kd.cache not in CACHE_MODES else "online"
-    if kd.divergence in ("uld", "alm"):
+    if kd.entry.aligned is not None:
         what = f"own tokenizer ({kd.divergence.upper()})"
     elif kd.samples is not None:
         tau = f" at tau {kd.proposal_temperature:g}" if kd.proposal_temperature != 1 else ""
         what = f"sampled {kd.samples}{tau}"
-    elif kd.divergence == "hard":
+    elif kd.entry.argmax_teacher:
         what = "hard (argmax)"
     elif kd.top_k is not None:
         what = f"top-{kd.top_k}"

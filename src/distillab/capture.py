@@ -25,8 +25,9 @@ from distillab.config import RunConfig
 from distillab.data.loader import ShuffledWindows
 from distillab.data.packing import training_stream
 from distillab.data.shards import prepare_data
-from distillab.errors import ConfigError, DataError
+from distillab.errors import ConfigError, DataError, require
 from distillab.files import default_cache_dir, stable_hash
+from distillab.losses.objective import field_problem
 from distillab.models import load_causal_lm, model_directory
 from distillab.progress import progress_bar
 from distillab.runtime import resolve_device, setup_runtime
@@ -157,9 +158,12 @@ def ensure_capture(teacher_dir: Path, data, config: RunConfig, top_k: int, out: 
     if not (teacher_dir / "config.json").is_file():
         raise ConfigError("--teacher", f"{teacher_dir} is not an HF model directory (no config.json); name a "
                                        "teacher's final directory")
-    if coding == "sampled" and not 1 <= top_k <= 255:
-        raise ConfigError("--samples", f"must be in [1, 255], got {top_k}")
-    if not 1 <= top_k <= data.vocab_size and coding != "sampled":
+    if coding == "sampled":  # the objective's own rules for kd.samples and kd.proposal_temperature
+        for key, name, value in (("--samples", "samples", top_k),
+                                 ("--proposal-temperature", "proposal_temperature", proposal_temperature)):
+            problem = field_problem(name, value)
+            require(problem is None, key, problem)
+    elif not 1 <= top_k <= data.vocab_size:
         raise ConfigError("--top-k", f"must be in [1, {data.vocab_size}] (the vocabulary), got {top_k}")
     seq_len, packing, precision = config.train.seq_len, config.data.packing, config.train.precision
     stream = training_stream(data, seq_len, 0, packing, log)
