@@ -16,6 +16,7 @@ manifest is not a checkpoint; one whose files disagree with it is corrupt and is
 from __future__ import annotations
 
 import json
+import pickle
 import re
 import shutil
 from pathlib import Path
@@ -24,7 +25,7 @@ import torch
 
 from distillab.errors import CheckpointError
 from distillab.files import fix_permissions, make_temp_dir, remove_stale_temp_dirs, replace_dir, sha256_file, \
-    write_json_atomic
+    storage_error, write_json_atomic
 
 MANIFEST = "manifest.json"
 TRAINER_STATE = "trainer_state.pt"
@@ -36,9 +37,10 @@ def save_checkpoint(target: Path, model, tokenizer, meta: dict, trainer_state: d
                     state_dict: dict | None = None) -> Path:
     """Write an HF checkpoint of `model` (or of `state_dict` in `model`'s architecture) to `target`."""
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = make_temp_dir(target.parent, f".tmp-{target.name}-")
+    tmp = None
     try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = make_temp_dir(target.parent, f".tmp-{target.name}-")
         model.save_pretrained(str(tmp), safe_serialization=True, state_dict=state_dict)
         tokenizer.save_pretrained(str(tmp))
         if trainer_state is not None:
@@ -48,8 +50,12 @@ def save_checkpoint(target: Path, model, tokenizer, meta: dict, trainer_state: d
         files = {str(p.relative_to(tmp)): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
         write_json_atomic(tmp / MANIFEST, {"files": files})
         replace_dir(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException as exc:
+        full = isinstance(exc, Exception) and storage_error(exc, target.parent, "a checkpoint", "choose another run_dir")
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if full:
+            raise CheckpointError(f"{full} (the last good checkpoint is kept)") from None
         raise
     return target
 
@@ -129,7 +135,13 @@ def load_trainer_state(path: Path) -> dict:
     state_path = Path(path) / TRAINER_STATE
     if not state_path.is_file():
         raise CheckpointError(f"{state_path}: missing; this checkpoint cannot resume training")
-    return torch.load(state_path, map_location="cpu", weights_only=True)
+    try:  # tensors and plain values only: a pickled object (which could run code) is refused unread
+        return torch.load(state_path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:
+        reason = "holds pickled objects other than tensors and plain values" \
+            if isinstance(exc, pickle.UnpicklingError) else "is unreadable"
+        raise CheckpointError(f"{state_path}: {reason}, so it was not loaded; the checkpoint is corrupt or was "
+                              "tampered with: delete it to resume from an earlier one") from None
 
 
 def load_weights(path: Path, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:

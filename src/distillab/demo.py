@@ -318,6 +318,8 @@ def run_demo(size: str = "default", out_dir: str | Path = "runs/demo", workers: 
     started = time.perf_counter()
     if size not in STUDIES:
         raise DistillabError(f"demo: unknown size {size!r}; use quick, default or full")
+    if workers < 1:
+        raise DistillabError(f"--workers: must be >= 1, got {workers}")
     study = STUDIES[size]
     check_corpora(study)
     sweep_dir = Path(out_dir) / size

@@ -8,7 +8,10 @@
     DIR/shard-NNNNN.bin    the coded windows back to back (`distillab.cache.coding`)
 
 A cache is written into a temporary directory beside its final place and renamed into place
-(manifest last), so a reader never sees half of one. Opening checks the manifest, the index's
+(manifest last), so a reader never sees half of one. The manifest records the sha256 of its own
+other fields (`seal`), so an edited manifest (say, another `coding.log_step`) is refused rather
+than read into wrong log-probabilities; a run binds the cache by the sha256 of the manifest
+file (`TeacherCache.manifest_sha256`). Opening checks the manifest, the index's
 sha256 and every shard's size; each shard's sha256 is checked the first time a process reads
 from it, so a corrupt shard stops the run with a message naming the file before any of its
 values are used.
@@ -16,6 +19,8 @@ values are used.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import io
 import json
 import shutil
@@ -27,13 +32,21 @@ import numpy as np
 
 from distillab.cache.coding import TopKRows, make_coding
 from distillab.errors import DataError
-from distillab.files import (file_lock, make_temp_dir, remove_stale_temp_dirs, replace_dir, sha256_file,
+from distillab.files import (file_lock, make_temp_dir, remove_stale_temp_dirs, replace_dir, sha256_file, stable_hash,
                              write_bytes_atomic, write_json_atomic)
 
 FORMAT = "distillab-teacher-cache/1"
 MANIFEST = "manifest.json"
 INDEX = "index.npy"
 SHARD_BYTES = 64 << 20
+# The manifest's field holding the sha256 of its other fields (canonical JSON).
+SEAL = "manifest_sha256"
+
+
+def seal(manifest: dict) -> dict:
+    """`manifest` with its seal: the sha256 of the canonical JSON of every other field."""
+    fields = {k: v for k, v in manifest.items() if k != SEAL}
+    return {**fields, SEAL: stable_hash(fields, length=64)}
 
 
 def shard_name(number: int) -> str:
@@ -86,11 +99,11 @@ class CacheWriter:
             write_bytes_atomic(self.tmp / INDEX, buffer.getvalue())
             stored = sum(s["bytes"] for s in self.shards)
             tokens = len(self.rows) * manifest["seq_len"]
-            write_json_atomic(self.tmp / MANIFEST, {
+            write_json_atomic(self.tmp / MANIFEST, seal({
                 "format": FORMAT, **manifest, "windows": {**manifest.get("windows", {}), "captured": len(self.rows)},
                 "tokens": tokens, "bytes": stored, "bytes_per_token": stored / max(tokens, 1),
                 "index": {"file": INDEX, "sha256": sha256_file(self.tmp / INDEX)}, "shards": self.shards,
-                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}))
             replace_dir(self.tmp, self.out)
         except BaseException:
             self.abort()
@@ -98,8 +111,10 @@ class CacheWriter:
         return self.out
 
     def abort(self) -> None:
+        """Remove the temporary directory (closing a shard whose buffered bytes a full disk refuses)."""
         if self.handle is not None:
-            self.handle.close()
+            with contextlib.suppress(OSError):
+                self.handle.close()
             self.handle = None
         shutil.rmtree(self.tmp, ignore_errors=True)
 
@@ -107,8 +122,7 @@ class CacheWriter:
 def writer_lock(out: Path):
     """The lock one capture into `out` holds (a second capture of the same cache waits its turn)."""
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return file_lock(out.parent / f".{out.name}.lock")
+    return file_lock(out.parent / f".{out.name}.lock", advice="choose another --out")
 
 
 # ----------------------------------------------------------------------------- reading
@@ -126,6 +140,9 @@ def read_manifest(path: Path, key: str) -> dict:
         raise DataError(f"{key}: {manifest_path} is not valid JSON; the cache is corrupt: capture it again") from None
     if manifest.get("format") != FORMAT:
         raise DataError(f"{key}: {manifest_path} is not a {FORMAT} manifest (format {manifest.get('format')!r})")
+    if SEAL in manifest and seal(manifest)[SEAL] != manifest[SEAL]:
+        raise DataError(f"{key}: {manifest_path} was edited after the capture (its fields no longer match the sha256 "
+                        f"it records); the cache cannot be trusted: capture it again")
     return manifest
 
 
@@ -137,6 +154,7 @@ class TeacherCache:
     manifest: dict
     index: np.ndarray
     key: str = "kd.cache"
+    manifest_sha256: str = ""  # of the manifest file: what a run that reads the cache records
 
     @classmethod
     def open(cls, path: str | Path, key: str = "kd.cache") -> "TeacherCache":
@@ -153,7 +171,7 @@ class TeacherCache:
                 raise DataError(f"{key}: {shard_path} is missing or has the wrong size; the cache is corrupt: capture "
                                 "it again")
         index = np.load(index_path).reshape(-1, 4)
-        return cls(path, manifest, index, key)
+        return cls(path, manifest, index, key, hashlib.sha256((path / MANIFEST).read_bytes()).hexdigest())
 
     def __post_init__(self):
         self.coding = make_coding(self.manifest["coding"], self.vocab_size, self.top_k)

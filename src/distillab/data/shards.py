@@ -28,8 +28,8 @@ from distillab.data.documents import Document
 from distillab.data.sources import corpus_identity, describe, iter_documents
 from distillab.data.tokenizer import load_tokenizer, token_dtype, tokenizer_fingerprint, train_bpe
 from distillab.errors import DataError
-from distillab.files import (default_cache_dir, file_lock, make_temp_dir, remove_stale_temp_dirs, replace_dir,
-                             sha256_file, stable_hash, write_json_atomic)
+from distillab.files import (CACHE_ADVICE, default_cache_dir, file_lock, make_temp_dir, remove_stale_temp_dirs,
+                             replace_dir, sha256_file, stable_hash, storage_errors, write_json_atomic)
 from distillab.progress import progress
 
 FORMAT_VERSION = 1
@@ -202,13 +202,14 @@ def encode_documents(documents: Iterable[Document], tokenizer, out_file, dtype: 
 def cached_build(out_dir: Path, documents: Callable[[], Iterator[Document]], build: Callable, log,
                  what: str) -> tuple[PreparedData, bool]:
     """The prepared directory `out_dir`, reused when its manifest records the corpus' current content,
-    else built by `build(index, content_hash, tmp)` into a temporary directory renamed into place.
+    else built by `build(index, content_hash, tmp)` into a temporary directory renamed into place
+    (a full disk or read-only cache ends in one line, the temporary directory removed).
 
     Runs under a per-entry file lock, so concurrent runs build one entry once; leftovers of an
     interrupted build of this entry (a killed process) are removed first. Returns (data, built).
     """
     parent, key_hash = out_dir.parent, out_dir.name
-    with file_lock(parent / f".{key_hash}.lock"):
+    with storage_errors(parent, "prepared data", CACHE_ADVICE), file_lock(parent / f".{key_hash}.lock"):
         remove_stale_temp_dirs(parent, (f".tmp-{key_hash}-", f".trash-{key_hash}-"))
         index, content_hash = _content_survey(documents())
         if not index:
@@ -249,7 +250,6 @@ def prepare_data(data: DataConfig, log=print) -> PreparedData:
     cache_dir = Path(os.path.expanduser(data.cache_dir)) if data.cache_dir else default_cache_dir()
     key = preparation_key(data)
     out_dir = cache_dir / "prepared" / stable_hash(key)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
 
     def documents():
         return iter_documents(data.corpus, cache_dir)
@@ -336,7 +336,6 @@ def prepare_corpus_tokens(corpus: CorpusConfig, tokenizer, cache_dir: Path | Non
     fingerprint = tokenizer_fingerprint(tokenizer)
     key = {"format": FORMAT_VERSION, "corpus": corpus_identity(corpus), "tokenizer": fingerprint}
     out_dir = cache_dir / "eval_sets" / stable_hash(key)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
 
     def documents():
         return iter_documents(corpus, cache_dir)

@@ -10,6 +10,7 @@ interrupted evaluation keeps what it finished.
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,18 +26,19 @@ from distillab.data.tokenizer import load_tokenizer, tokenizer_fingerprint
 from distillab.errors import DataError
 from distillab.evaluate.perplexity import perplexity, stream_perplexity, stream_set
 from distillab.evaluate.sets import EvalSet, resolve_sets
-from distillab.files import default_cache_dir, sha256_file, stable_hash, write_json_atomic
-from distillab.models import load_causal_lm
+from distillab.files import default_cache_dir, remembered_sha256, stable_hash, write_json_atomic
+from distillab.models import load_causal_lm, nonfinite_parameter
 from distillab.runtime import resolve_device, setup_runtime
 
 
 def weights_sha256(checkpoint: Path) -> str:
-    """sha256 over the checkpoint's weight files (from its manifest when it has one)."""
+    """sha256 over the checkpoint's weight files (from its manifest when it has one; other files
+    hashed once and remembered, `remembered_sha256`)."""
     manifest = checkpoint / "manifest.json"
     files = json.loads(manifest.read_text())["files"] if manifest.exists() else {}
     digests = []
     for path in sorted(checkpoint.glob("*.safetensors")) + sorted(checkpoint.glob("*.bin")):
-        digests.append(files.get(path.name) or sha256_file(path))
+        digests.append(files.get(path.name) or remembered_sha256(path))
     if not digests:
         raise DataError(f"{checkpoint}: no weight files (*.safetensors)")
     return stable_hash(digests, length=64)
@@ -72,8 +74,14 @@ class Evaluation:
     pending: list = field(default_factory=list)
 
     def loaded_model(self):
+        """The model, refused (one line) when a weight is NaN or infinite: its scores would be NaN."""
         if self.model is None:
-            self.model = load_causal_lm(self.checkpoint, self.device, key="--checkpoint").eval()
+            model = load_causal_lm(self.checkpoint, self.device, key="--checkpoint").eval()
+            bad = nonfinite_parameter(model)
+            if bad is not None:
+                raise DataError(f"{self.checkpoint}: weight {bad} holds non-finite values (the run that made it "
+                                "diverged, or the file is corrupt), so it is not evaluated")
+            self.model = model
         return self.model
 
     def save(self) -> None:
@@ -161,6 +169,9 @@ def evaluate_sets(ev: Evaluation, names: list[str], seq_len: int | None, max_win
         else:
             result = perplexity(ev.loaded_model(), tokens, length, max_windows, batch_size, ev.device,
                                 len(ev.tokenizer), desc=eval_set.name)
+        if not math.isfinite(result["loss"]):
+            raise DataError(f"{ev.checkpoint}: its {eval_set.name} loss is {result['loss']} (its outputs overflow: the "
+                            "model diverged), so nothing is recorded for it")
         result["seconds"] = time.perf_counter() - started
         result["tokens_per_s"] = result["tokens"] / max(result["seconds"], 1e-9)
         result.update(domain=eval_set.domain, key=key)
