@@ -966,24 +966,51 @@ def test_the_cause_of_a_failed_torchrun_is_distillabs_line_not_the_last_one():
         == "RuntimeError: boom"
 
 
-@pytest.mark.slow
-def test_blocked_students_are_recorded_as_blocked_not_pending(tmp_path, cache_dir):
-    """A teacher that fails (lr 1e6 diverges at once): its student is blocked in status.json, as the
-    driver said, and the results table reads it so (it said "pending")."""
-    from distillab.results import collect_rows
-    from distillab.sweep import grid_from_dict, run_sweep
-
+def tiny_grid(tmp_path, cache_dir, teacher_tokens: int, **train) -> Path:
     base = tiny_run(tmp_path, cache_dir)
-    spec = grid_from_dict({"name": "g", "baselines": False,
-                           "base": {"data": base["data"], "eval": {"max_windows": 2},
-                                    "train": {"batch_size": 4, "seq_len": 32, "lr": 1e6, "threads": 1}},
-                           "teachers": {"models": ["cpu-0.1m"], "tokens": [1024], "seeds": [42]},
-                           "students": {"models": ["cpu-0.1m"], "tokens": [512], "seeds": [43]},
-                           "kd": {"alpha": [0.5]}, "eval": {"sets": ["validation"], "max_windows": 2}})
-    status = run_sweep(spec, tmp_path / "sweep", log=quiet)
-    blocked = [run_id for run_id, s in status.items() if s == "blocked"]
-    assert blocked and "failed" in status.values()
-    for run_id in blocked:
-        assert json.loads((tmp_path / "sweep" / "runs" / run_id / "status.json").read_text())["status"] == "blocked"
+    grid = {"name": "g", "baselines": False,
+            "base": {"data": base["data"], "eval": {"max_windows": 2},
+                     "train": {"batch_size": 4, "seq_len": 32, "threads": 1, "checkpoint_every": 4, **train}},
+            "teachers": {"models": ["cpu-0.1m"], "tokens": [teacher_tokens], "seeds": [42]},
+            "students": {"models": ["cpu-0.1m"], "tokens": [512], "seeds": [43]},
+            "kd": {"alpha": [0.5]}, "eval": {"sets": ["validation"], "max_windows": 2}}
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(grid))
+    return path
+
+
+@pytest.mark.slow
+def test_a_failed_sweep_ends_with_its_cause_and_records_blocked_students(tmp_path, cache_dir):
+    """A teacher that fails (lr 1e6 diverges at once): the sweep's last stderr line says what failed
+    (not a warning printed on the way out), and its student is blocked in status.json, as the
+    driver said, and in the results table (it said "pending")."""
+    from distillab.results import collect_rows
+
+    result = cli("sweep", str(tiny_grid(tmp_path, cache_dir, 1024, lr=1e6)), "--out", str(tmp_path / "sweep"))
+    assert result.returncode == 1, result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("distillab: error: sweep: 1 failed, 1 blocked of 2 runs;") and "diverged" in last, last
+    statuses = {p.parent.name: json.loads(p.read_text())["status"] for p in (tmp_path / "sweep").glob("runs/*/status.json")}
+    assert sorted(statuses.values()) == ["blocked", "failed"]
     rows = {row["run_id"]: row for row in collect_rows(tmp_path / "sweep")}
-    assert all(rows[run_id]["status"] == "blocked" for run_id in blocked)
+    assert all(rows[run_id]["status"] == s for run_id, s in statuses.items())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signal_name", ["SIGKILL", "SIGTERM"])
+def test_a_sweep_killed_mid_run_resumes_at_once_without_a_held_lock(tmp_path, cache_dir, signal_name):
+    """kill -9 (or SIGTERM) of the driver while its worker trains the teacher; the sweep run again at
+    once finishes: the orphaned worker did not keep training and holding the teacher's lock."""
+    import signal
+
+    grid = tiny_grid(tmp_path, cache_dir, 200 * 128)
+    command = [sys.executable, "-m", "distillab.cli", "sweep", str(grid), "--out", str(tmp_path / "sweep")]
+    driver = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not list((tmp_path / "sweep").glob("runs/*/checkpoints/step_*")) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    driver.send_signal(getattr(signal, signal_name))
+    driver.wait(timeout=60)
+    again = cli("sweep", str(grid), "--out", str(tmp_path / "sweep"))
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "in use by another process" not in again.stderr
