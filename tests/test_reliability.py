@@ -454,21 +454,23 @@ def test_a_finished_run_rerun_with_a_changed_config_is_refused(tmp_path, cache_d
 
 
 def test_a_run_that_finishes_while_another_loads_is_not_trained_again(tmp_path, cache_dir, monkeypatch):
-    """The race, interleaved deterministically: this process builds its trainer (no lock yet); a second
-    process then trains the same run to the end; only then does this one claim the lock. It must find
-    the run complete, not resume the last checkpoint and retrain the tail over final/."""
+    """The race, interleaved deterministically: the first `train` builds its trainer (no lock yet); a
+    second `train` of the same run then trains it to the end (claiming and releasing the lock, a
+    separate open of the lock file as another process's would be); only then does the first claim
+    the lock. It must find the run complete, not resume the last checkpoint and retrain the tail."""
     from distillab.train.trainer import Trainer
 
     values = tiny_run(tmp_path, cache_dir, "race", train={"token_budget": 8 * 4 * 32, "checkpoint_every": 2})
-    (tmp_path / "race.yaml").write_text(yaml.safe_dump(values))
     train(config_from_dict(values), stop_after_steps=6, log=quiet)
     real_build = Trainer.build.__func__
     finished = {}
 
     def build_then_let_the_other_finish(cls, config, parallel, log=print):
         trainer = real_build(cls, config, parallel, log)
-        other = cli("train", str(tmp_path / "race.yaml"))
-        assert other.returncode == 0, other.stderr[-2000:]
+        if finished:  # the second train's own build
+            return trainer
+        finished["started"] = True
+        assert train(config_from_dict(values), log=quiet).completed
         run = tmp_path / "race"
         finished.update(weights=(run / "final" / "model.safetensors").read_bytes(),
                         summary=(run / "summary.json").read_text(), metrics=(run / "metrics.jsonl").read_text())
@@ -681,21 +683,38 @@ def test_a_full_disk_while_writing_a_checkpoint_is_one_line_and_keeps_nothing_pa
         assert temporary_leftovers(disk) == [] and not (disk / "run" / "final").exists()
 
 
+def test_a_full_data_cache_is_one_line_and_leaves_nothing(tmp_path, cache_dir):
+    from distillab.data.shards import prepare_data
+
+    with mounted(tmp_path / "disk", size="64k") as disk:  # the tokenizer and shards take ~250 kB
+        values = tiny_run(tmp_path, cache_dir, "run")
+        values["data"]["cache_dir"] = str(disk)
+        with pytest.raises(DistillabError) as caught:
+            prepare_data(config_from_dict(values).data, log=quiet)
+        message = str(caught.value)
+        assert message.startswith(f"{disk}/prepared: no space left on device while writing prepared data")
+        assert "data.cache_dir" in message and "\n" not in message and temporary_leftovers(disk) == []
+
+
 def test_a_read_only_out_or_data_cache_is_one_line(tmp_path, cache_dir, tiny_teacher):
     """A read-only mount (EROFS, which root meets too), for `teacher cache --out` and data.cache_dir;
-    the advice names the right setting (not DISTILLAB_CACHE for --out)."""
+    the advice names the right setting (not DISTILLAB_CACHE for --out). (A DistillabError is the
+    CLI's one line, exit 2.)"""
+    from distillab.cache.capture import capture_teacher_cache
+
     (tmp_path / "src").mkdir()
     with mounted(tmp_path / "ro", read_only_copy_of=tmp_path / "src") as read_only:
-        (tmp_path / "data.yaml").write_text(yaml.safe_dump(tiny_run(tmp_path, cache_dir, "capture")))
-        capture = cli("teacher", "cache", "--teacher", str(tiny_teacher), "--data", str(tmp_path / "data.yaml"),
-                      "--top-k", "4", "--windows", "2", "--out", str(read_only / "cache"), "--threads", "1")
-        line = one_line_error(capture, str(read_only), "read-only filesystem", "choose another --out")
-        assert "DISTILLAB_CACHE" not in line
+        config = config_from_dict(tiny_run(tmp_path, cache_dir, "capture"))
+        with pytest.raises(DistillabError) as caught:
+            capture_teacher_cache(tiny_teacher, config, 4, out=read_only / "cache", windows=2, threads=1, log=quiet)
+        line = str(caught.value)
+        assert str(read_only) in line and "read-only filesystem" in line and "choose another --out" in line
+        assert "DISTILLAB_CACHE" not in line and "\n" not in line
         values = tiny_run(tmp_path, cache_dir, "run")
         values["data"]["cache_dir"] = str(read_only / "data")
-        (tmp_path / "run.yaml").write_text(yaml.safe_dump(values))
-        one_line_error(cli("train", str(tmp_path / "run.yaml")), str(read_only), "read-only filesystem",
-                       "data.cache_dir")
+        with pytest.raises(DistillabError, match=rf"{read_only}/data/prepared: not writable \(read-only filesystem\); "
+                                                 r"set data.cache_dir"):
+            train(config_from_dict(values), log=quiet)
         assert temporary_leftovers(tmp_path / "src") == []
 
 
@@ -802,7 +821,7 @@ time.sleep(120)
 """
 
 
-@pytest.mark.parametrize("signal_name", ["SIGKILL", "SIGTERM"])
+@pytest.mark.parametrize("signal_name", ["SIGKILL", pytest.param("SIGTERM", marks=pytest.mark.slow)])
 def test_sweep_workers_die_with_their_driver(tmp_path, signal_name):
     import signal
 
