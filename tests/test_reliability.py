@@ -1022,14 +1022,20 @@ def test_a_sweep_killed_mid_run_resumes_at_once_without_a_held_lock(tmp_path, ca
     once finishes: the orphaned worker did not keep training and holding the teacher's lock."""
     import signal
 
-    grid = tiny_grid(tmp_path, cache_dir, 200 * 128)
+    grid = tiny_grid(tmp_path, cache_dir, 1000 * 128)
     command = [sys.executable, "-m", "distillab.cli", "sweep", str(grid), "--out", str(tmp_path / "sweep")]
     driver = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
     while not list((tmp_path / "sweep").glob("runs/*/checkpoints/step_*")) and time.monotonic() < deadline:
         time.sleep(0.2)
+    worker = next(json.loads(p.read_text())["pid"] for p in (tmp_path / "sweep").glob("runs/*/status.json")
+                  if json.loads(p.read_text())["status"] == "running")
     driver.send_signal(getattr(signal, signal_name))
     driver.wait(timeout=60)
+    for _ in range(100):
+        if not process_gone(worker):
+            time.sleep(0.1)
+    assert process_gone(worker), f"the worker {worker} trains on without its driver"
     again = cli("sweep", str(grid), "--out", str(tmp_path / "sweep"))
     assert again.returncode == 0, again.stderr[-2000:]
     assert "in use by another process" not in again.stderr
