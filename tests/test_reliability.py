@@ -1032,10 +1032,14 @@ def test_a_sweep_killed_mid_run_resumes_at_once_without_a_held_lock(tmp_path, ca
                   if json.loads(p.read_text())["status"] == "running")
     driver.send_signal(getattr(signal, signal_name))
     driver.wait(timeout=60)
-    for _ in range(100):
+    try:
+        for _ in range(100):
+            if not process_gone(worker):
+                time.sleep(0.1)
+        assert process_gone(worker), f"the worker {worker} trains on without its driver"
+    finally:
         if not process_gone(worker):
-            time.sleep(0.1)
-    assert process_gone(worker), f"the worker {worker} trains on without its driver"
+            os.kill(worker, signal.SIGKILL)
     again = cli("sweep", str(grid), "--out", str(tmp_path / "sweep"))
     assert again.returncode == 0, again.stderr[-2000:]
     assert "in use by another process" not in again.stderr
