@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 from conftest import tiny_run
 from distillab.checkpoint import list_checkpoints
 from distillab.config import config_from_dict, load_config
-from distillab.errors import CheckpointError, ConfigError, DataError, DistillabError
+from distillab.errors import CheckpointError, ConfigError, DataError, DistillabError, StorageError
 from distillab.files import LockHeld, exclusive_lock
 from distillab.train import train
 from distillab.train.guard import NonFiniteError
@@ -502,7 +502,7 @@ def test_a_teacher_replaced_between_stop_and_resume_is_refused(tmp_path, cache_d
     shutil.copytree(tiny_teacher, teacher)  # restored: the run finishes, and records what it read
     result = train(config_from_dict(values), log=quiet)
     from distillab.checkpoint import read_meta
-    from distillab.evaluate.run import weights_sha256
+    from distillab.artefact import weights_sha256
 
     assert read_meta(result.final_dir)["inputs"]["teacher_weights_sha256"] == weights_sha256(tiny_teacher)
     another_teacher(tiny_teacher, teacher)  # and a finished run is held to it too
@@ -556,7 +556,7 @@ def test_an_sft_config_yaml_records_the_model_it_fine_tunes(tmp_path, cache_dir,
 @pytest.fixture(scope="module")
 def small_cache(tiny_teacher, tmp_path_factory):
     """A float32 top-8 capture of the windows a tiny student reads (the session's data cache)."""
-    from distillab.cache.capture import capture_teacher_cache
+    from distillab.capture import capture_teacher_cache
 
     folder = tmp_path_factory.mktemp("reliability-caches")
     cache_dir = Path(os.environ["DISTILLAB_CACHE"])
@@ -578,7 +578,7 @@ def test_an_edited_cache_manifest_is_refused(tmp_path, cache_dir, tiny_teacher, 
 
 
 def test_a_teacher_cache_replaced_between_stop_and_resume_is_refused(tmp_path, cache_dir, tiny_teacher, small_cache):
-    from distillab.cache.capture import capture_teacher_cache
+    from distillab.capture import capture_teacher_cache
 
     cache = tmp_path / "cache"
     shutil.copytree(small_cache, cache)
@@ -593,7 +593,7 @@ def test_a_teacher_cache_replaced_between_stop_and_resume_is_refused(tmp_path, c
 
 
 def test_captures_with_another_k_into_one_out_do_not_replace_each_other(tmp_path, cache_dir, tiny_teacher):
-    from distillab.cache.capture import capture_teacher_cache
+    from distillab.capture import capture_teacher_cache
     from distillab.cache.store import TeacherCache
 
     config = config_from_dict(tiny_run(tmp_path, cache_dir, "capture"))
@@ -659,7 +659,7 @@ def temporary_leftovers(folder: Path) -> list[Path]:
 
 
 def test_a_full_disk_during_a_capture_is_one_line_and_leaves_nothing(tmp_path, cache_dir, tiny_teacher):
-    from distillab.cache.capture import capture_teacher_cache
+    from distillab.capture import capture_teacher_cache
 
     config = config_from_dict(tiny_run(tmp_path, cache_dir, "capture"))
     with mounted(tmp_path / "disk", size="64k") as disk:  # the capture takes ~530 kB
@@ -676,7 +676,7 @@ def test_a_full_disk_while_writing_a_checkpoint_is_one_line_and_keeps_nothing_pa
     with mounted(tmp_path / "disk", size="1536k") as disk:
         values = tiny_run(tmp_path, cache_dir, "run", train={"checkpoint_every": 2, "tensorboard": False})
         values["run_dir"] = str(disk / "run")
-        with pytest.raises(CheckpointError) as caught:
+        with pytest.raises(StorageError) as caught:
             train(config_from_dict(values), log=quiet)
         message = str(caught.value)
         assert "no space left on device while writing a checkpoint" in message and "\n" not in message
@@ -700,7 +700,7 @@ def test_a_read_only_out_or_data_cache_is_one_line(tmp_path, cache_dir, tiny_tea
     """A read-only mount (EROFS, which root meets too), for `teacher cache --out` and data.cache_dir;
     the advice names the right setting (not DISTILLAB_CACHE for --out). (A DistillabError is the
     CLI's one line, exit 2.)"""
-    from distillab.cache.capture import capture_teacher_cache
+    from distillab.capture import capture_teacher_cache
 
     (tmp_path / "src").mkdir()
     with mounted(tmp_path / "ro", read_only_copy_of=tmp_path / "src") as read_only:
@@ -773,11 +773,14 @@ def test_a_yaml_bomb_is_refused_before_it_expands(tmp_path):
 
 
 def test_demo_workers_below_one_are_one_line(tmp_path):
-    from distillab.demo import run_demo
+    from distillab.study.demo import run_demo
+    from distillab.study.scaling import run_scaling
 
     for workers in (0, -1):
         with pytest.raises(DistillabError, match=rf"--workers: must be >= 1, got {workers}"):
             run_demo("quick", tmp_path / "demo", workers=workers, log=quiet)
+        with pytest.raises(DistillabError, match=rf"--workers: must be >= 1, got {workers}"):
+            run_scaling(tmp_path / "demo", workers=workers, quick=True, log=quiet)
     assert not (tmp_path / "demo").exists()
 
 
@@ -823,26 +826,26 @@ time.sleep(120)
 
 @pytest.mark.parametrize("signal_name", ["SIGKILL", pytest.param("SIGTERM", marks=pytest.mark.slow)])
 def test_sweep_workers_die_with_their_driver(tmp_path, signal_name):
+    driver = subprocess.Popen([sys.executable, "-c", DRIVER, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    stop_driver_and_check_worker_gone(driver, signal_name, int(driver.stdout.readline()))
+
+
+def stop_driver_and_check_worker_gone(driver: subprocess.Popen, signal_name: str, worker: int) -> None:
+    """Send the driver `signal_name`: its worker must be gone within 10 s (killed here if not)."""
     import signal
 
-    driver = subprocess.Popen([sys.executable, "-c", DRIVER, str(tmp_path)], stdout=subprocess.PIPE, text=True)
-    worker = int(driver.stdout.readline())
-    try:
-        driver.send_signal(getattr(signal, signal_name))
-        driver.wait(timeout=30)
-        for _ in range(200):
-            if not process_gone(worker):
-                time.sleep(0.05)
-        assert process_gone(worker), f"worker {worker} outlived its driver"
-    finally:
-        if not process_gone(worker):
-            os.kill(worker, signal.SIGKILL)
-
-
-def process_gone(pid: int) -> bool:
     from distillab.files import process_alive
 
-    return not process_alive(pid)
+    try:
+        driver.send_signal(getattr(signal, signal_name))
+        driver.wait(timeout=60)
+        deadline = time.monotonic() + 10
+        while process_alive(worker) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not process_alive(worker), f"the worker {worker} outlived its driver"
+    finally:
+        if process_alive(worker):
+            os.kill(worker, signal.SIGKILL)
 
 
 def test_a_lock_whose_holder_exited_is_named_so_and_a_dead_ones_is_taken(tmp_path, monkeypatch):
@@ -1003,7 +1006,7 @@ def test_a_failed_sweep_ends_with_its_cause_and_records_blocked_students(tmp_pat
     """A teacher that fails (lr 1e6 diverges at once): the sweep's last stderr line says what failed
     (not a warning printed on the way out), and its student is blocked in status.json, as the
     driver said, and in the results table (it said "pending")."""
-    from distillab.results import collect_rows
+    from distillab.study.results import collect_rows
 
     result = cli("sweep", str(tiny_grid(tmp_path, cache_dir, 1024, lr=1e6)), "--out", str(tmp_path / "sweep"))
     assert result.returncode == 1, result.stderr[-2000:]
@@ -1020,8 +1023,6 @@ def test_a_failed_sweep_ends_with_its_cause_and_records_blocked_students(tmp_pat
 def test_a_sweep_killed_mid_run_resumes_at_once_without_a_held_lock(tmp_path, cache_dir, signal_name):
     """kill -9 (or SIGTERM) of the driver while its worker trains the teacher; the sweep run again at
     once finishes: the orphaned worker did not keep training and holding the teacher's lock."""
-    import signal
-
     grid = tiny_grid(tmp_path, cache_dir, 1000 * 128)
     command = [sys.executable, "-m", "distillab.cli", "sweep", str(grid), "--out", str(tmp_path / "sweep")]
     driver = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -1030,16 +1031,7 @@ def test_a_sweep_killed_mid_run_resumes_at_once_without_a_held_lock(tmp_path, ca
         time.sleep(0.2)
     worker = next(json.loads(p.read_text())["pid"] for p in (tmp_path / "sweep").glob("runs/*/status.json")
                   if json.loads(p.read_text())["status"] == "running")
-    driver.send_signal(getattr(signal, signal_name))
-    driver.wait(timeout=60)
-    try:
-        for _ in range(100):
-            if not process_gone(worker):
-                time.sleep(0.1)
-        assert process_gone(worker), f"the worker {worker} trains on without its driver"
-    finally:
-        if not process_gone(worker):
-            os.kill(worker, signal.SIGKILL)
+    stop_driver_and_check_worker_gone(driver, signal_name, worker)
     again = cli("sweep", str(grid), "--out", str(tmp_path / "sweep"))
     assert again.returncode == 0, again.stderr[-2000:]
     assert "in use by another process" not in again.stderr

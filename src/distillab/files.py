@@ -1,16 +1,17 @@
 """File utilities shared by data preparation, checkpoints, sweeps, evaluation and reports.
 
 Every write that another process (or a later run) may read is atomic: content goes to a
-temporary file or directory beside its final place and is renamed into place, so a reader
-sees the old version or the new one, never half of one. Files get the permissions the umask
-gives (never mkstemp's 0600).
+temporary file beside its final place and is renamed into place, so a reader sees the old
+version or the new one, never half of one (whole directories: `distillab.artefact`). Files get
+the permissions the umask gives (never mkstemp's 0600). A write that its place refuses (a full
+disk, a read-only filesystem, no permission) ends in one line naming the place and what to do
+(`storage_errors`), never in an OSError traceback.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import hashlib
 import json
 import os
@@ -20,7 +21,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from distillab.errors import DistillabError
+from filelock import FileLock, Timeout
+
+from distillab.errors import DistillabError, StorageError
 
 
 def default_cache_dir() -> Path:
@@ -42,40 +45,10 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def remembered_sha256(path: Path) -> str:
-    """sha256 of a large file that is not expected to change (a model's weights), computed once:
-    remembered under the cache directory by the file's path, size, modification time and inode,
-    so a file rewritten or replaced is hashed again."""
-    path = Path(path)
-    stat = path.stat()
-    key = stable_hash([str(path.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ino, stat.st_dev])
-    memo = default_cache_dir() / "sha256" / key
-    with contextlib.suppress(OSError):
-        value = memo.read_text().strip()
-        if len(value) == 64:
-            return value
-    digest = sha256_file(path)
-    with contextlib.suppress(OSError):  # only a shortcut: a read-only cache just hashes again next time
-        memo.parent.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(memo, digest)
-    return digest
-
-
 def umask() -> int:
     current = os.umask(0)
     os.umask(current)
     return current
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:
@@ -103,41 +76,7 @@ def write_json_atomic(path: Path, obj: object) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
 
 
-def make_temp_dir(parent: Path, prefix: str) -> Path:
-    """A temporary directory beside its final place, with normal (umask) permissions."""
-    path = Path(tempfile.mkdtemp(dir=parent, prefix=prefix))
-    os.chmod(path, 0o777 & ~umask())
-    return path
-
-
-def replace_dir(tmp: Path, final: Path) -> None:
-    """Move a finished temporary directory into place, replacing any previous `final`."""
-    if final.exists():
-        trash = final.with_name(f".trash-{final.name}-{os.getpid()}")
-        os.rename(final, trash)
-        os.rename(tmp, final)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.rename(tmp, final)
-    _fsync_dir(final.parent)
-
-
-def fix_permissions(folder: Path) -> None:
-    """Give every file under `folder` the umask's permissions (some writers use 0600)."""
-    mode = 0o666 & ~umask()
-    for path in Path(folder).rglob("*"):
-        if path.is_file():
-            os.chmod(path, mode)
-
-
-def remove_stale_temp_dirs(parent: Path, prefixes: tuple[str, ...] = (".tmp-", ".trash-")) -> None:
-    """Leftovers of writes interrupted by a crash (never in use: callers hold the lock)."""
-    if not Path(parent).is_dir():
-        return
-    for child in Path(parent).iterdir():
-        if child.name.startswith(prefixes):
-            shutil.rmtree(child, ignore_errors=True)
-
+# ----------------------------------------------------------------------------- places that refuse a write
 
 # Errors of a place that cannot take a write: permissions, a read-only filesystem, a full disk.
 UNWRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS)
@@ -146,6 +85,7 @@ NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 # than this is left on the filesystem.
 NEARLY_FULL_BYTES = 64 << 20
 HIDDEN_WRITE_ERRORS = ("unexpected pos", "PytorchStreamWriter", "I/O error")
+CACHE_ADVICE = "set data.cache_dir (or DISTILLAB_CACHE) to a directory you can write"
 
 
 def out_of_space(exc: BaseException, path: Path) -> bool:
@@ -166,21 +106,24 @@ def out_of_space(exc: BaseException, path: Path) -> bool:
         return False
 
 
-def storage_error(exc: BaseException, path: Path, what: str, advice: str) -> DistillabError | None:
-    """A one-line error for a write under `path` (`what` is being written) that failed because the
-    place is full or read-only; None for any other failure."""
+def storage_error(exc: BaseException, path: Path, what: str, advice: str) -> StorageError | None:
+    """The one-line error for a write under `path` (of `what`, when named) that failed because the
+    place is full, read-only or not ours; None for any other failure (and for one already named)."""
+    if isinstance(exc, StorageError):
+        return None
     if out_of_space(exc, path):
-        return DistillabError(f"{path}: no space left on device while writing {what}; nothing partial was kept: free "
-                              f"space, or {advice}")
+        writing = f" while writing {what}" if what else ""
+        return StorageError(f"{path}: no space left on device{writing}; nothing partial was kept: free space, or "
+                            f"{advice}")
     if isinstance(exc, OSError) and exc.errno in UNWRITABLE:
         cause = "read-only filesystem" if exc.errno == errno.EROFS else "permission denied"
-        return DistillabError(f"{path}: not writable ({cause}) for {what}; {advice}")
+        return StorageError(f"{path}: not writable ({cause}){f' for {what}' if what else ''}; {advice}")
     return None
 
 
 @contextlib.contextmanager
 def storage_errors(path: Path, what: str, advice: str):
-    """Inside, a full disk or a read-only place under `path` ends in one line (`storage_error`)."""
+    """Inside, a full disk or an unwritable place under `path` ends in one line (`storage_error`)."""
     try:
         yield
     except Exception as exc:
@@ -190,27 +133,22 @@ def storage_errors(path: Path, what: str, advice: str):
         raise error from None
 
 
-CACHE_ADVICE = "set data.cache_dir (or DISTILLAB_CACHE) to a directory you can write"
+# ----------------------------------------------------------------------------- locks
 
 
 @contextlib.contextmanager
 def file_lock(path: Path, advice: str = CACHE_ADVICE):
-    """An exclusive advisory lock that waits its turn (concurrent preparation of one cache entry).
-    `advice`: what to do when its directory cannot be written."""
-    try:
+    """An exclusive lock that waits its turn (concurrent preparation of one cache entry). A place
+    that cannot take the lock file ends in one line ending in `advice`."""
+    path = Path(path)
+    lock = FileLock(str(path))
+    with storage_errors(path.parent, "", advice):
         path.parent.mkdir(parents=True, exist_ok=True)
-        handle = open(path, "a")
-    except OSError as exc:
-        if exc.errno not in UNWRITABLE:
-            raise
-        cause = "read-only filesystem" if exc.errno == errno.EROFS else "permission denied"
-        raise DistillabError(f"{path.parent}: not writable ({cause}); {advice}") from None
-    with handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 class LockHeld(DistillabError):
@@ -220,6 +158,61 @@ class LockHeld(DistillabError):
 # How long a lock whose recorded holder has exited may take to be released (the kernel releases
 # it as the holder's files close; a killed worker may still be closing them).
 RELEASE_GRACE_S = 5.0
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: Path, what: str):
+    """An exclusive lock that is refused at once when held: one writer per run directory or sweep.
+
+    The holder writes its pid into the lock file once it holds it, so a refusal names it (and says
+    when that process has exited, leaving a process it started holding the lock). The lock is the
+    kernel's (filelock's native lock), so a killed holder releases it: a stale lock file never
+    blocks anyone, and a lock whose recorded holder has just been killed is taken once the kernel
+    releases it (within `RELEASE_GRACE_S`).
+    """
+    path = Path(path)
+    lock = FileLock(str(path), blocking=False, on_acquired=record_pid)
+    with storage_errors(path.parent, "", "choose another directory"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        holder = acquire_unless_held(lock, path)
+    if holder is not None:
+        gone = holder.isdigit() and not process_alive(int(holder))
+        note = ", which has exited; a process it started still holds the lock" if gone else ""
+        raise LockHeld(f"{what} is in use by another process (pid {holder}{note}); wait for it to finish or stop "
+                       "it first")
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def acquire_unless_held(lock: FileLock, path: Path) -> str | None:
+    """Take the non-blocking `lock` at once, or, when the pid its file records has exited, as soon
+    as the kernel releases it (within `RELEASE_GRACE_S`). None when taken, else the recorded holder."""
+    deadline = time.monotonic() + RELEASE_GRACE_S
+    while True:
+        try:
+            lock.acquire()
+            return None
+        except Timeout:
+            holder = lock_holder(path)
+            if not holder.isdigit() or process_alive(int(holder)) or time.monotonic() > deadline:
+                return holder
+            time.sleep(0.05)
+
+
+def record_pid(fd: int) -> None:
+    """Into a just-acquired lock file: this process's pid (what a refused process reports)."""
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, str(os.getpid()).encode(), 0)
+
+
+def lock_holder(path: Path) -> str:
+    """The pid recorded in a held lock file ("unknown" if it was released meanwhile)."""
+    try:
+        return Path(path).read_text().strip() or "unknown"
+    except OSError:
+        return "unknown"
 
 
 def process_alive(pid: int) -> bool:
@@ -234,62 +227,6 @@ def process_alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
     except (OSError, IndexError):
         return True
-
-
-def try_flock(handle) -> bool:
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return True
-    except OSError as exc:
-        if exc.errno not in (errno.EAGAIN, errno.EACCES):
-            raise
-        return False
-
-
-def claim_or_wait_for_dead_holder(handle) -> str | None:
-    """Take the lock at once, or (when the pid it names has exited) as soon as the kernel releases it;
-    None when taken, else the holder's pid as recorded."""
-    deadline = time.monotonic() + RELEASE_GRACE_S
-    while not try_flock(handle):
-        handle.seek(0)
-        holder = handle.read().strip() or "unknown"
-        if not holder.isdigit() or process_alive(int(holder)) or time.monotonic() > deadline:
-            return holder
-        time.sleep(0.05)
-    return None
-
-
-@contextlib.contextmanager
-def exclusive_lock(path: Path, what: str):
-    """An exclusive lock that is refused at once when held: one writer per run directory or sweep.
-
-    The holder's pid is written into the lock file, so the refusal names it. The lock is the
-    kernel's (flock), so a killed holder releases it: a stale lock file never blocks anyone, and
-    a lock whose holder has just been killed is taken once the kernel releases it (within
-    `RELEASE_GRACE_S`).
-    """
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle = open(path, "a+")
-    except OSError as exc:
-        if exc.errno not in UNWRITABLE:
-            raise
-        raise DistillabError(f"{path.parent}: not writable; choose another directory") from None
-    with handle:
-        holder = claim_or_wait_for_dead_holder(handle)
-        if holder is not None:
-            gone = holder.isdigit() and not process_alive(int(holder))
-            note = ", which has exited; a process it started still holds the lock" if gone else ""
-            raise LockHeld(f"{what} is in use by another process (pid {holder}{note}); wait for it to finish or stop "
-                           "it first")
-        handle.seek(0)
-        handle.truncate()
-        handle.write(str(os.getpid()))
-        handle.flush()
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def check_writable(folder: Path, key: str) -> None:

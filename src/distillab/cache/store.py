@@ -20,23 +20,20 @@ values are used.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import json
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from distillab.artefact import MANIFEST, AtomicDirectory, entry_lock, file_problem, read_json_manifest, weights_sha256
 from distillab.cache.coding import TopKRows, make_coding
 from distillab.errors import DataError
-from distillab.files import (file_lock, make_temp_dir, remove_stale_temp_dirs, replace_dir, sha256_file, stable_hash,
-                             write_bytes_atomic, write_json_atomic)
+from distillab.files import CACHE_ADVICE, sha256_file, stable_hash, write_bytes_atomic, write_json_atomic
 
 FORMAT = "distillab-teacher-cache/1"
-MANIFEST = "manifest.json"
 INDEX = "index.npy"
 SHARD_BYTES = 64 << 20
 # The manifest's field holding the sha256 of its other fields (canonical JSON).
@@ -58,13 +55,14 @@ def shard_name(number: int) -> str:
 
 class CacheWriter:
     """Appends coded windows (in ascending window id) to shards in a temporary directory;
-    `finish` writes the index and the manifest and renames the directory into place."""
+    `finish` writes the index and the manifest and renames the directory into place. Used as a
+    context manager: a block that raises leaves nothing behind (a full disk or a read-only place
+    in one line ending in `advice`: `AtomicDirectory`)."""
 
-    def __init__(self, out: Path, shard_bytes: int = SHARD_BYTES):
+    def __init__(self, out: Path, shard_bytes: int = SHARD_BYTES, advice: str = CACHE_ADVICE):
         self.out, self.shard_bytes = Path(out), shard_bytes
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        remove_stale_temp_dirs(self.out.parent, (f".tmp-{self.out.name}-", f".trash-{self.out.name}-"))
-        self.tmp = make_temp_dir(self.out.parent, f".tmp-{self.out.name}-")
+        self.directory = AtomicDirectory(self.out, "the teacher cache", advice)
+        self.tmp = self.directory.path
         self.rows: list[tuple[int, int, int, int]] = []
         self.shards: list[dict] = []
         self.handle = None
@@ -92,37 +90,38 @@ class CacheWriter:
 
     def finish(self, manifest: dict) -> Path:
         """Write index and manifest (with file sizes and checksums), then move the cache into place."""
-        try:
-            self.close_shard()
-            buffer = io.BytesIO()
-            np.save(buffer, np.asarray(self.rows, dtype=np.int64).reshape(-1, 4))
-            write_bytes_atomic(self.tmp / INDEX, buffer.getvalue())
-            stored = sum(s["bytes"] for s in self.shards)
-            tokens = len(self.rows) * manifest["seq_len"]
-            write_json_atomic(self.tmp / MANIFEST, seal({
-                "format": FORMAT, **manifest, "windows": {**manifest.get("windows", {}), "captured": len(self.rows)},
-                "tokens": tokens, "bytes": stored, "bytes_per_token": stored / max(tokens, 1),
-                "index": {"file": INDEX, "sha256": sha256_file(self.tmp / INDEX)}, "shards": self.shards,
-                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}))
-            replace_dir(self.tmp, self.out)
-        except BaseException:
-            self.abort()
-            raise
-        return self.out
+        self.close_shard()
+        buffer = io.BytesIO()
+        np.save(buffer, np.asarray(self.rows, dtype=np.int64).reshape(-1, 4))
+        write_bytes_atomic(self.tmp / INDEX, buffer.getvalue())
+        stored = sum(s["bytes"] for s in self.shards)
+        tokens = len(self.rows) * manifest["seq_len"]
+        write_json_atomic(self.tmp / MANIFEST, seal({
+            "format": FORMAT, **manifest, "windows": {**manifest.get("windows", {}), "captured": len(self.rows)},
+            "tokens": tokens, "bytes": stored, "bytes_per_token": stored / max(tokens, 1),
+            "index": {"file": INDEX, "sha256": sha256_file(self.tmp / INDEX)}, "shards": self.shards,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}))
+        return self.directory.commit()
 
-    def abort(self) -> None:
-        """Remove the temporary directory (closing a shard whose buffered bytes a full disk refuses)."""
+    def __enter__(self) -> "CacheWriter":
+        return self
+
+    def __exit__(self, kind, value, traceback) -> bool:
+        """On an error: the open shard closed (a full disk may refuse its buffered bytes) and the
+        temporary directory removed."""
+        if kind is None:
+            return False
         if self.handle is not None:
             with contextlib.suppress(OSError):
                 self.handle.close()
             self.handle = None
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        return self.directory.__exit__(kind, value, traceback)
 
 
-def writer_lock(out: Path):
-    """The lock one capture into `out` holds (a second capture of the same cache waits its turn)."""
-    out = Path(out)
-    return file_lock(out.parent / f".{out.name}.lock", advice="choose another --out")
+def writer_lock(out: Path, advice: str = CACHE_ADVICE):
+    """The lock one capture into `out` holds (a second capture of the same cache waits its turn;
+    `advice`: what to do when its directory cannot be written)."""
+    return entry_lock(out, advice)
 
 
 # ----------------------------------------------------------------------------- reading
@@ -134,10 +133,9 @@ def read_manifest(path: Path, key: str) -> dict:
     if not manifest_path.exists():
         raise DataError(f"{key}: {path} holds no teacher cache ({MANIFEST} missing); capture one with "
                         "`distillab teacher cache`")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except json.JSONDecodeError:
-        raise DataError(f"{key}: {manifest_path} is not valid JSON; the cache is corrupt: capture it again") from None
+    manifest = read_json_manifest(manifest_path)
+    if manifest is None:
+        raise DataError(f"{key}: {manifest_path} is not valid JSON; the cache is corrupt: capture it again")
     if manifest.get("format") != FORMAT:
         raise DataError(f"{key}: {manifest_path} is not a {FORMAT} manifest (format {manifest.get('format')!r})")
     if SEAL in manifest and seal(manifest)[SEAL] != manifest[SEAL]:
@@ -162,16 +160,15 @@ class TeacherCache:
         path = Path(path)
         manifest = read_manifest(path, key)
         index_path = path / manifest["index"]["file"]
-        if not index_path.exists() or sha256_file(index_path) != manifest["index"]["sha256"]:
-            raise DataError(f"{key}: {index_path} is missing or its sha256 differs from the manifest; the cache is "
-                            "corrupt: capture it again")
-        for shard in manifest["shards"]:
+        problem = file_problem(index_path, manifest["index"]["sha256"])
+        for shard in manifest["shards"]:  # sizes now, each shard's sha256 when it is first read
             shard_path = path / shard["file"]
-            if not shard_path.exists() or shard_path.stat().st_size != shard["bytes"]:
-                raise DataError(f"{key}: {shard_path} is missing or has the wrong size; the cache is corrupt: capture "
-                                "it again")
+            if problem is None and (not shard_path.is_file() or shard_path.stat().st_size != shard["bytes"]):
+                problem = f"{shard_path}: missing or not the manifest's {shard['bytes']} bytes"
+        if problem is not None:
+            raise DataError(f"{key}: {problem}; the cache is corrupt: capture it again")
         index = np.load(index_path).reshape(-1, 4)
-        return cls(path, manifest, index, key, hashlib.sha256((path / MANIFEST).read_bytes()).hexdigest())
+        return cls(path, manifest, index, key, sha256_file(path / MANIFEST))
 
     def __post_init__(self):
         self.coding = make_coding(self.manifest["coding"], self.vocab_size, self.top_k)
@@ -205,10 +202,9 @@ class TeacherCache:
         if number not in self.verified:
             entry = self.manifest["shards"][number]
             shard_path = self.path / entry["file"]
-            actual = sha256_file(shard_path)
-            if actual != entry["sha256"]:
-                raise DataError(f"{self.key}: {shard_path}: checksum mismatch (sha256 {actual[:12]}…, manifest says "
-                                f"{entry['sha256'][:12]}…); the cache is corrupt or was modified: capture it again")
+            problem = file_problem(shard_path, entry["sha256"])
+            if problem is not None:
+                raise DataError(f"{self.key}: {problem}; the cache is corrupt or was modified: capture it again")
             self.verified.add(number)
             self.handles[number] = open(shard_path, "rb")
         return self.handles[number]
@@ -243,8 +239,6 @@ class TeacherCache:
 
 def teacher_identity(teacher_dir: Path) -> dict:
     """What names a teacher: the sha256 of its weights (wherever its directory lives)."""
-    from distillab.evaluate.run import weights_sha256
-
     return {"path": str(Path(teacher_dir).resolve()), "weights_sha256": weights_sha256(Path(teacher_dir))}
 
 

@@ -1,9 +1,4 @@
-"""A run directory and what binds a run to it.
-
-    runs/NAME/config.yaml     the resolved config (written once the run's checks have passed)
-    runs/NAME/.lock           held by the one process that trains the run (its pid inside)
-    runs/NAME/checkpoints/    resumable checkpoints (see distillab.checkpoint)
-    runs/NAME/final/          the trained model; summary.json says it is done
+"""A run directory (its files: `distillab.layout.RunLayout`) and what binds a run to it.
 
 Resuming binds a run to its inputs: the newest verified checkpoint records the results
 config, the tokenizer fingerprint, the training data's content hash and the content of what
@@ -22,23 +17,24 @@ from pathlib import Path
 
 import yaml
 
+from distillab.artefact import MANIFEST, weights_sha256
 from distillab.config import (OPERATIONAL_KEYS, RunConfig, first_difference, flatten, load_yaml, results_view,
                               to_dict)
 from distillab.errors import ConfigError, DataError
 from distillab.files import check_writable, exclusive_lock, write_json_atomic, write_text_atomic
+from distillab.layout import STEP, RunLayout
 
 
 class RunDirectory:
     def __init__(self, config: RunConfig):
         self.config = config
         self.path = config.resolved_run_dir
-        self.checkpoints = self.path / "checkpoints"
-        self.final = self.path / "final"
-        self.summary_path = self.path / "summary.json"
+        self.files = RunLayout(self.path)
+        self.checkpoints, self.final, self.summary_path = self.files.checkpoints, self.files.final, self.files.summary
 
     def completed_summary(self) -> dict | None:
         """The summary of a finished run (final model written, summary says done), else None."""
-        if not ((self.final / "manifest.json").exists() and self.summary_path.exists()):
+        if not ((self.final / MANIFEST).exists() and self.summary_path.exists()):
             return None
         try:
             summary = json.loads(self.summary_path.read_text())
@@ -48,12 +44,12 @@ class RunDirectory:
 
     def has_progress(self) -> bool:
         """Whether the directory holds anything to resume (a checkpoint or a final model)."""
-        return any(self.checkpoints.glob("step_*")) or self.final.exists()
+        return any(STEP.match(p.name) for p in self.checkpoints.glob("*")) or self.final.exists()
 
     def check_before_writing(self) -> None:
         """Read-only checks: writable, and (when there is progress) the same recorded config."""
         check_writable(self.path, "run_dir")
-        recorded = self.path / "config.yaml"
+        recorded = self.files.config
         if recorded.exists() and self.has_progress():
             try:
                 existing = flatten(load_yaml(recorded.read_text()) or {})
@@ -68,7 +64,7 @@ class RunDirectory:
             yield
             return
         self.path.mkdir(parents=True, exist_ok=True)
-        with exclusive_lock(self.path / ".lock", f"run directory {self.path}"):
+        with exclusive_lock(self.files.lock, f"run directory {self.path}"):
             yield
 
     def record_config(self, is_main: bool, model_name: str) -> None:
@@ -82,7 +78,7 @@ class RunDirectory:
         if self.config.sft.init_from:
             del values["model"]
             header = f"# model: {model_name}, taken from sft.init_from (an SFT config leaves model.* unset)\n"
-        write_text_atomic(self.path / "config.yaml", header + yaml.safe_dump(values, sort_keys=False))
+        write_text_atomic(self.files.config, header + yaml.safe_dump(values, sort_keys=False))
 
     def write_summary(self, summary: dict) -> None:
         write_json_atomic(self.summary_path, summary)
@@ -127,7 +123,6 @@ def bound_inputs(config: RunConfig, data, distills: bool, cache_manifest_sha256:
     Weights are named by the sha256 of their files (`weights_sha256`: a distillab checkpoint's
     manifest, whose files were verified when the run loaded it; other directories hashed once,
     remembered by file size and time); the chat template by the one prepared chat data records."""
-    from distillab.evaluate.run import weights_sha256
     from distillab.models import model_directory
 
     inputs = {}

@@ -25,7 +25,7 @@ from distillab.data.loader import ShuffledWindows
 from distillab.data.packing import training_stream
 from distillab.data.shards import prepare_data
 from distillab.errors import ConfigError, DataError
-from distillab.files import default_cache_dir, stable_hash, storage_errors
+from distillab.files import CACHE_ADVICE, default_cache_dir, stable_hash
 from distillab.models import load_causal_lm, model_directory
 from distillab.progress import progress_bar
 from distillab.runtime import resolve_device, setup_runtime
@@ -178,43 +178,39 @@ def ensure_capture(teacher_dir: Path, data, config: RunConfig, top_k: int, out: 
                 "vocab_size": data.vocab_size, "data": data_identity(data), "seq_len": seq_len, "packing": packing,
                 "top_k": top_k, "coding": make_coding(coding, data.vocab_size, top_k).describe(),
                 "windows": {"of": stream.n_windows, "all": len(ids) == stream.n_windows}}
+    advice = "choose another --out" if out is not None else CACHE_ADVICE
     out = Path(out) if out is not None else default_cache_path(config, manifest, ids)
-    with storage_errors(out, "the teacher cache", "choose another --out"), writer_lock(out):
+    with writer_lock(out, advice):
         if reusable(out, existing_capture(out), manifest, ids):
             log(f"teacher cache: {out} already holds this capture; reusing it")
             return out
         teacher = load_teacher(teacher_dir, data, device, precision, seq_len)
         manifest["capture"] = {"precision": precision, "device": str(device), "distillab_version": __version__,
                                "torch": torch.__version__, "format": FORMAT}
-        write_capture(teacher, stream, ids, make_coding(coding, data.vocab_size, top_k), out, manifest, log)
+        write_capture(teacher, stream, ids, make_coding(coding, data.vocab_size, top_k), out, manifest, log, advice)
     return out
 
 
 def write_capture(teacher: OnlineTeacher, stream: ShuffledWindows, ids: np.ndarray, coding, out: Path, manifest: dict,
-                  log) -> None:
-    """Run the teacher over the windows `ids` (ascending), batch by batch, and write the cache."""
+                  log, advice: str = CACHE_ADVICE) -> None:
+    """Run the teacher over the windows `ids` (ascending), batch by batch, and write the cache
+    (`advice`: what to do when `out`'s directory is full or read-only)."""
     seq_len, k = stream.seq_len, manifest["top_k"]
     per_batch = max(1, BATCH_ELEMENTS // (seq_len * teacher.vocab_size))
     log(f"teacher cache: capturing top-{k} of {teacher.description} over {len(ids):,} of {stream.n_windows:,} windows "
         f"({len(ids) * seq_len:,} tokens, {manifest['coding']['name']} coding) into {out}")
-    writer = CacheWriter(out)
-    bar = progress_bar(total=len(ids), desc="teacher cache", unit="window")
-    try:
-        for start in range(0, len(ids), per_batch):
-            batch_ids = ids[start : start + per_batch]
-            logits = teacher.signal(stream.window(batch_ids).to(teacher.device))
-            rows = top_k_rows(logits.reshape(-1, logits.shape[-1]), k)
-            for i, window_id in enumerate(batch_ids):
-                part = slice(i * seq_len, (i + 1) * seq_len)
-                writer.add(int(window_id), coding.encode(TopKRows(rows.ids[part], rows.logprobs[part],
-                                                                  rows.log_tail[part])))
-            bar.update(len(batch_ids))
-    except BaseException:
-        writer.abort()
-        raise
-    finally:
-        bar.close()
-    manifest["capture"]["batch_windows"] = per_batch
-    writer.finish(manifest)
+    with CacheWriter(out, advice=advice) as writer:
+        with progress_bar(total=len(ids), desc="teacher cache", unit="window") as bar:
+            for start in range(0, len(ids), per_batch):
+                batch_ids = ids[start : start + per_batch]
+                logits = teacher.signal(stream.window(batch_ids).to(teacher.device))
+                rows = top_k_rows(logits.reshape(-1, logits.shape[-1]), k)
+                for i, window_id in enumerate(batch_ids):
+                    part = slice(i * seq_len, (i + 1) * seq_len)
+                    writer.add(int(window_id), coding.encode(TopKRows(rows.ids[part], rows.logprobs[part],
+                                                                      rows.log_tail[part])))
+                bar.update(len(batch_ids))
+        manifest["capture"]["batch_windows"] = per_batch
+        writer.finish(manifest)
     stored = sum(s["bytes"] for s in writer.shards)
     log(f"teacher cache: wrote {out}: {stored / 1e6:,.1f} MB, {stored / max(len(ids) * seq_len, 1):.1f} bytes/token")
