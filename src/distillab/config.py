@@ -89,6 +89,10 @@ class ModelConfig:
     norm_eps: float | None = None
     # output rows of the embedding / head; unset = the tokenizer's size (rows beyond it stay unused)
     vocab_size: int | None = None
+    # how weights are initialised and attention scaled: hf (transformers' N(0, 0.02) init, softmax
+    # scale 1/sqrt(head_dim)); maxtext (the paper authors' engine: fan-in init, the query projection's
+    # init divided by sqrt(head_dim), Qwen3 attention scaled by 1/head_dim); see distillab.models
+    parametrisation: Literal["hf", "maxtext"] = "hf"
 
 
 @dataclass
@@ -111,6 +115,9 @@ class TrainConfig:
     branch_from: str | None = None
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.1
+    # which parameters AdamW decays: matrices (2-D and up; norms not) or all (optax.adamw without a
+    # mask, as the paper's authors ran it)
+    weight_decay_params: Literal["matrices", "all"] = "matrices"
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8
@@ -190,6 +197,10 @@ class KDConfig:
     top_k: int | None = None
     top_p: float | None = None
     tail_bucket: bool = False
+    # the student's side of a truncated KD term (no tail bucket): full = its whole-vocabulary
+    # log-probabilities at the kept tokens (forward KL; other divergences are renormalised, else
+    # infinite); renormalised = the student renormalised over the teacher's kept tokens too
+    top_k_student: Literal["full", "renormalised"] = "full"
     label_smoothing: float = 0.0  # on the CE term
     # mix: (1 - alpha) CE + alpha KD; ce_fixed: CE + alpha KD; kd_fixed: (1 - alpha) CE + KD
     loss_scale: Literal["mix", "ce_fixed", "kd_fixed"] = "mix"
@@ -447,6 +458,11 @@ def validate_kd(kd: KDConfig) -> None:
             "set kd.top_k or kd.top_p, not both (which would apply first is ambiguous)")
     require(not kd.tail_bucket or kd.top_k is not None or kd.top_p is not None, "kd.tail_bucket",
             "needs a truncation (kd.top_k or kd.top_p) whose dropped mass forms the tail")
+    if kd.top_k_student != "full":
+        require(kd.top_k is not None or kd.top_p is not None, "kd.top_k_student",
+                "applies to a truncated teacher only; set kd.top_k (or kd.top_p), or leave it at full")
+        require(not kd.tail_bucket, "kd.top_k_student", "with kd.tail_bucket the student keeps a tail category; "
+                "leave kd.top_k_student at full")
     if kd.divergence == "hard":
         require(kd.temperature == 1.0 and kd.temperature_schedule.shape == "constant", "kd.temperature",
                 "must be 1 with kd.divergence=hard (the teacher's argmax has no temperature)")
@@ -454,6 +470,7 @@ def validate_kd(kd: KDConfig) -> None:
             require(getattr(kd, key) is None, f"kd.{key}", f"leave unset with kd.divergence=hard (ambiguous with "
                     "the argmax)")
         require(not kd.tail_bucket, "kd.tail_bucket", "leave unset with kd.divergence=hard")
+        require(kd.top_k_student == "full", "kd.top_k_student", "leave at full with kd.divergence=hard")
     require(0 < kd.beta < 1, "kd.beta", f"must be in (0, 1), got {kd.beta}")
     require(0 <= kd.skew < 1, "kd.skew", f"must be in [0, 1), got {kd.skew}")
     require(0 <= kd.label_smoothing < 1, "kd.label_smoothing", f"must be in [0, 1), got {kd.label_smoothing}")
@@ -584,6 +601,7 @@ LATER_KEYS = (
     "kd.temperature_schedule.shape", "kd.temperature_schedule.start", "kd.temperature_schedule.end",
     "kd.temperature_schedule.warmup_fraction", "kd.temperature_schedule.decay_fraction", "kd.cache",
     "sft.init_from", "sft.chat_template", "sft.steps", "sft.messages_field",
+    "model.parametrisation", "train.weight_decay_params", "kd.top_k_student",
 )
 
 

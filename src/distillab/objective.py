@@ -6,7 +6,9 @@ with (w_ce, w_kd) = (1 - a, a) for loss_scale "mix" (the paper's main runs), (1,
 "ce_fixed" and (1 - a, 1) for "kd_fixed"; CE_eps the cross-entropy with label smoothing eps;
 D_T a divergence between the teacher's and the student's distributions at temperature T
 (times T^2 unless scale_by_t2 is off; "hard" is the cross-entropy against the teacher's
-argmax, never scaled), over the teacher truncated to its top-k / top-p tokens when asked.
+argmax, never scaled), over the teacher truncated to its top-k / top-p tokens when asked (the
+student then either keeps its whole-vocabulary log-probabilities at the kept tokens, or is
+renormalised over them too: `top_k_student`).
 a and T may follow schedules over the run.
 
 Config, loss, training loop, sweep, report and verdicts all take a `KDObjective`. `key()` is
@@ -75,6 +77,7 @@ class KDObjective:
     top_k: int | None = None
     top_p: float | None = None
     tail_bucket: bool = False
+    top_k_student: str = "full"
     label_smoothing: float = 0.0
     loss_scale: str = "mix"
     alpha_schedule: Schedule = Schedule()
@@ -148,6 +151,8 @@ class KDObjective:
                 parts.append("no T²")
         if self.top_k is not None:
             parts.append(f"top-{self.top_k}" + (" + tail" if self.tail_bucket else ""))
+        if self.top_k_student == "renormalised":
+            parts.append("student renormalised")
         if self.top_p is not None:
             parts.append(f"top-p {self.top_p:g}" + (" + tail" if self.tail_bucket else ""))
         if self.label_smoothing:

@@ -200,7 +200,7 @@ class GradientSink:
 def make_spec(*, alpha: float, temperature: float = 1.0, divergence: str = "forward_kl", beta: float = 0.5,
               skew: float = 0.1, scale_by_t2: bool = True, label_smoothing: float = 0.0, top_k: int | None = None,
               top_p: float | None = None, tail_bucket: bool = False, loss_scale: str = "mix",
-              autograd_fallback: bool = False) -> LossSpec:
+              top_k_student: str = "full", autograd_fallback: bool = False) -> LossSpec:
     """A LossSpec from keyword arguments, each checked (ValueError naming the argument)."""
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
@@ -219,6 +219,11 @@ def make_spec(*, alpha: float, temperature: float = 1.0, divergence: str = "forw
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     if tail_bucket and top_k is None and top_p is None:
         raise ValueError("tail_bucket needs top_k or top_p")
+    if top_k_student not in ("full", "renormalised"):
+        raise ValueError(f"top_k_student must be full or renormalised, got {top_k_student!r}")
+    renormalise = top_k_student == "renormalised"
+    if renormalise and tail_bucket:
+        raise ValueError("top_k_student='renormalised' and tail_bucket together are ambiguous; give one")
     if not 0 <= label_smoothing < 1:
         raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
     weights = {"mix": (1.0 - alpha, alpha), "ce_fixed": (1.0, alpha), "kd_fixed": (1.0 - alpha, 1.0)}
@@ -227,7 +232,8 @@ def make_spec(*, alpha: float, temperature: float = 1.0, divergence: str = "forw
     ce_weight, kd_weight = weights[loss_scale]
     return LossSpec(ce_weight=ce_weight, kd_weight=kd_weight, temperature=temperature, divergence=divergence,
                     params=Params(beta=beta, skew=skew), scale_by_t2=scale_by_t2, top_k=top_k, top_p=top_p,
-                    tail_bucket=tail_bucket, label_smoothing=label_smoothing, autograd_fallback=autograd_fallback)
+                    tail_bucket=tail_bucket, renormalise_student=renormalise, label_smoothing=label_smoothing,
+                    autograd_fallback=autograd_fallback)
 
 
 def normalize_labels(labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
@@ -270,7 +276,7 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     student logits' memory for their gradient (the training loop does; they hold garbage after).
     Keywords (see `make_spec`): divergence = forward_kl | reverse_kl | jsd | skew_forward_kl |
     skew_reverse_kl | tvd | hard; beta (JSD), skew (lambda); scale_by_t2; label_smoothing; top_k,
-    top_p, tail_bucket; loss_scale = mix | ce_fixed | kd_fixed.
+    top_p, tail_bucket, top_k_student = full | renormalised; loss_scale = mix | ce_fixed | kd_fixed.
     """
     spec = make_spec(alpha=alpha, temperature=temperature, **objective)
     return run_fused(student_logits, teacher_logits, labels, spec, ignore_index, overwrite_logits)
@@ -295,7 +301,8 @@ def objective_loss(student, teacher, labels: torch.Tensor, objective, step: int,
     spec = make_spec(alpha=now.alpha, temperature=now.temperature, divergence=objective.divergence,
                      beta=objective.beta, skew=objective.skew, scale_by_t2=objective.scale_by_t2,
                      label_smoothing=objective.label_smoothing, top_k=objective.top_k, top_p=objective.top_p,
-                     tail_bucket=objective.tail_bucket, loss_scale=objective.loss_scale)
+                     tail_bucket=objective.tail_bucket, loss_scale=objective.loss_scale,
+                     top_k_student=objective.top_k_student)
     if teacher is None:
         spec = LossSpec(label_smoothing=objective.label_smoothing)
     return run_fused(student, teacher, labels, spec, overwrite_logits=overwrite_logits)
@@ -304,7 +311,7 @@ def objective_loss(student, teacher, labels: torch.Tensor, objective, step: int,
 def reference_distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None,
                                 labels: torch.Tensor, *, alpha: float, temperature: float = 1.0,
                                 ignore_index: int = -100, top_k: int | None = None, divergence: str = "forward_kl",
-                                beta: float = 0.5, skew: float = 0.1) -> LossOutput:
+                                beta: float = 0.5, skew: float = 0.1, top_k_student: str = "full") -> LossOutput:
     """The same objective (mix weights, T^2, renormalised top-k) with plain autograd over the whole
     tensors: slower and memory-hungry; for tests, the GPU check, and reading."""
     vocab = student_logits.shape[-1]
@@ -324,7 +331,8 @@ def reference_distillation_loss(student_logits: torch.Tensor, teacher_logits: to
             t = t.masked_fill(t < kth, float("-inf"))
         log_p = F.log_softmax(t / temperature, dim=-1)
         log_q = F.log_softmax(s / temperature, dim=-1)
-        if top_k is not None and divergence != "forward_kl":  # the student renormalised over the kept tokens
+        if top_k is not None and (divergence != "forward_kl" or top_k_student == "renormalised"):
+            # the student renormalised over the kept tokens
             log_q = F.log_softmax((s / temperature).masked_fill(torch.isinf(t), float("-inf")), dim=-1)
         value, _ = DIVERGENCES[divergence](log_p, log_q, Params(beta=beta, skew=skew))
         kd = temperature**2 * (value * valid).sum() / n

@@ -57,6 +57,9 @@ class LossSpec:
     top_k: int | None = None
     top_p: float | None = None
     tail_bucket: bool = False
+    # truncated, no tail: the student renormalised over the kept tokens for forward KL too
+    # (`kd.top_k_student: renormalised`); other divergences always are
+    renormalise_student: bool = False
     label_smoothing: float = 0.0
     autograd_fallback: bool = False  # use autograd even where a closed form exists (tests)
 
@@ -116,7 +119,7 @@ def kd_term(student: torch.Tensor, teacher, spec: LossSpec, ws: Workspace) -> KD
         return dense_divergence(student, teacher, spec, ws)
     rows = select(teacher, spec.top_k, spec.top_p) if isinstance(teacher, SparseRows) else \
         truncate_dense(teacher, spec.top_k, spec.top_p)
-    if spec.divergence == "forward_kl" and not spec.tail_bucket:
+    if spec.divergence == "forward_kl" and not spec.tail_bucket and not spec.renormalise_student:
         if spec.autograd_fallback:
             return sparse_divergence(student, rows, spec, ws, full_student=True)
         return sparse_forward_kl(student, rows, spec, ws)

@@ -1,0 +1,156 @@
+"""distillab's paper settings against the paper authors' own code (github.com/TaiMingLu/maxtext-distillation,
+a JAX MaxText fork), each recomputed here in float64 from the authors' definitions, with the file and
+function named in the test's docstring:
+
+    top-k         MaxText/max_utils.py: kl_divergence_between_logits (the student over the whole vocabulary)
+                  and kl_divergence_between_logits_efficient (the student renormalised over the same k),
+                  mixed as MaxText/train.py: kd_loss_fn does ((1 - a) CE + a T^2 mean KL over target tokens)
+    weight decay  MaxText/optimizers.py: get_optimizer (optax.adamw, no mask: every parameter decays)
+    init          MaxText/layers/{models,attentions,linears,initializers}.py
+    attention     MaxText/layers/attentions.py: Attention.__call__ / query_projection / AttentionOp.apply_attention,
+                  MaxText/layers/qwen3.py (query_pre_attn_scalar), MaxText/layers/embeddings.py (RoPE)
+"""
+
+import math
+
+import pytest
+import torch
+
+from distillab.losses import distillation_loss, sparse_distillation_loss
+from distillab.losses.teacher_rows import truncate_dense
+
+
+# ----------------------------------------------------------------------------- top-k, the authors' two KLs
+
+
+def authors_kl(student, teacher, temperature, top_k):
+    """MaxText/max_utils.py: kl_divergence_between_logits(student, teacher, T, top_k) in float64:
+    both sides log-softmaxed at T over the vocabulary; the teacher's probabilities masked to its top k
+    and renormalised; KL = sum p_renorm (log p_renorm - log q_full)."""
+    log_q = torch.log_softmax(student / temperature, dim=-1)
+    p_full = torch.softmax(teacher / temperature, dim=-1)
+    index = torch.topk(p_full, top_k, dim=-1).indices
+    mask = torch.zeros_like(p_full).scatter(-1, index, 1.0)
+    masked = p_full * mask
+    renorm = masked / masked.sum(-1, keepdim=True)
+    log_renorm = torch.log(torch.clamp(renorm, min=torch.finfo(renorm.dtype).tiny))
+    return (renorm * (log_renorm - log_q)).sum(-1)
+
+
+def authors_kl_efficient(student, teacher, temperature, top_k):
+    """MaxText/max_utils.py: kl_divergence_between_logits_efficient(student, teacher, T, top_k) in float64
+    (the renormalisation path, use_other_bucket=False): top k of the teacher's logits / T; log-softmax of
+    the teacher over those k logits and of the student over its logits at the same k ids."""
+    t, s = teacher / temperature, student / temperature
+    top_t, index = torch.topk(t, top_k, dim=-1)
+    log_p = torch.log_softmax(top_t, dim=-1)
+    log_q = torch.log_softmax(s.gather(-1, index), dim=-1)
+    return (log_p.exp() * (log_p - log_q)).sum(-1)
+
+
+def authors_loss(student, teacher, labels, alpha, temperature, kl):
+    """MaxText/train.py: kd_loss_fn: (1 - a) * CE + a * T^2 * (sum of KL over target tokens / their count)."""
+    valid = labels >= 0
+    log_q = torch.log_softmax(student, dim=-1)
+    ce = -(log_q.gather(-1, labels.clamp(min=0)[..., None])[..., 0] * valid).sum() / valid.sum()
+    kd = (kl * valid).sum() / valid.sum() * temperature**2
+    return (1 - alpha) * ce + alpha * kd
+
+
+def top_k_inputs(seed=0, rows=7, vocab=23):
+    g = torch.Generator().manual_seed(seed)
+    student = torch.randn(rows, vocab, generator=g, dtype=torch.float64) * 2
+    teacher = torch.randn(rows, vocab, generator=g, dtype=torch.float64) * 2
+    labels = torch.randint(0, vocab, (rows,), generator=g)
+    labels[2] = -100
+    return student, teacher, labels
+
+
+@pytest.mark.parametrize("definition, authors", [("full", authors_kl), ("renormalised", authors_kl_efficient)])
+@pytest.mark.parametrize("top_k, temperature, alpha", [(1, 1.0, 1.0), (3, 1.0, 0.5), (5, 2.0, 0.2), (10, 0.5, 1.0)])
+def test_both_top_k_definitions_equal_the_authors_functions(definition, authors, top_k, temperature, alpha):
+    """kd.top_k_student: full = MaxText/max_utils.py: kl_divergence_between_logits; renormalised =
+    kl_divergence_between_logits_efficient (which MaxText/EFFICIENT_TOPK_KD.md and
+    MaxText/HARD_LABELS_VS_TOPK.md say MaxText/train.py: kd_loss_fn switched to). Loss and gradient
+    against the float64 recomputation, dense and cached (top-K rows) teachers alike."""
+    student, teacher, labels = top_k_inputs()
+    reference = student.clone().requires_grad_(True)
+    expected = authors_loss(reference, teacher, labels.where(labels != -100, torch.tensor(-1)), alpha, temperature,
+                            authors(reference, teacher, temperature, top_k))
+    expected.backward()
+    mine = student.clone().requires_grad_(True)
+    out = distillation_loss(mine, teacher, labels, alpha=alpha, temperature=temperature, top_k=top_k,
+                            top_k_student=definition)
+    out.total.backward()
+    assert float(out.total.detach()) == pytest.approx(float(expected.detach()), abs=1e-10)
+    assert torch.allclose(mine.grad, reference.grad, atol=1e-10)
+    rows = truncate_dense(teacher, top_k, None)  # what a teacher cache holds
+    cached = student.clone().requires_grad_(True)
+    sparse = sparse_distillation_loss(cached, rows.indices, rows.logprobs, rows.log_tail, labels, alpha=alpha,
+                                      temperature=temperature, top_k_student=definition)
+    sparse.total.backward()
+    assert float(sparse.total.detach()) == pytest.approx(float(expected.detach()), abs=1e-10)
+    assert torch.allclose(cached.grad, reference.grad, atol=1e-10)
+
+
+def test_the_two_definitions_differ_by_the_students_log_mass_on_the_kept_tokens():
+    """full - renormalised = -log(sum of the student's probability over the teacher's top k), per token
+    (MaxText/max_utils.py: the two KL functions); at k = 1 the renormalised KL is identically 0."""
+    student, teacher, _ = top_k_inputs(seed=3)
+    for k in (1, 2, 6):
+        index = torch.topk(teacher, k, dim=-1).indices
+        mass = torch.softmax(student, dim=-1).gather(-1, index).sum(-1)
+        gap = authors_kl(student, teacher, 1.0, k) - authors_kl_efficient(student, teacher, 1.0, k)
+        assert torch.allclose(gap, -torch.log(mass), atol=1e-12)
+    assert torch.allclose(authors_kl_efficient(student, teacher, 1.0, 1), torch.zeros(len(student), dtype=torch.float64))
+
+
+# ----------------------------------------------------------------------------- weight decay
+
+
+def optax_adamw_steps(params, grads_per_step, lr, b1, b2, eps, weight_decay, decays):
+    """MaxText/optimizers.py: get_optimizer -> optax.adamw(lr, b1, b2, eps, eps_root=0, weight_decay) with
+    no mask, in float64: optax.chain(scale_by_adam, add_decayed_weights, scale_by_learning_rate).
+    `decays(name)` says which parameters add_decayed_weights touches (all of them without a mask)."""
+    params = {name: p.clone() for name, p in params.items()}
+    mu = {name: torch.zeros_like(p) for name, p in params.items()}
+    nu = {name: torch.zeros_like(p) for name, p in params.items()}
+    for count, grads in enumerate(grads_per_step, start=1):
+        for name, g in grads.items():
+            mu[name] = b1 * mu[name] + (1 - b1) * g
+            nu[name] = b2 * nu[name] + (1 - b2) * g * g
+            update = (mu[name] / (1 - b1**count)) / (torch.sqrt(nu[name] / (1 - b2**count)) + eps)
+            if decays(name):
+                update = update + weight_decay * params[name]
+            params[name] = params[name] - lr * update
+    return params
+
+
+@pytest.mark.parametrize("grouping", ["all", "matrices"])
+def test_weight_decay_grouping_equals_optax_adamw(grouping):
+    """train.weight_decay_params: all = MaxText/optimizers.py: get_optimizer's optax.adamw (no mask: norms
+    decay too); matrices (distillab's default) exempts 1-D parameters. Two steps against float64."""
+    from distillab.config import TrainConfig
+    from distillab.models import LADDER, build_model
+    from distillab.train.schedule import make_optimizer
+
+    model = build_model(LADDER["cpu-7k"], 64, 16, seed=1).double()
+    train = TrainConfig(lr=0.01, weight_decay=0.1, weight_decay_params=grouping)
+    optimizer = make_optimizer(model, train)
+    named = dict(model.named_parameters())
+    start = {name: p.detach().clone() for name, p in named.items()}
+    g = torch.Generator().manual_seed(5)
+    steps = [{name: torch.randn(p.shape, generator=g, dtype=torch.float64) for name, p in named.items()}
+             for _ in range(2)]
+    for grads in steps:
+        for name, p in named.items():
+            p.grad = grads[name].clone()
+        optimizer.step()
+    decays = (lambda name: True) if grouping == "all" else (lambda name: named[name].dim() >= 2)
+    expected = optax_adamw_steps(start, steps, 0.01, train.beta1, train.beta2, train.eps, 0.1, decays)
+    norms = [name for name in named if named[name].dim() == 1]
+    assert norms  # the model has norms, so the two groupings differ
+    for name, p in named.items():
+        assert torch.allclose(p.detach(), expected[name], rtol=0, atol=1e-12), name
+    moved = [float((named[n].detach() - start[n]).abs().max()) for n in norms]
+    assert min(moved) > 0
