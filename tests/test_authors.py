@@ -154,3 +154,147 @@ def test_weight_decay_grouping_equals_optax_adamw(grouping):
         assert torch.allclose(p.detach(), expected[name], rtol=0, atol=1e-12), name
     moved = [float((named[n].detach() - start[n]).abs().max()) for n in norms]
     assert min(moved) > 0
+
+
+# ----------------------------------------------------------------------------- the MaxText parametrisation
+
+
+def maxtext_rms_norm(x, scale, eps):
+    """MaxText/layers/normalizations.py: RMSNorm.__call__."""
+    return x * torch.rsqrt((x * x).mean(-1, keepdim=True) + eps) * scale
+
+
+def maxtext_rope(x, positions, max_timescale, interleaved):
+    """MaxText/layers/embeddings.py: RotaryEmbedding.__call__ (half-split pairs, Qwen3) and
+    LLaMARotaryEmbedding.__call__ (interleaved pairs (2i, 2i+1), Llama 3.1; no llama3.1 scaling:
+    rope_use_scale is False in MaxText/configs/base.yml). x [b, s, heads, hd]."""
+    hd = x.shape[-1]
+    fraction = 2 * torch.arange(hd // 2, dtype=torch.float64) / hd
+    timescale = max_timescale ** fraction
+    angle = positions[:, :, None, None].double() / (timescale.repeat_interleave(2) if interleaved else timescale)
+    if interleaved:
+        shifted = torch.stack([-x[..., 1::2], x[..., 0::2]], dim=-1).reshape(x.shape)  # sign (-1, 1) per pair
+        return x * torch.cos(angle) + shifted * torch.sin(angle)
+    first, second = x[..., : hd // 2], x[..., hd // 2:]
+    return torch.cat([first * torch.cos(angle) - second * torch.sin(angle),
+                      second * torch.cos(angle) + first * torch.sin(angle)], dim=-1)
+
+
+def maxtext_attention(x, positions, attention, config, family):
+    """MaxText/layers/attentions.py: Attention.__call__ in float64 with the HF layer's weights laid out as
+    MaxText's kernels: query_projection / kv_projection, qk-norm (Qwen3), RoPE, query_pre_attn_scalar
+    = head_dim^-0.5 (MaxText/layers/qwen3.py), AttentionOp.apply_attention's query * 1/sqrt(head_dim),
+    causal softmax of q.k (no further scale: the splash / dot-product kernels take scale 1), out_projection.
+    Llama's interleaved RoPE takes the HF query / key channels permuted (HF pair (i, i + hd/2) -> (2i, 2i + 1))."""
+    heads, kv_heads, hd = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+    perm = torch.arange(hd).reshape(2, hd // 2).T.reshape(-1) if family == "llama" else torch.arange(hd)
+
+    def kernel(linear, n):  # HF [n * hd, d] -> MaxText [d, n, hd] (channels permuted for RoPE)
+        return linear.weight.detach().double().reshape(n, hd, -1)[:, perm].permute(2, 0, 1)
+
+    q = torch.einsum("bsd,dnh->bsnh", x, kernel(attention.q_proj, heads))
+    k = torch.einsum("bsd,dnh->bsnh", x, kernel(attention.k_proj, kv_heads))
+    v = torch.einsum("bsd,dnh->bsnh", x, attention.v_proj.weight.detach().double().reshape(kv_heads, hd, -1)
+                     .permute(2, 0, 1))
+    if family == "qwen3":
+        q = maxtext_rms_norm(q, attention.q_norm.weight.detach().double()[perm], config.rms_norm_eps)
+        k = maxtext_rms_norm(k, attention.k_norm.weight.detach().double()[perm], config.rms_norm_eps)
+    theta = config.rope_parameters["rope_theta"] if hasattr(config, "rope_parameters") else config.rope_theta
+    q, k = (maxtext_rope(t, positions, theta, family == "llama") for t in (q, k))
+    if family == "qwen3":
+        q = q * hd**-0.5  # query_pre_attn_scalar
+    q = q / math.sqrt(hd)  # AttentionOp.apply_attention
+    k = k.repeat_interleave(heads // kv_heads, dim=2)
+    v = v.repeat_interleave(heads // kv_heads, dim=2)
+    logits = torch.einsum("bqnh,bknh->bnqk", q, k)
+    s = x.shape[1]
+    logits = logits.masked_fill(torch.triu(torch.ones(s, s, dtype=torch.bool), 1), float("-inf"))
+    out = torch.einsum("bnqk,bknh->bqnh", torch.softmax(logits, dim=-1), v)
+    wo = attention.o_proj.weight.detach().double().T.reshape(heads, hd, -1)
+    return torch.einsum("bqnh,nhd->bqd", out, wo)
+
+
+def tiny_spec(family):
+    from distillab.models import ModelSpec
+
+    return ModelSpec("tiny-" + family, family, 2, 32, 4, 2, 8, 48, 500_000.0 if family == "llama" else 1e6,
+                     family == "qwen3", norm_eps=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_maxtext_attention_equals_the_authors(family):
+    """model.parametrisation: maxtext: every layer's attention output equals the authors' attention
+    (MaxText/layers/attentions.py: Attention.__call__, AttentionOp.apply_attention; MaxText/layers/qwen3.py)
+    recomputed in float64 from the same weights; the hf parametrisation of Qwen3 does not (it scales by
+    1/sqrt(head_dim) once)."""
+    from distillab.models import apply_parametrisation, build_model
+
+    model = build_model(tiny_spec(family), 50, 16, seed=3, parametrisation="maxtext").double().eval()
+    captured = []
+    hooks = [layer.self_attn.register_forward_hook(
+        lambda module, args, kwargs, output: captured.append((module, kwargs["hidden_states"], output[0])),
+        with_kwargs=True) for layer in model.model.layers]
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 50, (2, 9), generator=g)
+    positions = torch.arange(9).repeat(2, 1)
+    with torch.no_grad():
+        model(input_ids=ids, position_ids=positions)
+    for hook in hooks:
+        hook.remove()
+    for module, hidden, output in captured:
+        expected = maxtext_attention(hidden, positions, module, model.config, family)
+        assert torch.allclose(output, expected, atol=1e-10), family
+    apply_parametrisation(model, "hf")  # no-op for hf: rebuild the Qwen3 scale transformers uses
+    for layer in model.model.layers:
+        layer.self_attn.scaling = layer.self_attn.head_dim ** -0.5
+    captured.clear()
+    hooks = [layer.self_attn.register_forward_hook(
+        lambda module, args, kwargs, output: captured.append((module, kwargs["hidden_states"], output[0])),
+        with_kwargs=True) for layer in model.model.layers]
+    with torch.no_grad():
+        model(input_ids=ids, position_ids=positions)
+    same = [torch.allclose(o, maxtext_attention(h, positions, m, model.config, family), atol=1e-10)
+            for m, h, o in captured]
+    assert all(same) if family == "llama" else not any(same)
+
+
+def test_an_exported_maxtext_qwen3_model_gives_the_same_logits(tmp_path):
+    """The MaxText Qwen3 attention scale (1/head_dim) is folded into the query norms' weights when saved,
+    so `from_pretrained` (transformers' own 1/sqrt(head_dim)) gives the training model's logits."""
+    from distillab.models import build_model, exported_weights, load_causal_lm, query_norm_factors
+
+    model = build_model(tiny_spec("qwen3"), 50, 16, seed=4, parametrisation="maxtext").eval()
+    with torch.no_grad():
+        for layer in model.model.layers:  # trained query norms are not all ones
+            layer.self_attn.q_norm.weight.mul_(torch.rand(layer.self_attn.q_norm.weight.shape) + 0.5)
+    factors = query_norm_factors(model, "maxtext")
+    assert factors and all(f == pytest.approx(8**-0.5) for f in factors.values())
+    model.save_pretrained(str(tmp_path), state_dict=exported_weights(model.state_dict(), factors))
+    ids = torch.randint(0, 50, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+        loaded = load_causal_lm(tmp_path, "cpu")(input_ids=ids).logits
+    assert torch.allclose(loaded, expected, atol=1e-5)
+    assert query_norm_factors(build_model(tiny_spec("llama"), 50, 16, seed=4, parametrisation="maxtext"),
+                              "maxtext") == {}  # Llama's forward is already HF's
+
+
+def test_a_maxtext_qwen3_run_resumes_exactly(tmp_path, cache_dir):
+    """Checkpoints save the folded (plain HF) weights and keep the unfolded ones for resuming: a run
+    stopped at step 3 and resumed ends with the uninterrupted run's weights, bit for bit."""
+    from safetensors.torch import load_file
+
+    from conftest import tiny_run
+    from distillab.config import config_from_dict
+    from distillab.train import train
+
+    def config(name):
+        return config_from_dict(tiny_run(tmp_path, cache_dir, name, model={
+            "name": "cpu-0.1m", "family": "qwen3", "parametrisation": "maxtext"}, train={"threads": 1}))
+
+    quiet = lambda *a, **k: None  # noqa: E731
+    whole = train(config("whole"), log=quiet)
+    train(config("resumed"), stop_after_steps=3, log=quiet)
+    resumed = train(config("resumed"), log=quiet)
+    a, b = load_file(whole.final_dir / "model.safetensors"), load_file(resumed.final_dir / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

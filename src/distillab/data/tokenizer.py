@@ -7,6 +7,7 @@ directory was written.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from pathlib import Path
@@ -47,7 +48,36 @@ def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int, out_dir
     return load_tokenizer(out_dir)
 
 
+# Tokenizers parsed from local directories, keyed by the directory and its files' sizes and times: a
+# run loads its tokenizer several times (data, teacher check, checkpoints, evaluation), and a 128k-token
+# one takes ~0.2 s to parse. Each caller gets its own shallow copy: its own Python-side settings (a
+# chat template) over the one Rust tokenizer, which nothing here changes.
+LOADED_TOKENIZERS: dict[tuple, object] = {}
+# fingerprints by Rust tokenizer object (with its size, as a check): computing one takes ~0.4 s at 128k
+FINGERPRINTS: dict[int, tuple] = {}
+
+
+def directory_state(path: Path) -> tuple | None:
+    """(directory, its files' names, sizes and modification times), or None when not a local directory."""
+    if not path.is_dir():
+        return None
+    return (str(path.resolve()), tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns)
+                                       for p in sorted(path.iterdir()) if p.is_file()))
+
+
 def load_tokenizer(path: str | Path):
+    """The HF fast tokenizer in a directory (or a hub id, which needs hub access), checked."""
+    state = directory_state(Path(path))
+    if state is not None and state in LOADED_TOKENIZERS:
+        return copy.copy(LOADED_TOKENIZERS[state])
+    tokenizer = parse_tokenizer(path)
+    if state is not None:
+        LOADED_TOKENIZERS[state] = tokenizer
+        return copy.copy(tokenizer)
+    return tokenizer
+
+
+def parse_tokenizer(path: str | Path):
     from transformers import AutoTokenizer
 
     local = Path(path)
@@ -74,6 +104,17 @@ def looks_like_hub_id(text: str) -> bool:
 
 def tokenizer_fingerprint(tokenizer) -> str:
     """sha256 over what decides token ids: model (vocab, merges), added tokens, pre-/normalization."""
+    backend = tokenizer.backend_tokenizer
+    key = (backend.get_vocab_size(with_added_tokens=True), tokenizer.eos_token_id)
+    known = FINGERPRINTS.get(id(backend))
+    if known is not None and known[0] is backend and known[1] == key:
+        return known[2]
+    fingerprint = compute_fingerprint(tokenizer)
+    FINGERPRINTS[id(backend)] = (backend, key, fingerprint)
+    return fingerprint
+
+
+def compute_fingerprint(tokenizer) -> str:
     state = json.loads(tokenizer.backend_tokenizer.to_str())
     identity = {
         "model": state.get("model"),
