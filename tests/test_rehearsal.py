@@ -1,8 +1,9 @@
 """`distillab sweep PRESET --rehearse`: every run of a paper preset end to end on 2 CPU processes, with
 tiny twins of its models and shrunk budgets, through the sweep's own code.
 
-The fast suite rehearses one Llama preset whole (loss_scale) and a slice of the Qwen3 one (ablate2:
-alpha 1.0, the 0.3B student at 50B with its four teachers); `make test-all` rehearses every preset whole.
+The fast suite rehearses one Llama preset whole (label_smoothing: 3 runs) and a slice of the Qwen3 one
+(ablate2 at alpha 1.0: the 0.6B student with the 0.15B teacher at 50B, and its baseline); `make test-all`
+rehearses every preset whole.
 """
 
 import json
@@ -73,17 +74,18 @@ def test_rehearsal_tokenizer_has_the_presets_vocabulary(cache_dir):
 
 
 def test_rehearse_a_llama_preset(tmp_path, cache_dir):
-    grid = PRESETS / "loss_scale.yaml"
+    grid = PRESETS / "label_smoothing.yaml"
     check_rehearsal(rehearse(grid, tmp_path / "rehearsal", log=lambda *a: None), grid, tmp_path / "rehearsal")
 
 
 def test_rehearse_a_slice_of_the_qwen3_preset(tmp_path, cache_dir):
-    """ablate2 cut to alpha 1.0 and its first student (the 0.3B at 50B, four teachers): Qwen3 twins with
-    151,936 rows, tied, qk-norm, the MaxText parametrisation, FSDP with the fused head on 2 processes."""
+    """ablate2 cut to alpha 1.0 and its 0.6B student with the 0.15B teacher at 50B (and its baseline):
+    Qwen3 twins with 151,936 rows, tied, qk-norm, the MaxText parametrisation, FSDP with the fused head
+    on 2 processes, the SFT stage and the analysis."""
     values = read_yaml_mapping(PRESETS / "ablate2.yaml")
     values["kd"]["alpha"] = [1.0]
-    values["students"]["members"] = values["students"]["members"][:1]
-    values["teachers"]["tokens"] = values["teachers"]["tokens"][1:]
+    values["students"]["members"] = [m for m in values["students"]["members"] if m["model"] == "qwen3-0.6b"]
+    values["teachers"] = {"members": [{"model": "qwen3-0.15b", "tokens": 52_428_800_000, "seed": 42}]}
     grid = tmp_path / "ablate2-slice.yaml"
     grid.write_text(yaml.safe_dump(values))
     result = rehearse(grid, tmp_path / "rehearsal", log=lambda *a: None)

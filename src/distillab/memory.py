@@ -36,9 +36,10 @@ Beside the training step, the phases that run at other times, each checked on it
     final eval   `distillab eval` of the final model (a sweep evaluates every run): one process,
                  the model in fp32 (4 P) and the same forward in fp32 at the sweep's
                  eval.batch_size
-    analysis     a sweep's mechanism analysis: student, teacher and baseline in fp32 on one GPU,
-                 three logits tensors of a batch (eval.analysis.batch_size x its seq_len x V x 4)
-                 and the float64 chunks of the metrics (6 x 256 MiB)
+    analysis     a sweep's mechanism analysis: student, teacher and baseline on one GPU in
+                 eval.analysis.dtype (4 or 2 bytes a value), three logits tensors of a batch
+                 (eval.analysis.batch_size x its seq_len x V, same width) and the float64 chunks
+                 of the metrics (6 x 256 MiB)
 
 These are estimates of the peak, within ~10-15 % for the Llama-shaped models of the ladder
 (checked against measured peaks where a GPU was available: benchmarks/README.md).
@@ -222,12 +223,14 @@ def final_evaluation_phase(student: ModelSpec, vocab: int, batch: int, seq_len: 
     return Phase("final eval", total(batch), smaller_batch(key, batch, total, gpu))
 
 
-def analysis_phase(models: list[ModelSpec], vocab: int, batch: int, seq_len: int, gpu: GPU | None) -> Phase:
-    """The mechanism analysis of a student with its teacher and baseline (fp32, one GPU)."""
-    weights = sum(4 * spec.total_parameters(vocab) for spec in models)
+def analysis_phase(models: list[ModelSpec], vocab: int, batch: int, seq_len: int, gpu: GPU | None,
+                   width: int = 4) -> Phase:
+    """The mechanism analysis of a student with its teacher and baseline (one GPU, weights and logits
+    `width` bytes a value)."""
+    weights = sum(width * spec.total_parameters(vocab) for spec in models)
 
     def total(b: int) -> float:
-        return with_overhead(weights + len(models) * b * seq_len * vocab * 4 + 6 * (1 << 28))
+        return with_overhead(weights + len(models) * b * seq_len * vocab * width + 6 * (1 << 28))
     return Phase("analysis", total(batch), smaller_batch("eval.analysis.batch_size", batch, total, gpu))
 
 
@@ -290,9 +293,9 @@ def teacher_of_config(config: RunConfig) -> tuple[ModelSpec | None, str]:
 
 def run_memory_plan(config: RunConfig, teacher: ModelSpec | None, gpu: GPU | None, cache_k: int | None = None,
                     final_eval: tuple[int, int] | None = None,
-                    analysis: tuple[list[ModelSpec], int, int] | None = None) -> MemoryPlan:
+                    analysis: tuple | None = None) -> MemoryPlan:
     """A run's plan: the training step, evaluation during training, and (in a sweep) the final
-    evaluation at (batch, seq_len) and the analysis of (models, batch, seq_len)."""
+    evaluation at (batch, seq_len) and the analysis of (models, batch, seq_len[, bytes per value])."""
     student = resolve_spec(config.model)
     vocab = student.rows(config.data.tokenizer.vocab_size)
     plan = memory_plan(student, vocab, Layout.of(config), teacher, gpu, cache_k)
@@ -301,7 +304,8 @@ def run_memory_plan(config: RunConfig, teacher: ModelSpec | None, gpu: GPU | Non
     if final_eval is not None:
         phases.append(final_evaluation_phase(student, vocab, *final_eval, gpu))
     if analysis is not None:
-        phases.append(analysis_phase(analysis[0], vocab, analysis[1], analysis[2], gpu))
+        models, batch, seq_len, *width = analysis
+        phases.append(analysis_phase(models, vocab, batch, seq_len, gpu, *width))
     plan.phases = tuple(phases)
     return plan
 

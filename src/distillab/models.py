@@ -303,15 +303,16 @@ def model_directory(name: str, key: str = "kd.teacher") -> Path:
                                "Llama) or give its directory") from None
 
 
-def load_causal_lm(path: str | Path, device: torch.device | str, key: str = "kd.teacher"):
-    """An HF causal LM from a directory, in fp32, or a one-line error naming `key`."""
+def load_causal_lm(path: str | Path, device: torch.device | str, key: str = "kd.teacher",
+                   dtype: torch.dtype = torch.float32):
+    """An HF causal LM from a directory, in fp32 (or `dtype`), or a one-line error naming `key`."""
     from transformers import AutoModelForCausalLM
 
     path = Path(path)
     if not (path / "config.json").is_file():
         raise ConfigError(key, f"{path} is not an HF model directory (no config.json)")
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, attn_implementation="sdpa")
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, attn_implementation="sdpa")
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise CheckpointError(f"{path}: cannot load as a causal LM ({first})") from None

@@ -48,21 +48,29 @@ def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int, out_dir
     return load_tokenizer(out_dir)
 
 
-# Tokenizers parsed from local directories, keyed by the directory and its files' sizes and times: a
-# run loads its tokenizer several times (data, teacher check, checkpoints, evaluation), and a 128k-token
-# one takes ~0.2 s to parse. Each caller gets its own shallow copy: its own Python-side settings (a
-# chat template) over the one Rust tokenizer, which nothing here changes.
-LOADED_TOKENIZERS: dict[tuple, object] = {}
+# Tokenizers parsed from local directories, keyed by the content of the directory's files: a run loads
+# its tokenizer many times (data, teacher check, every checkpoint's copy, evaluation), and a 128k-token
+# one takes ~0.2 s to parse (and ~0.4 s to fingerprint). Each caller gets its own shallow copy: its
+# own Python-side settings (a chat template) over the one Rust tokenizer, which nothing here changes.
+LOADED_TOKENIZERS: dict[str, object] = {}
 # fingerprints by Rust tokenizer object (with its size, as a check): computing one takes ~0.4 s at 128k
 FINGERPRINTS: dict[int, tuple] = {}
 
 
-def directory_state(path: Path) -> tuple | None:
-    """(directory, its files' names, sizes and modification times), or None when not a local directory."""
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "added_tokens.json")
+
+
+def directory_state(path: Path) -> str | None:
+    """sha256 over the names and bytes of a local tokenizer directory's files (None: not a directory)."""
     if not path.is_dir():
         return None
-    return (str(path.resolve()), tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns)
-                                       for p in sorted(path.iterdir()) if p.is_file()))
+    digest = hashlib.sha256()
+    for name in TOKENIZER_FILES:
+        file = path / name
+        if file.is_file():
+            digest.update(name.encode() + b"\x00" + file.read_bytes() + b"\x01")
+    return digest.hexdigest()
 
 
 def load_tokenizer(path: str | Path):

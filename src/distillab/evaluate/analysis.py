@@ -172,12 +172,15 @@ def analyze(
     reference: str | None = None,
     log=print,
     plots: bool = True,
+    dtype: str = "float32",
 ) -> dict:
     """Run every model over the same windows; write analysis.json, analysis.md and (`plots`) the plots
     into `out_dir`. `reference` (default: the gain pair's baseline) sets token difficulty."""
     reference = reference or (gain[1] if gain else None)
     check_reference(reference, models)
-    loaded = {name: load_causal_lm(path, device, key=f"--model {name}").eval() for name, path in models.items()}
+    weights = getattr(torch, dtype)  # the models' weights and logits; metrics are float64 either way
+    loaded = {name: load_causal_lm(path, device, key=f"--model {name}", dtype=weights).eval()
+              for name, path in models.items()}
     pairs = pairs or []
     starts = window_starts(len(tokens), seq_len, max_windows)
     sums_model = {name: {m: 0.0 for m in MODEL_METRICS} for name in loaded}
@@ -322,7 +325,7 @@ def analysis_tokens(set_name: str, first: Path, tokenizer) -> np.ndarray:
 
 def analyze_checkpoints(model_args: list[str], pair_args: list[str] | None, gain_arg: str | None, set_name: str,
                         seq_len: int | None, max_windows: int, out: str, batch_size: int, device: str,
-                        reference: str | None = None, plots: bool = True, log=print) -> dict:
+                        reference: str | None = None, plots: bool = True, log=print, dtype: str = "float32") -> dict:
     """`distillab analyze`: checkpoints that share a tokenizer, compared on one set; windows of
     `seq_len` (default: the authors' 2,048, or the model's positions if fewer)."""
     import json
@@ -347,4 +350,4 @@ def analyze_checkpoints(model_args: list[str], pair_args: list[str] | None, gain
     return analyze(models, analysis_tokens(set_name, first, tokenizer), seq_len, max_windows, Path(out),
                    pairs=pairs, gain=gain, batch_size=batch_size, vocab_size=len(tokenizer),
                    device=resolve_device(device, key="--device"), set_name=set_name, reference=reference,
-                   plots=plots, log=log)
+                   plots=plots, log=log, dtype=dtype)

@@ -234,7 +234,7 @@ def analyse_students(spec: GridSpec, runs: list[Run], status: dict, sweep_dir: P
             models.append(f"baseline={baseline.config['run_dir']}/final")
         try:
             analyze_checkpoints(models, None, None, stage.set, stage.seq_len, stage.max_windows, str(out),
-                                stage.batch_size, "auto", plots=False, log=log)
+                                stage.batch_size, "auto", plots=False, log=log, dtype=stage.dtype)
         except DistillabError as exc:
             log(f"sweep: analysis of {run.id} failed: {first_line(exc)}")
             status[run.id] = "failed"

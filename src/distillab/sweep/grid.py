@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+from typing import Literal
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -160,6 +161,8 @@ class AnalysisStage:
     seq_len: int = 2048
     max_windows: int = 200
     batch_size: int = 4
+    # the models' weights and logits (the metrics are float64 either way); bfloat16 halves the memory
+    dtype: Literal["float32", "bfloat16"] = "float32"
 
 
 @dataclass
@@ -343,8 +346,8 @@ def validate_kd_sweep(kd: KDSweep) -> None:
     for i, top_k in enumerate(kd.top_k):
         if top_k is not None and top_k < 1:
             raise ConfigError(f"kd.top_k[{i}]", f"must be >= 1 or null, got {top_k}")
-    for i, value in enumerate(kd.top_k_student):
-        build_dataclass(KDConfig, {"top_k_student": value}, f"kd.top_k_student[{i}]".rsplit(".", 1)[0])
+    for value in kd.top_k_student:
+        build_dataclass(KDConfig, {"top_k_student": value}, "kd")
     for i, divergence in enumerate(kd.divergence):
         if divergence not in DIVERGENCES:
             raise ConfigError(f"kd.divergence[{i}]", f"must be one of {', '.join(DIVERGENCES)}, got {divergence!r}")

@@ -310,7 +310,8 @@ def phase_settings(run: Run, cfg, spec: GridSpec | None, by_id: dict) -> tuple:
     analysis = None
     if spec.eval.analysis is not None and run.role == "student":
         student, teacher = resolve_spec(cfg.model), teacher_spec(run, by_id)
-        analysis = ([student, teacher, student], spec.eval.analysis.batch_size, spec.eval.analysis.seq_len)
+        stage = spec.eval.analysis
+        analysis = ([student, teacher, student], stage.batch_size, stage.seq_len, 2 if stage.dtype == "bfloat16" else 4)
     return final_eval, analysis
 
 

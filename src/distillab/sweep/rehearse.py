@@ -9,16 +9,17 @@ changed, so a preset that would crash, or differ from what it claims, does so he
                 query attention, its width growing with the rung's size so teacher-student
                 relations (smaller, equal, larger) hold; hub checkpoints (`teachers.members[].path`)
                 become twins saved as plain HF directories
-    budgets     the grid's distinct token budgets, in order, become 2, 3, 4, ... steps of a few
-                32-token sequences (so 10B < 50B stays so, and every run checkpoints and resumes
-                its schedule); sequences, evaluation windows and batches shrink likewise
+    budgets     the grid's distinct token budgets, in order, become 2, 3, 4, ... steps of 4
+                sequences of 128 tokens (so 10B < 50B stays so, and every run checkpoints mid-run);
+                evaluation windows, batches and the SFT stage shrink likewise
     data        each hub corpus becomes a packaged one (the first Python's standard library, the
                 next Milton), tokenized by a byte-level BPE trained on it and padded to the grid's
                 vocabulary size (`rehearsal_tokenizer`: 128,256 ids, the Llama-3 special tokens
                 at 128,000+, so the SFT chat template works); a model's rows may exceed it, as the
                 paper's Qwen3 rows do
     evaluation  the hub OOD sets become the offline Milton set, the hub downstream tasks one
-                offline task on a few items, the analysis a few windows of Milton
+                offline task on a few items, the SFT data packaged chat records, the analysis a
+                window of Milton
     layout      the grid's parallelism on 2 CPU processes with gloo (FSDP where it says fsdp);
                 the output layer fused into the loss wherever the full-size run fuses it
     caches      the full-size plan's cache decisions (`kd.cache: auto`), repeated exactly
@@ -186,7 +187,7 @@ def shrink_run(section: dict, corpora: dict, tokenizer: Path | None) -> dict:
                       **({"processes": 2} if several else {})})
         train.pop("token_budget", None)
     if "eval" in section:
-        section["eval"].update({"seq_len": SEQ_LEN, "max_windows": 2, "batch_size": 2})
+        section["eval"].update({"seq_len": SEQ_LEN, "max_windows": 1, "batch_size": 1})
     return section
 
 
@@ -200,12 +201,13 @@ def shrink_sft(stage: dict, base_dir: Path) -> dict:
     stage["data"]["validation_fraction"] = 0.1
     stage.setdefault("train", {}).update({"seq_len": SEQ_LEN, "batch_size": 2, "grad_accum": 1, "device": "cpu",
                                           "threads": 1, "eval_every": 1000, "checkpoint_every": 1, "log_every": 1})
-    stage.setdefault("eval", {}).update({"max_windows": 2, "batch_size": 2})
+    stage.setdefault("eval", {}).update({"max_windows": 1, "batch_size": 1})
     sft = stage.setdefault("sft", {})
     sft["steps"] = 2
     template = sft.get("chat_template")
     if template and not Path(template).is_absolute():
-        candidates = [Path(template), *(parent / template for parent in base_dir.parents)]
+        roots = [*Path(base_dir).resolve().parents, *Path(__file__).resolve().parents]  # the grid's repo, this one
+        candidates = [Path(template), *(root / template for root in roots)]
         sft["chat_template"] = str(next((p.resolve() for p in candidates if p.exists()), Path(template)))
     return stage
 
@@ -217,9 +219,9 @@ def shrink_eval(section: dict) -> dict:
     section["sets"] = list(dict.fromkeys(sets))
     if section.get("tasks"):
         section.update(tasks=[OFFLINE_TASK], limit=TASK_ITEMS)
-    section.update(seq_len=SEQ_LEN, max_windows=2, batch_size=2)
+    section.update(seq_len=SEQ_LEN, max_windows=1, batch_size=1)
     if section.get("analysis") is not None:
-        section["analysis"] = {"set": OOD_SET, "seq_len": SEQ_LEN, "max_windows": 2, "batch_size": 2}
+        section["analysis"] = {"set": OOD_SET, "seq_len": 32, "max_windows": 1, "batch_size": 1}
     return section
 
 
@@ -277,6 +279,15 @@ def fuses_at_full_size(values: dict) -> bool:
 
 
 # ----------------------------------------------------------------------------- two processes, started once
+
+
+def restore_environment(saved: dict) -> None:
+    """Put environment variables back as `saved` ({name: value, or None for unset}) recorded them."""
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 def free_port() -> int:
@@ -348,11 +359,7 @@ class Gang:
         try:
             return train(load_config(launch)).final_dir
         finally:
-            for key, value in saved.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
+            restore_environment(saved)
 
     def close(self) -> None:
         import torch.distributed as dist
@@ -402,14 +409,16 @@ def rehearse(grid_path: str | Path, out: str | Path, log=print) -> dict:
     decisions = cache_plan(plan(grid_from_dict(values), out / "full-size-plan"))
     cache_dir = Path(os.environ["DISTILLAB_CACHE"]) if os.environ.get("DISTILLAB_CACHE") else default_cache_dir()
     spec = grid_from_dict(rehearsal_values(values, grid_path, cache_dir, out))
-    if fuses_at_full_size(values):
-        os.environ[HEAD_FUSION_ENV] = "0"
-    os.environ.setdefault("DISTILLAB_PROGRESS", "0")
-    gang = Gang(2)
+    saved = {key: os.environ.get(key) for key in (HEAD_FUSION_ENV, "DISTILLAB_PROGRESS")}
+    os.environ.update({HEAD_FUSION_ENV: "0"} if fuses_at_full_size(values) else {}, DISTILLAB_PROGRESS="0")
     try:
-        status = run_sweep(spec, out, pool=GangWorkers(out, gang), cache_decisions=decisions, log=log)
+        gang = Gang(2)
+        try:
+            status = run_sweep(spec, out, pool=GangWorkers(out, gang), cache_decisions=decisions, log=log)
+        finally:
+            gang.close()
     finally:
-        gang.close()
+        restore_environment(saved)
     report = write_report(out)
     seconds = time.perf_counter() - started
     log(f"rehearsal: {spec.name}: {sum(s == 'done' for s in status.values())} of {len(status)} runs done in "
