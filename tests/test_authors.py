@@ -298,3 +298,19 @@ def test_a_maxtext_qwen3_run_resumes_exactly(tmp_path, cache_dir):
     resumed = train(config("resumed"), log=quiet)
     a, b = load_file(whole.final_dir / "model.safetensors"), load_file(resumed.final_dir / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_new_keys_leave_existing_run_ids_alone():
+    """model.parametrisation, train.weight_decay_params and kd.top_k_student enter a run's identity only
+    when set away from their defaults (config.LATER_KEYS), so every published run id stays."""
+    from distillab.config import RunConfig, config_from_dict, results_config
+    from distillab.files import stable_hash
+
+    new = ("model.parametrisation", "train.weight_decay_params", "kd.top_k_student")
+    plain = results_config(RunConfig())
+    assert not set(new) & set(plain)
+    changed = results_config(config_from_dict({"model": {"parametrisation": "maxtext"},
+                                               "train": {"weight_decay_params": "all"},
+                                               "kd": {"teacher": "t", "alpha": 0.5, "top_k": 4,
+                                                      "top_k_student": "renormalised"}}))
+    assert set(new) <= set(changed) and stable_hash(changed) != stable_hash(plain)

@@ -44,7 +44,8 @@ def config_file(tmp_path: Path, **train) -> Path:
     config = {"name": "big", "run_dir": str(tmp_path / "big"), "model": {"name": "llama-8b"},
               "data": {"corpus": {"source": "packaged", "name": "python-stdlib"}, "tokenizer": {"vocab_size": V}},
               "train": {"seq_len": 8192, "batch_size": 2, "grad_accum": 16, "processes": 8, "precision": "bfloat16",
-                        "device": "cuda", **train}}
+                        "device": "cuda", **train},
+              "eval": {"batch_size": 2}}  # 8 windows of 8,192 would not fit (tests/test_plan_limits.py)
     path = tmp_path / "big.yaml"
     path.write_text(yaml.safe_dump(config))
     return path

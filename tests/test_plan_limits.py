@@ -26,14 +26,31 @@ def students(runs):
 
 
 @pytest.mark.parametrize("name", ["ablate4", "topk_absolute"])
-def test_no_cache_that_cannot_be_stored(name, tmp_path):
-    """At the free space here (and any disk of today: 52B tokens x even K = 1 is ~470 TB) every top-k and
-    hard-label student of ablate4 / topk_absolute runs its teacher online, and says why."""
-    runs = plan(load_grid(PAPER / f"{name}.yaml"), tmp_path / "sweep")
-    assert not [r for r in runs if r.info.get("teacher_cache")]
-    truncated = [r for r in students(runs) if r.config["kd"].get("top_k") or r.config["kd"].get("divergence") == "hard"]
-    assert truncated and all(r.info.get("online_because") for r in truncated)
-    assert cache_bytes(52_428_800_000, 1, V) > 400e12
+def test_no_cache_beyond_the_disk_budget(name, tmp_path, monkeypatch):
+    """At 52B tokens a top-1 cache is ~0.5 TB, top-10 ~2.8 TB, top-1,283 ~340 TB: within a 400 GB budget
+    (a key), or 400 GB of free space (the default), every top-k and hard-label student of ablate4 /
+    topk_absolute runs its teacher online, and says why."""
+    assert cache_bytes(52_428_800_000, 1, V) == 52_428_800_000 * (1 * (3 + 2) + 4)  # ~472 GB
+    assert cache_bytes(52_428_800_000, 1283, V) > 300e12
+    values = yaml.safe_load((PAPER / f"{name}.yaml").read_text())
+    monkeypatch.setattr("distillab.sweep.caches.free_space", lambda path: 400 * 10**9)
+    for spec in (grid_from_dict({**values, "cache_disk_budget": "400GB"}), grid_from_dict(values)):
+        runs = plan(spec, tmp_path / "sweep")
+        assert not [r for r in runs if r.info.get("teacher_cache")]
+        truncated = [r for r in students(runs) if r.config["kd"].get("top_k") or r.config["kd"].get("divergence") == "hard"]
+        assert truncated and all(r.info.get("online_because") for r in truncated)
+
+
+def test_a_budget_caches_what_fits(tmp_path):
+    """topk_absolute with 1.5 TB: the hard-label and top-2 students of each teacher share a top-2 cache
+    (~730 GB) while two teachers' fit; every other student runs online."""
+    values = yaml.safe_load((PAPER / "topk_absolute.yaml").read_text())
+    runs = plan(grid_from_dict({**values, "cache_disk_budget": "1.5TB"}), tmp_path / "sweep")
+    cached = [r for r in students(runs) if r.info.get("teacher_cache")]
+    assert {r.info["teacher_cache"]["top_k"] for r in cached} == {2}
+    assert len({r.info["teacher"] for r in cached}) == 2  # 2 x 734 GB fit 1.5 TB, a third does not
+    for run in cached:
+        assert run.config["kd"].get("divergence") == "hard" or run.config["kd"]["top_k"] == 2
 
 
 def test_a_large_budget_caches_only_a_small_share_of_the_vocabulary(tmp_path):

@@ -105,8 +105,17 @@ class OnlineTeacher:
         output = self.model.get_output_embeddings()
         return self.model.config.model_type in PLAIN_HEAD_MODELS and output is not None
 
+    @property
+    def sharded(self) -> bool:
+        """Whether the teacher is sharded by FSDP (`distillab.train.fsdp`)."""
+        from torch.distributed.fsdp import FSDPModule
+
+        return isinstance(self.model, FSDPModule)
+
     def signal(self, batch: Batch, head: bool = False) -> torch.Tensor | Head:
-        with torch.inference_mode(), autocast(self.device, self.precision):
+        # FSDP gathers weights into buffers it reuses across forwards: inference tensors cannot be those
+        no_grad = torch.no_grad() if self.sharded else torch.inference_mode()
+        with no_grad, autocast(self.device, self.precision):
             if not self.projects_plainly():
                 return forward_logits(self.model, batch)[..., : self.vocab_size]
             hidden, weight = self.final_hidden(batch)
@@ -126,10 +135,10 @@ class OnlineTeacher:
         (FSDP) runs its root module, whose forward gathers the output layer (and keeps it gathered:
         `distillab.train.fsdp`), and only its last position through the output layer; the final norm's
         output is caught on its way."""
-        output = self.model.get_output_embeddings()
-        if not is_sharded(output.weight):
+        if not self.sharded:
             backbone = getattr(self.model, self.model.base_model_prefix)
-            return backbone(**model_inputs(batch)).last_hidden_state, output.weight[: self.vocab_size]
+            weight = self.model.get_output_embeddings().weight
+            return backbone(**model_inputs(batch)).last_hidden_state, weight[: self.vocab_size]
         caught = []
         norm = getattr(self.model, self.model.base_model_prefix).norm
         hook = norm.register_forward_hook(lambda module, args, out: caught.append(out))
