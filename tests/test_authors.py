@@ -87,7 +87,7 @@ def test_both_top_k_definitions_equal_the_authors_functions(definition, authors,
     rows = truncate_dense(teacher, top_k, None)  # what a teacher cache holds
     cached = student.clone().requires_grad_(True)
     sparse = sparse_distillation_loss(cached, rows.indices, rows.logprobs, rows.log_tail, labels, alpha=alpha,
-                                      temperature=temperature, top_k_student=definition)
+                                      temperature=temperature, top_k=top_k, top_k_student=definition)
     sparse.total.backward()
     assert float(sparse.total.detach()) == pytest.approx(float(expected.detach()), abs=1e-10)
     assert torch.allclose(cached.grad, reference.grad, atol=1e-10)
@@ -302,7 +302,7 @@ def test_a_maxtext_qwen3_run_resumes_exactly(tmp_path, cache_dir):
 
 def test_the_new_keys_leave_existing_run_ids_alone():
     """model.parametrisation, train.weight_decay_params and kd.top_k_student enter a run's identity only
-    when set away from their defaults (config.LATER_KEYS), so every published run id stays."""
+    when set away from their defaults (keys outside config.ORIGINAL_KEYS), so every published run id stays."""
     from distillab.config import RunConfig, config_from_dict, results_config
     from distillab.files import stable_hash
 

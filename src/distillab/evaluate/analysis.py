@@ -30,6 +30,7 @@ from distillab.errors import DistillabError
 from distillab.evaluate.analysis_tables import analysis_markdown, authors_analysis, plot_authors_analysis
 from distillab.evaluate.perplexity import safe_exp, vocab_limit, window_starts
 from distillab.files import default_cache_dir, write_json_atomic, write_text_atomic
+from distillab.layout import ANALYSIS
 from distillab.models import load_causal_lm
 
 MODEL_METRICS = ("entropy", "max_prob", "gt_logprob", "gt_rank", "top1_acc", "effective_vocab", "top10_mass",
@@ -231,7 +232,7 @@ def model_means(sums: dict[str, float], count: int) -> dict[str, float]:
 
 def write_analysis(result: dict, out_dir: Path, plots: bool = True) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out_dir / "analysis.json", result)
+    write_json_atomic(out_dir / ANALYSIS, result)
     write_text_atomic(out_dir / "analysis.md", analysis_markdown(result))
     if plots:
         plot_analysis(result, out_dir)

@@ -11,7 +11,7 @@ and all of a sweep's caches together within a disk budget (`cache_disk_budget` i
 fit, K is the largest k that still serves two students and fits; students with a larger k run
 their teacher online. Each such student's `kd.cache` names that directory and its plan entry
 carries the capture settings (`info["teacher_cache"]`); whichever of them starts first captures the cache
-(`distillab.cache.capture.capture_for_run`), the others wait on its lock and read it. A
+(`distillab.capture.capture_for_run`), the others wait on its lock and read it. A
 student's run id does not change: `kd.cache: auto` is what it asked for.
 """
 
@@ -23,38 +23,36 @@ from collections import defaultdict
 from pathlib import Path
 
 from distillab.cache.coding import byte_width
-from distillab.config import ModelConfig, config_from_dict, results_view
+from distillab.config import ModelConfig, RunConfig, results_view
 from distillab.errors import ConfigError
 from distillab.files import stable_hash
 from distillab.flops import captured_tokens, teacher_inference_flops
 from distillab.models import ModelSpec, resolve_spec
-from distillab.objective import KDObjective
 from distillab.train.schedule import make_plan
 
 
-def cache_k(config: dict) -> int | None:
+def cache_k(cfg: RunConfig) -> int | None:
     """The K a cache needs to serve this run's objective exactly; None if none does (or `kd.cache`
     is not auto, or the run does not distil)."""
-    cfg = config_from_dict(config)
-    objective = KDObjective.from_config(cfg.kd)
+    objective = cfg.kd.objective()
     if cfg.kd.cache != "auto" or not objective.distills or cfg.kd.top_p is not None:
         return None
-    if objective.divergence == "hard":
+    if objective.entry.argmax_teacher:
         return 1
     return objective.top_k
 
 
-def reader(config: dict) -> tuple[int, int]:
+def reader(cfg: RunConfig) -> tuple[int, int]:
     """(data seed, sequences trained): what decides the windows a run reads."""
-    train = config_from_dict(config).train
+    train = cfg.train
     plan = make_plan(train)
     return train.data_seed, plan.steps * train.batch_size * train.grad_accum * train.processes
 
 
-def capture_group(config: dict) -> str:
+def capture_group(cfg: RunConfig) -> str:
     """Students whose caches can be one: the same teacher, data, packing and sequence length."""
-    view = results_view(config_from_dict(config))
-    return stable_hash({"teacher": config["kd"]["teacher"], "seq_len": view["train.seq_len"],
+    view = results_view(cfg)
+    return stable_hash({"teacher": cfg.kd.teacher, "seq_len": view["train.seq_len"],
                         **{k: v for k, v in view.items() if k.startswith("data.")}})
 
 
@@ -89,26 +87,25 @@ def cache_bytes(tokens: int, top_k: int, rows: int) -> int:
     return tokens * (top_k * (byte_width(rows - 1) + 2) + 4)
 
 
-def student_rows(config: dict) -> int:
-    cfg = config_from_dict(config)
+def student_rows(cfg: RunConfig) -> int:
     return resolve_spec(cfg.model).rows(cfg.data.tokenizer.vocab_size)
 
 
-def planned_k(members: list[tuple], rows: int, budget: int) -> tuple[int | None, int, str]:
+def planned_k(members: list[tuple], rows: int, budget: int) -> tuple[int | None, int, dict[int, str]]:
     """(K, bytes, why) of a group's cache: the largest k among `members` ((run, k) pairs) that is at
-    most MAX_CACHED_FRACTION of `rows`, serves two of them and fits `budget`; K None when none does."""
-    ks = sorted({k for _, k in members}, reverse=True)
-    why = ""
-    for k in ks:
+    most MAX_CACHED_FRACTION of `rows`, serves two of them and fits `budget` (K None when none does);
+    `why`: for each larger k, why it is not cached."""
+    why = {}
+    for k in sorted({k for _, k in members}, reverse=True):
         served = [run for run, kk in members if kk <= k]
         if len(served) < 2:
             break
         if k > MAX_CACHED_FRACTION * rows:
-            why = why or f"top-{k} is over {MAX_CACHED_FRACTION:.0%} of the {rows:,} output rows"
+            why[k] = f"top-{k} is over {MAX_CACHED_FRACTION:.0%} of the {rows:,} output rows"
             continue
         size = cache_bytes(capture_tokens(served), k, rows)
         if size > budget:
-            why = why or f"top-{k} would need {human_bytes(size)} over a disk budget of {human_bytes(budget)}"
+            why[k] = f"top-{k} would need {human_bytes(size)} over a disk budget of {human_bytes(budget)}"
             continue
         return k, size, why
     return None, 0, why
@@ -116,8 +113,8 @@ def planned_k(members: list[tuple], rows: int, budget: int) -> tuple[int | None,
 
 def capture_tokens(runs: list) -> int:
     """At most the tokens a cache for these students captures (see `distillab.flops.captured_tokens`)."""
-    readers = sorted({reader(run.config) for run in runs})
-    seq_len = config_from_dict(runs[0].config).train.seq_len
+    readers = sorted({reader(run.settings) for run in runs})
+    seq_len = runs[0].settings.train.seq_len
     return captured_tokens({"readers": readers}, seq_len)
 
 
@@ -140,22 +137,22 @@ def assign_caches(runs: list, sweep_dir: Path, budget: int | None = None,
     forced = dict(zip((run.id for run in students), decisions)) if decisions is not None else None
     groups = defaultdict(list)
     for run in students:
-        k = cache_k(run.config)
+        k = cache_k(run.settings)
         if k is not None:
-            groups[capture_group(run.config)].append((run, k))
+            groups[capture_group(run.settings)].append((run, k))
     caches = []
     for members in groups.values():
         if forced is not None:
             chosen = [forced[run.id] for run, _ in members if forced[run.id] is not None]
-            top_k, why = (max(chosen), "") if chosen else (None, "the full-size plan runs them online")
+            top_k, why = (max(chosen) if chosen else None), {k: "the full-size plan runs it online" for _, k in members}
         else:
-            top_k, size, why = planned_k(members, student_rows(members[0][0].config), budget)
+            top_k, size, why = planned_k(members, student_rows(members[0][0].settings), budget)
             budget -= size
         served = [run for run, k in members if top_k is not None and k <= top_k and
                   (forced is None or forced[run.id] is not None)]
         for run, k in members:
             if run not in served:
-                run.info["online_because"] = why or "no other student shares its cache"
+                run.info["online_because"] = why.get(k, "no other student shares its cache")
         if len(served) >= 2 or (forced is not None and served):
             caches.append(make_cache(served, top_k, sweep_dir))
     return caches
@@ -163,16 +160,15 @@ def assign_caches(runs: list, sweep_dir: Path, budget: int | None = None,
 
 def make_cache(served: list, top_k: int, sweep_dir: Path) -> dict:
     """One planned cache serving `served`; their configs and infos name it."""
-    readers = sorted({reader(run.config) for run in served})
+    readers = sorted({reader(run.settings) for run in served})
     first = served[0]
-    directory = Path(sweep_dir) / "caches" / stable_hash([capture_group(first.config), top_k, readers])[:16]
+    directory = Path(sweep_dir) / "caches" / stable_hash([capture_group(first.settings), top_k, readers])[:16]
     cache = {"dir": str(directory), "top_k": top_k, "readers": [list(r) for r in readers],
-             "students": [run.id for run in served], "teacher": first.config["kd"]["teacher"],
+             "students": [run.id for run in served], "teacher": first.settings.kd.teacher,
              "teacher_run": first.depends_on[0] if first.depends_on else None}
     for run in served:
-        run.config["kd"]["cache"] = str(directory)
-        run.info.update(cached=True, teacher_cache={"dir": cache["dir"], "top_k": top_k, "readers": cache["readers"],
-                                                    "students": len(served)})
+        run.use_cache(str(directory), {"dir": cache["dir"], "top_k": top_k, "readers": cache["readers"],
+                                       "students": len(served)})
     return cache
 
 
@@ -192,12 +188,12 @@ def format_caches(runs: list) -> list[str]:
         lines += ["", "teacher caches (kd.cache: auto; each captured once, by the first of its students to start):"]
     by_id = {r.id: r for r in runs}
     for directory, students in by_dir.items():
-        cache, cfg = students[0].info["teacher_cache"], config_from_dict(students[0].config)
+        cache, cfg = students[0].info["teacher_cache"], students[0].settings
         teacher = teacher_spec(students[0], by_id)
         vocab, tokens = cfg.data.tokenizer.vocab_size, captured_tokens(cache, cfg.train.seq_len)
-        online_flops = sum(teacher_inference_flops(teacher, vocab, config_from_dict(s.config)) for s in students)
+        online_flops = sum(teacher_inference_flops(teacher, vocab, s.settings) for s in students)
         capture = teacher_inference_flops(teacher, vocab, cfg, cache) * len(students)
-        size = cache_bytes(tokens, cache["top_k"], student_rows(students[0].config))
+        size = cache_bytes(tokens, cache["top_k"], student_rows(students[0].settings))
         lines.append(f"  {Path(directory).name}  teacher {students[0].info.get('teacher', '-')[:12]}  top-{cache['top_k']}"
                      f"  {len(students)} students  <= {tokens:,} tokens: <= {human_bytes(size)} (compact, before "
                      f"compression)  teacher inference {capture / 1e15:.4f} PFLOP instead of {online_flops / 1e15:.4f} "
@@ -214,5 +210,5 @@ def teacher_spec(student, by_id: dict) -> ModelSpec | None:
     if student.role != "student":
         return None
     if student.depends_on:
-        return resolve_spec(config_from_dict(by_id[student.depends_on[0]].config).model)
+        return resolve_spec(by_id[student.depends_on[0]].settings.model)
     return resolve_spec(ModelConfig(name=student.info["teacher_model"]))

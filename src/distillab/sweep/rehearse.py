@@ -40,11 +40,13 @@ import socket
 import time
 from pathlib import Path
 
+from distillab.artefact import AtomicDirectory, entry_lock
 from distillab.config import CorpusConfig, load_config
 from distillab.data.sources import corpus_identity, iter_documents
 from distillab.errors import ConfigError, DistillabError
-from distillab.files import default_cache_dir, file_lock, stable_hash
 from distillab.evaluate.sets import PAPER_OOD
+from distillab.files import default_cache_dir, stable_hash
+from distillab.layout import RunLayout
 from distillab.models import LADDER, build_model, resolve_spec
 from distillab.sweep.grid import grid_from_dict
 from distillab.train.step import HEAD_FUSION_ELEMENTS, HEAD_FUSION_ENV
@@ -73,14 +75,15 @@ def rehearsal_tokenizer(vocab_size: int, corpus: CorpusConfig, cache_dir: Path) 
     key = stable_hash({"rehearsal_tokenizer": 1, "vocab_size": vocab_size, "bpe": BPE_MERGES,
                        "corpus": corpus_identity(corpus)})
     out = Path(cache_dir) / "rehearsal" / "tokenizers" / key
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with file_lock(out.parent / f".{key}.lock"):
-        if not (out / "tokenizer.json").exists():
-            build_tokenizer(vocab_size, (d.text for d in iter_documents(corpus, cache_dir)), out)
+    with entry_lock(out):
+        if not out.exists():
+            with AtomicDirectory(out) as tmp:
+                build_tokenizer(vocab_size, (d.text for d in iter_documents(corpus, cache_dir)), tmp)
     return out
 
 
 def build_tokenizer(vocab_size: int, texts, out: Path) -> None:
+    """The tokenizer of `rehearsal_tokenizer`, saved into the directory `out`."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -102,9 +105,7 @@ def build_tokenizer(vocab_size: int, texts, out: Path) -> None:
                                    bos_token=specials[0], eos_token=specials[1], model_max_length=1_000_000_000)
     if len(fast) != vocab_size:
         raise DistillabError(f"rehearsal tokenizer: built {len(fast)} ids, wanted {vocab_size}")
-    tmp = out.with_name(out.name + ".tmp")
-    fast.save_pretrained(str(tmp))
-    os.replace(tmp, out)
+    fast.save_pretrained(str(out))
 
 
 # ----------------------------------------------------------------------------- the twin grid
@@ -349,9 +350,9 @@ class Gang:
 
         from distillab.train import train
 
-        run_dir = Path(config_values["run_dir"])
-        run_dir.mkdir(parents=True, exist_ok=True)
-        launch = run_dir / "launch.yaml"
+        layout = RunLayout(config_values["run_dir"])
+        layout.path.mkdir(parents=True, exist_ok=True)
+        launch = layout.launch
         launch.write_text(yaml.safe_dump(config_values, sort_keys=False))
         dist.broadcast_object_list([str(launch)], src=0)
         saved = {k: os.environ.get(k) for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
