@@ -179,12 +179,22 @@ def cmd_sweep(args) -> int:
     from distillab.sweep import compute_summary, format_memory, format_notes, format_plan, load_grid, plan, run_sweep
 
     spec = load_grid(args.grid)
+    if args.cache_budget is not None:
+        from distillab.sweep.caches import parse_bytes
+
+        spec.cache_disk_budget = str(parse_bytes(args.cache_budget, "--cache-budget"))
+    if args.rehearse:
+        from distillab.sweep.rehearse import rehearse
+
+        out = Path(args.out) if args.out else inside(Path("sweeps"), f"{spec.name}-rehearsal", "name")
+        result = rehearse(args.grid, out)
+        return 0 if all(s == "done" for s in result["status"].values()) else 1
     out = Path(args.out) if args.out else inside(Path("sweeps"), spec.name, "name")
     if args.dry_run:
         runs = plan(spec, out)
         print(format_notes(spec.notes) + format_plan(runs, compute_summary(runs, spec, device=args.device,
                                                                             mfu=args.mfu)))
-        format_memory(runs, gpu(args.gpu) if args.gpu else None)
+        format_memory(runs, gpu(args.gpu) if args.gpu else None, spec)
         return 0
     slurm = {}
     for item in args.slurm or []:
@@ -412,6 +422,9 @@ def add_sweep_and_report(sub) -> None:
     sweep.add_argument("grid", help="grid spec (YAML); see configs/examples/grid_small.yaml")
     sweep.add_argument("--out", default=None, help="sweep directory (default sweeps/<name>)")
     sweep.add_argument("--dry-run", action="store_true", help="print runs, dependencies and compute; run nothing")
+    sweep.add_argument("--rehearse", action="store_true",
+                       help="run every run of the grid end to end on this machine's CPUs with tiny twins of its "
+                            "models, shrunk budgets and offline data, on 2 processes (docs/paper.md#rehearsal)")
     add_memory_args(sweep, None)
     sweep.add_argument("--device", default="cpu", help="compute estimate for: cpu, h100, tpu-v6e (default cpu)")
     sweep.add_argument("--mfu", type=float, default=0.4, help="model FLOP utilisation for h100 / tpu-v6e estimates")
@@ -420,6 +433,9 @@ def add_sweep_and_report(sub) -> None:
     sweep.add_argument("--slurm", nargs="*", metavar="KEY=VALUE",
                        help="submitit parameters, e.g. slurm_partition=gpu gpus_per_node=1 timeout_min=600")
     sweep.add_argument("--retry-failed", action="store_true", help="run failed runs again")
+    sweep.add_argument("--cache-budget", default=None, metavar="SIZE",
+                       help="disk for planned teacher caches, e.g. 20TB (overrides the grid's cache_disk_budget; "
+                            "default: the free space where the sweep writes)")
     sweep.set_defaults(func=cmd_sweep)
 
     report = sub.add_parser("report", help="results table, gains, labels and report.md / report.html of a sweep")

@@ -92,6 +92,10 @@ class ModelConfig:
     norm_eps: float | None = None
     # output rows of the embedding / head; unset = the tokenizer's size (rows beyond it stay unused)
     vocab_size: int | None = None
+    # how weights are initialised and attention scaled: hf (transformers' N(0, 0.02) init, softmax
+    # scale 1/sqrt(head_dim)); maxtext (the paper authors' engine: fan-in init, the query projection's
+    # init divided by sqrt(head_dim), Qwen3 attention scaled by 1/head_dim); see distillab.models
+    parametrisation: Literal["hf", "maxtext"] = "hf"
 
 
 @dataclass
@@ -114,6 +118,9 @@ class TrainConfig:
     branch_from: str | None = None
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.1
+    # which parameters AdamW decays: matrices (2-D and up; norms not) or all (optax.adamw without a
+    # mask, as the paper's authors ran it)
+    weight_decay_params: Literal["matrices", "all"] = "matrices"
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8

@@ -127,7 +127,7 @@ def resolve_spec(model: ModelConfig) -> ModelSpec:
     changes = {
         renamed.get(f.name, f.name): getattr(model, f.name)
         for f in dataclasses.fields(model)
-        if f.name != "name" and getattr(model, f.name) is not None
+        if f.name not in ("name", "parametrisation") and getattr(model, f.name) is not None
     }
     if not changes:
         return spec
@@ -184,11 +184,13 @@ def hf_config(spec: ModelSpec, vocab_size: int, max_seq_len: int, eos_token_id: 
 
 
 def build_model(spec: ModelSpec, vocab_size: int, max_seq_len: int, seed: int, eos_token_id: int | None = None,
-                device: torch.device | str = "cpu"):
+                device: torch.device | str = "cpu", parametrisation: str = "hf"):
     """A freshly initialised HF causal LM; the same seed always gives the same weights.
 
     Initialised on the CPU from its own generator state (the global RNG is left as it was), so
-    every process and device starts from identical weights; then moved to `device`.
+    every process and device starts from identical weights; then moved to `device`. Under
+    `parametrisation` maxtext the weights are initialised as the paper authors' MaxText did and
+    attention is scaled as it did (`maxtext_init`, `apply_parametrisation`).
     """
     from transformers import AutoModelForCausalLM
 
@@ -196,7 +198,94 @@ def build_model(spec: ModelSpec, vocab_size: int, max_seq_len: int, seed: int, e
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
+        if parametrisation == "maxtext":
+            maxtext_init(model)
+    apply_parametrisation(model, parametrisation)
     return model.to(device)
+
+
+# ----------------------------------------------------------------------------- the MaxText parametrisation
+#
+# The paper's authors trained with MaxText (their fork, github.com/TaiMingLu/maxtext-distillation).
+# Read there: MaxText/layers/models.py (token embedding: truncated normal, stddev 0.02),
+# attentions.py (q/k/v/out kernels: variance scaling 1.0, fan-in, normal; the query kernel's init
+# divided by sqrt(head_dim) in `query_projection`; `AttentionOp.apply_attention` multiplies the
+# query by 1/sqrt(head_dim) at run time), linears.py (MLP kernels and the untied output layer
+# `logits_dense`: variance scaling 1.0, fan-in, truncated normal), normalizations.py (RMSNorm scale:
+# ones) and qwen3.py (Qwen3 passes query_pre_attn_scalar = head_dim^-0.5, applied after qk-norm and
+# RoPE, on top of the run-time 1/sqrt(head_dim): attention logits are scaled by 1/head_dim).
+# Llama's forward pass is then HF's (1/sqrt(head_dim); MaxText's interleaved RoPE pairs differ from
+# HF's half-split pairs by a fixed permutation of each head's query and key channels, which an
+# i.i.d. init and Adam do not see); Qwen3's attention is scaled by 1/head_dim.
+
+TRUNCATED_NORMAL_STD = 0.87962566103423978  # std of a standard normal truncated to [-2, 2] (jax's constant)
+
+
+def fan_in_normal_(weight: torch.Tensor, scale: float = 1.0) -> None:
+    """jax variance_scaling(1.0, "fan_in", "normal") for an HF Linear weight [out, in], times `scale`."""
+    with torch.no_grad():
+        weight.normal_(0.0, scale / weight.shape[1] ** 0.5)
+
+
+def fan_in_truncated_normal_(weight: torch.Tensor) -> None:
+    """jax variance_scaling(1.0, "fan_in", "truncated_normal"): variance 1 / fan_in, cut at 2 std devs."""
+    std = (1.0 / weight.shape[1]) ** 0.5 / TRUNCATED_NORMAL_STD
+    torch.nn.init.trunc_normal_(weight, 0.0, std, -2 * std, 2 * std)
+
+
+def maxtext_init(model) -> None:
+    """Re-initialise an HF Llama / Qwen3 model as MaxText initialises the same architecture."""
+    config = model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    embedding = model.get_input_embeddings().weight
+    torch.nn.init.trunc_normal_(embedding, 0.0, 0.02, -0.04, 0.04)  # flax truncated_normal(stddev=0.02)
+    for layer in model.model.layers:
+        attention, mlp = layer.self_attn, layer.mlp
+        fan_in_normal_(attention.q_proj.weight, head_dim ** -0.5)
+        for projection in (attention.k_proj, attention.v_proj, attention.o_proj):
+            fan_in_normal_(projection.weight)
+        for projection in (mlp.gate_proj, mlp.up_proj, mlp.down_proj):
+            fan_in_truncated_normal_(projection.weight)
+    output = model.get_output_embeddings()
+    if output is not None and output.weight is not embedding:
+        fan_in_truncated_normal_(output.weight)
+    for name, param in model.named_parameters():
+        if param.dim() == 1:
+            torch.nn.init.ones_(param)
+
+
+def attention_scale(model, parametrisation: str) -> float | None:
+    """The softmax scale of the model's attention under `parametrisation` (None: transformers' own)."""
+    if parametrisation != "maxtext" or model.config.model_type != "qwen3":
+        return None
+    config = model.config
+    return 1.0 / (getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
+
+
+def apply_parametrisation(model, parametrisation: str) -> None:
+    """Set the run-time attention scale of `parametrisation` (MaxText Qwen3: 1/head_dim)."""
+    scale = attention_scale(model, parametrisation)
+    if scale is not None:
+        for layer in model.model.layers:
+            layer.self_attn.scaling = scale
+
+
+def query_norm_factors(model, parametrisation: str) -> dict[str, float]:
+    """{weight name: factor}: multiplying these weights by their factor gives a model whose forward
+    pass under transformers' own attention scale equals this one's (empty when they agree). The
+    query norm's weight scales the query linearly, and RoPE commutes with a scalar."""
+    scale = attention_scale(model, parametrisation)
+    if scale is None:
+        return {}
+    factor = scale / model.model.layers[0].self_attn.head_dim ** -0.5
+    return {name: factor for name, _ in model.named_parameters() if name.endswith("self_attn.q_norm.weight")}
+
+
+def exported_weights(weights: dict[str, torch.Tensor], factors: dict[str, float]) -> dict[str, torch.Tensor]:
+    """A state dict as saved for any HF tool: the weights named in `factors` folded by their factor."""
+    if not factors:
+        return weights
+    return {name: tensor * factors[name] if name in factors else tensor for name, tensor in weights.items()}
 
 
 def model_directory(name: str, key: str = "kd.teacher", revision: str | None = None) -> Path:
@@ -232,15 +321,16 @@ def nonfinite_parameter(model: torch.nn.Module) -> str | None:
     return None
 
 
-def load_causal_lm(path: str | Path, device: torch.device | str, key: str = "kd.teacher"):
-    """An HF causal LM from a directory, in fp32, or a one-line error naming `key`."""
+def load_causal_lm(path: str | Path, device: torch.device | str, key: str = "kd.teacher",
+                   dtype: torch.dtype = torch.float32):
+    """An HF causal LM from a directory, in fp32 (or `dtype`), or a one-line error naming `key`."""
     from transformers import AutoModelForCausalLM
 
     path = Path(path)
     if not (path / "config.json").is_file():
         raise ConfigError(key, f"{path} is not an HF model directory (no config.json)")
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, attn_implementation="sdpa")
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, attn_implementation="sdpa")
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise CheckpointError(f"{path}: cannot load as a causal LM ({first})") from None

@@ -171,7 +171,7 @@ class TeacherCache:
         return cls(path, manifest, index, key, sha256_file(path / MANIFEST))
 
     def __post_init__(self):
-        self.coding = make_coding(self.manifest["coding"], self.vocab_size, self.top_k)
+        self.coding = make_coding(self.manifest["coding"], self.output_rows, self.top_k)
         self.verified: set[int] = set()
         self.handles: dict[int, object] = {}
 
@@ -186,6 +186,11 @@ class TeacherCache:
     @property
     def vocab_size(self) -> int:
         return int(self.manifest["vocab_size"])
+
+    @property
+    def output_rows(self) -> int:
+        """The output rows the captured probabilities are normalised over (ids are below it)."""
+        return int(self.manifest.get("rows", self.manifest["vocab_size"]))
 
     @property
     def window_ids(self) -> np.ndarray:

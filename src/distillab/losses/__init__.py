@@ -250,7 +250,8 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     labels [...] token ids, `ignore_index` where there is no target. overwrite_logits: reuse the
     student logits' memory for their gradient (the training loop does; they hold garbage after).
     Keywords: any other field of `KDObjective` (divergence, its parameters, scale_by_t2,
-    label_smoothing, top_k, top_p, tail_bucket, loss_scale), checked by it (ConfigError, a ValueError).
+    label_smoothing, top_k, top_p, tail_bucket, top_k_student, loss_scale), checked by it (ConfigError, a
+    ValueError).
     """
     now = KDObjective(alpha=alpha, temperature=temperature, **objective).at(0, 1)
     return run_fused(student_logits, teacher_logits, labels, now, ignore_index, overwrite_logits)
@@ -307,11 +308,13 @@ def aligned_loss(student, teacher: AlignedTeacher, labels: torch.Tensor, now: St
 def reference_distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None,
                                 labels: torch.Tensor, *, alpha: float, temperature: float = 1.0,
                                 ignore_index: int = -100, top_k: int | None = None, divergence: str = "forward_kl",
-                                **parameters) -> LossOutput:
+                                top_k_student: str = "full", **parameters) -> LossOutput:
     """The same objective (mix weights, T^2, renormalised top-k) with plain autograd over the whole
     tensors: slower and memory-hungry; for tests, the GPU check, and reading. `parameters`: the
     divergence's (`Params` fields)."""
-    entry = DIVERGENCES[divergence]
+    objective = KDObjective(alpha=alpha, temperature=temperature, divergence=divergence, top_k=top_k,
+                            top_k_student=top_k_student, **parameters)
+    entry = objective.entry
     vocab = student_logits.shape[-1]
     s = student_logits.reshape(-1, vocab)
     y = labels.reshape(-1)
@@ -329,9 +332,9 @@ def reference_distillation_loss(student_logits: torch.Tensor, teacher_logits: to
             t = t.masked_fill(t < kth, float("-inf"))
         log_p = F.log_softmax(t / temperature, dim=-1)
         log_q = F.log_softmax(s / temperature, dim=-1)
-        if top_k is not None and not entry.whole_vocabulary_student:  # the student renormalised over the kept tokens
+        if top_k is not None and not objective.whole_vocabulary_student:  # the student renormalised over the kept
             log_q = F.log_softmax((s / temperature).masked_fill(torch.isinf(t), float("-inf")), dim=-1)
-        value, _ = entry.kernel(log_p, log_q, Params(**parameters))
+        value, _ = entry.kernel(log_p, log_q, objective)
         kd = temperature**2 * (value * valid).sum() / n
     total = (1 - alpha) * ce + alpha * kd
     return LossOutput(total=total, ce=ce.detach(), kd=kd.detach(), n_tokens=int(valid.sum()))

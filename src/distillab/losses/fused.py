@@ -98,7 +98,7 @@ def kd_term(student: torch.Tensor, teacher, now: StepObjective, ws: Workspace) -
         return dense_divergence(student, teacher, now, ws)
     rows = select(teacher, objective.top_k, objective.top_p) if isinstance(teacher, SparseRows) else \
         truncate_dense(teacher, objective.top_k, objective.top_p)
-    if objective.entry.whole_vocabulary_student and not objective.tail_bucket:
+    if objective.whole_vocabulary_student and not objective.tail_bucket:
         if forward_kl:
             return sparse_forward_kl(student, rows, now, ws)
         return sparse_divergence(student, rows, now, ws, full_student=True)

@@ -6,7 +6,9 @@ with (w_ce, w_kd) = (1 - a, a) for loss_scale "mix" (the paper's main runs), (1,
 "ce_fixed" and (1 - a, 1) for "kd_fixed"; CE_eps the cross-entropy with label smoothing eps;
 D_T a divergence between the teacher's and the student's distributions at temperature T
 (times T^2 unless scale_by_t2 is off; "hard" is the cross-entropy against the teacher's
-argmax, never scaled), over the teacher truncated to its top-k / top-p tokens when asked.
+argmax, never scaled), over the teacher truncated to its top-k / top-p tokens when asked (the
+student then either keeps its whole-vocabulary log-probabilities at the kept tokens, or is
+renormalised over them too: `top_k_student`).
 a and T may follow schedules over the run.
 
 `KDObjective` is that value, checked when it is made (`check_objective`: the one place KD
@@ -99,6 +101,10 @@ class KDObjective(Params):
     top_k: int | None = None
     top_p: float | None = None
     tail_bucket: bool = False
+    # the student's side of a truncated KD term without a tail: full = its whole-vocabulary
+    # log-probabilities at the kept tokens (forward KL; other divergences renormalise it, else the
+    # value is infinite); renormalised = renormalised over the teacher's kept tokens too
+    top_k_student: Literal["full", "renormalised"] = "full"
     label_smoothing: float = 0.0  # on the CE term
     # mix: (1 - alpha) CE + alpha KD; ce_fixed: CE + alpha KD; kd_fixed: (1 - alpha) CE + KD
     loss_scale: Literal["mix", "ce_fixed", "kd_fixed"] = "mix"
@@ -149,6 +155,12 @@ class KDObjective(Params):
     def truncated(self) -> bool:
         return self.top_k is not None or self.top_p is not None
 
+    @property
+    def whole_vocabulary_student(self) -> bool:
+        """With a truncated teacher (no tail): the student's whole-vocabulary log-probabilities at the
+        kept tokens (forward KL, `top_k_student` full), not the student renormalised over them."""
+        return self.entry.whole_vocabulary_student and self.top_k_student == "full"
+
     def at(self, step: int, steps: int) -> "StepObjective":
         """The objective in force at 0-based `step` of a run of `steps` steps: what the loss reads."""
         progress = step / max(1, steps - 1)
@@ -186,6 +198,8 @@ class KDObjective(Params):
                 parts.append("no T²")
         if self.top_k is not None:
             parts.append(f"top-{self.top_k}" + (" + tail" if self.tail_bucket else ""))
+        if self.top_k_student == "renormalised":
+            parts.append("student renormalised")
         if self.top_p is not None:
             parts.append(f"top-p {self.top_p:g}" + (" + tail" if self.tail_bucket else ""))
         if self.samples is not None:
@@ -241,6 +255,7 @@ FIELD_RULES = {
     "divergence": (lambda v: v in DIVERGENCES, f"must be one of {', '.join(DIVERGENCES)}"),
     "top_k": (lambda v: v is None or v >= 1, "must be >= 1"),
     "top_p": (lambda v: v is None or 0 < v <= 1, "must be in (0, 1]"),
+    "top_k_student": (lambda v: v in ("full", "renormalised"), "must be full or renormalised"),
     "label_smoothing": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
     "samples": (lambda v: v is None or 1 <= v <= MAX_SAMPLES, f"must be in [1, {MAX_SAMPLES}]"),
     "proposal_temperature": (lambda v: v > 0, "must be > 0"),
@@ -268,6 +283,11 @@ def check_objective(o: KDObjective) -> None:
             "set kd.top_k or kd.top_p, not both (which would apply first is ambiguous)")
     require(not o.tail_bucket or o.truncated, "tail_bucket",
             "needs a truncation (kd.top_k or kd.top_p) whose dropped mass forms the tail")
+    if o.top_k_student != "full":
+        require(o.truncated, "top_k_student",
+                "applies to a truncated teacher only; set kd.top_k (or kd.top_p), or leave it at full")
+        require(not o.tail_bucket, "top_k_student",
+                "with kd.tail_bucket the student keeps a tail category; leave kd.top_k_student at full")
     if o.entry.argmax_teacher:
         require(o.temperature == 1.0 and o.temperature_schedule.shape == "constant", "temperature",
                 f"must be 1 with kd.divergence={o.divergence} (the teacher's argmax has no temperature)")

@@ -47,8 +47,9 @@ class SampledCachedTeacher:
 
 
 def build_signal(kd: KDConfig, data, device: torch.device, precision: str, seq_len: int, distills: bool,
-                 packing: str = "concat"):
-    """The run's teacher signal (None for teachers and baselines), every check done before training."""
+                 packing: str = "concat", rows: int | None = None):
+    """The run's teacher signal (None for teachers and baselines), every check done before training;
+    `rows`: the student's output rows, which a same-tokenizer teacher's distribution covers."""
     if not distills:
         return None
     if kd.entry.aligned is not None:
@@ -57,7 +58,7 @@ def build_signal(kd: KDConfig, data, device: torch.device, precision: str, seq_l
         directory = model_directory(kd.teacher or "", revision=kd.teacher_revision)
         return CrossTokenizerTeacher.load(directory, data.tokenizer, device, kd.entry.alignment)
     names = [(kd.teacher, kd.cache), *zip(kd.teachers, kd.caches or ["off"] * len(kd.teachers))]
-    signals = [one_signal(kd, name, cache, data, device, precision, seq_len, packing, first=i == 0)
+    signals = [one_signal(kd, name, cache, data, device, precision, seq_len, packing, rows, first=i == 0)
                for i, (name, cache) in enumerate(names)]
     if len(signals) == 1:
         return signals[0]
@@ -67,11 +68,12 @@ def build_signal(kd: KDConfig, data, device: torch.device, precision: str, seq_l
     return SeveralTeachers(signals, weights, kd.teacher_mix, router)
 
 
-def one_signal(kd: KDConfig, teacher: str, cache: str, data, device, precision, seq_len, packing, first: bool):
+def one_signal(kd: KDConfig, teacher: str, cache: str, data, device, precision, seq_len, packing, rows,
+               first: bool):
     key = "kd.cache" if first else "kd.caches"
     single = dataclasses.replace(kd, teacher=teacher, cache=cache, teachers=[], caches=[],
                                  teacher_revision=kd.teacher_revision if first else None)
-    signal = build_teacher_signal(single, data, device, precision, seq_len, True, packing)
+    signal = build_teacher_signal(single, data, device, precision, seq_len, True, packing, rows)
     if isinstance(signal, CachedTeacher):
         coding = signal.cache.manifest["coding"]
         if coding["name"] == "sampled":

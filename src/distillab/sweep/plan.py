@@ -26,7 +26,7 @@ from distillab.gpus import GPU
 from distillab.layout import SweepLayout
 from distillab.memory import refuse_unless_fits, run_memory_plan
 from distillab.models import resolve_spec
-from distillab.sweep.caches import assign_caches, format_caches, teacher_spec
+from distillab.sweep.caches import assign_caches, format_caches, parse_bytes, teacher_spec
 from distillab.sweep.grid import DEFAULT_MFU, DEVICE_PEAK_FLOPS, GridSpec
 from distillab.train.schedule import make_plan
 
@@ -160,9 +160,13 @@ class Planner:
         self.runs[identity] = Run(identity, role, config, depends, info)
         return self.runs[identity]
 
+    def model(self, rung: str) -> dict:
+        """The model section of a run of `rung`: its name and the grid's `rung_overrides` for it."""
+        return {"name": rung, **self.spec.rung_overrides.get(rung, {})}
+
     def teacher_config(self, model: str, seed: int, tokens: int, extra: dict | None = None) -> dict:
         spec = self.spec
-        return merge(spec.base, {"model": {"name": model}, "kd": {"alpha": 0.0, "teacher": None},
+        return merge(spec.base, {"model": self.model(model), "kd": {"alpha": 0.0, "teacher": None},
                                  "train": {"token_budget": tokens, "init_seed": seed, "data_seed": seed}},
                      {"train": spec.teachers.train}, spec.teachers.overrides, extra or {})
 
@@ -224,7 +228,7 @@ class Planner:
 
     def student_base(self, model: str, tokens: int, seed: int) -> dict:
         spec = self.spec
-        return merge(spec.base, {"model": {"name": model}, "train": {
+        return merge(spec.base, {"model": self.model(model), "train": {
             "token_budget": tokens, "init_seed": seed, "data_seed": seed}},
             {"train": spec.students.train}, spec.students.overrides)
 
@@ -298,13 +302,22 @@ class Planner:
                         "alpha": alpha, "matched_tokens": matched, **objective})
 
 
-def plan(spec: GridSpec, sweep_dir: Path) -> list[Run]:
-    """Every run of the grid, teachers first."""
+def plan(spec: GridSpec, sweep_dir: Path, cache_decisions: list[int | None] | None = None) -> list[Run]:
+    """Every run of the grid, teachers first. Teacher caches within the grid's `cache_disk_budget`
+    (default: the free space where the sweep writes); `cache_decisions` (K or None per student, in
+    planning order) takes those decisions instead (see `distillab.sweep.caches.assign_caches`)."""
     planner = Planner(spec, sweep_dir)
     planner.students(planner.teacher_pool())
     planner.baseline_members()
-    assign_caches(list(planner.runs.values()), planner.sweep_dir)
+    budget = parse_bytes(spec.cache_disk_budget) if spec.cache_disk_budget is not None else None
+    assign_caches(list(planner.runs.values()), planner.sweep_dir, budget, cache_decisions)
     return sorted(planner.runs.values(), key=lambda r: ROLE_ORDER[r.role])
+
+
+def cache_plan(runs: list[Run]) -> list[int | None]:
+    """K of each student's planned cache (None: online), in planning order (inverse of `cache_decisions`)."""
+    return [run.info["teacher_cache"]["top_k"] if run.info.get("teacher_cache") else None
+            for run in runs if run.role == "student"]
 
 
 # ----------------------------------------------------------------------------- compute
@@ -319,19 +332,25 @@ def run_flops(run: Run, runs_by_id: dict[str, Run]) -> dict:
             "teacher_inference": teacher_inference_flops(teacher, vocab, cfg, run.info.get("teacher_cache"))}
 
 
-def format_memory(runs: list[Run], gpu: GPU | None) -> list[str]:
-    """The dry run's memory plans, one per distinct (role, student, teacher, layout); refuses (a
-    one-line ConfigError) the first that does not fit `gpu`, after the lines are printed."""
+def format_memory(runs: list[Run], gpu: GPU | None, spec: GridSpec | None = None) -> list[str]:
+    """The dry run's memory plans, one per distinct (role, student, teacher, layout): the training
+    step, evaluation during training and, with the grid `spec`, the final evaluation and the analysis.
+    Refuses (a one-line ConfigError naming the key that would fix it) the first that does not fit
+    `gpu`, after the lines are printed."""
     by_id, seen, lines, refusal = {r.id: r for r in runs}, set(), ["", "memory plan per GPU:"], None
     for run in runs:
         cfg = run.settings
-        teacher = None if run.info.get("teacher_cache") else teacher_spec(run, by_id)  # a cache holds no model
-        memory = run_memory_plan(cfg, teacher, gpu)
-        key = (run.role, run.info["model"], teacher.name if teacher else None, memory.layout)
+        cache = run.info.get("teacher_cache")
+        teacher = None if cache else teacher_spec(run, by_id)  # a cache holds no model
+        memory = run_memory_plan(cfg, teacher, gpu, cache["top_k"] if cache else None,
+                                 *phase_settings(run, cfg, spec, by_id))
+        key = (run.role, run.info["model"], teacher.name if teacher else None, memory.layout,
+               cache["top_k"] if cache else None)
         if key in seen:
             continue
         seen.add(key)
-        what = f"{run.role} {run.info['model']}" + (f" with teacher {teacher.name}" if teacher else "")
+        what = f"{run.role} {run.info['model']}" + (f" with teacher {teacher.name}" if teacher else "") + \
+            (f" reading a top-{cache['top_k']} cache" if cache else "")
         lines.append(f"  {what}: {memory.describe()}")
         if not memory.fits and refusal is None:
             refusal = (memory, cfg, teacher, what)
@@ -339,6 +358,19 @@ def format_memory(runs: list[Run], gpu: GPU | None) -> list[str]:
     if refusal is not None:
         refuse_unless_fits(*refusal)
     return lines
+
+
+def phase_settings(run: Run, cfg, spec: GridSpec | None, by_id: dict) -> tuple:
+    """(final evaluation (batch, seq_len), analysis (models, batch, seq_len)) of a run in a sweep."""
+    if spec is None:
+        return None, None
+    final_eval = (spec.eval.batch_size, spec.eval.seq_len or cfg.train.seq_len)
+    analysis = None
+    if spec.eval.analysis is not None and run.role == "student":
+        student, teacher = resolve_spec(cfg.model), teacher_spec(run, by_id)
+        stage = spec.eval.analysis
+        analysis = ([student, teacher, student], stage.batch_size, stage.seq_len, 2 if stage.dtype == "bfloat16" else 4)
+    return final_eval, analysis
 
 
 def compute_rate(spec: GridSpec, device: str, mfu: float) -> tuple[float, str]:

@@ -17,9 +17,11 @@ the parameter it belongs to. (Gathering needs the full model in the main process
 memory once per checkpoint; torch distributed checkpoint, which writes shards in place, is
 not used yet.)
 
-The output layer is not fused into the loss under FSDP (its weight is a shard outside the
-forward pass): the student's logits go through the chunked loss, and an online teacher runs
-its whole forward.
+The root unit (embeddings, final norm, output layer) keeps its parameters gathered from its
+forward pass until backward (FSDP's own choice for a root; the memory plan counts them
+gathered), so the fused loss can take the output layer's full weight after the forward pass
+(`distillab.train.step`, `distillab.teacher.OnlineTeacher.final_hidden`) and FSDP reduce-scatters
+its gradient with the others'. Logits are then never materialised under FSDP either.
 """
 
 from __future__ import annotations
@@ -63,7 +65,8 @@ class FullySharded(DataParallel):
     def shard(self, model: torch.nn.Module) -> torch.nn.Module:
         for block in transformer_blocks(model):
             fully_shard(block, mesh=self.mesh, mp_policy=self.policy, reshard_after_forward=True)
-        fully_shard(model, mesh=self.mesh, mp_policy=self.policy, reshard_after_forward=True)
+        # the root stays gathered after forward: the fused loss reads the output layer's weight then
+        fully_shard(model, mesh=self.mesh, mp_policy=self.policy, reshard_after_forward=False)
         return model
 
     def prepare_model(self, model, activation_checkpointing: bool = False, compile_blocks: bool = False):

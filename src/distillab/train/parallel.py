@@ -139,7 +139,7 @@ class DataParallel(SingleProcess):
     def close(self) -> None:
         import torch.distributed as dist
 
-        if dist.is_initialized():
+        if dist.is_initialized() and getattr(self, "owns_group", True):
             dist.destroy_process_group()
 
 
@@ -166,7 +166,8 @@ def setup_parallelism(train: TrainConfig) -> SingleProcess:
         return SingleProcess(device)
     import torch.distributed as dist
 
-    if not dist.is_initialized():
+    owns_group = not dist.is_initialized()  # a group started by the caller (a rehearsal) stays up
+    if owns_group:
         backend = "nccl" if device.type == "cuda" else "gloo"
         if "WORLD_SIZE" in os.environ:
             dist.init_process_group(backend=backend)
@@ -179,5 +180,8 @@ def setup_parallelism(train: TrainConfig) -> SingleProcess:
     if train.parallel == "fsdp":
         from distillab.train.fsdp import FullySharded
 
-        return FullySharded(device, rank, world, train.precision)
-    return DataParallel(device, rank, world)
+        parallel = FullySharded(device, rank, world, train.precision)
+    else:
+        parallel = DataParallel(device, rank, world)
+    parallel.owns_group = owns_group
+    return parallel

@@ -43,7 +43,7 @@ from distillab.data.shards import PreparedData, prepare_data
 from distillab.errors import CheckpointError, ConfigError
 from distillab.evaluate.perplexity import evaluate_prepared_sets
 from distillab.files import stable_hash
-from distillab.models import ModelSpec, build_model, resolve_spec
+from distillab.models import ModelSpec, build_model, exported_weights, query_norm_factors, resolve_spec
 from distillab.losses.objective import KDObjective
 from distillab.progress import progress_bar
 from distillab.sft import start_sft
@@ -54,7 +54,7 @@ from distillab.train.metrics import LogWindow, MetricsSink, NoMetrics
 from distillab.train.parallel import SingleProcess, setup_parallelism
 from distillab.train.rundir import RunDirectory, bound_inputs, check_inputs
 from distillab.train.schedule import Plan, learning_rate, make_optimizer, make_plan
-from distillab.train.step import StepResult, train_step
+from distillab.train.step import StepResult, fuse_head, train_step
 
 # Keys in which a WSD branch may differ from the trunk it starts from.
 BRANCH_KEYS = {"train.token_budget", "train.branch_from", "name"}
@@ -159,16 +159,18 @@ class Trainer:
         data = prepare_data(config.data, log)
         spec = resolve_spec(config.model)
         objective = config.kd.objective()
-        if objective.top_k is not None and objective.top_k > data.vocab_size:
-            raise ConfigError("kd.top_k", f"is {objective.top_k} but the vocabulary has {data.vocab_size} tokens")
         if spec.vocab_rows is not None and spec.vocab_rows < data.vocab_size:
             raise ConfigError("model.vocab_size", f"is {spec.vocab_rows} but the tokenizer has {data.vocab_size} "
                                                   "tokens")
+        rows = spec.rows(data.vocab_size)  # the loss runs over every output row, as baselines' CE does
+        if objective.top_k is not None and objective.top_k > rows:
+            raise ConfigError("kd.top_k", f"is {objective.top_k} but the model has {rows} output rows")
         teacher = build_signal(config.kd, data, parallel.device, t.precision, t.seq_len, objective.distills,
-                               config.data.packing)
+                               config.data.packing, rows)
         for online in online_teachers(teacher):
             online.model = parallel.prepare_teacher(online.model)
-        model = build_model(spec, data.vocab_size, t.seq_len, t.init_seed, data.tokenizer.eos_token_id, parallel.device)
+        model = build_model(spec, data.vocab_size, t.seq_len, t.init_seed, data.tokenizer.eos_token_id, parallel.device,
+                            config.model.parametrisation)
         stepper = parallel.prepare_model(model, t.activation_checkpointing, t.compile)
         stream = training_stream(data, t.seq_len, t.data_seed, config.data.packing, log)
         plan = make_plan(t)
@@ -208,11 +210,31 @@ class Trainer:
                 "skipped_steps": self.guard.skipped}
 
     def load_state_dict(self, state: dict, weights: dict) -> None:
+        weights = self.training_weights(weights, state)
         self.parallel.load_state(self.stepper, self.optimizer, weights, state["optimizer"])
         torch.set_rng_state(state["torch_rng"])
         self.step, self.tokens, self.sequences = state["step"], state["tokens"], state["sequences"]
         self.window = LogWindow(state.get("log_window"))
         self.guard.skipped = state.get("skipped_steps", 0)
+
+    def export_factors(self) -> dict[str, float]:
+        """Weights folded on saving, so the saved model is a plain HF one (`distillab.models.query_norm_factors`)."""
+        return query_norm_factors(self.model, self.config.model.parametrisation)
+
+    def training_weights(self, saved: dict, state: dict) -> dict:
+        """The weights as trained from a checkpoint's saved (folded) ones: the unfolded tensors kept in
+        its trainer state (exact), else the saved ones divided by their factors."""
+        factors = self.export_factors()
+        raw = state.get("unfolded_weights") or {}
+        return {name: raw[name] if name in raw else tensor / factors[name] if name in factors else tensor
+                for name, tensor in saved.items()}
+
+    def saved_weights(self, weights: dict | None) -> tuple[dict | None, dict]:
+        """(weights to save, the unfolded ones a resume needs back exactly)."""
+        factors = self.export_factors()
+        if weights is None or not factors:
+            return weights, {}
+        return exported_weights(weights, factors), {name: weights[name] for name in factors}
 
     def meta(self) -> dict:
         """What produced a checkpoint: written into its distillab.json."""
@@ -329,7 +351,8 @@ class Trainer:
         NonFiniteGuard.check_weights(self.step, self.model, "checkpoint")
         self.check_not_collapsed("checkpoint")
         t = self.config.train
-        weights, state = self.parallel.model_state(self.stepper), self.state_dict()
+        weights, unfolded = self.saved_weights(self.parallel.model_state(self.stepper))
+        state = {**self.state_dict(), **({"unfolded_weights": unfolded} if unfolded else {})}
         if self.parallel.is_main:
             save_checkpoint(step_dir(run.checkpoints, self.step), self.model, self.data.tokenizer, self.meta(), state,
                             state_dict=weights)
@@ -398,8 +421,10 @@ class Trainer:
         n_params = sum(p.numel() for p in self.model.parameters())
         teacher = (f", {self.objective.label()}, teacher {self.teacher.description}" if self.teacher else
                    ", SFT on assistant tokens" if self.role() == "sft" else ", LM only")
+        fused = ", LM head fused into the loss" if fuse_head(self.model, self.batches()[0]) else ""
         self.log(f"train: {self.config.name}: {self.spec.name} ({self.spec.non_embedding_parameters():,} non-embedding "
-                 f"/ {n_params:,} parameters), {self.plan.steps} steps x {self.plan.tokens_per_step:,} tokens{teacher}")
+                 f"/ {n_params:,} parameters), {self.plan.steps} steps x {self.plan.tokens_per_step:,} tokens{teacher}"
+                 f"{fused}")
 
     # ------------------------------------------------------------------------- finish
 
@@ -407,7 +432,7 @@ class Trainer:
         """The final model and summary, once the weights and the held-out loss pass their checks."""
         NonFiniteGuard.check_weights(self.step, self.model, "final model")
         self.check_not_collapsed("final model")
-        weights = self.parallel.model_state(self.stepper)
+        weights, _ = self.saved_weights(self.parallel.model_state(self.stepper))
         if self.parallel.is_main:
             self.check_not_diverged(final=True)
             save_checkpoint(run.final, self.model, self.data.tokenizer, self.meta(), state_dict=weights)
