@@ -85,7 +85,8 @@ def test_vectorised_rules_are_the_verdict_rules(finding):
     library = {"F1": rule_gain_expected(0.02), "F3-OOD": rule_gain_expected(0.02), "F2": rule_no_gain_expected(0.02),
                "F3-downstream": rule_downstream}[finding]
     for i in range(2000):
-        cis = {"gain": {"lo": gain[0][i], "hi": gain[1][i]}, "in_domain": {"lo": in_domain[0][i], "hi": in_domain[1][i]}}
+        cis = {"gain": {"lo": gain[0][i], "hi": gain[1][i]},
+               "in_domain": {"lo": in_domain[0][i], "hi": in_domain[1][i]}}
         decision = library(cis)
         assert (reproduced[i], not_reproduced[i]) == (decision == REPRODUCED, decision == NOT_REPRODUCED), (i, cis)
 

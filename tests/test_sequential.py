@@ -66,7 +66,8 @@ def test_design_constants_are_the_recorded_calibration():
 
 
 def t4_upper_tail(c: float) -> float:
-    """P(T > c) for Student t with 4 df, exactly: 1/2 - (3/8) x (1 - c^2 / (12 (1 + c^2 / 4))), x = c / sqrt(1 + c^2 / 4)."""
+    """P(T > c) for Student t with 4 df, exactly: 1/2 - (3/8) x (1 - c^2 / (12 (1 + c^2 / 4))),
+    x = c / sqrt(1 + c^2 / 4)."""
     x = c / math.sqrt(1 + c * c / 4)
     return 0.5 - 3 / 8 * x * (1 - c * c / (12 * (1 + c * c / 4)))
 

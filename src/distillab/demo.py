@@ -79,7 +79,7 @@ class Study:
     tasks: tuple[str, ...]
     limit: int
     max_windows: int
-    max_interval_seeds: int | None = None  # at most this many seeds per finding's interval (None: the design's last look)
+    max_interval_seeds: int | None = None  # most seeds per finding's interval (None: the design's last look)
     lr: float = 3e-3
     corpus_limit: int | None = None  # documents of the corpus (quick: a few works, so data is ready at once)
 
@@ -238,7 +238,8 @@ def epochs_note(study: Study, log) -> str:
 
 # ----------------------------------------------------------------------------- the plan, fixed before the first run
 
-STUDY_OVERHEAD_SECONDS = 40  # workers' imports, the data check, the speed measurement, rounds' bookkeeping, reports
+# workers' imports, the data check, the speed measurement, rounds' bookkeeping, reports (10-20 s measured; bounded)
+STUDY_OVERHEAD_SECONDS = 40
 
 
 def teacher_key(model: str, tokens: int) -> str:
@@ -306,8 +307,8 @@ class StudyPlan:
                 f"{tuning_students} students = every teacher × α on seeds 1–{TUNING_SEEDS}, their baselines and "
                 f"compute-matched baselines); then one round per look of the design (looks at {looks} interval "
                 f"seeds), while a finding is open: each new seed trains a student per teacher of the open findings at "
-                f"its tuned α, and the baseline ({len(self.teachers) + 1} runs at most). At most {self.max_runs()} runs "
-                f"in {1 + len(self.looks)} rounds; predicted at most {self.worst_seconds() / 60:.0f} min on this "
+                f"its tuned α, and the baseline ({len(self.teachers) + 1} runs at most). At most {self.max_runs()} "
+                f"runs in {1 + len(self.looks)} rounds; predicted at most {self.worst_seconds() / 60:.0f} min on this "
                 f"machine ({self.workers} single-thread workers; {self.study.student}'s training step measured at "
                 f"{self.rate / 1e9:.1f} GFLOP/s), less when findings are decided early.")
 
@@ -315,11 +316,9 @@ class StudyPlan:
 def plan_study(study: Study, sweep_dir: Path, rate: float, workers: int) -> StudyPlan:
     """The plan of `study` with each run's predicted seconds at `rate` FLOP/s."""
     from distillab.sweep import grid_from_dict, plan
-    from distillab.sweep.plan import run_flops
 
     runs = plan(grid_from_dict(study_grid(study)), sweep_dir)
-    by_id = {r.id: r for r in runs}
-    seconds = {r.id: run_seconds(sum(run_flops(r, by_id).values()), rate) for r in runs}
+    seconds = predicted_seconds(runs, rate)
     per_seed = {teacher_key(r.info["teacher_model"], r.info["teacher_tokens"]): seconds[r.id]
                 for r in runs if r.role == "student"}
     per_seed["baseline"] = next(seconds[r.id] for r in runs if r.role == "baseline"
@@ -328,6 +327,7 @@ def plan_study(study: Study, sweep_dir: Path, rate: float, workers: int) -> Stud
 
 
 def predicted_seconds(runs, rate: float) -> dict[str, float]:
+    """Run id -> predicted seconds of each planned run (its FLOPs through the time model at `rate`)."""
     from distillab.sweep.plan import run_flops
 
     by_id = {r.id: r for r in runs}
