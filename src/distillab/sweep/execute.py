@@ -188,8 +188,9 @@ def run_sweep(spec: GridSpec, sweep_dir: str | Path, workers: int = 1, executor:
             log(f"sweep: {done_before} of {len(runs)} runs already done; skipping them")
         if clock is None:
             clock = grid_clock(spec, runs, status, workers)
-            log(f"sweep: {len(runs) - done_before} runs to do, about {minutes(clock.seconds_left())} on {workers} "
-                f"worker(s) at the grid's cpu_gflops = {spec.cpu_gflops:g} (corrected as runs finish)")
+            if done_before < len(runs):
+                log(f"sweep: {len(runs) - done_before} runs to do, about {minutes(clock.seconds_left())} on "
+                    f"{workers} worker(s) at the grid's cpu_gflops = {spec.cpu_gflops:g} (corrected as runs finish)")
         threads = max(1, (os.cpu_count() or 1) // workers)
         if pool is not None:
             submit = pool
@@ -208,10 +209,11 @@ def run_sweep(spec: GridSpec, sweep_dir: str | Path, workers: int = 1, executor:
 
 
 def grid_clock(spec: GridSpec, runs: list[Run], status: dict, workers: int) -> Clock:
-    """A clock over the grid's runs, predicted at the grid's `cpu_gflops` (FLOPs / rate)."""
+    """A clock over the grid's runs, predicted at the grid's `cpu_gflops` (FLOPs / rate); runs this
+    invocation will not start (done, or failed without --retry-failed) count as finished."""
     per_run = compute_summary(runs, spec)["per_run"]
     return Clock({r.id: per_run[r.id]["hours"] * 3600 for r in runs}, workers,
-                 done={r.id for r in runs if status[r.id] == "done"})
+                 done={r.id for r in runs if status[r.id] != "pending"})
 
 
 def drive(runs: list[Run], status: dict, submit, workers: int, sweep_dir: Path, log, clock: Clock) -> None:
