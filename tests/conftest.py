@@ -64,7 +64,7 @@ def looks_3_to_8():
     """The first sequential design (looks at 3, 4, ..., 8 interval seeds, O'Brien-Fleming-type spending; its
     constants from calibrate_critical_values((3, 4, 5, 6, 7, 8), 0.05, 2_000_000, 20261101)): the verdict and
     adaptive tests walk the machinery on it, so they do not change when the demo's DESIGN does."""
-    from distillab.sequential import Design
+    from distillab.study.sequential import Design
 
     return Design(looks=(3, 4, 5, 6, 7, 8), alpha=0.05, critical_values=(26.9, 7.76, 4.7, 3.62, 3.06, 2.73),
                   replications=2_000_000, rng_seed=20261101)

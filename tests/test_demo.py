@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from distillab.demo import (
-    CPU_RUNGS,
+from distillab.study.demo import (
     DATA_STARVED,
     RUN_THREADS,
     STUDIES,
     Study,
+    cpu_rungs,
     demo_grid,
     plan_study,
     regime_study,
@@ -21,9 +21,9 @@ from distillab.demo import (
 )
 from distillab.errors import DistillabError
 from distillab.models import LADDER, build_model
-from distillab.sequential import DESIGN
+from distillab.study.sequential import DESIGN
 from distillab.sweep import grid_from_dict, plan, run_sweep
-from distillab.verdicts import INCONCLUSIVE, NOT_REPRODUCED, REPRODUCED, TUNING_SEEDS
+from distillab.study.verdicts import INCONCLUSIVE, NOT_REPRODUCED, REPRODUCED, TUNING_SEEDS
 
 RESULTS = Path(__file__).parent.parent / "docs" / "results"
 
@@ -78,7 +78,7 @@ def test_the_studies_are_the_regime_function_of_their_student_rung():
     per_parameter = larger.student_tokens / LADDER["cpu-0.1m"].non_embedding_parameters()
     assert 20 <= per_parameter <= 30 and larger.student_tokens % (32 * 32 * 128) == 0
     assert larger.weaker_rungs == ("cpu-27k", "cpu-55k")
-    for rung in (CPU_RUNGS[1], CPU_RUNGS[-2]):
+    for rung in (cpu_rungs()[1], cpu_rungs()[-2]):
         with pytest.raises(DistillabError, match="two CPU rungs below and two above"):
             regime_study("x", rung, "shakespeare", 0.08, ("validation",), 10, 8, token_multiple=2)
 
@@ -198,7 +198,7 @@ def test_quick_demo_runs_the_pipeline_adds_seeds_and_reports_every_section(tmp_p
 
 
 def test_an_opt_in_time_cap_is_labelled_machine_dependent():
-    from distillab.demo import DemoState, about_lines, beyond_cap, time_cap_text
+    from distillab.study.demo import DemoState, StudyOutcome, about_lines, beyond_cap, time_cap_text
     from distillab.sweep.eta import Clock
 
     study_plan = plan_study(STUDIES["default"], Path("unused"), rate=26.5e9, workers=2)
@@ -208,7 +208,8 @@ def test_an_opt_in_time_cap_is_labelled_machine_dependent():
     assert beyond_cap(10, study_plan, study_plan.teachers, 5, clock, elapsed=600 - round_seconds + 1)
     assert not beyond_cap(10, study_plan, study_plan.teachers, 5, clock, elapsed=600 - round_seconds - 1)
     state = DemoState(stop=time_cap_text(10, ["F1"]), time_cap_minutes=10, capped=True)
-    text = "\n".join(about_lines(STUDIES["default"], "default", 2, state, "", "a machine", study_plan))
+    text = "\n".join(about_lines(STUDIES["default"], "default", 2, StudyOutcome(state, {}, study_plan, ""),
+                                  "a machine"))
     assert "Machine-dependent result" in text and "MACHINE-DEPENDENT" in text and "--time-cap" in text
 
 

@@ -1,4 +1,4 @@
-"""The design simulation (`distillab.power`): its inputs recomputed from the committed demos, its rules
+"""The design simulation (`distillab.study.power`): its inputs recomputed from the committed demos, its rules
 against the verdict code, its probabilities against exact float64 integrals, and the design it chose."""
 
 import csv
@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from distillab.power import (
+from distillab.study.power import (
     CHOICE_INPUTS,
     CHOICE_SOURCES,
     FINDINGS,
@@ -24,8 +24,8 @@ from distillab.power import (
     rule_outcomes,
     simulate_finding,
 )
-from distillab.sequential import DESIGN, Design
-from distillab.verdicts import NOT_REPRODUCED, REPRODUCED, rule_downstream, rule_gain_expected, rule_no_gain_expected
+from distillab.study.sequential import DESIGN, Design
+from distillab.study.verdicts import NOT_REPRODUCED, REPRODUCED, rule_downstream, rule_gain_expected, rule_no_gain_expected
 
 RESULTS = Path(__file__).parent.parent / "docs" / "results"
 
@@ -128,7 +128,7 @@ def test_the_design_meets_the_rule_it_was_chosen_by():
 
 @pytest.mark.slow
 def test_the_rule_chooses_the_design_in_code():
-    from distillab.power import candidate_designs, choose_design, evaluate
+    from distillab.study.power import candidate_designs, choose_design, evaluate
 
     chosen = choose_design(evaluate(candidate_designs(), default_plan(), measured_effects()))["design"]
     assert (chosen.looks, chosen.spending) == (DESIGN.looks, DESIGN.spending)

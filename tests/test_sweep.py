@@ -10,8 +10,8 @@ import yaml
 from distillab.errors import ConfigError
 from distillab.files import exclusive_lock
 from distillab.report import write_report
-from distillab.results import add_gains_and_labels, label_by_loss, label_by_size
-from distillab.stats import mean_ci
+from distillab.study.results import add_gains_and_labels, label_by_loss, label_by_size
+from distillab.study.stats import mean_ci
 from distillab.sweep import compute_summary, format_plan, load_grid, plan, run_sweep
 
 
@@ -87,7 +87,8 @@ def test_schedule_and_clock_arithmetic():
 def test_mean_ci_matches_the_t_interval():
     values = [0.01, 0.05, -0.02]
     ci = mean_ci(values)
-    half = 4.303 * statistics.stdev(values) / math.sqrt(3)
+    t_2 = 0.95 / math.sqrt(2 * 0.975 * 0.025)  # the 97.5 % quantile of t with 2 df, in closed form
+    half = t_2 * statistics.stdev(values) / math.sqrt(3)
     assert ci["mean"] == pytest.approx(statistics.fmean(values))
     assert ci["lo"] == pytest.approx(ci["mean"] - half) and ci["hi"] == pytest.approx(ci["mean"] + half)
     assert mean_ci([0.1])["lo"] is None and mean_ci([])["mean"] is None

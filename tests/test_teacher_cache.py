@@ -5,6 +5,7 @@ the compact coding within its stated rounding; a run from a cache against the on
 with the same truncation, step by step.
 """
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from distillab.cache.capture import capture_teacher_cache, ensure_capture, top_k_rows
+from distillab.capture import capture_teacher_cache, ensure_capture, top_k_rows
 from distillab.cache.coding import LOG_STEP, CompactCoding, Float32Coding, TopKRows
 from distillab.cache.store import TeacherCache
 from distillab.config import config_from_dict
@@ -189,7 +190,7 @@ def test_another_teacher_is_refused(exact_cache, student_config, tmp_path, cache
     other = train(config_from_dict(tiny_run(tmp_path, cache_dir, "other", train={"init_seed": 7, "threads": 1})),
                   **QUIET).final_dir
     config = student_config("wrong-teacher", top_k=8, cache=str(exact_cache))
-    config.kd.teacher = str(other)
+    config.kd = dataclasses.replace(config.kd, teacher=str(other))
     refusal(config, "captured from another teacher")
 
 
@@ -252,7 +253,7 @@ def test_a_sweep_captures_one_cache_per_teacher_and_its_students_read_it(tmp_pat
     """kd.cache: auto (the default): a teacher serving students at top-k 4 and 8 gets one top-8
     cache; the dry run shows it with its storage and FLOPs; every student trains from it; the
     results count the teacher's inference once; `kd.cache: off` keeps the online teacher."""
-    from distillab.results import collect_rows
+    from distillab.study.results import collect_rows
     from distillab.sweep import compute_summary, format_plan, load_grid, plan, run_sweep
     from test_sweep import grid_file
 

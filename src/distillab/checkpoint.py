@@ -16,42 +16,32 @@ manifest is not a checkpoint; one whose files disagree with it is corrupt and is
 from __future__ import annotations
 
 import json
-import re
 import shutil
 from pathlib import Path
 
 import torch
 
+from distillab.artefact import MANIFEST, AtomicDirectory, file_digests, file_problem, read_json_manifest, \
+    remove_leftovers
 from distillab.errors import CheckpointError
-from distillab.files import fix_permissions, make_temp_dir, remove_stale_temp_dirs, replace_dir, sha256_file, \
-    write_json_atomic
+from distillab.files import write_json_atomic
+from distillab.layout import STEP, step_name
 
-MANIFEST = "manifest.json"
 TRAINER_STATE = "trainer_state.pt"
 META = "distillab.json"
-STEP_DIR = re.compile(r"^step_(\d{8})$")
 
 
 def save_checkpoint(target: Path, model, tokenizer, meta: dict, trainer_state: dict | None = None,
                     state_dict: dict | None = None) -> Path:
     """Write an HF checkpoint of `model` (or of `state_dict` in `model`'s architecture) to `target`."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = make_temp_dir(target.parent, f".tmp-{target.name}-")
-    try:
+    with AtomicDirectory(target) as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True, state_dict=state_dict)
         tokenizer.save_pretrained(str(tmp))
         if trainer_state is not None:
             torch.save(trainer_state, tmp / TRAINER_STATE)
         (tmp / META).write_text(json.dumps(meta, indent=2, default=str) + "\n")
-        fix_permissions(tmp)  # safetensors writes 0600; every other file follows the umask
-        files = {str(p.relative_to(tmp)): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
-        write_json_atomic(tmp / MANIFEST, {"files": files})
-        replace_dir(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target
+        write_json_atomic(tmp / MANIFEST, {"files": file_digests(tmp)})
+    return Path(target)
 
 
 def verify_checkpoint(path: Path) -> None:
@@ -62,20 +52,26 @@ def verify_checkpoint(path: Path) -> None:
     manifest = path / MANIFEST
     if not manifest.is_file():
         raise CheckpointError(f"{path}: no {MANIFEST}, so the checkpoint is incomplete; resume or retrain the run")
-    try:
-        files = json.loads(manifest.read_text())["files"]
-    except (json.JSONDecodeError, KeyError):
-        raise CheckpointError(f"{manifest}: unreadable; the checkpoint is corrupt") from None
+    files = (read_json_manifest(manifest) or {}).get("files")
+    if not isinstance(files, dict):
+        raise CheckpointError(f"{manifest}: unreadable; the checkpoint is corrupt")
     for name, digest in files.items():
-        file = path / name
-        if not file.is_file():
-            raise CheckpointError(f"{file}: missing from checkpoint")
-        if sha256_file(file) != digest:
-            raise CheckpointError(f"{file}: checksum mismatch against {manifest}; the file is corrupt")
+        problem = file_problem(path / name, digest)
+        if problem is not None:
+            raise CheckpointError(f"{problem}; the checkpoint is corrupt")
+
+
+def verify_model_directory(path: Path) -> bool:
+    """Verify a distillab checkpoint (it has a manifest; CheckpointError if corrupt); an HF model
+    directory without one is taken as it is. Whether it was verified."""
+    if not (Path(path) / MANIFEST).exists():
+        return False
+    verify_checkpoint(path)
+    return True
 
 
 def step_dir(checkpoints: Path, step: int) -> Path:
-    return Path(checkpoints) / f"step_{step:08d}"
+    return Path(checkpoints) / step_name(step)
 
 
 def list_checkpoints(checkpoints: Path) -> list[tuple[int, Path]]:
@@ -84,7 +80,7 @@ def list_checkpoints(checkpoints: Path) -> list[tuple[int, Path]]:
         return []
     found = []
     for child in Path(checkpoints).iterdir():
-        match = STEP_DIR.match(child.name)
+        match = STEP.match(child.name)
         if match and (child / MANIFEST).is_file():
             found.append((int(match.group(1)), child))
     return sorted(found)
@@ -115,7 +111,7 @@ def prune_checkpoints(checkpoints: Path, keep: int, protected: list[int] | tuple
     for step, path in complete[:-keep]:
         if step not in protected:
             shutil.rmtree(path, ignore_errors=True)
-    remove_stale_temp_dirs(Path(checkpoints))
+    remove_leftovers(Path(checkpoints))
 
 
 def read_meta(path: Path) -> dict:

@@ -12,8 +12,8 @@ student. The demo does the same at CPU scale (`regime_study`: a function of the 
                    per teacher, a compute-matched one that spends the teacher's inference FLOPs on
                    more tokens (descriptive: no verdict uses it)
     seeds          every teacher x alpha on the tuning seeds (alpha is tuned on them); then one
-                   round per look of the group-sequential design (`distillab.sequential.DESIGN`):
-                   the seeds `distillab.adaptive.seeds_to_add` asks for, i.e. the teachers of each
+                   round per look of the group-sequential design (`distillab.study.sequential.DESIGN`):
+                   the seeds `distillab.study.adaptive.seeds_to_add` asks for, i.e. the teachers of each
                    finding still open, at their tuned alpha, up to its next look. A round starts
                    only while some finding is open and its look is within the design.
 
@@ -21,7 +21,7 @@ The stopping rule reads only the results, never the clock: the number of seeds, 
 fixed in code, and the same command gives the same results.csv and verdicts on any machine (each
 run trains on one thread, whatever the number of workers or cores). `--time-cap` is an opt-in
 exception, labelled in the report as machine-dependent. The design was chosen by simulation
-(`distillab.power`, docs/sweeps.md) before any demo ran.
+(`distillab.study.power`, docs/sweeps.md) before any demo ran.
 
 No run repeats data (checked before any run starts). Sizes:
 
@@ -48,13 +48,13 @@ from pathlib import Path
 from distillab.config import config_from_dict
 from distillab.errors import DistillabError
 from distillab.files import write_json_atomic
+from distillab.layout import SweepLayout
 from distillab.models import LADDER
-from distillab.sequential import DESIGN, Design
+from distillab.study.sequential import DESIGN, Design
+from distillab.study.verdicts import TUNING_SEEDS
 from distillab.sweep.eta import Clock, measure_rate, run_seconds, schedule_seconds
-from distillab.verdicts import TUNING_SEEDS
 
 DEMO_SETS = ("validation", "milton", "wikipedia", "python-stdlib")
-CPU_RUNGS = ("cpu-7k", "cpu-14k", "cpu-27k", "cpu-55k", "cpu-0.1m", "cpu-0.3m", "cpu-1m", "cpu-3m", "cpu-10m")
 TOKENS_PER_PARAMETER = 24  # the student's budget, rounded to whole blocks of STEP_BLOCK steps
 STEP_BLOCK = 32
 RUN_THREADS = 1  # every run trains on one thread: the same kernels, so the same bits, on any machine
@@ -94,26 +94,40 @@ class Study:
         return tuple(m for m in self.ladder if LADDER[m].non_embedding_parameters() < size)
 
 
+def cpu_rungs() -> tuple[str, ...]:
+    """The CPU ladder's rungs, smallest first."""
+    rungs = [name for name in LADDER if name.startswith("cpu-")]
+    return tuple(sorted(rungs, key=lambda name: LADDER[name].non_embedding_parameters()))
+
+
+def student_regime(student: str, tokens_per_parameter: float, tokens_per_step: int, step_block: int,
+                   token_multiple: int) -> dict:
+    """The fields of a study that follow from its student rung: `student_tokens` (tokens_per_parameter per
+    non-embedding parameter, in whole blocks of step_block steps of tokens_per_step tokens), the `ladder`
+    (the two rungs below and the two above, on the student's tokens) and the `token_axis` (the first rung
+    above on token_multiple x the student's tokens)."""
+    rungs = cpu_rungs()
+    if student not in rungs or not 2 <= rungs.index(student) <= len(rungs) - 3:
+        raise DistillabError(f"demo: student {student!r} needs two CPU rungs below and two above it; use one of "
+                             f"{', '.join(rungs[2:-2])}")
+    index = rungs.index(student)
+    block = step_block * tokens_per_step
+    blocks = max(1, round(tokens_per_parameter * LADDER[student].non_embedding_parameters() / block))
+    return {"student": student, "student_tokens": blocks * block,
+            "ladder": rungs[index - 2:index] + rungs[index + 1:index + 3],
+            "token_axis": ((rungs[index + 1], token_multiple),)}
+
+
 def regime_study(name: str, student: str, corpus: str, validation_fraction: float, sets: tuple[str, ...],
                  limit: int, max_windows: int, token_multiple: int, vocab: int = 512, seq_len: int = 128,
                  batch_size: int = 32, alphas: tuple[float, ...] = (0.05, 0.2, 0.5),
                  tasks: tuple[str, ...] = ("piqa", "arc_easy")) -> Study:
-    """The demo's study around one student rung of `CPU_RUNGS`, in the paper's regime: the student trains
-    TOKENS_PER_PARAMETER tokens per non-embedding parameter (to whole blocks of STEP_BLOCK steps); the
-    ladder is the two rungs below and the two above, on the student's tokens; the token axis is the
-    first rung above on `token_multiple` x the student's tokens."""
-    if student not in CPU_RUNGS or not 2 <= CPU_RUNGS.index(student) <= len(CPU_RUNGS) - 3:
-        raise DistillabError(f"demo: student {student!r} needs two CPU rungs below and two above it; use one of "
-                             f"{', '.join(CPU_RUNGS[2:-2])}")
-    index = CPU_RUNGS.index(student)
-    tokens_per_step = batch_size * seq_len
-    parameters = LADDER[student].non_embedding_parameters()
-    steps = max(1, round(TOKENS_PER_PARAMETER * parameters / tokens_per_step / STEP_BLOCK)) * STEP_BLOCK
-    ladder = CPU_RUNGS[index - 2:index] + CPU_RUNGS[index + 1:index + 3]
-    return Study(name, corpus, validation_fraction, vocab, seq_len, batch_size, student=student,
-                 student_tokens=steps * tokens_per_step, ladder=ladder,
-                 token_axis=((CPU_RUNGS[index + 1], token_multiple),), alphas=alphas, sets=sets, tasks=tasks,
-                 limit=limit, max_windows=max_windows)
+    """The demo's study around one student rung of `cpu_rungs()`, in the paper's regime
+    (`student_regime`): the student trains TOKENS_PER_PARAMETER tokens per non-embedding parameter, to
+    whole blocks of STEP_BLOCK steps."""
+    regime = student_regime(student, TOKENS_PER_PARAMETER, batch_size * seq_len, STEP_BLOCK, token_multiple)
+    return Study(name, corpus, validation_fraction, vocab, seq_len, batch_size, alphas=alphas, sets=sets, tasks=tasks,
+                 limit=limit, max_windows=max_windows, **regime)
 
 
 STUDIES = {
@@ -354,12 +368,23 @@ def read_state(path: Path) -> DemoState:
     return DemoState(**json.loads(path.read_text())) if path.exists() else DemoState()
 
 
+@dataclass
+class StudyOutcome:
+    """One invocation of a study's rounds: what they did so far, the sweep's statuses, the plan, the data note."""
+
+    state: DemoState
+    status: dict
+    plan: StudyPlan
+    epochs: str
+
+
 def requested_members(sweep_dir: Path, study: Study) -> tuple[list[dict], list[str]]:
     """(new students the sequential rule asks for, the findings still open), from the current results."""
-    from distillab.adaptive import seeds_to_add
-    from distillab.results import add_gains_and_labels, collect_rows
+    from distillab.study.adaptive import seeds_to_add
+    from distillab.study.results import add_gains_and_labels, collect_rows
+    from distillab.sweep.execute import read_plan
 
-    spec = json.loads((sweep_dir / "plan.json").read_text())["spec"]
+    spec = read_plan(sweep_dir)["spec"]
     rows = add_gains_and_labels(collect_rows(sweep_dir), spec["label_tolerance"])
     teachers = {r["run_id"]: r for r in rows if r["role"] == "teacher"}
     members, still_open = [], []
@@ -452,8 +477,9 @@ def time_cap_text(time_cap_minutes: float, still_open: list[str]) -> str:
             "runs every round its design asks for")
 
 
-def about_lines(study: Study, size: str, workers: int, state: DemoState, epochs: str, machine: str,
-                study_plan: StudyPlan) -> list[str]:
+def about_lines(study: Study, size: str, workers: int, outcome: StudyOutcome, machine: str) -> list[str]:
+    """The report's "About this run" lines of a study (`size`: the demo flag it ran under)."""
+    state, study_plan = outcome.state, outcome.plan
     seeds = sorted({m["seed"] for m in state.members} | set(range(1, TUNING_SEEDS + 1)))
     looks = ", ".join(str(n) for n in study_plan.looks)
     lines = [
@@ -462,11 +488,11 @@ def about_lines(study: Study, size: str, workers: int, state: DemoState, epochs:
         f"{state.invocations} invocation(s) summed). The predicted bound was {study_plan.worst_seconds() / 60:.0f} "
         "min. Wall times depend on the machine; results.csv and the verdicts do not (the rounds stop on the "
         "results alone, and every run trains on one thread).",
-        f"In-domain text: packaged corpus `{study.corpus}`. {epochs}",
+        f"In-domain text: packaged corpus `{study.corpus}`. {outcome.epochs}",
         f"Seeds: every teacher × α on {TUNING_SEEDS} tuning seeds, then one round per look of the design (looks at "
         f"{looks} interval seeds) with more seeds for the teachers of the findings still open; at most "
-        f"{study_plan.max_runs()} runs in {1 + len(study_plan.looks)} rounds (fixed in `distillab.demo` and "
-        f"`distillab.sequential` before any run). Seeds used: {', '.join(map(str, seeds))}. Rounds: "
+        f"{study_plan.max_runs()} runs in {1 + len(study_plan.looks)} rounds (fixed in `distillab.study.demo` and "
+        f"`distillab.study.sequential` before any run). Seeds used: {', '.join(map(str, seeds))}. Rounds: "
         + "; ".join(f"{r['runs']} runs in {r['seconds'] / 60:.1f} min, open after it: {', '.join(r['open']) or 'none'}"
                     for r in state.rounds) + f". Stopped because {state.stop}.",
         "The tokenizer (byte-level BPE, vocabulary "
@@ -484,6 +510,32 @@ def about_lines(study: Study, size: str, workers: int, state: DemoState, epochs:
     return lines
 
 
+def run_study(study: Study, sweep_dir: Path, workers: int, log, time_cap_minutes: float | None = None,
+              study_plan: StudyPlan | None = None) -> StudyOutcome:
+    """Run (or resume) a study's rounds in `sweep_dir`: the data check, the plan logged before the first
+    run (`study_plan`, or planned at this machine's measured rate), the rounds, and demo_state.json
+    (wall time summed over invocations)."""
+    started = time.perf_counter()
+    check_corpora(study)
+    state_path = SweepLayout(sweep_dir).demo_state
+    state = read_state(state_path)
+    state.time_cap_minutes, state.capped = time_cap_minutes, False
+    epochs = epochs_note(study, log)
+    study_plan = study_plan or measured_plan(study, sweep_dir, workers)
+    log(f"demo: {study_plan.describe()}")
+    status = run_rounds(study, sweep_dir, workers, state, study_plan, time_cap_minutes, started, log)
+    state.seconds += time.perf_counter() - started
+    state.invocations += 1
+    write_json_atomic(state_path, state.__dict__)
+    return StudyOutcome(state, status, study_plan, epochs)
+
+
+def measured_plan(study: Study, sweep_dir: Path, workers: int) -> StudyPlan:
+    """The study's plan at the student's training speed measured on this machine (a few seconds)."""
+    return plan_study(study, sweep_dir, measure_rate(study.student, study.vocab, study.batch_size, study.seq_len),
+                      workers)
+
+
 def run_demo(size: str = "default", out_dir: str | Path = "runs/demo", workers: int = 2,
              time_cap_minutes: float | None = None, log=print) -> dict:
     """Run (or resume) one demo size; write OUT/SIZE/report.md and demo.json; return the verdicts.
@@ -492,37 +544,23 @@ def run_demo(size: str = "default", out_dir: str | Path = "runs/demo", workers: 
     depends on the machine."""
     from distillab.report import write_report
 
-    started = time.perf_counter()
     if size not in STUDIES:
         raise DistillabError(f"demo: unknown size {size!r}; use quick, default or full")
     if workers < 1:
         raise DistillabError(f"--workers: must be >= 1, got {workers}")
     if time_cap_minutes is not None and time_cap_minutes <= 0:
         raise DistillabError(f"--time-cap: must be a positive number of minutes, got {time_cap_minutes:g}")
-    study = STUDIES[size]
-    check_corpora(study)
-    sweep_dir = Path(out_dir) / size
-    state_path = sweep_dir / "demo_state.json"
-    state = read_state(state_path)
-    state.time_cap_minutes, state.capped = time_cap_minutes, False
-    epochs = epochs_note(study, log)
-    study_plan = plan_study(study, sweep_dir, measure_rate(study.student, study.vocab, study.batch_size,
-                                                           study.seq_len), workers)
-    log(f"demo: {study_plan.describe()}")
-    status = run_rounds(study, sweep_dir, workers, state, study_plan, time_cap_minutes, started, log)
-    state.seconds += time.perf_counter() - started
-    state.invocations += 1
-    write_json_atomic(state_path, state.__dict__)
+    study, sweep_dir = STUDIES[size], Path(out_dir) / size
+    outcome = run_study(study, sweep_dir, workers, log, time_cap_minutes)
     title = {"quick": "distillab demo --quick", "default": "distillab demo", "full": "distillab demo --full"}[size]
-    report_path = write_report(sweep_dir, about=about_lines(study, size, workers, state, epochs,
-                                                            machine_description(), study_plan),
+    report_path = write_report(sweep_dir, about=about_lines(study, size, workers, outcome, machine_description()),
                                title=f"{title}: does distillation in pretraining need a strong teacher?")
-    return finish(sweep_dir, size, state, status, report_path, study_plan, log)
+    return finish(sweep_dir, size, outcome, report_path, log)
 
 
-def finish(sweep_dir: Path, size: str, state: DemoState, status: dict, report_path: Path, study_plan: StudyPlan,
-           log) -> dict:
-    summary = json.loads((sweep_dir / "summary.json").read_text())
+def finish(sweep_dir: Path, size: str, outcome: StudyOutcome, report_path: Path, log) -> dict:
+    state, status, study_plan = outcome.state, outcome.status, outcome.plan
+    summary = json.loads(SweepLayout(sweep_dir).summary.read_text())
     result = {"size": size, "seconds": state.seconds, "machine": machine_description(), "report": str(report_path),
               "plan": {"max_runs": study_plan.max_runs(), "max_rounds": 1 + len(study_plan.looks),
                        "looks": list(study_plan.looks), "predicted_max_minutes": study_plan.worst_seconds() / 60},
@@ -530,7 +568,7 @@ def finish(sweep_dir: Path, size: str, state: DemoState, status: dict, report_pa
               "runs": {s: sum(v == s for v in status.values()) for s in set(status.values())},
               "verdicts": [{k: v[k] for k in ("finding", "verdict", "ci")}
                            for setting in summary["verdicts"]["settings"] for v in setting["verdicts"]]}
-    write_json_atomic(sweep_dir / "demo.json", result)
+    write_json_atomic(SweepLayout(sweep_dir).demo_result, result)
     log("")
     for v in result["verdicts"]:
         ci = v["ci"]
@@ -538,6 +576,6 @@ def finish(sweep_dir: Path, size: str, state: DemoState, status: dict, report_pa
         log(f"{v['finding']:14s} {v['verdict']:34s} {numbers}")
     log(f"demo: {state.seconds / 60:.1f} min; report {report_path} (and report.html)")
     if any(v != "done" for v in status.values()):
-        raise DistillabError(f"demo: some runs did not finish ({result['runs']}); see {sweep_dir}/runs/*/status.json "
+        raise DistillabError(f"demo: some runs did not finish ({result['runs']}); see {SweepLayout(sweep_dir).run('*').status} "
                              "and rerun the same command to resume")
     return result

@@ -1,7 +1,7 @@
 """Operating characteristics of a study design, by simulation: how likely each finding is decided at
 each look, and how many runs and minutes the demo then takes. The demo's design
-(`distillab.sequential.DESIGN`) was chosen with this module, by the rule of `choose_design`, before
-any demo ran on it (docs/sweeps.md shows the tables; `python -m distillab.power` prints them).
+(`distillab.study.sequential.DESIGN`) was chosen with this module, by the rule of `choose_design`, before
+any demo ran on it (docs/sweeps.md shows the tables; `python -m distillab.study.power` prints them).
 
 Inputs, from the committed demos (`finding_values`: their results.csv read back and judged by the
 verdict code itself, every interval seed of each finding's quantity; pinned in `CHOICE_INPUTS`):
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from distillab.sequential import DESIGN, Design, calibrate_critical_values
+from distillab.study.sequential import DESIGN, Design, calibrate_critical_values
 
 FINDINGS = ("F1", "F2", "F3-OOD", "F3-downstream")
 RESULTS = Path(__file__).resolve().parents[2] / "docs" / "results"
@@ -64,8 +64,8 @@ class Effect:
 def finding_values(results_csv: Path, tolerance: float = 0.02, margin: float = MARGIN) -> dict[str, dict]:
     """Finding -> {"gain": [...], "in_domain": [...]} per interval seed, judged by the verdict code from a
     committed results.csv (one student setting)."""
-    from distillab.results import read_table
-    from distillab.verdicts import decide, teacher_evidence
+    from distillab.study.results import read_table
+    from distillab.study.verdicts import decide, teacher_evidence
 
     settings = list(teacher_evidence(read_table(results_csv), tolerance).values())
     return {v["finding"]: v["values"] for v in decide(settings[0], margin)}
@@ -168,7 +168,7 @@ def study_cost(plan, looks: dict[str, np.ndarray]) -> dict:
     """Runs and seconds of simulated studies from the first decisive look of each finding: the tuning
     round, then per look the new seeds of the open findings (F2 and F3 concern every teacher, F1 the
     rungs below the student). `plan` is a `demo.StudyPlan`."""
-    from distillab.demo import STUDY_OVERHEAD_SECONDS
+    from distillab.study.demo import STUDY_OVERHEAD_SECONDS
     from distillab.sweep.eta import schedule_seconds
 
     replications = len(next(iter(looks.values())))
@@ -218,7 +218,7 @@ def default_plan(workers: int = WORKERS, rate: float = PROJECT_MACHINE_RATE):
     """The default demo's plan at the project machine's measured speed (no run is made)."""
     import tempfile
 
-    from distillab.demo import STUDIES, plan_study
+    from distillab.study.demo import STUDIES, plan_study
 
     with tempfile.TemporaryDirectory() as folder:
         return plan_study(STUDIES["default"], Path(folder), rate, workers)

@@ -10,7 +10,7 @@ Clinical Trials", 2000, ch. 9), with Student-t statistics whose critical values 
 simulation.
 
 The design (fixed in code before any demo ran on it; `DESIGN`, chosen by the simulation of
-`distillab.power`, see docs/sweeps.md):
+`distillab.study.power`, see docs/sweeps.md):
 
 - Values: one per seed (a finding's pooled paired gain), in seed order, assumed independent and
   normal with unknown mean mu and unknown sd.
@@ -189,7 +189,7 @@ def calibrate_critical_values(looks: tuple[int, ...], alpha: float, replications
     return tuple(values)
 
 
-# Chosen by `distillab.power.choose_design` (docs/sweeps.md) and computed by
+# Chosen by `distillab.study.power.choose_design` (docs/sweeps.md) and computed by
 # calibrate_critical_values(DESIGN_LOOKS, 0.05, 2_000_000, 20261120, "obrien-fleming") before any demo
 # ran on it; tests/test_sequential.py recomputes them. Compare a fixed-n 95 % t-interval at 15 seeds: 2.14.
 # (The first sequential demo used looks 3, 4, ..., 8 with c = 26.90, 7.76, 4.70, 3.62, 3.06, 2.73.)
@@ -201,7 +201,7 @@ DESIGN = Design(looks=DESIGN_LOOKS, alpha=0.05, critical_values=(9.6, 2.99, 2.25
 def repeated_interval(values: list[float], design: Design = DESIGN) -> dict:
     """The repeated confidence interval of the mean of `values` (seed order) at the look len(values).
 
-    Keys as `distillab.stats.mean_ci` (mean, lo, hi, n, sd) plus `critical_value`. len(values) must be
+    Keys as `distillab.study.stats.mean_ci` (mean, lo, hi, n, sd) plus `critical_value`. len(values) must be
     a look of the design."""
     n = len(values)
     c = design.critical_value(n)
