@@ -16,6 +16,7 @@ manifest is not a checkpoint; one whose files disagree with it is corrupt and is
 from __future__ import annotations
 
 import json
+import pickle
 import shutil
 from pathlib import Path
 
@@ -34,7 +35,7 @@ META = "distillab.json"
 def save_checkpoint(target: Path, model, tokenizer, meta: dict, trainer_state: dict | None = None,
                     state_dict: dict | None = None) -> Path:
     """Write an HF checkpoint of `model` (or of `state_dict` in `model`'s architecture) to `target`."""
-    with AtomicDirectory(target) as tmp:
+    with AtomicDirectory(target, "a checkpoint", "choose another run_dir (the last good checkpoint is kept)") as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True, state_dict=state_dict)
         tokenizer.save_pretrained(str(tmp))
         if trainer_state is not None:
@@ -125,7 +126,13 @@ def load_trainer_state(path: Path) -> dict:
     state_path = Path(path) / TRAINER_STATE
     if not state_path.is_file():
         raise CheckpointError(f"{state_path}: missing; this checkpoint cannot resume training")
-    return torch.load(state_path, map_location="cpu", weights_only=True)
+    try:  # tensors and plain values only: a pickled object (which could run code) is refused unread
+        return torch.load(state_path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:
+        reason = "holds pickled objects other than tensors and plain values" \
+            if isinstance(exc, pickle.UnpicklingError) else "is unreadable"
+        raise CheckpointError(f"{state_path}: {reason}, so it was not loaded; the checkpoint is corrupt or was "
+                              "tampered with: delete it to resume from an earlier one") from None
 
 
 def load_weights(path: Path, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:

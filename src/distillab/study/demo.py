@@ -222,6 +222,12 @@ def machine_description() -> str:
     return f"{os.cpu_count()} CPU cores ({cpu}){memory}, Python {platform.python_version()}, torch {torch.__version__}"
 
 
+def check_workers(workers: int) -> None:
+    """A one-line error, before anything runs, for a number of local workers below one."""
+    if workers < 1:
+        raise DistillabError(f"--workers: must be >= 1, got {workers}")
+
+
 def check_corpora(study: Study) -> None:
     from distillab.data.packaged import needs_npm, npm_available
 
@@ -546,8 +552,7 @@ def run_demo(size: str = "default", out_dir: str | Path = "runs/demo", workers: 
 
     if size not in STUDIES:
         raise DistillabError(f"demo: unknown size {size!r}; use quick, default or full")
-    if workers < 1:
-        raise DistillabError(f"--workers: must be >= 1, got {workers}")
+    check_workers(workers)
     if time_cap_minutes is not None and time_cap_minutes <= 0:
         raise DistillabError(f"--time-cap: must be a positive number of minutes, got {time_cap_minutes:g}")
     study, sweep_dir = STUDIES[size], Path(out_dir) / size

@@ -35,8 +35,8 @@ from distillab.errors import DistillabError
 from distillab.files import write_json_atomic, write_text_atomic
 from distillab.layout import SweepLayout
 from distillab.models import LADDER
-from distillab.study.demo import STUDIES, Study, StudyPlan, about_lines, cpu_rungs, machine_description, \
-    measured_plan, run_study, student_regime
+from distillab.study.demo import STUDIES, Study, StudyPlan, about_lines, check_workers, cpu_rungs, \
+    machine_description, measured_plan, run_study, student_regime
 from distillab.study.stats import t_quantile_975
 
 SCALING_STUDENTS = ("cpu-3.5k", "cpu-7k", "cpu-14k", "cpu-27k")
@@ -98,6 +98,7 @@ def scaling_plans(students: tuple[str, ...], base: str, root: Path, workers: int
 
 def run_scaling(out_dir: str | Path = "runs/demo", workers: int = 2, quick: bool = False, log=print) -> Path:
     """Run (or resume) every size, then write OUT/scaling[-quick]/report.md; returns its path."""
+    check_workers(workers)
     students, base = (QUICK_STUDENTS, "quick") if quick else (SCALING_STUDENTS, "default")
     root = Path(out_dir) / ("scaling-quick" if quick else "scaling")
     plans = scaling_plans(students, base, root, workers, log)
