@@ -202,6 +202,35 @@ def write_table(rows: list[dict], sweep_dir: Path) -> tuple[Path, Path | None]:
     return csv_path, parquet_path
 
 
+INTEGER_COLUMNS = ("non_embedding_parameters", "tokens", "init_seed", "data_seed", "teacher_tokens", "top_k",
+                   "matched_tokens", "trained_tokens")
+TEXT_COLUMNS = ("run_id", "teacher_id", "baseline_id", "matched_baseline_id", "matched_teacher", "error")
+
+
+def read_table(path: str | Path) -> list[dict]:
+    """The rows of a results.csv as `write_table` got them: empty cells None, counts int, other numbers
+    float, True / False bool, ids and text as text."""
+    def typed(column: str, text: str):
+        if text == "":
+            return None
+        if column in TEXT_COLUMNS:
+            return text
+        if column in INTEGER_COLUMNS:
+            return int(float(text))
+        if text in ("True", "False"):
+            return text == "True"
+        try:
+            return float(text)
+        except ValueError:
+            return text
+
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: not found; it is written by `distillab sweep` or `distillab report`")
+    with open(path, newline="") as handle:
+        return [{column: typed(column, text) for column, text in row.items()} for row in csv.DictReader(handle)]
+
+
 GROUP_KEYS = ("model", "tokens", "teacher_model", "teacher_tokens", "teacher_kind", "alpha", "objective_key")
 
 

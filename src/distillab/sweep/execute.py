@@ -32,8 +32,9 @@ from distillab.config import config_from_dict, merge
 from distillab.errors import DataError, DistillabError
 from distillab.files import exclusive_lock, stable_hash, write_json_atomic
 from distillab.layout import RunLayout, SweepLayout
+from distillab.sweep.eta import Clock, minutes
 from distillab.sweep.grid import GridSpec
-from distillab.sweep.plan import Run, plan
+from distillab.sweep.plan import Run, compute_summary, plan
 
 
 def read_status(sweep_dir: Path, run_id: str) -> dict:
@@ -211,12 +212,15 @@ def initial_status(runs: list[Run], sweep_dir: Path, retry_failed: bool, stage: 
 
 def run_sweep(spec: GridSpec, sweep_dir: str | Path, workers: int = 1, executor: str = "local",
               retry_failed: bool = False, slurm: dict | None = None, log=print,
-              pool: "LocalWorkers | None" = None, cache_decisions: list | None = None) -> dict:
+              pool: "LocalWorkers | None" = None, cache_decisions: list | None = None,
+              clock: Clock | None = None) -> dict:
     """Execute every unfinished run in dependency order, then the analysis stage; return {run id:
-    final status}.
+    final status}. After each finished run it logs n/N runs done and the time left (`clock`; by
+    default predicted from the grid's `cpu_gflops` and corrected by the runs that finished).
 
     `pool`: local workers to use (and leave running) instead of starting new ones, e.g. across the
-    rounds of a study that extends its grid. `cache_decisions`: see `distillab.sweep.plan.plan`.
+    rounds of a study that extends its grid; `clock`: a study's clock over all its rounds.
+    `cache_decisions`: see `distillab.sweep.plan.plan`.
     """
     if workers < 1:
         raise DistillabError(f"--workers: must be >= 1, got {workers}")
@@ -230,6 +234,11 @@ def run_sweep(spec: GridSpec, sweep_dir: str | Path, workers: int = 1, executor:
         done_before = sum(s == "done" for s in status.values())
         if done_before:
             log(f"sweep: {done_before} of {len(runs)} runs already done; skipping them")
+        if clock is None:
+            clock = grid_clock(spec, runs, status, workers)
+            if done_before < len(runs):
+                log(f"sweep: {len(runs) - done_before} runs to do, about {minutes(clock.seconds_left())} on "
+                    f"{workers} worker(s) at the grid's cpu_gflops = {spec.cpu_gflops:g} (corrected as runs finish)")
         threads = max(1, (os.cpu_count() or 1) // workers)
         if pool is not None:
             submit = pool
@@ -238,7 +247,7 @@ def run_sweep(spec: GridSpec, sweep_dir: str | Path, workers: int = 1, executor:
         else:
             submit = submitit_submitter(sweep_dir, executor, threads, slurm or {})
         try:
-            drive(runs, status, submit, workers, sweep_dir, log)
+            drive(runs, status, submit, workers, sweep_dir, log, clock)
         finally:
             if submit is not pool and hasattr(submit, "close"):
                 submit.close()
@@ -281,7 +290,15 @@ def analyse_students(spec: GridSpec, runs: list[Run], status: dict, sweep_dir: P
             write_status(sweep_dir, run.id, status="failed", error=f"analysis: {first_line(exc)}")
 
 
-def drive(runs: list[Run], status: dict, submit, workers: int, sweep_dir: Path, log) -> None:
+def grid_clock(spec: GridSpec, runs: list[Run], status: dict, workers: int) -> Clock:
+    """A clock over the grid's runs, predicted at the grid's `cpu_gflops` (FLOPs / rate); runs this
+    invocation will not start (done, or failed without --retry-failed) count as finished."""
+    per_run = compute_summary(runs, spec)["per_run"]
+    return Clock({r.id: per_run[r.id]["hours"] * 3600 for r in runs}, workers,
+                 done={r.id for r in runs if status[r.id] != "pending"})
+
+
+def drive(runs: list[Run], status: dict, submit, workers: int, sweep_dir: Path, log, clock: Clock) -> None:
     """Start runs whose dependencies are done, up to `workers` at once, until none can start."""
     in_flight: dict[str, object] = {}
     while True:
@@ -292,21 +309,24 @@ def drive(runs: list[Run], status: dict, submit, workers: int, sweep_dir: Path, 
             if any(d in ("failed", "blocked") for d in dependencies):
                 status[run.id] = "blocked"
                 write_status(sweep_dir, run.id, status="blocked", error="its teacher failed")
+                clock.finish(run.id)
                 log(f"sweep: {run.name} blocked: its teacher failed")
             elif all(d == "done" for d in dependencies) and len(in_flight) < workers:
                 log(f"sweep: starting {run.name} ({run.id})")
+                clock.start(run.id)
                 in_flight[run.id] = submit(run.id)
         if not in_flight:
             return
         for run_id in wait_any(in_flight):
             ok = in_flight.pop(run_id).succeeded()
             status[run_id] = "done" if ok else "failed"
+            clock.finish(run_id)
             if ok:
-                log(f"sweep: {run_id} done")
+                log(f"sweep: {run_id} done; {clock.line()}")
                 continue
             error = read_status(sweep_dir, run_id).get("error") or "worker exited with an error"
             write_status(sweep_dir, run_id, status="failed", error=error)
-            log(f"sweep: {run_id} failed: {error}")
+            log(f"sweep: {run_id} failed: {error}; {clock.line()}")
 
 
 def run_logged(sweep_dir: str, run_id: str, threads: int, launcher=None) -> None:

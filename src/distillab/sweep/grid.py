@@ -59,12 +59,14 @@ class TeacherRef:
 class StudentMember:
     """A hand-picked student setting, beside the cross product; `teachers` restricts it to those
     teachers of the pool (empty: every teacher), `alpha` to those alphas (empty: the grid's). Its
-    baselines are added like any other student's."""
+    baselines are added like any other student's; `compute_matched` (true / false) overrides
+    `students.compute_matched` for it (unset: the same)."""
     model: str = ""
     tokens: int = 0
     seed: int = 43
     teachers: list[TeacherRef] = field(default_factory=list)
     alpha: list[float] = field(default_factory=list)
+    compute_matched: bool | None = None
 
 
 @dataclass

@@ -217,13 +217,15 @@ class Planner:
         return out
 
     def student_settings(self) -> list[tuple]:
-        """(model, tokens, seed, allowed teacher keys or None for all, allowed alphas or None for all)
-        of every student setting."""
+        """(model, tokens, seed, allowed teacher keys or None for all, allowed alphas or None for all,
+        whether it gets compute-matched baselines) of every student setting."""
         students = self.spec.students
-        out = [(m, t, s, None, None) for m in students.models for t in students.tokens for s in students.seeds]
+        matched = students.compute_matched
+        out = [(m, t, s, None, None, matched) for m in students.models for t in students.tokens for s in students.seeds]
         for member in students.members:
             allowed = {(r.model, r.tokens, r.seed) for r in member.teachers} or None
-            out.append((member.model, member.tokens, member.seed, allowed, member.alpha or None))
+            out.append((member.model, member.tokens, member.seed, allowed, member.alpha or None,
+                        matched if member.compute_matched is None else member.compute_matched))
         return out
 
     def student_base(self, model: str, tokens: int, seed: int) -> dict:
@@ -233,15 +235,15 @@ class Planner:
             {"train": spec.students.train}, spec.students.overrides)
 
     def students(self, teachers: list[Run | ExternalTeacher]) -> None:
-        for model, tokens, seed, allowed, alphas in self.student_settings():
+        for model, tokens, seed, allowed, alphas, matched in self.student_settings():
             base = self.student_base(model, tokens, seed)
             info = {"model": model, "tokens": tokens, "seed": seed}
             if self.spec.baselines:
                 self.add("baseline", merge(base, {"kd": {"alpha": 0.0, "teacher": None}}), None, info)
             chosen = [t for t in teachers if allowed is None or teacher_key(t.info) in allowed]
-            self.distilled(base, info, chosen, alphas)
+            self.distilled(base, info, chosen, alphas, matched)
             if allowed is None:
-                self.distilled(base, info, self.teacher_groups(teachers), alphas)
+                self.distilled(base, info, self.teacher_groups(teachers), alphas, matched)
 
     def teacher_groups(self, teachers: list) -> list[TeacherGroup]:
         """The grid's teacher sets (kd.teacher_sets), their members found in the pool."""
@@ -286,10 +288,11 @@ class Planner:
                                             "matched_teacher": teacher.id})
         return tokens
 
-    def distilled(self, base: dict, info: dict, teachers: list[Run | ExternalTeacher], alphas=None) -> None:
+    def distilled(self, base: dict, info: dict, teachers: list[Run | ExternalTeacher], alphas=None,
+                  compute_matched: bool = False) -> None:
         for teacher in teachers:
             matched = self.compute_matched(base, info, teacher) \
-                if self.spec.students.compute_matched and not isinstance(teacher, TeacherGroup) else None
+                if compute_matched and not isinstance(teacher, TeacherGroup) else None
             for alpha, extra in self.teacher_settings(teacher):
                 if alphas is not None and alpha not in alphas:
                     continue
