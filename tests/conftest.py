@@ -1,3 +1,4 @@
+import json
 import os
 from pathlib import Path
 
@@ -108,3 +109,22 @@ def verdict_grid(gain_of, seeds=(1, 2, 3, 4, 5), downstream=None, alphas=(0.1, 0
                 in_domain, ood = gain_of(t, seed, alpha)
                 rows.append(student_row(t, seed, alpha, in_domain, ood, downstream(t, seed) if downstream else None))
     return rows
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    """A run directory's metrics.jsonl rows."""
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_same_run(one: Path, other: Path, rel: float = 1e-4) -> None:
+    """Equal logged steps, losses (float tolerance) and final weights."""
+    from safetensors.torch import load_file
+
+    a, b = metrics(one), metrics(other)
+    assert [r["step"] for r in a] == [r["step"] for r in b] and len(a) >= 3
+    for x, y in zip(a, b):
+        assert y["loss"] == pytest.approx(x["loss"], rel=rel)
+    wa, wb = load_file(one / "final" / "model.safetensors"), load_file(other / "final" / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        assert (wa[name] - wb[name]).abs().max() < 1e-4, name

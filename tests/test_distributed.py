@@ -9,7 +9,7 @@ import sys
 import pytest
 import yaml
 
-from conftest import tiny_run
+from conftest import assert_same_run, metrics, tiny_run
 from distillab.config import config_from_dict
 from distillab.errors import ConfigError
 from distillab.train import train
@@ -96,24 +96,6 @@ def torchrun(tmp_path: Path, cache_dir: Path, config: dict, processes: int, *arg
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     return result.stdout + result.stderr
-
-
-def metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def assert_same_run(one: Path, other: Path, rel: float = 1e-4) -> None:
-    """Equal logged steps, losses (float tolerance) and final weights."""
-    from safetensors.torch import load_file
-
-    a, b = metrics(one), metrics(other)
-    assert [r["step"] for r in a] == [r["step"] for r in b] and len(a) >= 3
-    for x, y in zip(a, b):
-        assert y["loss"] == pytest.approx(x["loss"], rel=rel)
-    wa, wb = load_file(one / "final" / "model.safetensors"), load_file(other / "final" / "model.safetensors")
-    assert wa.keys() == wb.keys()
-    for name in wa:
-        assert (wa[name] - wb[name]).abs().max() < 1e-4, name
 
 
 BUDGET = 6 * 8 * 32

@@ -2,7 +2,6 @@
 holds it gathered, its gradient reduce-scattered by FSDP; logits are never materialised. Equal to the
 plain single process (loss at every logged step, final weights) to 1e-4."""
 
-import json
 import os
 import subprocess
 import sys
@@ -11,29 +10,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import tiny_run
+from conftest import assert_same_run, tiny_run
 from distillab.config import config_from_dict
 from distillab.train import train
 from distillab.train.step import HEAD_FUSION_ENV
 
 BUDGET = 6 * 8 * 32
-
-
-def metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def assert_same_run(one: Path, other: Path, rel: float = 1e-4) -> None:
-    from safetensors.torch import load_file
-
-    a, b = metrics(one), metrics(other)
-    assert [r["step"] for r in a] == [r["step"] for r in b] and len(a) >= 3
-    for x, y in zip(a, b):
-        assert y["loss"] == pytest.approx(x["loss"], rel=rel)
-    wa, wb = load_file(one / "final" / "model.safetensors"), load_file(other / "final" / "model.safetensors")
-    assert wa.keys() == wb.keys()
-    for name in wa:
-        assert (wa[name] - wb[name]).abs().max() < 1e-4, name
 
 
 def single(tmp_path, cache_dir, name, kd=None, fused=True, monkeypatch=None):
