@@ -12,8 +12,14 @@ from distillab import __version__
 from distillab.errors import ConfigError, DistillabError
 
 
+CONFIG_HELP = ("run config: a YAML file, or a shipped one by name, e.g. examples/teacher, examples/student, "
+               "paper/sft/sft (the files of configs/; an unknown name lists them)")
+GRID_HELP = ("grid spec: a YAML file, or a shipped one by name, e.g. examples/grid_small, paper/exp1 (the files "
+             "of configs/)")
+
+
 def add_config_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", help="run config (YAML); see configs/examples/")
+    parser.add_argument("config", help=CONFIG_HELP)
     parser.add_argument(
         "--set",
         dest="overrides",
@@ -400,7 +406,7 @@ def add_sweep_and_report(sub) -> None:
         description="Expand a grid spec into content-addressed runs and execute the unfinished ones, teachers "
         "before their students. Rerunning skips finished runs and resumes interrupted ones.",
     )
-    sweep.add_argument("grid", help="grid spec (YAML); see configs/examples/grid_small.yaml")
+    sweep.add_argument("grid", help=GRID_HELP)
     sweep.add_argument("--out", default=None, help="sweep directory (default sweeps/<name>)")
     sweep.add_argument("--dry-run", action="store_true", help="print runs, dependencies and compute; run nothing")
     add_memory_args(sweep, None)
@@ -446,7 +452,7 @@ def add_plan(sub) -> None:
         description="Fits the law (distillab.study.law) on finished sweeps and predicts every student cell of GRID: loss and "
                     "gains with intervals, gain per FLOP, the findings, the runs that would most narrow the open ones "
                     "and those the fit already predicts within the margin. Warns loudly when it extrapolates.")
-    plan.add_argument("grid", help="grid spec (YAML), or a demo study: default, full, quick, scaling:<student rung>")
+    plan.add_argument("grid", help=GRID_HELP + "; or a demo study: default, full, quick, scaling:<student rung>")
     plan.add_argument("--from", dest="sources", action="append", required=True, metavar="SWEEP_DIR",
                       help="a finished sweep (its runs, or results.csv as in docs/results/*); repeat for several")
     plan.add_argument("--replicates", type=int, default=200, help="bootstrap refits for intervals (default 200)")
