@@ -612,8 +612,8 @@ def test_two_concurrent_captures_with_another_k_one_wins_one_is_refused(tmp_path
 
     (tmp_path / "data.yaml").write_text(yaml.safe_dump(tiny_run(tmp_path, cache_dir, "capture")))
     env = {**os.environ, "DISTILLAB_CACHE": str(cache_dir)}
-    commands = [[sys.executable, "-m", "distillab.cli", "teacher", "cache", "--teacher", str(tiny_teacher), "--data",
-                 str(tmp_path / "data.yaml"), "--top-k", str(k), "--out", str(tmp_path / "shared"), "--threads", "1",
+    commands = [[sys.executable, "-m", "distillab.cli", "teacher", "cache", str(tmp_path / "data.yaml"),
+                 "--teacher", str(tiny_teacher), "--top-k", str(k), "--out", str(tmp_path / "shared"), "--threads", "1",
                  "--windows", "8"]
                 for k in (4, 8)]
     running = [subprocess.Popen(c, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

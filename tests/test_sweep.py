@@ -230,7 +230,7 @@ def test_paper_preset_dry_run_prints_its_plan_and_notes(tmp_path):
     import sys
 
     path = Path(__file__).parent.parent / "configs" / "paper" / "seeds.yaml"
-    result = subprocess.run([sys.executable, "-m", "distillab.cli", "sweep", str(path), "--dry-run", "--device", "h100",
+    result = subprocess.run([sys.executable, "-m", "distillab.cli", "sweep", str(path), "--dry-run", "--estimate-for", "h100",
                              "--out", str(tmp_path / "s")], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("notes (where this grid differs from what it reproduces):")

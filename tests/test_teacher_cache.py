@@ -240,12 +240,12 @@ def test_cli_capture(tiny_teacher, tmp_path, cache_dir, capsys):
     import yaml
 
     config.write_text(yaml.safe_dump(tiny_run(tmp_path, cache_dir, "cli")))
-    code = main(["teacher", "cache", "--teacher", str(tiny_teacher), "--data", str(config), "--top-k", "4",
+    code = main(["teacher", "cache", str(config), "--teacher", str(tiny_teacher), "--top-k", "4",
                  "--out", str(tmp_path / "cli-cache"), "--threads", "1", "--windows", "16"])
     assert code == 0
     cache = TeacherCache.open(tmp_path / "cli-cache")
     assert cache.top_k == 4 and cache.manifest["coding"]["name"] == "compact"
-    assert main(["teacher", "cache", "--teacher", str(tmp_path), "--data", str(config), "--top-k", "4"]) == 2
+    assert main(["teacher", "cache", str(config), "--teacher", str(tmp_path), "--top-k", "4"]) == 2
     assert "--teacher" in capsys.readouterr().err
 
 

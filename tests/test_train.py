@@ -314,9 +314,9 @@ def test_metrics_reach_tensorboard_and_hold_what_a_kd_run_watches(tmp_path, cach
     assert rows[0]["top1_agreement"] == pytest.approx(float(agree), abs=1e-9)
     events = EventAccumulator(str(result.run_dir / "tensorboard"))
     events.Reload()
-    for tag in ("loss", "ce", "kd", "lr", "teacher_entropy", "eval/validation/loss"):
-        scalars = {e.step: e.value for e in events.Scalars(tag)}
-        expected = {r["step"]: r[tag] for r in rows if tag in r}
+    for key in ("loss", "ce", "kd", "lr", "teacher_entropy", "eval/validation/loss"):  # grouped: train/loss, ...
+        scalars = {e.step: e.value for e in events.Scalars(key if "/" in key else f"train/{key}")}
+        expected = {r["step"]: r[key] for r in rows if key in r}
         assert scalars.keys() == expected.keys()
         assert all(scalars[k] == pytest.approx(v, rel=1e-6) for k, v in expected.items())
 

@@ -12,16 +12,53 @@ from distillab import __version__
 from distillab.errors import ConfigError, DistillabError
 
 
+CONFIG_HELP = ("run config: a YAML file, or a shipped one by name, e.g. examples/teacher, examples/student, "
+               "paper/sft/sft (the files of configs/; an unknown name lists them)")
+GRID_HELP = ("grid spec: a YAML file, or a shipped one by name, e.g. examples/grid_small, paper/exp1 (the files "
+             "of configs/)")
+
+
+class Parser(argparse.ArgumentParser):
+    """distillab's parsers take no abbreviated flags: `--set` (KEY=VALUE) must never silently mean `--sets`."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+
+class Renamed(argparse.Action):
+    """A flag's old spelling: one line naming the new one (exit 2, a usage error), never a second meaning.
+    Hidden from --help."""
+
+    def __init__(self, option_strings, dest, now: str = "", **kwargs):
+        super().__init__(option_strings, argparse.SUPPRESS, nargs="?", default=argparse.SUPPRESS,
+                         help=argparse.SUPPRESS)
+        self.now = now
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.exit(2, f"distillab: error: {parser.prog}: {option_string} is not a flag here: {self.now}\n")
+
+
+def renamed(parser: argparse.ArgumentParser, old: str, now: str) -> None:
+    parser.add_argument(old, action=Renamed, now=now)
+
+
+def add_overrides(parser: argparse.ArgumentParser, what: str, example: str) -> None:
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help=f"override a {what} value by its dotted key, e.g. --set {example} (repeatable)")
+
+
+def add_device(parser: argparse.ArgumentParser, threads: bool = False) -> None:
+    parser.add_argument("--device", default="auto", help="the device this command runs on: auto (cuda if available, "
+                        "else cpu), cpu, cuda, cuda:N (default auto)")
+    if threads:
+        parser.add_argument("--threads", type=int, default=None, metavar="N",
+                            help="CPU threads (default: DISTILLAB_THREADS, else every core)")
+
+
 def add_config_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", help="run config (YAML); see configs/examples/")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value by its dotted key, e.g. --set train.lr=1e-3 (repeatable)",
-    )
+    parser.add_argument("config", help=CONFIG_HELP)
+    add_overrides(parser, "config", "train.lr=1e-3")
 
 
 def cmd_data_prepare(args) -> int:
@@ -52,7 +89,7 @@ def cmd_teacher_cache(args) -> int:
     from distillab.capture import capture_teacher_cache
     from distillab.config import load_config
 
-    config = load_config(args.data, args.overrides)
+    config = load_config(args.config, args.overrides)
     sampled = args.coding == "sampled"
     if sampled != (args.samples is not None) or sampled == (args.top_k is not None):
         raise ConfigError("--coding", "give --top-k K with compact or float32, --samples M with sampled")
@@ -120,7 +157,7 @@ def cmd_eval(args) -> int:
 def cmd_analyze(args) -> int:
     from distillab.evaluate.analysis import analyze_checkpoints
 
-    analyze_checkpoints(args.model, args.pairs, args.gain, args.set, args.seq_len, args.max_windows, args.out,
+    analyze_checkpoints(args.model, args.pairs, args.gain, args.sets, args.seq_len, args.max_windows, args.out,
                         args.batch_size, args.device, reference=args.reference)
     return 0
 
@@ -178,7 +215,10 @@ def cmd_sweep(args) -> int:
     from distillab.gpus import gpu
     from distillab.sweep import compute_summary, format_memory, format_notes, format_plan, load_grid, plan, run_sweep
 
-    spec = load_grid(args.grid)
+    if args.rehearse and args.overrides:
+        raise ConfigError("--set", "is not applied to --rehearse, which rehearses the grid file as it is; edit a copy "
+                                   "of the grid instead")
+    spec = load_grid(args.grid, args.overrides)
     if args.cache_budget is not None:
         from distillab.sweep.caches import parse_bytes
 
@@ -192,7 +232,7 @@ def cmd_sweep(args) -> int:
     out = Path(args.out) if args.out else inside(Path("sweeps"), spec.name, "name")
     if args.dry_run:
         runs = plan(spec, out)
-        print(format_notes(spec.notes) + format_plan(runs, compute_summary(runs, spec, device=args.device,
+        print(format_notes(spec.notes) + format_plan(runs, compute_summary(runs, spec, device=args.estimate_for,
                                                                             mfu=args.mfu)))
         format_memory(runs, gpu(args.gpu) if args.gpu else None, spec)
         return 0
@@ -270,11 +310,12 @@ def add_teacher(sub) -> None:
         description="Capture, per target position of every training window (window id w = tokens[w*seq_len : "
         "w*seq_len+seq_len+1]), the teacher's K most likely tokens, their log-probabilities at T = 1 and the "
         "log tail mass. A student reads it with kd.cache=DIR (and kd.teacher=the same teacher).")
+    cache.add_argument("config", help=CONFIG_HELP + "; its data section and train.seq_len (and train.precision) "
+                       "decide what is captured")
+    add_overrides(cache, "config", "train.seq_len=512")
+    renamed(cache, "--data", "the run config is positional now: distillab teacher cache CONFIG --teacher DIR "
+                             "--top-k K")
     cache.add_argument("--teacher", required=True, help="the teacher: an HF model directory (e.g. runs/NAME/final)")
-    cache.add_argument("--data", required=True, metavar="CONFIG",
-                       help="a run config (YAML): its data section and train.seq_len (and train.precision)")
-    cache.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a value of the run config by its dotted key (repeatable)")
     cache.add_argument("--top-k", type=int, default=None, metavar="K", help="tokens kept per position")
     cache.add_argument("--samples", type=int, default=None, metavar="M",
                        help="--coding sampled: tokens drawn per position (their distinct ids and counts are kept)")
@@ -288,8 +329,7 @@ def add_teacher(sub) -> None:
                             "forward KL, docs/teacher-signals.md)")
     cache.add_argument("--windows", type=int, default=None, metavar="N",
                        help="capture only windows 0 .. N-1 (default: every window of the training split)")
-    cache.add_argument("--device", default="auto")
-    cache.add_argument("--threads", type=int, default=None)
+    add_device(cache, threads=True)
     cache.set_defaults(func=cmd_teacher_cache)
     teacher.set_defaults(func=lambda args: (teacher.print_help(), 2)[1])
 
@@ -342,14 +382,17 @@ def add_eval(sub) -> None:
         "eval.json for the same inputs are skipped.",
     )
     evaluate.add_argument("--checkpoint", required=True, nargs="+", help="HF model directories (e.g. runs/NAME/final)")
-    evaluate.add_argument("--sets", nargs="*", default=["validation"], help="perplexity sets (default: validation)")
+    evaluate.add_argument("--sets", nargs="*", default=["validation"], metavar="SET",
+                          help="evaluation sets: perplexity sets or presets (default: validation)")
+    renamed(evaluate, "--set", "the evaluation sets are --sets (--set is a KEY=VALUE config override in train, sft, "
+                               "data, teacher cache and sweep)")
     evaluate.add_argument("--tasks", nargs="*", default=[], help="downstream tasks or presets (default: none)")
     evaluate.add_argument("--limit", type=int, default=None, help="items per downstream task at most")
     evaluate.add_argument("--seq-len", type=int, default=None,
                           help="perplexity window length (default: the model's training length)")
     evaluate.add_argument("--max-windows", type=int, default=64, help="windows per set at most (default 64)")
-    evaluate.add_argument("--batch-size", type=int, default=8)
-    evaluate.add_argument("--device", default="auto")
+    evaluate.add_argument("--batch-size", type=int, default=8, help="windows (or items) per forward pass (default 8)")
+    add_device(evaluate)
     evaluate.add_argument("--force", action="store_true", help="recompute results already in eval.json")
     evaluate.add_argument("--chat-template", action="store_true",
                           help="downstream prompts in the checkpoint's chat template, few-shot examples as turns "
@@ -375,14 +418,16 @@ def add_analyze(sub) -> None:
     analysis.add_argument("--gain", metavar="STUDENT:BASELINE", help="gain pair (default: student:baseline)")
     analysis.add_argument("--reference", metavar="NAME", help="model whose entropy and loss set token difficulty "
                           "quintiles (default: the gain pair's baseline)")
-    analysis.add_argument("--set", default="validation", help="evaluation set (default: validation; the authors: "
-                          "wikitext103)")
+    analysis.add_argument("--sets", default="validation", metavar="SET", help="the evaluation set, one per analysis "
+                          "(default: validation; the authors: wikitext103)")
+    renamed(analysis, "--set", "the evaluation set is --sets (--set is a KEY=VALUE config override in train, sft, "
+                               "data, teacher cache and sweep)")
     analysis.add_argument("--seq-len", type=int, default=None, help="window length (default: 2,048, or the "
                           "model's positions if fewer)")
     analysis.add_argument("--max-windows", type=int, default=200, help="evenly spaced windows (default: 200; "
                           "fewer on the CPU)")
-    analysis.add_argument("--batch-size", type=int, default=4)
-    analysis.add_argument("--device", default="auto")
+    analysis.add_argument("--batch-size", type=int, default=4, help="windows per forward pass (default 4)")
+    add_device(analysis)
     analysis.add_argument("--out", required=True, help="output directory")
     analysis.set_defaults(func=cmd_analyze)
 
@@ -390,22 +435,22 @@ def add_analyze(sub) -> None:
 def add_models_and_bench(sub) -> None:
     models = sub.add_parser("models", help="list the model ladder with parameters and FLOPs per token")
     models.add_argument("--json", action="store_true", help="print JSON")
-    models.add_argument("--vocab-size", type=int, default=4096)
-    models.add_argument("--seq-len", type=int, default=256)
+    models.add_argument("--vocab-size", type=int, default=4096, help="vocabulary size of the models (default 4096)")
+    models.add_argument("--seq-len", type=int, default=256,
+                        help="sequence length in tokens the FLOPs are counted at (default 256)")
     models.set_defaults(func=cmd_models)
 
     bench = sub.add_parser("bench", help="measure training and distillation throughput")
     bench.add_argument("--model", required=True, help="student rung (see `distillab models`)")
     bench.add_argument("--teacher", default=None, help="teacher rung; adds the KD step and teacher forward")
-    bench.add_argument("--batch-size", type=int, default=16)
-    bench.add_argument("--seq-len", type=int, default=256)
-    bench.add_argument("--steps", type=int, default=10)
-    bench.add_argument("--warmup", type=int, default=3)
+    bench.add_argument("--batch-size", type=int, default=16, help="sequences per step (default 16)")
+    bench.add_argument("--seq-len", type=int, default=256, help="sequence length in tokens (default 256)")
+    bench.add_argument("--steps", type=int, default=10, help="timed steps (default 10)")
+    bench.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
     bench.add_argument("--precision", choices=["float32", "bfloat16"], default="float32",
                        help="bfloat16 autocast applies on GPUs only (fp32 is faster on these CPUs)")
-    bench.add_argument("--vocab-size", type=int, default=4096)
-    bench.add_argument("--device", default="auto")
-    bench.add_argument("--threads", type=int, default=None)
+    bench.add_argument("--vocab-size", type=int, default=4096, help="vocabulary size of the models (default 4096)")
+    add_device(bench, threads=True)
     bench.add_argument("--divergence", default="forward_kl", help="KD divergence of kd_step (default forward_kl)")
     bench.add_argument("--cached-k", type=int, default=None, metavar="K",
                        help="also time a KD step whose teacher is its top-K held in memory (a cache's signal)")
@@ -421,17 +466,24 @@ def add_sweep_and_report(sub) -> None:
         description="Expand a grid spec into content-addressed runs and execute the unfinished ones, teachers "
         "before their students. Rerunning skips finished runs and resumes interrupted ones.",
     )
-    sweep.add_argument("grid", help="grid spec (YAML); see configs/examples/grid_small.yaml")
+    sweep.add_argument("grid", help=GRID_HELP)
     sweep.add_argument("--out", default=None, help="sweep directory (default sweeps/<name>)")
     sweep.add_argument("--dry-run", action="store_true", help="print runs, dependencies and compute; run nothing")
     sweep.add_argument("--rehearse", action="store_true",
                        help="run every run of the grid end to end on this machine's CPUs with tiny twins of its "
                             "models, shrunk budgets and offline data, on 2 processes (docs/paper.md#rehearsal)")
     add_memory_args(sweep, None)
-    sweep.add_argument("--device", default="cpu", help="compute estimate for: cpu, h100, tpu-v6e (default cpu)")
+    add_overrides(sweep, "grid", "base.train.lr=1e-3 or --set kd.alpha=[0.5]")
+    sweep.add_argument("--estimate-for", default="cpu", metavar="HARDWARE",
+                       help="the hardware of the --dry-run compute estimate: cpu (the grid's cpu_gflops), or an "
+                            "accelerator's peak bf16 x --mfu: h100, h200, a100, tpu-v6e (default cpu)")
+    renamed(sweep, "--device", "the compute estimate's hardware is --estimate-for (--device is the device a "
+                               "command runs on, in eval, analyze, bench and teacher cache)")
     sweep.add_argument("--mfu", type=float, default=0.4, help="model FLOP utilisation for h100 / tpu-v6e estimates")
     sweep.add_argument("--workers", type=int, default=1, help="runs at once (each gets cores / workers threads)")
-    sweep.add_argument("--executor", choices=["local", "slurm", "submitit-local"], default="local")
+    sweep.add_argument("--executor", choices=["local", "slurm", "submitit-local"], default="local",
+                       help="where runs execute: local worker processes, Slurm via submitit, or submitit's local "
+                            "executor (default local)")
     sweep.add_argument("--slurm", nargs="*", metavar="KEY=VALUE",
                        help="submitit parameters, e.g. slurm_partition=gpu gpus_per_node=1 timeout_min=600")
     sweep.add_argument("--retry-failed", action="store_true", help="run failed runs again")
@@ -441,7 +493,7 @@ def add_sweep_and_report(sub) -> None:
     sweep.set_defaults(func=cmd_sweep)
 
     report = sub.add_parser("report", help="results table, gains, labels and report.md / report.html of a sweep")
-    report.add_argument("sweep_dir")
+    report.add_argument("sweep_dir", help="a sweep directory (SWEEP/, as written by distillab sweep)")
     report.add_argument("--tolerance", type=float, default=None,
                         help="same-level band in nats of held-out loss (default: the grid's label_tolerance)")
     report.set_defaults(func=cmd_report)
@@ -473,7 +525,7 @@ def add_plan(sub) -> None:
         description="Fits the law (distillab.study.law) on finished sweeps and predicts every student cell of GRID: loss and "
                     "gains with intervals, gain per FLOP, the findings, the runs that would most narrow the open ones "
                     "and those the fit already predicts within the margin. Warns loudly when it extrapolates.")
-    plan.add_argument("grid", help="grid spec (YAML), or a demo study: default, full, quick, scaling:<student rung>")
+    plan.add_argument("grid", help=GRID_HELP + "; or a demo study: default, full, quick, scaling:<student rung>")
     plan.add_argument("--from", dest="sources", action="append", required=True, metavar="SWEEP_DIR",
                       help="a finished sweep (its runs, or results.csv as in docs/results/*); repeat for several")
     plan.add_argument("--replicates", type=int, default=200, help="bootstrap refits for intervals (default 200)")
@@ -513,7 +565,7 @@ VERBS = (add_data, add_teacher, add_train, add_sft, add_eval, add_analyze, add_m
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="distillab",
         description="Knowledge distillation during LLM pretraining: train teachers and students, evaluate, compare.",
     )

@@ -456,9 +456,9 @@ def load_yaml(text: str) -> Any:
 
 def read_yaml_mapping(path: str | Path, what: str = "config") -> dict:
     """The top-level mapping of a YAML file, or a one-line ConfigError naming the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(str(path), f"{what} file not found")
+    from distillab.shipped import locate
+
+    path = locate(path, what)
     try:
         loaded = load_yaml(path.read_text())
     except AliasLimit as exc:

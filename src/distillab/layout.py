@@ -5,6 +5,7 @@
         .lock                    held by the one process that trains the run (its pid inside)
         launch.yaml              the config a multi-process run was launched with (sweeps)
         metrics.jsonl            one line per logged step; tensorboard/ beside it
+        wandb_id                 the run's Weights & Biases id (a uuid, made once: a resume keeps it)
         checkpoints/step_NNNNNNNN/   resumable checkpoints (`distillab.checkpoint`)
         final/                   the trained model (an HF directory); final/eval.json its evaluation
         summary.json             says the run is done
@@ -63,6 +64,7 @@ class RunLayout(Directory):
     launch = entry("launch.yaml")
     metrics = entry("metrics.jsonl")
     tensorboard = entry("tensorboard")
+    wandb_id = entry("wandb_id")
     checkpoints = entry("checkpoints")
     final = entry("final")
     evaluation = entry("final", EVAL)

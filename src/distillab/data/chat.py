@@ -41,6 +41,7 @@ from distillab.data.tokenizer import load_tokenizer, token_dtype, tokenizer_fing
 from distillab.errors import ConfigError, DataError
 from distillab.files import default_cache_dir, sha256_file, stable_hash, write_json_atomic
 from distillab.progress import progress
+from distillab.shipped import find
 
 ROLES = ("system", "user", "assistant")
 DEFAULT_TEMPLATE = Path(__file__).parent / "templates" / "chat.jinja"
@@ -85,8 +86,8 @@ def chat_template(tokenizer, path: str | None) -> tuple[str, str]:
     own = tokenizer.chat_template
     own = own.get("default") if isinstance(own, dict) else own
     if path:
-        file = Path(os.path.expanduser(path))
-        if not file.is_file():
+        file = find(path)  # a file, or a shipped one by its repository path (configs/paper/sft/...)
+        if file is None:
             raise ConfigError("sft.chat_template", f"{path}: file not found")
         template, origin = file.read_text(), str(file)
     elif own:

@@ -31,6 +31,7 @@ import numpy as np
 
 from distillab.errors import DataError, DistillabError
 from distillab.layout import SweepLayout
+from distillab.shipped import find
 from distillab.study.law import HELD_OUT, TARGETS, FittedLaw, fit_law, gain_features, in_family
 
 DATA_KEYS = ("corpus", "tokenizer", "validation_fraction", "packing")
@@ -95,7 +96,7 @@ def load_plan_grid(grid: str):
     """A grid YAML, or a demo study by name (`default`, `full`, `quick`, or `scaling:<student rung>`)."""
     from distillab.sweep import grid_from_dict, load_grid
 
-    if Path(grid).exists():
+    if find(grid) is not None:  # a file, or a shipped grid by name (paper/exp1)
         return load_grid(grid)
     from distillab.study.demo import STUDIES, study_grid
 

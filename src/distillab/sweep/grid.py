@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from distillab.config import ModelConfig, build_dataclass, kd_value, merge, read_yaml_mapping
+from distillab.config import ModelConfig, apply_overrides, build_dataclass, kd_value, merge, read_yaml_mapping
 from distillab.errors import ConfigError, require
 from distillab.losses.divergences import DIVERGENCES
 from distillab.gpus import GPUS
@@ -224,8 +224,9 @@ class GridSpec:
     sft: dict = field(default_factory=dict)
 
 
-def load_grid(path: str | Path) -> GridSpec:
-    return grid_from_dict(read_yaml_mapping(path, what="grid"))
+def load_grid(path: str | Path, overrides: list[str] | None = None) -> GridSpec:
+    """The grid of a YAML file (or a shipped one by name), with `--set KEY=VALUE` overrides applied."""
+    return grid_from_dict(apply_overrides(read_yaml_mapping(path, what="grid"), overrides or []))
 
 
 def grid_from_dict(values: dict) -> GridSpec:

@@ -383,7 +383,7 @@ def compute_rate(spec: GridSpec, device: str, mfu: float) -> tuple[float, str]:
     if device in DEVICE_PEAK_FLOPS:
         return DEVICE_PEAK_FLOPS[device] * mfu, f"{DEVICE_PEAK_FLOPS[device] / 1e12:.0f} TFLOP/s peak bf16 x MFU " \
                                                 f"{mfu:.0%}"
-    raise ConfigError("--device", f"unknown device {device!r}; use cpu, {', '.join(DEVICE_PEAK_FLOPS)}")
+    raise ConfigError("--estimate-for", f"unknown device {device!r}; use cpu, {', '.join(DEVICE_PEAK_FLOPS)}")
 
 
 def compute_summary(runs: list[Run], spec: GridSpec, device: str = "cpu", mfu: float = DEFAULT_MFU) -> dict:

@@ -367,7 +367,7 @@ class Trainer:
         t, main = self.config.train, self.parallel.is_main
         self.describe()
         metrics = MetricsSink(run.path, self.step, t.tensorboard, t.wandb_project, self.config.name,
-                              results_config(self.config), self.log) if main else NoMetrics()
+                              results_config(self.config), self.log, self.config.eval.sets) if main else NoMetrics()
         bar = progress_bar(total=self.plan.steps, initial=self.step, desc=f"train {self.config.name}", unit="step",
                            disable=not main)
         self.stepper.train()
