@@ -1,13 +1,14 @@
 # Two entry points: `make demo` (the main job) and `make test` (the fast suite, <= 5 min).
 # `make test-all` runs every test, the long ones behind the `slow` marker too; `make test-slow`
-# runs only those (CI runs `make test` then `make test-slow`: each test once).
+# runs only those but the whole-preset rehearsals, `make rehearse-presets` only those (CI runs
+# `make test`, `make test-slow`, then `make rehearse-presets`: each test once).
 # Each creates .venv from the pinned requirements on first use.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.distillab-installed
 
-.PHONY: demo test test-all test-slow bench clean-venv
+.PHONY: demo test test-all test-slow rehearse-presets bench clean-venv
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,7 +26,10 @@ test-all: $(STAMP)
 	$(BIN)/python -m pytest -m "" $(ARGS)
 
 test-slow: $(STAMP)
-	$(BIN)/python -m pytest -m slow $(ARGS)
+	$(BIN)/python -m pytest -m "slow and not presets" $(ARGS)
+
+rehearse-presets: $(STAMP)
+	$(BIN)/python -m pytest -m presets --durations=0 $(ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run_benchmarks.py

@@ -93,6 +93,7 @@ def test_rehearse_a_slice_of_the_qwen3_preset(tmp_path, cache_dir):
 
 
 @pytest.mark.slow
+@pytest.mark.presets
 @pytest.mark.parametrize("name", sorted(p.stem for p in PRESETS.glob("*.yaml")))
 def test_rehearse_every_paper_preset(name, tmp_path, cache_dir):
     grid = PRESETS / f"{name}.yaml"
