@@ -1,16 +1,28 @@
-"""Checkpoints: HF model directories (safetensors + tokenizer) plus trainer state, written atomically.
+"""Checkpoints: directories of files written atomically, verified by a manifest of sha256 hashes.
 
-Layout of a checkpoint directory:
-    config.json, model.safetensors, generation_config.json   (save_pretrained)
-    tokenizer.json, tokenizer_config.json, ...                (the run's tokenizer)
-    trainer_state.pt     optimizer state, step, tokens, data position, RNG (resumable ones only)
+A step checkpoint (resumable; `checkpoints/step_NNNNNNNN/`):
+    sharded/             torch.distributed.checkpoint (DCP): model and optimizer state, each
+                         process's shards in its own file (`__<rank>_0.distcp`) and `.metadata`
+                         (every tensor's global shape and which file holds which slice)
+    trainer_state.pt     step, tokens, data position (sequences read), every process's RNG state,
+                         the partial logging window
+    config.json, generation_config.json, tokenizer files   (the model's HF config, no weights)
     distillab.json       what produced it: run config, tokenizer fingerprint, data content hash
     manifest.json        sha256 of every other file; written last
 
-The directory is assembled under a temporary name and renamed into place, so a crash leaves
-either the old checkpoint or the new one, never a half-written one. A directory without a
-manifest is not a checkpoint; one whose files disagree with it is corrupt and is never loaded
-(`latest_verified` falls back to the previous verified checkpoint).
+The HF model (`final/`, and `distillab export`): config.json, model.safetensors (written one
+tensor at a time, `distillab.export`), generation_config.json, tokenizer files, distillab.json,
+manifest.json.
+
+Checkpoints written before the sharded format (still read): model.safetensors with full
+weights, and the optimizer's own state dict inside trainer_state.pt (`is_sharded_checkpoint` tells them
+apart).
+
+A directory is assembled under a temporary name (every process writing its own files into it)
+and renamed into place, so a crash leaves either the old checkpoint or the new one, never a
+half-written one. A directory without a manifest is not a checkpoint; one whose files disagree
+with it is corrupt and is never loaded (`latest_verified` falls back to the previous verified
+checkpoint).
 """
 
 from __future__ import annotations
@@ -28,34 +40,62 @@ from distillab.files import fix_permissions, make_temp_dir, remove_stale_temp_di
 
 MANIFEST = "manifest.json"
 TRAINER_STATE = "trainer_state.pt"
+SHARDED = "sharded"
 META = "distillab.json"
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 
 
 def save_checkpoint(target: Path, model, tokenizer, meta: dict, trainer_state: dict | None = None,
                     state_dict: dict | None = None) -> Path:
-    """Write an HF checkpoint of `model` (or of `state_dict` in `model`'s architecture) to `target`."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = make_temp_dir(target.parent, f".tmp-{target.name}-")
+    """Write an HF checkpoint of `model` (or of `state_dict` in `model`'s architecture) to `target`,
+    with save_pretrained (a model whole in this process's memory)."""
+    tmp = begin_checkpoint(target)
     try:
         model.save_pretrained(str(tmp), safe_serialization=True, state_dict=state_dict)
-        tokenizer.save_pretrained(str(tmp))
-        if trainer_state is not None:
-            torch.save(trainer_state, tmp / TRAINER_STATE)
-        (tmp / META).write_text(json.dumps(meta, indent=2, default=str) + "\n")
-        fix_permissions(tmp)  # safetensors writes 0600; every other file follows the umask
-        files = {str(p.relative_to(tmp)): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
-        write_json_atomic(tmp / MANIFEST, {"files": files})
-        replace_dir(tmp, target)
+        write_checkpoint_files(tmp, tokenizer, meta, trainer_state)
+        return finish_checkpoint(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return target
 
 
-def verify_checkpoint(path: Path) -> None:
-    """Raise a one-line CheckpointError naming the file if the checkpoint is incomplete or corrupt."""
+def begin_checkpoint(target: Path) -> Path:
+    """The temporary directory a checkpoint for `target` is assembled in (beside it)."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return make_temp_dir(target.parent, f".tmp-{target.name}-")
+
+
+def write_checkpoint_files(tmp: Path, tokenizer, meta: dict, trainer_state: dict | None = None) -> None:
+    """The files beside the weights: tokenizer, distillab.json, and the trainer state of a step checkpoint."""
+    tokenizer.save_pretrained(str(tmp))
+    if trainer_state is not None:
+        torch.save(trainer_state, tmp / TRAINER_STATE)
+    (tmp / META).write_text(json.dumps(meta, indent=2, default=str) + "\n")
+
+
+def finish_checkpoint(tmp: Path, target: Path, hashes: dict[str, str] | None = None) -> Path:
+    """Name the assembled `tmp` as `target`: the sha256 of every file (taken from `hashes` for the
+    files other processes wrote and hashed), manifest.json written last, then an atomic rename."""
+    fix_permissions(tmp)  # safetensors writes 0600; every other file follows the umask
+    hashes = hashes or {}
+    files = {name: hashes.get(name) or sha256_file(tmp / name) for name in
+             sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())}
+    write_json_atomic(tmp / MANIFEST, {"files": files})
+    replace_dir(tmp, Path(target))
+    return Path(target)
+
+
+def is_sharded_checkpoint(path: Path) -> bool:
+    """Whether a checkpoint holds its weights and optimizer state in the sharded (DCP) format."""
+    return (Path(path) / SHARDED / ".metadata").is_file()
+
+
+def verify_checkpoint(path: Path, part: tuple[int, int] = (0, 1)) -> None:
+    """Raise a one-line CheckpointError naming the file if the checkpoint is incomplete or corrupt.
+
+    `part` = (i, n): hash only every n-th file of the manifest from the i-th (the processes of a
+    run share the reading; together they check every file)."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: checkpoint directory not found")
@@ -66,7 +106,7 @@ def verify_checkpoint(path: Path) -> None:
         files = json.loads(manifest.read_text())["files"]
     except (json.JSONDecodeError, KeyError):
         raise CheckpointError(f"{manifest}: unreadable; the checkpoint is corrupt") from None
-    for name, digest in files.items():
+    for name, digest in sorted(files.items())[part[0]::part[1]]:
         file = path / name
         if not file.is_file():
             raise CheckpointError(f"{file}: missing from checkpoint")
@@ -90,18 +130,25 @@ def list_checkpoints(checkpoints: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def latest_verified(checkpoints: Path, log=print) -> tuple[int, Path] | None:
+def latest_verified(checkpoints: Path, log=print, part: tuple[int, int] = (0, 1),
+                    agree=lambda error: error) -> tuple[int, Path] | None:
     """The newest checkpoint whose files match its manifest; corrupt newer ones are skipped with a warning.
 
     None when there is no checkpoint at all; a CheckpointError when there are some but none verifies.
+    With several processes each checks its `part` of the files and `agree(error or None)` returns
+    the first error any of them found (every process calls it), so all choose the same checkpoint.
     """
     found = list_checkpoints(checkpoints)
     for step, path in reversed(found):
         try:
-            verify_checkpoint(path)
-            return step, path
+            verify_checkpoint(path, part)
+            error = None
         except CheckpointError as exc:
-            log(f"warning: {exc}; falling back to the previous checkpoint")
+            error = str(exc)
+        error = agree(error)
+        if error is None:
+            return step, path
+        log(f"warning: {error}; falling back to the previous checkpoint")
     if found:
         raise CheckpointError(f"{checkpoints}: no checkpoint verifies against its manifest; delete the run directory "
                               "and train again")

@@ -27,11 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import torch
 
 from distillab import __version__
-from distillab.checkpoint import (latest_verified, load_trainer_state, load_weights, prune_checkpoints, read_meta,
-                                  save_checkpoint, step_dir, verify_checkpoint)
+from distillab.checkpoint import load_trainer_state, prune_checkpoints, read_meta, step_dir
 from distillab.config import RunConfig, first_difference, results_config
 from distillab.data.loader import Batch
 from distillab.data.packing import training_stream
@@ -39,17 +37,19 @@ from distillab.data.shards import PreparedData, prepare_data
 from distillab.errors import CheckpointError, ConfigError
 from distillab.evaluate.perplexity import evaluate_prepared_sets
 from distillab.files import stable_hash
-from distillab.models import ModelSpec, build_model, resolve_spec
+from distillab.models import ModelSpec, resolve_spec
 from distillab.objective import KDObjective
 from distillab.progress import progress_bar
 from distillab.sft import start_sft
 from distillab.teacher import CachedTeacher, OnlineTeacher, build_teacher_signal
 from distillab.train.guard import NonFiniteError, NonFiniteGuard
 from distillab.train.metrics import LogWindow, MetricsSink, NoMetrics
-from distillab.train.parallel import SingleProcess, setup_parallelism
+from distillab.train.checkpointer import Checkpointer
+from distillab.train.parallel import SingleProcess
 from distillab.train.rundir import RunDirectory, check_inputs
 from distillab.train.schedule import Plan, learning_rate, make_optimizer, make_plan
 from distillab.train.step import StepResult, train_step
+from distillab.train.world import setup_parallelism
 
 # Keys in which a WSD branch may differ from the trunk it starts from.
 BRANCH_KEYS = {"train.token_budget", "train.branch_from", "name"}
@@ -116,6 +116,7 @@ class Trainer:
         self.config, self.parallel, self.data, self.spec = config, parallel, data, spec
         self.stepper, self.optimizer, self.teacher, self.stream, self.plan = stepper, optimizer, teacher, stream, plan
         self.model = parallel.unwrap(stepper)
+        self.checkpointer = Checkpointer(parallel, config.train.async_checkpoint)
         self.objective = objective or KDObjective.from_config(config.kd)
         self.guard = NonFiniteGuard(config.train.nonfinite)
         self.log = log
@@ -144,8 +145,8 @@ class Trainer:
                                        config.data.packing)
         if isinstance(teacher, OnlineTeacher):
             teacher.model = parallel.prepare_teacher(teacher.model)
-        model = build_model(spec, data.vocab_size, t.seq_len, t.init_seed, data.tokenizer.eos_token_id, parallel.device)
-        stepper = parallel.prepare_model(model, t.activation_checkpointing, t.compile)
+        stepper = parallel.build_model(spec, data.vocab_size, t.seq_len, t.init_seed, data.tokenizer.eos_token_id,
+                                       t.activation_checkpointing, t.compile)
         stream = training_stream(data, t.seq_len, t.data_seed, config.data.packing, log)
         plan = make_plan(t)
         sequences = plan.steps * t.batch_size * t.grad_accum * parallel.world
@@ -178,15 +179,11 @@ class Trainer:
     # ------------------------------------------------------------------------- state
 
     def state_dict(self) -> dict:
-        """Everything but the weights that a resumed run needs to continue bit-identically."""
+        """What a resumed run needs besides weights, optimizer state and RNG (the checkpointer's)."""
         return {"step": self.step, "tokens": self.tokens, "sequences": self.sequences,
-                "optimizer": self.parallel.optimizer_state(self.stepper, self.optimizer),
-                "torch_rng": torch.get_rng_state(), "log_window": self.window.state_dict(),
-                "skipped_steps": self.guard.skipped}
+                "log_window": self.window.state_dict(), "skipped_steps": self.guard.skipped}
 
-    def load_state_dict(self, state: dict, weights: dict) -> None:
-        self.parallel.load_state(self.stepper, self.optimizer, weights, state["optimizer"])
-        torch.set_rng_state(state["torch_rng"])
+    def load_state_dict(self, state: dict) -> None:
         self.step, self.tokens, self.sequences = state["step"], state["tokens"], state["sequences"]
         self.window = LogWindow(state.get("log_window"))
         self.guard.skipped = state.get("skipped_steps", 0)
@@ -218,21 +215,23 @@ class Trainer:
 
     def restore(self, run: RunDirectory) -> None:
         """Continue from the newest verified checkpoint, or branch from a trunk, or start fresh."""
-        found = latest_verified(run.checkpoints, log=self.log)
+        found = self.checkpointer.latest(run.checkpoints, log=self.log)
         if found is not None:
             step, source = found
-            self.load_from(source)
+            self.load_from(source, verified=True)
             self.log(f"train: resuming {run.path} from step {self.step} ({self.tokens:,} tokens)")
         elif self.config.train.branch_from:
             source = Path(self.config.train.branch_from)
             self.load_from(source, branch=True)
             self.log(f"train: branching from {source} at step {self.step} (this run's decay starts there)")
 
-    def load_from(self, source: Path, branch: bool = False) -> None:
-        """Load a checkpoint after checking it belongs to this run's trajectory."""
+    def load_from(self, source: Path, branch: bool = False, verified: bool = False) -> None:
+        """Load a checkpoint (on every process, into this run's layout) after checking it belongs to
+        this run's trajectory."""
         key = "train.branch_from" if branch else "run_dir"
         try:
-            verify_checkpoint(source)
+            if not verified:
+                self.checkpointer.verify(source)
         except CheckpointError as exc:
             raise ConfigError(key, str(exc)) from None
         meta = read_meta(source)
@@ -244,7 +243,8 @@ class Trainer:
             raise ConfigError("train.branch_from", f"{source} is at step {state['step']} but this run's decay starts at "
                                                    f"step {self.plan.decay_start}; keep the trunk's checkpoint at that "
                                                    "step (train.keep_steps)")
-        self.load_state_dict(state, load_weights(source, self.parallel.device))
+        self.checkpointer.load(source, self.stepper, self.optimizer, state)
+        self.load_state_dict(state)
 
     # ------------------------------------------------------------------------- one step
 
@@ -285,15 +285,12 @@ class Trainer:
         return self.last_eval
 
     def save_checkpoint(self, run: RunDirectory) -> None:
-        """A resumable checkpoint of this step (weights checked finite first)."""
+        """A resumable checkpoint of this step, each process writing its shards (weights checked finite first)."""
         NonFiniteGuard.check_weights(self.step, self.model, "checkpoint")
         t = self.config.train
-        weights, state = self.parallel.model_state(self.stepper), self.state_dict()
-        if self.parallel.is_main:
-            save_checkpoint(step_dir(run.checkpoints, self.step), self.model, self.data.tokenizer, self.meta(), state,
-                            state_dict=weights)
-            prune_checkpoints(run.checkpoints, t.keep_checkpoints, protected=t.keep_steps)
-        self.parallel.barrier()
+        self.checkpointer.save(step_dir(run.checkpoints, self.step), self.stepper, self.optimizer, self.state_dict(),
+                               self.model, self.data.tokenizer, self.meta(),
+                               then=lambda: prune_checkpoints(run.checkpoints, t.keep_checkpoints, t.keep_steps))
 
     # ------------------------------------------------------------------------- the loop
 
@@ -346,6 +343,7 @@ class Trainer:
         if self.step % t.checkpoint_every == 0 or stop_now or self.step in t.keep_steps:
             self.save_checkpoint(run)
         if stop_now:
+            self.checkpointer.wait()
             reason = "SIGTERM" if requested else f"stop_after_steps={stop_after_steps}"
             self.log(f"train: stopped at step {self.step} ({reason}); run again to resume")
         return stop_now
@@ -362,10 +360,10 @@ class Trainer:
     def finish(self, run: RunDirectory) -> TrainResult:
         """The final model and summary, once the weights and the held-out loss pass their checks."""
         NonFiniteGuard.check_weights(self.step, self.model, "final model")
-        weights = self.parallel.model_state(self.stepper)
+        self.checkpointer.wait()
+        self.agree_not_diverged()
+        self.checkpointer.write_final(run.final, self.model, self.data.tokenizer, self.meta())
         if self.parallel.is_main:
-            self.check_not_diverged()
-            save_checkpoint(run.final, self.model, self.data.tokenizer, self.meta(), state_dict=weights)
             run.write_summary(self.summary())
             prune_checkpoints(run.checkpoints, self.config.train.keep_checkpoints, self.config.train.keep_steps)
         self.parallel.barrier()
@@ -373,6 +371,18 @@ class Trainer:
         self.log(f"train: {self.config.name} done: {self.step} steps, {self.tokens:,} tokens; {evals}; "
                  f"model in {run.final}")
         return TrainResult(run.path, run.final, self.step, self.tokens, self.last_eval, True)
+
+    def agree_not_diverged(self) -> None:
+        """`check_not_diverged` on the main process (which holds the evaluation), its verdict on all."""
+        error = None
+        if self.parallel.is_main:
+            try:
+                self.check_not_diverged()
+            except NonFiniteError as exc:
+                error = str(exc)
+        error = self.parallel.broadcast_object(error)
+        if error is not None:
+            raise NonFiniteError(error)
 
     def check_not_diverged(self) -> None:
         """A held-out loss no better than guessing uniformly (after 10 steps), or 1 nat worse at any
