@@ -67,8 +67,9 @@ def begin_checkpoint(target: Path) -> Path:
 
 
 def write_checkpoint_files(tmp: Path, tokenizer, meta: dict, trainer_state: dict | None = None) -> None:
-    """The files beside the weights: tokenizer, distillab.json, and the trainer state of a step checkpoint."""
-    tokenizer.save_pretrained(str(tmp))
+    """The files beside the weights: tokenizer (if any), distillab.json, and the trainer state of a step checkpoint."""
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(tmp))
     if trainer_state is not None:
         torch.save(trainer_state, tmp / TRAINER_STATE)
     (tmp / META).write_text(json.dumps(meta, indent=2, default=str) + "\n")

@@ -54,10 +54,10 @@ class Checkpointer:
         self.parallel, self.async_save = parallel, async_save
         self.pending: PendingSave | None = None
         self.group = None
-        if async_save and parallel.world > 1:
+        if async_save and distributed():
             import torch.distributed as dist
 
-            # background writes coordinate on their own (CPU) group, never interleaving with training's
+            # background writes coordinate on their own CPU (gloo) group, never interleaving with training's
             self.group = dist.new_group(backend="gloo")
 
     # ------------------------------------------------------------------ save
