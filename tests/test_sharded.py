@@ -250,3 +250,17 @@ def test_sharded_checkpoints_resume_on_another_number_of_processes(tmp_path, cac
     output = train_on(tmp_path, cache_dir, run_config(tmp_path, cache_dir, "moved", then), then)
     assert "from step 3" in output, output[-2000:]
     assert_continues(reference.run_dir, tmp_path / "moved")
+
+
+def test_a_step_checkpoint_used_as_a_model_points_to_export(tmp_path, cache_dir):
+    from distillab.errors import ConfigError
+    from distillab.models import load_causal_lm
+    from distillab.train import train
+
+    train(config_from_dict(tiny_run(tmp_path, cache_dir, "run")), stop_after_steps=3, log=lambda *a: None)
+    with pytest.raises(ConfigError, match=r"sharded training checkpoint; .*distillab export .*/run --step 3"):
+        load_causal_lm(tmp_path / "run" / "checkpoints" / "step_00000003", "cpu")
+    from distillab.cli import main
+
+    assert main(["export", str(tmp_path / "run")]) == 0
+    assert load_causal_lm(tmp_path / "run" / "export" / "step_00000003", "cpu") is not None

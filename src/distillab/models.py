@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from distillab.checkpoint import is_sharded_checkpoint
 from distillab.config import ModelConfig
 from distillab.data.tokenizer import looks_like_hub_id
 from distillab.errors import CheckpointError, ConfigError
@@ -315,6 +316,10 @@ def load_causal_lm(path: str | Path, device: torch.device | str, key: str = "kd.
     path = Path(path)
     if not (path / "config.json").is_file():
         raise ConfigError(key, f"{path} is not an HF model directory (no config.json)")
+    if is_sharded_checkpoint(path) and not any(path.glob("*.safetensors")):
+        raise ConfigError(key, f"{path} is a sharded training checkpoint; write its HF model with `distillab export "
+                               f"{path.parent.parent} --step {path.name.removeprefix('step_').lstrip('0') or 0}` "
+                               "and use that")
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, attn_implementation="sdpa")
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
