@@ -27,7 +27,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-
 from distillab import __version__
 from distillab.checkpoint import load_trainer_state, prune_checkpoints, read_meta, step_dir
 from distillab.config import RunConfig, first_difference, results_config
