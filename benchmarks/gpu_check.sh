@@ -14,4 +14,4 @@ OUT=${OUT:-gpu_check.json}
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1 DISTILLAB_PROGRESS=0
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader >&2
 timeout 600 python3 benchmarks/gpu_check.py --out "$OUT" "$@"
-python3 -c "import json, sys; r = json.load(open(sys.argv[1])); print(json.dumps({k: r[k] for k in ('gpu', 'wall_seconds') if k in r}))" "$OUT"
+python3 -c "import json, sys; r = json.load(open(sys.argv[1])); print(r.get('gpu'), r.get('wall_seconds'))" "$OUT"

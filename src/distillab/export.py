@@ -189,7 +189,8 @@ def checkpoint_reader(source: Path) -> Callable[[str], torch.Tensor]:
     def read(name: str) -> torch.Tensor:
         key = f"model.{name}"
         if key not in metadata:
-            raise CheckpointError(f"{source / SHARDED}: no tensor {name}; the checkpoint does not match its config.json")
+            raise CheckpointError(f"{source / SHARDED}: no tensor {name}; the checkpoint does not match its "
+                                  "config.json")
         stored = metadata[key]
         tensor = torch.empty(tuple(stored.size), dtype=stored.properties.dtype)
         dcp.load({"model": {name: tensor}}, checkpoint_id=str(source / SHARDED), no_dist=True)
