@@ -1,12 +1,13 @@
 # Two entry points: `make demo` (the main job) and `make test` (the fast suite, <= 5 min).
-# `make test-all` runs every test, the long ones behind the `slow` marker too (CI runs both).
+# `make test-all` runs every test, the long ones behind the `slow` marker too; `make test-slow`
+# runs only those (CI runs `make test` then `make test-slow`: each test once).
 # Each creates .venv from the pinned requirements on first use.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.distillab-installed
 
-.PHONY: demo test test-all bench clean-venv
+.PHONY: demo test test-all test-slow bench clean-venv
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,6 +23,9 @@ test: $(STAMP)
 
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -m "" $(ARGS)
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -m slow $(ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run_benchmarks.py

@@ -2,8 +2,8 @@
 
 from conftest import TEACHERS, verdict_grid
 
-from distillab.adaptive import seeds_to_add, undecided_findings
-from distillab.verdicts import DECIDED, NOT_ASKABLE, OPEN
+from distillab.study.adaptive import seeds_to_add, undecided_findings
+from distillab.study.verdicts import DECIDED, NOT_ASKABLE, OPEN
 
 SWING = {1: 0.0, 2: 0.0, 3: 0.08, 4: -0.06, 5: 0.01, 6: 0.07, 7: -0.05, 8: 0.03, 9: -0.08, 10: 0.06}
 

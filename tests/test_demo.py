@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from distillab.demo import DATA_STARVED, STUDIES, demo_grid, run_demo, study_grid
+from distillab.study.demo import DATA_STARVED, STUDIES, demo_grid, run_demo, study_grid
 from distillab.errors import DistillabError
 from distillab.models import LADDER, build_model
 from distillab.sweep import grid_from_dict, plan
-from distillab.verdicts import INCONCLUSIVE, NOT_REPRODUCED, REPRODUCED
+from distillab.study.verdicts import INCONCLUSIVE, NOT_REPRODUCED, REPRODUCED
 
 RESULTS = Path(__file__).parent.parent / "docs" / "results"
 
@@ -54,7 +54,7 @@ def test_studies_are_in_the_papers_regime(size, tmp_path):
 
 
 def test_quick_demo_runs_the_pipeline_adds_seeds_and_reports_every_section(tmp_path, cache_dir):
-    from distillab.verdicts import TUNING_SEEDS
+    from distillab.study.verdicts import TUNING_SEEDS
 
     result = run_demo("quick", out_dir=tmp_path, log=lambda *args: None)
     out = tmp_path / "quick"

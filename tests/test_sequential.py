@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from distillab.errors import DistillabError
-from distillab.sequential import (
+from distillab.study.sequential import (
     DESIGN,
     Design,
     calibrate_critical_values,
@@ -20,8 +20,8 @@ from distillab.sequential import (
     sequential_decision,
     simulated_t_statistics,
 )
-from distillab.stats import t_quantile_975
-from distillab.verdicts import NOT_REPRODUCED, REPRODUCED, rule_gain_expected
+from distillab.study.stats import t_quantile_975
+from distillab.study.verdicts import NOT_REPRODUCED, REPRODUCED, rule_gain_expected
 
 Z_975 = 1.959963984540054
 MARGIN = 0.02

@@ -10,8 +10,8 @@ import yaml
 from distillab.errors import ConfigError
 from distillab.files import exclusive_lock
 from distillab.report import write_report
-from distillab.results import add_gains_and_labels, label_by_loss, label_by_size
-from distillab.stats import mean_ci
+from distillab.study.results import add_gains_and_labels, label_by_loss, label_by_size
+from distillab.study.stats import mean_ci
 from distillab.sweep import compute_summary, format_plan, load_grid, plan, run_sweep
 
 

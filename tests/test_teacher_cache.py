@@ -252,7 +252,7 @@ def test_a_sweep_captures_one_cache_per_teacher_and_its_students_read_it(tmp_pat
     """kd.cache: auto (the default): a teacher serving students at top-k 4 and 8 gets one top-8
     cache; the dry run shows it with its storage and FLOPs; every student trains from it; the
     results count the teacher's inference once; `kd.cache: off` keeps the online teacher."""
-    from distillab.results import collect_rows
+    from distillab.study.results import collect_rows
     from distillab.sweep import compute_summary, format_plan, load_grid, plan, run_sweep
     from test_sweep import grid_file
 

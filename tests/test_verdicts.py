@@ -7,10 +7,10 @@ import statistics
 import pytest
 from conftest import BASELINE_LOSS, baseline_row, student_row, teacher_row, verdict_grid
 
-from distillab.results import label_by_prediction_interval
-from distillab.sequential import DESIGN
-from distillab.stats import prediction_interval
-from distillab.verdicts import (
+from distillab.study.results import label_by_prediction_interval
+from distillab.study.sequential import DESIGN
+from distillab.study.stats import prediction_interval
+from distillab.study.verdicts import (
     AT_MAX,
     DECIDED,
     INCONCLUSIVE,

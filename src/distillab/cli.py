@@ -210,7 +210,7 @@ def cmd_report(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from distillab.demo import run_demo
+    from distillab.study.demo import run_demo
 
     size = "quick" if args.quick else "full" if args.full else "default"
     run_demo(size=size, out_dir=args.out, workers=args.workers)

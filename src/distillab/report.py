@@ -10,8 +10,8 @@ import json
 from pathlib import Path
 
 from distillab.files import write_json_atomic, write_text_atomic
-from distillab.results import HELD_OUT, add_gains_and_labels, collect_rows, summarize, write_table
-from distillab.stats import format_ci, mean_ci
+from distillab.study.results import HELD_OUT, add_gains_and_labels, collect_rows, summarize, write_table
+from distillab.study.stats import format_ci, mean_ci
 
 
 def make_plots(summary: list[dict], out_dir: Path) -> list[Path]:
@@ -251,7 +251,7 @@ def write_report(sweep_dir: str | Path, tolerance: float | None = None, about: l
 
     `extra_sections(rows, sweep_dir)` may add markdown lines (and plots) after the about section.
     """
-    from distillab.verdicts import label_teachers, verdict_sections
+    from distillab.study.verdicts import label_teachers, verdict_sections
 
     sweep_dir = Path(sweep_dir)
     planned = json.loads((sweep_dir / "plan.json").read_text()) if (sweep_dir / "plan.json").exists() else {}

@@ -44,9 +44,9 @@ from __future__ import annotations
 import statistics
 from dataclasses import dataclass, field
 
-from distillab.results import HELD_OUT, label_by_prediction_interval
-from distillab.sequential import DESIGN, Design, sequential_decision
-from distillab.stats import format_ci, mean_ci, prediction_interval
+from distillab.study.results import HELD_OUT, label_by_prediction_interval
+from distillab.study.sequential import DESIGN, Design, sequential_decision
+from distillab.study.stats import format_ci, mean_ci, prediction_interval
 
 TUNING_SEEDS = 2  # per student setting: the first seeds, used to tune alpha and left out of intervals
 LABEL_SEEDS = TUNING_SEEDS + DESIGN.first_look  # their baselines set the weaker / level / stronger band

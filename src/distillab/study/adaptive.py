@@ -21,8 +21,8 @@ nothing. The compute-matched baselines of the demo (if any) are the runner's to 
 
 from __future__ import annotations
 
-from distillab.sequential import DESIGN, Design
-from distillab.verdicts import (
+from distillab.study.sequential import DESIGN, Design
+from distillab.study.verdicts import (
     OPEN,
     TUNING_SEEDS,
     SettingEvidence,

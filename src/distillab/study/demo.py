@@ -44,8 +44,8 @@ from pathlib import Path
 from distillab.config import config_from_dict
 from distillab.errors import DistillabError
 from distillab.files import write_json_atomic
-from distillab.sequential import DESIGN
-from distillab.verdicts import TUNING_SEEDS
+from distillab.study.sequential import DESIGN
+from distillab.study.verdicts import TUNING_SEEDS
 
 DEMO_SETS = ("validation", "milton", "wikipedia", "python-stdlib")
 
@@ -215,8 +215,8 @@ def read_progress(path: Path) -> Progress:
 
 def requested_members(sweep_dir: Path, study: Study) -> tuple[list[dict], list[str]]:
     """(new students the sequential rule asks for, the findings still open), from the current results."""
-    from distillab.adaptive import seeds_to_add
-    from distillab.results import add_gains_and_labels, collect_rows
+    from distillab.study.adaptive import seeds_to_add
+    from distillab.study.results import add_gains_and_labels, collect_rows
 
     spec = json.loads((sweep_dir / "plan.json").read_text())["spec"]
     rows = add_gains_and_labels(collect_rows(sweep_dir), spec["label_tolerance"])

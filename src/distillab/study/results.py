@@ -30,7 +30,7 @@ from distillab.files import write_text_atomic
 from distillab.flops import teacher_inference_flops, trained_tokens, training_flops
 from distillab.models import resolve_spec
 from distillab.objective import KDObjective
-from distillab.stats import mean_ci, prediction_interval
+from distillab.study.stats import mean_ci, prediction_interval
 from distillab.sweep.plan import sft_run_dir
 
 HELD_OUT = "validation"
