@@ -108,9 +108,10 @@ def test_streamed_export_loads_with_from_pretrained_and_the_same_logits(tmp_path
 # --------------------------------------------------------------------------- checkpoints of the older format
 
 
-def test_a_checkpoint_of_the_older_format_resumes_bit_identically(tmp_path, cache_dir):
+def test_a_checkpoint_of_the_older_format_resumes_bit_identically(tmp_path, cache_dir, tiny_teacher):
     """A step checkpoint written as before the sharded format (save_pretrained weights, the optimizer's
-    own state dict in trainer_state.pt) resumes to the uninterrupted run's weights."""
+    own state dict in trainer_state.pt) resumes to the uninterrupted run's weights (the session's tiny
+    teacher: the same config, trained straight through)."""
     from safetensors.torch import load_file
 
     from distillab.checkpoint import load_trainer_state, read_meta, save_checkpoint, step_dir
@@ -118,7 +119,6 @@ def test_a_checkpoint_of_the_older_format_resumes_bit_identically(tmp_path, cach
     from distillab.train.parallel import SingleProcess
 
     quiet = lambda *a: None  # noqa: E731
-    straight = train(config_from_dict(tiny_run(tmp_path, cache_dir, "straight")), log=quiet)
     values = tiny_run(tmp_path, cache_dir, "legacy")
     train(config_from_dict(values), stop_after_steps=3, log=quiet)
     source = step_dir(tmp_path / "legacy" / "checkpoints", 3)
@@ -133,7 +133,7 @@ def test_a_checkpoint_of_the_older_format_resumes_bit_identically(tmp_path, cach
     messages = []
     assert train(config_from_dict(values), log=messages.append).completed
     assert any("from step 3" in m for m in messages)
-    a = load_file(str(straight.final_dir / "model.safetensors"))
+    a = load_file(str(tiny_teacher / "model.safetensors"))
     b = load_file(str(tmp_path / "legacy" / "final" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
