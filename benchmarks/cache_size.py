@@ -15,7 +15,7 @@ A cache's size depends on the tokenizer's size (the ids it spreads over), not on
 rows. So each setting's float32 rows are also re-coded compactly with their ids spread over
 128,256 (id * 128,256 // V, order kept): a projection of a tokenizer that fills 128,256 ids.
 
-Per setting the teacher's top-64 is captured with `distillab.cache.capture.capture_teacher_cache`
+Per setting the teacher's top-64 is captured with `distillab.capture.capture_teacher_cache`
 in both codings (compact and float32) and bytes per token are read from each manifest (shard
 bytes / tokens; with the index and manifest: `dir_bytes_per_token`). The 32k captures hold the
 512 windows the students read, the 128k ones the first 128 windows. Then two students (cpu-27k,
@@ -142,7 +142,7 @@ def projected_full_width(exact: Path, rows: int) -> dict:
 
 
 def capture_both(teacher_dir: Path, config, out: Path, readers=None, windows=None) -> dict:
-    from distillab.cache.capture import capture_teacher_cache
+    from distillab.capture import capture_teacher_cache
 
     return {coding: capture_teacher_cache(teacher_dir, config, K, out=out / coding, coding=coding, readers=readers,
                                           windows=windows, threads=1, **QUIET)

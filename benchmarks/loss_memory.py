@@ -36,7 +36,8 @@ def run_variant(variant: str, vocab: int, tokens: int, hidden: int) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from distillab.losses import Head, distillation_loss, make_spec, run_fused
+    from distillab.losses import Head, distillation_loss, run_fused
+    from distillab.losses.objective import KDObjective
 
     torch.manual_seed(0)
     h = (torch.randn(tokens, hidden) * 0.5).requires_grad_(True)
@@ -56,7 +57,7 @@ def run_variant(variant: str, vocab: int, tokens: int, hidden: int) -> dict:
             teacher = h_t @ w_t.T
         loss = distillation_loss(logits, teacher, labels, alpha=0.5, overwrite_logits=True).total
     else:
-        loss = run_fused(Head(h, w), Head(h_t, w_t), labels, make_spec(alpha=0.5)).total
+        loss = run_fused(Head(h, w), Head(h_t, w_t), labels, KDObjective(alpha=0.5).at(0, 1)).total
     loss.backward()
     return {"variant": variant, "vocab": vocab, "tokens": tokens, "hidden": hidden, "inputs_mb": before,
             "peak_mb": rss_mb(), "peak_above_inputs_mb": rss_mb() - before, "loss": float(loss)}

@@ -47,7 +47,7 @@ def test_paper_rungs_have_the_published_shapes():
 
 
 def test_cpu_rungs_are_roughly_their_names():
-    for name, target in [("cpu-7k", 7e3), ("cpu-14k", 14e3), ("cpu-27k", 27e3), ("cpu-55k", 55e3), ("cpu-0.1m", 0.1e6),
+    for name, target in [("cpu-0.9k", 0.9e3), ("cpu-1.7k", 1.7e3), ("cpu-3.5k", 3.5e3), ("cpu-7k", 7e3), ("cpu-14k", 14e3), ("cpu-27k", 27e3), ("cpu-55k", 55e3), ("cpu-0.1m", 0.1e6),
                          ("cpu-0.3m", 0.3e6), ("cpu-1m", 1e6), ("cpu-3m", 3e6), ("cpu-10m", 10e6)]:
         assert LADDER[name].non_embedding_parameters() == pytest.approx(target, rel=0.15)
 

@@ -8,9 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from distillab.losses import Head, distillation_loss, make_spec, run_fused, sparse_distillation_loss
+from distillab.losses import Head, distillation_loss, run_fused, sparse_distillation_loss
+import dataclasses
+
+from distillab.losses.divergences import DIVERGENCES as REGISTRY
+from distillab.losses.divergences import value_only
 from distillab.losses.teacher_rows import truncate_dense
-from distillab.objective import KDObjective, Schedule
+from distillab.losses.objective import KDObjective, Schedule
 
 DIVERGENCES = ["forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd"]
 
@@ -232,7 +236,7 @@ def test_fused_lm_head_equals_the_unfused_loss(temperature):
     plain = distillation_loss(a_h @ a_w[:64].T, h_t @ w_t.T, y, alpha=0.4, temperature=temperature)
     plain.total.backward()
     b_h, b_w = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
-    fused = run_fused(Head(b_h, b_w), Head(h_t, w_t), y, make_spec(alpha=0.4, temperature=temperature))
+    fused = run_fused(Head(b_h, b_w), Head(h_t, w_t), y, KDObjective(alpha=0.4, temperature=temperature).at(0, 1))
     fused.total.backward()
     assert float(fused.total.detach()) == pytest.approx(float(plain.total.detach()), rel=1e-5)
     torch.testing.assert_close(b_h.grad, a_h.grad, rtol=1e-5, atol=1e-5)
@@ -240,9 +244,34 @@ def test_fused_lm_head_equals_the_unfused_loss(temperature):
     assert b_w.grad[64:].abs().max() == 0  # padding rows of the output layer get no gradient
 
 
+@pytest.mark.parametrize("name", DIVERGENCES)
+@pytest.mark.parametrize("truncation", [{}, {"top_k": 3}, {"top_p": 0.6, "tail_bucket": True}])
+def test_the_autograd_fallback_agrees_with_each_closed_form(name, truncation, monkeypatch):
+    """A divergence registered without u (and without a fused kernel) is differentiated by autograd,
+    chunk by chunk: the same loss and gradient as its closed form, at T = 1 and T = 2."""
+    entry = REGISTRY[name]
+    monkeypatch.setitem(REGISTRY, "by_autograd", dataclasses.replace(entry, kernel=value_only(entry.kernel),
+                                                                     fused=None))
+    s, t, y = (torch.tensor(x) for x in inputs(6))
+    for temperature in (1.0, 2.0):
+        outs = []
+        for divergence in (name, "by_autograd"):
+            leaf = s.clone().requires_grad_(True)
+            out = distillation_loss(leaf, t, y, alpha=0.5, temperature=temperature, divergence=divergence,
+                                    **truncation)
+            out.total.backward()
+            outs.append((float(out.total.detach()), leaf.grad))
+        assert outs[1][0] == pytest.approx(outs[0][0], rel=1e-12)
+        torch.testing.assert_close(outs[1][1], outs[0][1], rtol=1e-9, atol=1e-12)
+
+
+def test_every_registered_divergence_is_tested_here():
+    assert set(REGISTRY) == {*DIVERGENCES, "hard"}
+
+
 def test_ambiguous_combinations_are_refused():
     s, t, y = (torch.tensor(x) for x in inputs(5))
-    for kwargs, word in (({"top_k": 3, "top_p": 0.5}, "top_k and top_p"), ({"tail_bucket": True}, "tail_bucket"),
+    for kwargs, word in (({"top_k": 3, "top_p": 0.5}, "top_k or kd.top_p, not both"), ({"tail_bucket": True}, "tail_bucket"),
                          ({"divergence": "hard", "top_k": 3}, "argmax"), ({"divergence": "nope"}, "divergence")):
         with pytest.raises(ValueError, match=word):
             distillation_loss(s, t, y, alpha=0.5, **kwargs)

@@ -18,7 +18,7 @@ from distillab.data.loader import WindowStream, model_inputs
 from distillab.data.packing import PackedStream, first_fit, pack_documents
 from distillab.losses import objective_loss, reference_distillation_loss
 from distillab.models import LADDER, hf_config
-from distillab.objective import KDObjective
+from distillab.losses.objective import KDObjective
 from distillab.teacher import OnlineTeacher
 from distillab.train import train
 

@@ -310,7 +310,7 @@ def test_sweep_sft_stage_fine_tunes_every_run_and_reports_gains_before_and_after
 
     from distillab.report import write_report
     from distillab.sweep import load_grid, plan, run_sweep
-    from distillab.sweep.plan import sft_run_dir
+    from distillab.layout import RunLayout
 
     chats, template = tmp_path / "sums.jsonl", tmp_path / "short.jinja"  # the grid's models know 32 positions
     chats.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"{a}+{b}"},
@@ -335,7 +335,7 @@ def test_sweep_sft_stage_fine_tunes_every_run_and_reports_gains_before_and_after
     assert all(s == "done" for s in run_sweep(spec, sweep_dir, workers=1, log=quiet).values())
     runs = {r.role: r for r in plan(spec, sweep_dir)}
     for run in runs.values():
-        fine_tuned = sft_run_dir(sweep_dir / "runs" / run.id, stage) / "final"
+        fine_tuned = RunLayout(sweep_dir / "runs" / run.id).sft(stage).final
         assert json.loads((fine_tuned / "distillab.json").read_text())["results_config"]["sft.init_from"] == \
             str(sweep_dir.resolve() / "runs" / run.id / "final")
         assert json.loads((fine_tuned / "eval.json").read_text())["tasks"]["piqa"]["chat_template"]
@@ -354,7 +354,7 @@ def test_sweep_sft_stage_fine_tunes_every_run_and_reports_gains_before_and_after
     (tmp_path / "grid.yaml").write_text(yaml.safe_dump(grid))
     assert all(s == "done" for s in run_sweep(load_grid(tmp_path / "grid.yaml"), sweep_dir, log=quiet).values())
     assert pretrained.stat().st_mtime_ns == stamp
-    summary = json.loads((sft_run_dir(sweep_dir / "runs" / runs["student"].id, grid["sft"]) / "summary.json")
+    summary = json.loads(RunLayout(sweep_dir / "runs" / runs["student"].id).sft(grid["sft"]).summary
                          .read_text())
     assert summary["steps"] == 4
 

@@ -64,7 +64,8 @@ def test_labels_and_gains_on_hand_made_results():
 def test_mean_ci_matches_the_t_interval():
     values = [0.01, 0.05, -0.02]
     ci = mean_ci(values)
-    half = 4.303 * statistics.stdev(values) / math.sqrt(3)
+    t_2 = 0.95 / math.sqrt(2 * 0.975 * 0.025)  # the 97.5 % quantile of t with 2 df, in closed form
+    half = t_2 * statistics.stdev(values) / math.sqrt(3)
     assert ci["mean"] == pytest.approx(statistics.fmean(values))
     assert ci["lo"] == pytest.approx(ci["mean"] - half) and ci["hi"] == pytest.approx(ci["mean"] + half)
     assert mean_ci([0.1])["lo"] is None and mean_ci([])["mean"] is None

@@ -5,6 +5,7 @@ the compact coding within its stated rounding; a run from a cache against the on
 with the same truncation, step by step.
 """
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from distillab.cache.capture import capture_teacher_cache, ensure_capture, top_k_rows
+from distillab.capture import capture_teacher_cache, ensure_capture, top_k_rows
 from distillab.cache.coding import LOG_STEP, CompactCoding, Float32Coding, TopKRows
 from distillab.cache.store import TeacherCache
 from distillab.config import config_from_dict
@@ -189,7 +190,7 @@ def test_another_teacher_is_refused(exact_cache, student_config, tmp_path, cache
     other = train(config_from_dict(tiny_run(tmp_path, cache_dir, "other", train={"init_seed": 7, "threads": 1})),
                   **QUIET).final_dir
     config = student_config("wrong-teacher", top_k=8, cache=str(exact_cache))
-    config.kd.teacher = str(other)
+    config.kd = dataclasses.replace(config.kd, teacher=str(other))
     refusal(config, "captured from another teacher")
 
 

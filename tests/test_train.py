@@ -144,7 +144,7 @@ def test_gradient_accumulation_weights_micro_batches_by_target_tokens():
     torch.nn.functional.cross_entropy(logits.reshape(-1, 64), labels.reshape(-1), ignore_index=-100).backward()
 
     from distillab.data.loader import Batch
-    from distillab.objective import KDObjective
+    from distillab.losses.objective import KDObjective
     from distillab.train.parallel import SingleProcess
 
     accumulated = copy.deepcopy(model)

@@ -1,6 +1,7 @@
 """Verdict rules on hand-made result rows: alpha tuned on the tuning seeds, the noise-aware strength
 band, and every decision branch of each finding on the sequential intervals."""
 
+import functools
 import math
 import statistics
 
@@ -9,7 +10,7 @@ from conftest import BASELINE_LOSS, baseline_row, student_row, teacher_row, verd
 
 from distillab.study.results import label_by_prediction_interval
 from distillab.study.sequential import DESIGN
-from distillab.study.stats import prediction_interval
+from distillab.study.stats import prediction_interval, t_quantile_975
 from distillab.study.verdicts import (
     AT_MAX,
     DECIDED,
@@ -27,8 +28,33 @@ from distillab.study.verdicts import (
     verdict_sections,
 )
 
-T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776}
 SMALL = {1: 0.0, 2: 0.0, 3: 0.001, 4: -0.001, 5: 0.0, 6: 0.0005, 7: -0.0005, 8: 0.0002}  # small seed noise
+
+
+def t_cdf(x, df, steps=2000):
+    """P(T <= x) for Student's t, by Simpson's rule over its density from 0 (written out here)."""
+    density = lambda u: math.gamma((df + 1) / 2) / (math.sqrt(df * math.pi) * math.gamma(df / 2)) * \
+        (1 + u * u / df) ** (-(df + 1) / 2)
+    h = x / steps
+    area = density(0) + density(x) + sum((4 if i % 2 else 2) * density(i * h) for i in range(1, steps))
+    return 0.5 + area * h / 3
+
+
+@functools.lru_cache
+def t_quantile(df, p=0.975):
+    lo, hi = 0.0, 50.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if t_cdf(mid, df) < p else (lo, mid)
+    return (lo + hi) / 2
+
+
+def test_t_quantiles_are_exact_for_every_df():
+    assert t_quantile_975(1) == pytest.approx(math.tan(math.pi * 0.475), rel=1e-9)  # Cauchy
+    assert t_quantile_975(2) == pytest.approx(0.95 / math.sqrt(2 * 0.975 * 0.025), rel=1e-9)  # closed form, 2 df
+    for df in (3, 4, 7, 11, 31, 60):
+        assert t_quantile_975(df) == pytest.approx(t_quantile(df), rel=1e-6), df
+    assert t_quantile_975(31) == pytest.approx(2.0395, abs=1e-4)  # not the normal 1.96
 
 
 def by_finding(rows, margin=0.02):
@@ -79,7 +105,7 @@ def test_prediction_interval_is_the_student_t_formula():
     losses = [3.395, 3.361, 3.393, 3.385]
     mean = sum(losses) / 4
     sd = math.sqrt(sum((x - mean) ** 2 for x in losses) / 3)
-    half = T975[3] * sd * math.sqrt(1 + 1 / 4)
+    half = t_quantile(3) * sd * math.sqrt(1 + 1 / 4)
     band = prediction_interval(losses)
     assert (band["mean"], band["lo"], band["hi"], band["n"]) == pytest.approx((mean, mean - half, mean + half, 4))
     for loss, label in ((mean + half + 1e-4, "weak-to-strong"), (mean + half - 1e-4, "same-level"),
@@ -97,12 +123,12 @@ def test_strength_band_uses_the_baselines_of_the_first_five_seeds():
     _, setting = by_finding(rows)
     losses = [BASELINE_LOSS[s] for s in (1, 2, 3, 4, 5)]
     mean, sd = statistics.fmean(losses), statistics.stdev(losses)
-    assert setting.band["hi"] == pytest.approx(mean + T975[4] * sd * math.sqrt(1.2))
+    assert setting.band["hi"] == pytest.approx(mean + t_quantile(4) * sd * math.sqrt(1.2))
     assert setting.band_seeds == ["1", "2", "3", "4", "5"] and setting.labels_final
     assert {e.teacher_id: e.strength for e in setting.teachers} == {
         "ss": "weak-to-strong", "sl": "weak-to-strong", "bs": "weak-to-strong", "bl": "strong-to-weak"}
     # a teacher inside the band is level with the student
-    next(r for r in rows if r["run_id"] == "bs")["loss/validation"] = mean + 0.5 * T975[4] * sd
+    next(r for r in rows if r["run_id"] == "bs")["loss/validation"] = mean + 0.5 * t_quantile(4) * sd
     _, setting = by_finding(rows)
     assert {e.teacher_id: e.strength for e in setting.teachers}["bs"] == "same-level"
 

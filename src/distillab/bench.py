@@ -31,7 +31,7 @@ from distillab.memory import Layout, memory_plan
 from distillab.losses import SparseTeacher
 from distillab.losses.teacher_rows import truncate_dense
 from distillab.models import build_model, resolve_spec
-from distillab.objective import KDObjective
+from distillab.losses.objective import KDObjective
 from distillab.runtime import autocast, resolve_device, setup_runtime
 from distillab.teacher import OnlineTeacher
 from distillab.train.parallel import SingleProcess

@@ -1,4 +1,4 @@
-"""Checkpoints: directories of files written atomically, verified by a manifest of sha256 hashes.
+"""Checkpoints: directories written atomically (`distillab.artefact`), verified by a manifest of sha256 hashes.
 
 A step checkpoint (resumable; `checkpoints/step_NNNNNNNN/`):
     sharded/             torch.distributed.checkpoint (DCP): model and optimizer state, each
@@ -15,8 +15,8 @@ tensor at a time, `distillab.export`), generation_config.json, tokenizer files, 
 manifest.json.
 
 Checkpoints written before the sharded format (still read): model.safetensors with full
-weights, and the optimizer's own state dict inside trainer_state.pt (`is_sharded_checkpoint` tells them
-apart).
+weights, and the optimizer's own state dict inside trainer_state.pt (`is_sharded_checkpoint`
+tells them apart).
 
 A directory is assembled under a temporary name (every process writing its own files into it)
 and renamed into place, so a crash leaves either the old checkpoint or the new one, never a
@@ -28,46 +28,33 @@ checkpoint).
 from __future__ import annotations
 
 import json
-import re
 import shutil
 from pathlib import Path
 
 import torch
 
+from distillab.artefact import MANIFEST, AtomicDirectory, file_problem, read_json_manifest, remove_leftovers
 from distillab.errors import CheckpointError
-from distillab.files import fix_permissions, make_temp_dir, remove_stale_temp_dirs, replace_dir, sha256_file, \
-    write_json_atomic
+from distillab.files import sha256_file, write_json_atomic
+from distillab.layout import STEP, step_name
 
-MANIFEST = "manifest.json"
 TRAINER_STATE = "trainer_state.pt"
-SHARDED = "sharded"
 META = "distillab.json"
-STEP_DIR = re.compile(r"^step_(\d{8})$")
+SHARDED = "sharded"
 
 
 def save_checkpoint(target: Path, model, tokenizer, meta: dict, trainer_state: dict | None = None,
                     state_dict: dict | None = None) -> Path:
-    """Write an HF checkpoint of `model` (or of `state_dict` in `model`'s architecture) to `target`,
-    with save_pretrained (a model whole in this process's memory)."""
-    tmp = begin_checkpoint(target)
-    try:
+    """Write an HF checkpoint of `model` (or of `state_dict` in `model`'s architecture) to `target`."""
+    with AtomicDirectory(target) as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True, state_dict=state_dict)
         write_checkpoint_files(tmp, tokenizer, meta, trainer_state)
-        return finish_checkpoint(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def begin_checkpoint(target: Path) -> Path:
-    """The temporary directory a checkpoint for `target` is assembled in (beside it)."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    return make_temp_dir(target.parent, f".tmp-{target.name}-")
+        write_manifest(tmp)
+    return Path(target)
 
 
 def write_checkpoint_files(tmp: Path, tokenizer, meta: dict, trainer_state: dict | None = None) -> None:
-    """The files beside the weights: tokenizer (if any), distillab.json, and the trainer state of a step checkpoint."""
+    """The files beside the weights: tokenizer (if any), distillab.json, and a step checkpoint's trainer state."""
     if tokenizer is not None:
         tokenizer.save_pretrained(str(tmp))
     if trainer_state is not None:
@@ -75,16 +62,13 @@ def write_checkpoint_files(tmp: Path, tokenizer, meta: dict, trainer_state: dict
     (tmp / META).write_text(json.dumps(meta, indent=2, default=str) + "\n")
 
 
-def finish_checkpoint(tmp: Path, target: Path, hashes: dict[str, str] | None = None) -> Path:
-    """Name the assembled `tmp` as `target`: the sha256 of every file (taken from `hashes` for the
-    files other processes wrote and hashed), manifest.json written last, then an atomic rename."""
-    fix_permissions(tmp)  # safetensors writes 0600; every other file follows the umask
+def write_manifest(tmp: Path, hashes: dict[str, str] | None = None) -> None:
+    """manifest.json, last: the sha256 of every file, taken from `hashes` for the files other processes
+    wrote and hashed."""
     hashes = hashes or {}
-    files = {name: hashes.get(name) or sha256_file(tmp / name) for name in
-             sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())}
-    write_json_atomic(tmp / MANIFEST, {"files": files})
-    replace_dir(tmp, Path(target))
-    return Path(target)
+    files = {name: hashes.get(name) or sha256_file(Path(tmp) / name) for name in
+             sorted(str(p.relative_to(tmp)) for p in Path(tmp).rglob("*") if p.is_file())}
+    write_json_atomic(Path(tmp) / MANIFEST, {"files": files})
 
 
 def is_sharded_checkpoint(path: Path) -> bool:
@@ -103,20 +87,26 @@ def verify_checkpoint(path: Path, part: tuple[int, int] = (0, 1)) -> None:
     manifest = path / MANIFEST
     if not manifest.is_file():
         raise CheckpointError(f"{path}: no {MANIFEST}, so the checkpoint is incomplete; resume or retrain the run")
-    try:
-        files = json.loads(manifest.read_text())["files"]
-    except (json.JSONDecodeError, KeyError):
-        raise CheckpointError(f"{manifest}: unreadable; the checkpoint is corrupt") from None
+    files = (read_json_manifest(manifest) or {}).get("files")
+    if not isinstance(files, dict):
+        raise CheckpointError(f"{manifest}: unreadable; the checkpoint is corrupt")
     for name, digest in sorted(files.items())[part[0]::part[1]]:
-        file = path / name
-        if not file.is_file():
-            raise CheckpointError(f"{file}: missing from checkpoint")
-        if sha256_file(file) != digest:
-            raise CheckpointError(f"{file}: checksum mismatch against {manifest}; the file is corrupt")
+        problem = file_problem(path / name, digest)
+        if problem is not None:
+            raise CheckpointError(f"{problem}; the checkpoint is corrupt")
+
+
+def verify_model_directory(path: Path) -> bool:
+    """Verify a distillab checkpoint (it has a manifest; CheckpointError if corrupt); an HF model
+    directory without one is taken as it is. Whether it was verified."""
+    if not (Path(path) / MANIFEST).exists():
+        return False
+    verify_checkpoint(path)
+    return True
 
 
 def step_dir(checkpoints: Path, step: int) -> Path:
-    return Path(checkpoints) / f"step_{step:08d}"
+    return Path(checkpoints) / step_name(step)
 
 
 def list_checkpoints(checkpoints: Path) -> list[tuple[int, Path]]:
@@ -125,7 +115,7 @@ def list_checkpoints(checkpoints: Path) -> list[tuple[int, Path]]:
         return []
     found = []
     for child in Path(checkpoints).iterdir():
-        match = STEP_DIR.match(child.name)
+        match = STEP.match(child.name)
         if match and (child / MANIFEST).is_file():
             found.append((int(match.group(1)), child))
     return sorted(found)
@@ -163,7 +153,7 @@ def prune_checkpoints(checkpoints: Path, keep: int, protected: list[int] | tuple
     for step, path in complete[:-keep]:
         if step not in protected:
             shutil.rmtree(path, ignore_errors=True)
-    remove_stale_temp_dirs(Path(checkpoints))
+    remove_leftovers(Path(checkpoints))
 
 
 def read_meta(path: Path) -> dict:

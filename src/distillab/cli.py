@@ -48,7 +48,7 @@ def cmd_data_list(args) -> int:
 
 
 def cmd_teacher_cache(args) -> int:
-    from distillab.cache.capture import capture_teacher_cache
+    from distillab.capture import capture_teacher_cache
     from distillab.config import load_config
 
     config = load_config(args.data, args.overrides)
@@ -212,6 +212,13 @@ def cmd_report(args) -> int:
 def cmd_demo(args) -> int:
     from distillab.study.demo import run_demo
 
+    if args.scaling:
+        from distillab.study.scaling import run_scaling
+
+        if args.full:
+            raise DistillabError("demo: --scaling repeats the default demo at several sizes; leave out --full")
+        run_scaling(out_dir=args.out, workers=args.workers, quick=args.quick)
+        return 0
     size = "quick" if args.quick else "full" if args.full else "default"
     run_demo(size=size, out_dir=args.out, workers=args.workers)
     return 0
@@ -415,6 +422,44 @@ def add_sweep_and_report(sub) -> None:
     report.set_defaults(func=cmd_report)
 
 
+def cmd_plan(args) -> int:
+    import sys
+    from pathlib import Path
+
+    from distillab.files import write_text_atomic
+    from distillab.study.planner import plan_grid, plan_markdown
+
+    result = plan_grid(args.grid, args.sources, replicates=args.replicates, seed=args.seed, top=args.top,
+                       validate=args.validate)
+    markdown = plan_markdown(result)
+    if args.out:
+        write_text_atomic(Path(args.out), markdown)
+        print(f"plan: wrote {args.out}")
+    else:
+        print(markdown, end="")
+    for note in result["warnings"]:
+        print(f"distillab: WARNING: extrapolation: {note}", file=sys.stderr)
+    return 0
+
+
+def add_plan(sub) -> None:
+    plan = sub.add_parser(
+        "plan", help="predict a grid's students from a fitted distillation law before they train",
+        description="Fits the law (distillab.study.law) on finished sweeps and predicts every student cell of GRID: loss and "
+                    "gains with intervals, gain per FLOP, the findings, the runs that would most narrow the open ones "
+                    "and those the fit already predicts within the margin. Warns loudly when it extrapolates.")
+    plan.add_argument("grid", help="grid spec (YAML), or a demo study: default, full, quick, scaling:<student rung>")
+    plan.add_argument("--from", dest="sources", action="append", required=True, metavar="SWEEP_DIR",
+                      help="a finished sweep (its runs, or results.csv as in docs/results/*); repeat for several")
+    plan.add_argument("--replicates", type=int, default=200, help="bootstrap refits for intervals (default 200)")
+    plan.add_argument("--seed", type=int, default=0, help="the bootstrap's random seed (default 0)")
+    plan.add_argument("--top", type=int, default=5, help="runs listed as the most informative (default 5)")
+    plan.add_argument("--validate", action="store_true",
+                      help="also validate the law on the sources: largest size held out, leave one teacher out")
+    plan.add_argument("--out", default=None, help="write the plan (markdown) here instead of printing it")
+    plan.set_defaults(func=cmd_plan)
+
+
 def add_demo(sub) -> None:
     demo = sub.add_parser(
         "demo", help="the paper's three questions on a CPU: a teacher pool, students over alpha and seeds, verdicts",
@@ -424,6 +469,9 @@ def add_demo(sub) -> None:
     size.add_argument("--quick", action="store_true", help="a 1-2 minute smoke test of the whole pipeline")
     size.add_argument("--full", action="store_true",
                       help="the larger study (npm corpora, 5 seeds, 4 alphas): about an hour on 2 cores")
+    demo.add_argument("--scaling", action="store_true",
+                      help="the default demo at four student sizes (cpu-3.5k .. cpu-27k), trends and a fitted law: "
+                           "OUT/scaling/report.md (with --quick: a smoke test at three tiny sizes)")
     demo.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
     demo.add_argument("--workers", type=int, default=2,
                       help="runs side by side, one thread each (default 2: two single-thread runs use 2 cores best)")
@@ -431,7 +479,7 @@ def add_demo(sub) -> None:
 
 
 VERBS = (add_data, add_teacher, add_train, add_sft, add_export, add_eval, add_analyze, add_models_and_bench,
-         add_sweep_and_report, add_demo)
+         add_sweep_and_report, add_plan, add_demo)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -18,8 +18,10 @@ from typing import Any, Literal
 
 import yaml
 
-from distillab.errors import ConfigError
+from distillab.errors import ConfigError, require
 from distillab.files import inside
+from distillab.layout import RUNS
+from distillab.losses.objective import KDObjective, field_problem
 from distillab.parallelism import PARALLELISMS
 
 
@@ -151,31 +153,16 @@ class TrainConfig:
     wandb_project: str | None = None
 
 
-@dataclass
-class ScheduleConfig:
-    """How a KD weight or temperature moves over training (fractions of the run's steps).
-
-    constant: the value throughout; linear / cosine: from `start` to `end` (default: the value);
-    wsd: `start` -> the value over `warmup_fraction`, hold, then -> `end` over the last
-    `decay_fraction`. `start` and `end` default to 0 for wsd and to the value otherwise.
-    """
-
-    shape: Literal["constant", "linear", "cosine", "wsd"] = "constant"
-    start: float | None = None
-    end: float | None = None
-    warmup_fraction: float = 0.1
-    decay_fraction: float = 0.2
-
-
-DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd", "hard")
-
-
 # kd.cache values that are not a directory
 CACHE_MODES = ("auto", "off")
 
 
-@dataclass
-class KDConfig:
+@dataclass(frozen=True)
+class KDConfig(KDObjective):
+    """The kd section: the objective (every field of `distillab.losses.objective.KDObjective`, the
+    divergences' parameters among them, at its own key; checked when made) and where the
+    teacher's signal comes from. `objective()` is the objective alone."""
+
     # an HF causal-LM directory with the run's tokenizer (a distillab run's `final`, or a
     # downloaded model); unset for teachers and baselines
     teacher: str | None = None
@@ -184,24 +171,9 @@ class KDConfig:
     # data, packing and seq_len; kd.top_k defaults to K); auto = off for a single run, and in a
     # sweep a cache per teacher serving >= 2 students with a top-k or hard-label objective
     cache: str = "auto"
-    alpha: float = 0.0
-    temperature: float = 1.0
-    # KL(p_T || p_S) by default; hard = cross-entropy against the teacher's argmax (no T^2)
-    divergence: Literal["forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd",
-                        "hard"] = "forward_kl"
-    beta: float = 0.5  # jsd: weight of the teacher in the mixture m = beta p_T + (1 - beta) p_S
-    skew: float = 0.1  # skew KL: the mixture weight lambda
-    scale_by_t2: bool = True  # multiply the KD term by T^2 (keeps gradient scale across T)
-    # truncate the teacher to its k most likely tokens, or to the smallest set holding p of its
-    # mass (at T = 1); renormalised over the kept tokens, or the rest kept as one tail category
-    top_k: int | None = None
-    top_p: float | None = None
-    tail_bucket: bool = False
-    label_smoothing: float = 0.0  # on the CE term
-    # mix: (1 - alpha) CE + alpha KD; ce_fixed: CE + alpha KD; kd_fixed: (1 - alpha) CE + KD
-    loss_scale: Literal["mix", "ce_fixed", "kd_fixed"] = "mix"
-    alpha_schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
-    temperature_schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+
+    def objective(self) -> KDObjective:
+        return KDObjective.from_config(self)
 
 
 @dataclass
@@ -243,7 +215,7 @@ class RunConfig:
     @property
     def resolved_run_dir(self) -> Path:
         """`run_dir` when given; else runs/<name>, which must stay inside runs/."""
-        return Path(self.run_dir) if self.run_dir else inside(Path("runs"), self.name, "name")
+        return Path(self.run_dir) if self.run_dir else inside(RUNS, self.name, "name")
 
 
 # ----------------------------------------------------------------------------- loading
@@ -341,7 +313,22 @@ def build_dataclass(cls: type, values: dict, prefix: str = "") -> Any:
         if name in values:
             dotted = f"{prefix}.{name}" if prefix else name
             kwargs[name] = _coerce(values[name], hints[name], dotted)
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ConfigError as error:  # a value check of the class itself (KDConfig's), keyed by field
+        raise error.within(prefix) from None
+
+
+def kd_value(name: str, value: Any, key: str) -> Any:
+    """One kd value on its own, as a sweep lists it: its type and its range (the combination is
+    checked when each run's config is made). A ConfigError names `key`."""
+    hints = typing.get_type_hints(KDConfig)
+    if name not in hints:
+        raise ConfigError(key, RENAMED_KEYS.get(f"kd.{name}") or f"unknown kd key {name!r}")
+    value = _coerce(value, hints[name], key)
+    problem = field_problem(name, value)
+    require(problem is None, key, problem)
+    return value
 
 
 # Keys that existed once and what replaced them.
@@ -422,12 +409,6 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     return config_from_dict(values)
 
 
-def require(ok: bool, key: str, message: str) -> None:
-    """Raise ConfigError(key, message) unless `ok`."""
-    if not ok:
-        raise ConfigError(key, message)
-
-
 def validate(c: RunConfig) -> None:
     """Range checks that types alone cannot express."""
     validate_kd(c.kd)
@@ -441,41 +422,11 @@ def validate(c: RunConfig) -> None:
 
 
 def validate_kd(kd: KDConfig) -> None:
-    require(0.0 <= kd.alpha <= 1.0, "kd.alpha", f"must be in [0, 1], got {kd.alpha}")
-    require(kd.temperature > 0, "kd.temperature", f"must be > 0, got {kd.temperature}")
-    distills = kd.alpha > 0 or kd.alpha_schedule.shape != "constant"
-    require(not distills or kd.teacher is not None, "kd.alpha",
+    """What the objective's own checks cannot see: whether a teacher is named where one is needed."""
+    require(not kd.distills or kd.teacher is not None, "kd.alpha",
             f"is {kd.alpha} but kd.teacher is unset: name a teacher checkpoint or set kd.alpha=0")
     require(kd.cache in CACHE_MODES or kd.teacher is not None, "kd.cache",
             "names a cache directory but kd.teacher is unset (the cache is checked against that teacher's weights)")
-    require(kd.top_k is None or kd.top_k >= 1, "kd.top_k", f"must be >= 1, got {kd.top_k}")
-    require(kd.top_p is None or 0 < kd.top_p <= 1, "kd.top_p", f"must be in (0, 1], got {kd.top_p}")
-    require(kd.top_k is None or kd.top_p is None, "kd.top_p",
-            "set kd.top_k or kd.top_p, not both (which would apply first is ambiguous)")
-    require(not kd.tail_bucket or kd.top_k is not None or kd.top_p is not None, "kd.tail_bucket",
-            "needs a truncation (kd.top_k or kd.top_p) whose dropped mass forms the tail")
-    if kd.divergence == "hard":
-        require(kd.temperature == 1.0 and kd.temperature_schedule.shape == "constant", "kd.temperature",
-                "must be 1 with kd.divergence=hard (the teacher's argmax has no temperature)")
-        for key in ("top_k", "top_p"):
-            require(getattr(kd, key) is None, f"kd.{key}", f"leave unset with kd.divergence=hard (ambiguous with "
-                    "the argmax)")
-        require(not kd.tail_bucket, "kd.tail_bucket", "leave unset with kd.divergence=hard")
-    require(0 < kd.beta < 1, "kd.beta", f"must be in (0, 1), got {kd.beta}")
-    require(0 <= kd.skew < 1, "kd.skew", f"must be in [0, 1), got {kd.skew}")
-    require(0 <= kd.label_smoothing < 1, "kd.label_smoothing", f"must be in [0, 1), got {kd.label_smoothing}")
-    for name in ("alpha_schedule", "temperature_schedule"):
-        schedule = getattr(kd, name)
-        for part in ("warmup_fraction", "decay_fraction"):
-            value = getattr(schedule, part)
-            require(0 <= value <= 1, f"kd.{name}.{part}", f"must be in [0, 1], got {value}")
-        require(schedule.warmup_fraction + schedule.decay_fraction <= 1, f"kd.{name}.decay_fraction",
-                "warmup_fraction + decay_fraction must be <= 1")
-    for end in ("start", "end"):
-        value = getattr(kd.alpha_schedule, end)
-        require(value is None or 0 <= value <= 1, f"kd.alpha_schedule.{end}", f"must be in [0, 1], got {value}")
-        value = getattr(kd.temperature_schedule, end)
-        require(value is None or value > 0, f"kd.temperature_schedule.{end}", f"must be > 0, got {value}")
 
 
 NONFINITE = re.compile(r"^(stop|skip:[1-9][0-9]*)$")
@@ -586,18 +537,22 @@ OPERATIONAL_KEYS = {
     "run_dir",
 }
 
-# Keys added after run ids were first published. They enter a run's identity only when set
-# away from their default, so the id of a run that does not use them never changes.
-LATER_KEYS = (
-    "data.packing", "data.corpus.hf_configs", "model.norm_eps", "model.vocab_size", "train.parallel", "train.nodes",
-    "train.nonfinite",
-    "kd.divergence", "kd.beta", "kd.skew", "kd.scale_by_t2", "kd.top_p", "kd.tail_bucket",
-    "kd.label_smoothing", "kd.loss_scale", "kd.alpha_schedule.shape", "kd.alpha_schedule.start",
-    "kd.alpha_schedule.end", "kd.alpha_schedule.warmup_fraction", "kd.alpha_schedule.decay_fraction",
-    "kd.temperature_schedule.shape", "kd.temperature_schedule.start", "kd.temperature_schedule.end",
-    "kd.temperature_schedule.warmup_fraction", "kd.temperature_schedule.decay_fraction", "kd.cache",
-    "sft.init_from", "sft.chat_template", "sft.steps", "sft.messages_field",
-)
+# The results keys of the first published run ids: a historical fact, never to change. Every
+# other key (any added since) enters a run's identity only when set away from its default, so
+# the id of a run that does not use it never changes.
+ORIGINAL_KEYS = frozenset((
+    "data.corpus.data_files", "data.corpus.hf_config", "data.corpus.limit", "data.corpus.name",
+    "data.corpus.path", "data.corpus.paths", "data.corpus.source", "data.corpus.split", "data.corpus.streaming",
+    "data.corpus.text_field", "data.corpus.text_fields", "data.split_seed", "data.tokenizer.min_frequency",
+    "data.tokenizer.path", "data.tokenizer.vocab_size", "data.validation_documents", "data.validation_fraction",
+    "kd.alpha", "kd.hard_labels", "kd.teacher", "kd.temperature", "kd.top_k",
+    "model.d_model", "model.family", "model.ffn", "model.head_dim", "model.heads", "model.kv_heads",
+    "model.layers", "model.name", "model.rope_theta", "model.tie_embeddings", "name",
+    "train.batch_size", "train.beta1", "train.beta2", "train.branch_from", "train.data_seed",
+    "train.decay_fraction", "train.eps", "train.grad_accum", "train.grad_clip", "train.init_seed", "train.lr",
+    "train.min_lr_ratio", "train.precision", "train.processes", "train.schedule", "train.seq_len",
+    "train.token_budget", "train.warmup_fraction", "train.warmup_steps", "train.weight_decay",
+))
 
 
 def flatten(d: dict, prefix: str = "") -> dict:
@@ -622,20 +577,20 @@ def results_view(config: RunConfig) -> dict:
 
 def results_config(config: RunConfig) -> dict:
     """The part of the config that decides the results, as hashed into run ids and recorded in
-    checkpoints: `results_view` without the later keys that are at their default."""
+    checkpoints: `results_view` without the keys added since `ORIGINAL_KEYS` that are at their default."""
     defaults = results_view(RunConfig())
-    return {k: v for k, v in results_view(config).items() if not (k in LATER_KEYS and v == defaults[k])}
+    return {k: v for k, v in results_view(config).items() if k in ORIGINAL_KEYS or v != defaults[k]}
 
 
 def first_difference(recorded: dict, config: RunConfig, allowed: set = frozenset()) -> tuple | None:
     """(key, recorded value, current value) of the first results key in which `config` differs from
-    a recorded `results_config`; None when they agree. A later key missing from the record had
-    its default there."""
+    a recorded `results_config`; None when they agree. A key missing from the record (one added
+    since `ORIGINAL_KEYS`) had its default there."""
     current, defaults = results_view(config), results_view(RunConfig())
     for key in sorted(set(recorded) | set(current)):
         if key in allowed or key not in current:
             continue
-        was = recorded.get(key, defaults[key] if key in LATER_KEYS else current[key])
+        was = recorded.get(key, current[key] if key in ORIGINAL_KEYS else defaults[key])
         if was != current[key]:
             return key, was, current[key]
     return None

@@ -5,12 +5,22 @@ class DistillabError(Exception):
     """An error the CLI prints as one line, without a traceback."""
 
 
-class ConfigError(DistillabError):
+class ConfigError(DistillabError, ValueError):
     """A config key is unknown, has the wrong type, or is out of range."""
 
     def __init__(self, key: str, message: str):
-        self.key = key
+        self.key, self.detail = key, message
         super().__init__(f"config error: {key}: {message}")
+
+    def within(self, prefix: str) -> "ConfigError":
+        """The same error with its key inside the section `prefix` (unchanged for an empty prefix)."""
+        return ConfigError(f"{prefix}.{self.key}" if prefix else self.key, self.detail)
+
+
+def require(ok: bool, key: str, message: str) -> None:
+    """Raise ConfigError(key, message) unless `ok`."""
+    if not ok:
+        raise ConfigError(key, message)
 
 
 class DataError(DistillabError):

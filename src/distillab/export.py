@@ -15,7 +15,6 @@ with spaces to a multiple of 8, then the tensors' bytes back to back in header o
 from __future__ import annotations
 
 import json
-import shutil
 import struct
 import warnings
 from pathlib import Path
@@ -23,10 +22,11 @@ from typing import Callable
 
 import torch
 
-from distillab.checkpoint import (SHARDED, begin_checkpoint, finish_checkpoint, is_sharded_checkpoint,
-                                  latest_verified, list_checkpoints, read_meta, step_dir, verify_checkpoint,
-                                  write_checkpoint_files)
+from distillab.artefact import AtomicDirectory
+from distillab.checkpoint import (SHARDED, is_sharded_checkpoint, latest_verified, list_checkpoints, read_meta,
+                                  verify_checkpoint, write_checkpoint_files, write_manifest)
 from distillab.errors import CheckpointError
+from distillab.layout import RunLayout
 
 # DCP warns on every call without a process group that it assumes a single process: intended here
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
@@ -99,38 +99,40 @@ def export_model(target: Path, model: torch.nn.Module, tokenizer, meta: dict, fu
     tensors = exported_tensors(model)
     entries = [(name, tensor.dtype, tuple(tensor.shape)) for name, tensor in tensors]
     by_name = dict(tensors)
-    tmp = begin_checkpoint(target) if write else None
+    directory = AtomicDirectory(target) if write else None
     try:
         model.config.architectures = [type(model).__name__]
-        write_hf_model(tmp, model.config, getattr(model, "generation_config", None), entries,
-                       lambda name: full_tensor(by_name[name]), write)
-        if write:
-            write_checkpoint_files(tmp, tokenizer, meta)
-            finish_checkpoint(tmp, target)
+        write_hf_model(directory.path if write else None, model.config, getattr(model, "generation_config", None),
+                       entries, lambda name: full_tensor(by_name[name]), write)
+        if directory is not None:
+            write_checkpoint_files(directory.path, tokenizer, meta)
+            write_manifest(directory.path)
+            directory.commit()
     except BaseException:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
+        if directory is not None:
+            directory.abort()
         raise
 
 
 # ------------------------------------------------------------------------------ from a checkpoint on disk
 
 
-def checkpoint_to_export(run_dir: Path, step: int | None) -> Path:
-    """The verified step checkpoint of a run to export: `step`, or the newest."""
-    checkpoints = Path(run_dir) / "checkpoints"
+def checkpoint_to_export(run_dir: Path, step: int | None) -> tuple[int, Path]:
+    """(step, the verified step checkpoint) of a run to export: `step`, or the newest."""
+    run = RunLayout(run_dir)
+    checkpoints = run.checkpoints
     if step is None:
         found = latest_verified(checkpoints)
         if found is None:
             raise CheckpointError(f"{checkpoints}: no checkpoint to export; train the run first")
-        return found[1]
-    source = step_dir(checkpoints, step)
+        return found
+    source = run.step(step)
     if not source.is_dir():
         kept = ", ".join(str(s) for s, _ in list_checkpoints(checkpoints)) or "none"
         raise CheckpointError(f"{source}: no checkpoint at step {step} (steps kept: {kept}); use --step with one of "
                               "them, or keep it with train.keep_steps")
     verify_checkpoint(source)
-    return source
+    return step, source
 
 
 def export_checkpoint(run_dir: Path, step: int | None = None, out: Path | None = None, log=print) -> Path:
@@ -138,22 +140,18 @@ def export_checkpoint(run_dir: Path, step: int | None = None, out: Path | None =
     (one process; the checkpoint may come from any number of processes and any parallelism)."""
     from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
-    source = checkpoint_to_export(run_dir, step)
-    out = Path(out) if out else Path(run_dir) / "export" / source.name
+    step, source = checkpoint_to_export(run_dir, step)
+    out = Path(out) if out else RunLayout(run_dir).exported(step)
     config = AutoConfig.from_pretrained(str(source))
     model = meta_model(config)
     entries = [(name, tensor.dtype, tuple(tensor.shape)) for name, tensor in exported_tensors(model)]
-    tmp = begin_checkpoint(out)
-    try:
-        generation = GenerationConfig.from_pretrained(str(source)) if (source / "generation_config.json").is_file() \
-            else None
+    generation = GenerationConfig.from_pretrained(str(source)) if (source / "generation_config.json").is_file() \
+        else None
+    with AtomicDirectory(out) as tmp:
         write_hf_model(tmp, config, generation, entries, checkpoint_reader(source))
         write_checkpoint_files(tmp, AutoTokenizer.from_pretrained(str(source)),
                                {**read_meta(source), "exported_from": str(source)})
-        finish_checkpoint(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        write_manifest(tmp)
     log(f"export: {source} -> {out}")
     return out
 

@@ -1,23 +1,22 @@
 """File utilities shared by data preparation, checkpoints, sweeps, evaluation and reports.
 
 Every write that another process (or a later run) may read is atomic: content goes to a
-temporary file or directory beside its final place and is renamed into place, so a reader
-sees the old version or the new one, never half of one. Files get the permissions the umask
-gives (never mkstemp's 0600).
+temporary file beside its final place and is renamed into place, so a reader sees the old
+version or the new one, never half of one (whole directories: `distillab.artefact`). Files get
+the permissions the umask gives (never mkstemp's 0600).
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import hashlib
 import json
 import os
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
+
+from filelock import FileLock, Timeout
 
 from distillab.errors import DistillabError
 
@@ -47,17 +46,6 @@ def umask() -> int:
     return current
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_bytes_atomic(path: Path, data: bytes) -> None:
     """Write `data` to `path` through a temporary file and a rename (mode from the umask)."""
     path = Path(path)
@@ -83,57 +71,21 @@ def write_json_atomic(path: Path, obj: object) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
 
 
-def make_temp_dir(parent: Path, prefix: str) -> Path:
-    """A temporary directory beside its final place, with normal (umask) permissions."""
-    path = Path(tempfile.mkdtemp(dir=parent, prefix=prefix))
-    os.chmod(path, 0o777 & ~umask())
-    return path
-
-
-def replace_dir(tmp: Path, final: Path) -> None:
-    """Move a finished temporary directory into place, replacing any previous `final`."""
-    if final.exists():
-        trash = final.with_name(f".trash-{final.name}-{os.getpid()}")
-        os.rename(final, trash)
-        os.rename(tmp, final)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.rename(tmp, final)
-    _fsync_dir(final.parent)
-
-
-def fix_permissions(folder: Path) -> None:
-    """Give every file under `folder` the umask's permissions (some writers use 0600)."""
-    mode = 0o666 & ~umask()
-    for path in Path(folder).rglob("*"):
-        if path.is_file():
-            os.chmod(path, mode)
-
-
-def remove_stale_temp_dirs(parent: Path, prefixes: tuple[str, ...] = (".tmp-", ".trash-")) -> None:
-    """Leftovers of writes interrupted by a crash (never in use: callers hold the lock)."""
-    if not Path(parent).is_dir():
-        return
-    for child in Path(parent).iterdir():
-        if child.name.startswith(prefixes):
-            shutil.rmtree(child, ignore_errors=True)
-
-
 @contextlib.contextmanager
 def file_lock(path: Path):
-    """An exclusive advisory lock that waits its turn (concurrent preparation of one cache entry)."""
+    """An exclusive lock that waits its turn (concurrent preparation of one cache entry)."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(path))
     try:
-        handle = open(path, "a")
+        lock.acquire()
     except PermissionError:
         raise DistillabError(f"{path.parent}: not writable; set DISTILLAB_CACHE or data.cache_dir to a "
                              "directory you can write") from None
-    with handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 class LockHeld(DistillabError):
@@ -144,32 +96,38 @@ class LockHeld(DistillabError):
 def exclusive_lock(path: Path, what: str):
     """An exclusive lock that is refused at once when held: one writer per run directory or sweep.
 
-    The holder's pid is written into the lock file, so the refusal names it. The lock is the
-    kernel's (flock), so a killed holder releases it: a stale lock file never blocks anyone.
+    The holder writes its pid into the lock file once it holds it, so a refusal names it. The
+    lock is the kernel's (filelock's native lock), so a killed holder releases it: a stale lock
+    file never blocks anyone.
     """
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(path), blocking=False, on_acquired=record_pid)
     try:
-        handle = open(path, "a+")
+        lock.acquire()
+    except Timeout:
+        raise LockHeld(f"{what} is in use by another process (pid {lock_holder(path)}); wait for it to finish or "
+                       "stop it first") from None
     except PermissionError:
         raise DistillabError(f"{path.parent}: not writable; choose another directory") from None
-    with handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            if exc.errno not in (errno.EAGAIN, errno.EACCES):
-                raise
-            handle.seek(0)
-            holder = handle.read().strip() or "unknown"
-            raise LockHeld(f"{what} is in use by another process (pid {holder}); wait for it to finish or stop "
-                           "it first") from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(str(os.getpid()))
-        handle.flush()
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def record_pid(fd: int) -> None:
+    """Into a just-acquired lock file: this process's pid (what a refused process reports)."""
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, str(os.getpid()).encode(), 0)
+
+
+def lock_holder(path: Path) -> str:
+    """The pid recorded in a held lock file ("unknown" if it was released meanwhile)."""
+    try:
+        return Path(path).read_text().strip() or "unknown"
+    except OSError:
+        return "unknown"
 
 
 def check_writable(folder: Path, key: str) -> None:

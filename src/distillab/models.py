@@ -92,6 +92,9 @@ def _qwen3(name, layers, d_model, heads, kv_heads, head_dim, ffn, note=""):
 LADDER: dict[str, ModelSpec] = {
     spec.name: spec
     for spec in [
+        _cpu("cpu-0.9k", 2, 6, 1, 16, "CPU rung (scale axis: teachers of its smallest student)"),
+        _cpu("cpu-1.7k", 2, 8, 2, 24, "CPU rung (scale axis)"),
+        _cpu("cpu-3.5k", 2, 12, 2, 32, "CPU rung (scale axis: its smallest student)"),
         _cpu("cpu-7k", 2, 16, 2, 48, "CPU rung (demo ladder)"),
         _cpu("cpu-14k", 2, 24, 2, 64, "CPU rung (demo ladder)"),
         _cpu("cpu-27k", 2, 32, 2, 96, "CPU rung (demo ladder)"),

@@ -1,17 +1,18 @@
 """A sweep's report: verdicts first, then gains, teachers, best alpha and plots (report.md + report.html).
 
-The rows and gains come from `distillab.results`, the verdicts from `distillab.verdicts`.
+The rows and gains come from `distillab.study.results`, the verdicts from `distillab.study.verdicts`.
 """
 
 from __future__ import annotations
 
 import base64
-import json
 from pathlib import Path
 
 from distillab.files import write_json_atomic, write_text_atomic
+from distillab.layout import SweepLayout
 from distillab.study.results import HELD_OUT, add_gains_and_labels, collect_rows, summarize, write_table
 from distillab.study.stats import format_ci, mean_ci
+from distillab.sweep.execute import read_plan
 
 
 def make_plots(summary: list[dict], out_dir: Path) -> list[Path]:
@@ -254,7 +255,8 @@ def write_report(sweep_dir: str | Path, tolerance: float | None = None, about: l
     from distillab.study.verdicts import label_teachers, verdict_sections
 
     sweep_dir = Path(sweep_dir)
-    planned = json.loads((sweep_dir / "plan.json").read_text()) if (sweep_dir / "plan.json").exists() else {}
+    files = SweepLayout(sweep_dir)
+    planned = read_plan(sweep_dir) if files.plan.exists() else {}
     spec = planned.get("spec", {})
     tolerance = spec.get("label_tolerance", 0.02) if tolerance is None else tolerance
     rows = add_gains_and_labels(collect_rows(sweep_dir), tolerance)
@@ -262,7 +264,7 @@ def write_report(sweep_dir: str | Path, tolerance: float | None = None, about: l
     csv_path, parquet_path = write_table(rows, sweep_dir)
     summary = summarize(rows)
     verdict_lines, verdict_data = verdict_sections(rows, tolerance, spec.get("verdict_margin", 0.02))
-    write_json_atomic(sweep_dir / "summary.json", {"groups": summary, "best_alpha": best_alpha(summary),
+    write_json_atomic(files.summary, {"groups": summary, "best_alpha": best_alpha(summary),
                                                    "verdicts": verdict_data})
     plots = make_plots(summary, sweep_dir)
     lines = [f"# {title or 'Sweep report: ' + planned.get('name', sweep_dir.name)}", ""] + verdict_lines
@@ -278,50 +280,24 @@ def write_report(sweep_dir: str | Path, tolerance: float | None = None, about: l
     lines += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]
     lines += ["", f"Full table: `{csv_path.name}`" + (f", `{parquet_path.name}`" if parquet_path else "") + "."]
     markdown = "\n".join(lines) + "\n"
-    write_text_atomic(sweep_dir / "report.md", markdown)
-    write_text_atomic(sweep_dir / "report.html", to_html(markdown, sweep_dir))
-    return sweep_dir / "report.md"
+    write_text_atomic(files.report, markdown)
+    write_text_atomic(files.report_html, to_html(markdown, sweep_dir))
+    return files.report
 
 
 def to_html(markdown: str, folder: Path) -> str:
-    """A self-contained HTML page: tables and headings from the markdown, plots inlined as base64."""
-    import html
-    import re
+    """A self-contained HTML page of the report (CommonMark with tables, by markdown-it-py; raw HTML
+    in the markdown is escaped), its plots inlined as base64."""
+    from markdown_it import MarkdownIt
 
-    def inline(text: str) -> str:
-        return re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", html.escape(text))
-
-    out = ["<!doctype html><meta charset='utf-8'><title>distillab report</title>",
-           "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}"
-           "td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px}img{max-width:100%}</style>"]
-    in_table = False
-    for line in markdown.splitlines():
-        if line.startswith("|"):
-            cells = [c.strip() for c in line.strip("|").split("|")]
-            if all(set(c) <= set("-:") for c in cells):
-                continue
-            if not in_table:
-                out.append("<table>")
-                in_table = True
-                out.append("<tr>" + "".join(f"<th>{inline(c)}</th>" for c in cells) + "</tr>")
-                continue
-            out.append("<tr>" + "".join(f"<td>{inline(c)}</td>" for c in cells) + "</tr>")
-            continue
-        if in_table:
-            out.append("</table>")
-            in_table = False
-        if line.startswith("!["):
-            name = line[line.index("(") + 1 : line.rindex(")")]
-            data = base64.b64encode((folder / name).read_bytes()).decode()
-            out.append(f"<p><img alt='{html.escape(name)}' src='data:image/png;base64,{data}'></p>")
-        elif line.startswith("### "):
-            out.append(f"<h3>{html.escape(line[4:])}</h3>")
-        elif line.startswith("## "):
-            out.append(f"<h2>{html.escape(line[3:])}</h2>")
-        elif line.startswith("# "):
-            out.append(f"<h1>{html.escape(line[2:])}</h1>")
-        elif line.strip():
-            out.append(f"<p>{inline(line)}</p>")
-    if in_table:
-        out.append("</table>")
-    return "\n".join(out) + "\n"
+    renderer = MarkdownIt("commonmark", {"html": False}).enable("table")
+    tokens = renderer.parse(markdown)
+    for token in tokens:
+        for child in token.children or []:
+            if child.type == "image" and (folder / child.attrGet("src")).is_file():
+                data = base64.b64encode((folder / child.attrGet("src")).read_bytes()).decode()
+                child.attrSet("src", f"data:image/png;base64,{data}")
+    return ("<!doctype html><meta charset='utf-8'><title>distillab report</title>\n"
+            "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}"
+            "td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px}img{max-width:100%}</style>\n"
+            + renderer.renderer.render(tokens, renderer.options, {}))

@@ -19,8 +19,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from distillab.checkpoint import read_meta, verify_checkpoint
-from distillab.config import RunConfig, apply_overrides, config_from_dict, merge, read_yaml_mapping, require
+from distillab.checkpoint import read_meta, verify_model_directory
+from distillab.config import RunConfig, apply_overrides, config_from_dict, merge, read_yaml_mapping
+from distillab.errors import require
 from distillab.data.chat import chat_template, prepare_chat_data
 from distillab.data.packing import PackedStream, conversation_stream
 from distillab.data.shards import PreparedData
@@ -57,11 +58,10 @@ class SFTStart:
 def init_directory(name: str) -> Path:
     """The directory of `sft.init_from`, verified against its manifest when it has one."""
     source = model_directory(name, key="sft.init_from")
-    if (source / "manifest.json").exists():
-        try:
-            verify_checkpoint(source)
-        except CheckpointError as exc:
-            raise ConfigError("sft.init_from", str(exc)) from None
+    try:
+        verify_model_directory(source)
+    except CheckpointError as exc:
+        raise ConfigError("sft.init_from", str(exc)) from None
     return source
 
 

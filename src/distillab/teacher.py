@@ -25,7 +25,7 @@ from distillab.cache.store import TeacherCache, data_identity, first_mismatch, t
 from distillab.config import CACHE_MODES, KDConfig
 from distillab.data.loader import Batch, model_inputs
 from distillab.data.tokenizer import load_tokenizer, tokenizer_fingerprint
-from distillab.checkpoint import verify_checkpoint
+from distillab.checkpoint import verify_model_directory
 from distillab.errors import CheckpointError, ConfigError, DataError
 from distillab.losses import Head, SparseTeacher
 from distillab.models import load_causal_lm, max_positions, model_directory
@@ -203,11 +203,10 @@ def build_teacher_signal(kd: KDConfig, data, device: torch.device, precision: st
     if not distills:
         return None
     directory = model_directory(kd.teacher or "")
-    if (directory / "manifest.json").exists():
-        try:
-            verify_checkpoint(directory)
-        except CheckpointError as exc:
-            raise ConfigError("kd.teacher", f"{exc}; retrain or restore the teacher") from None
+    try:
+        verify_model_directory(directory)
+    except CheckpointError as exc:
+        raise ConfigError("kd.teacher", f"{exc}; retrain or restore the teacher") from None
     if kd.cache not in CACHE_MODES:
         return CachedTeacher.open(kd.cache, str(directory), data, seq_len, kd.top_k, packing)
     teacher = OnlineTeacher.load(directory, data.tokenizer, device, precision)

@@ -3,7 +3,8 @@
     coding.py    how one window's rows become bytes: `compact` (quantised log-probs, delta-coded
                  ids, zlib) or `float32` (exact, uncompressed)
     store.py     shards + index + manifest on disk: atomic writes, sha256 checks, reading by window id
-    capture.py   running a teacher over the split's windows (`distillab teacher cache`)
 
-`distillab.teacher.CachedTeacher` serves a cache to the training loop as a teacher signal.
+`distillab.capture` runs a teacher over the split's windows into a cache (`distillab teacher
+cache`); `distillab.teacher.CachedTeacher` serves a cache to the training loop as a teacher
+signal. Nothing here imports either: the format sits below both.
 """

@@ -18,20 +18,18 @@ from __future__ import annotations
 
 import io
 import json
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from distillab.artefact import MANIFEST, AtomicDirectory, entry_lock, file_problem, read_json_manifest, weights_sha256
 from distillab.cache.coding import TopKRows, make_coding
 from distillab.errors import DataError
-from distillab.files import (file_lock, make_temp_dir, remove_stale_temp_dirs, replace_dir, sha256_file,
-                             write_bytes_atomic, write_json_atomic)
+from distillab.files import sha256_file, write_bytes_atomic, write_json_atomic
 
 FORMAT = "distillab-teacher-cache/1"
-MANIFEST = "manifest.json"
 INDEX = "index.npy"
 SHARD_BYTES = 64 << 20
 
@@ -49,9 +47,8 @@ class CacheWriter:
 
     def __init__(self, out: Path, shard_bytes: int = SHARD_BYTES):
         self.out, self.shard_bytes = Path(out), shard_bytes
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        remove_stale_temp_dirs(self.out.parent, (f".tmp-{self.out.name}-", f".trash-{self.out.name}-"))
-        self.tmp = make_temp_dir(self.out.parent, f".tmp-{self.out.name}-")
+        self.directory = AtomicDirectory(self.out)
+        self.tmp = self.directory.path
         self.rows: list[tuple[int, int, int, int]] = []
         self.shards: list[dict] = []
         self.handle = None
@@ -91,7 +88,7 @@ class CacheWriter:
                 "tokens": tokens, "bytes": stored, "bytes_per_token": stored / max(tokens, 1),
                 "index": {"file": INDEX, "sha256": sha256_file(self.tmp / INDEX)}, "shards": self.shards,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
-            replace_dir(self.tmp, self.out)
+            self.directory.commit()
         except BaseException:
             self.abort()
             raise
@@ -101,14 +98,12 @@ class CacheWriter:
         if self.handle is not None:
             self.handle.close()
             self.handle = None
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        self.directory.abort()
 
 
 def writer_lock(out: Path):
     """The lock one capture into `out` holds (a second capture of the same cache waits its turn)."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return file_lock(out.parent / f".{out.name}.lock")
+    return entry_lock(out)
 
 
 # ----------------------------------------------------------------------------- reading
@@ -120,10 +115,9 @@ def read_manifest(path: Path, key: str) -> dict:
     if not manifest_path.exists():
         raise DataError(f"{key}: {path} holds no teacher cache ({MANIFEST} missing); capture one with "
                         "`distillab teacher cache`")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except json.JSONDecodeError:
-        raise DataError(f"{key}: {manifest_path} is not valid JSON; the cache is corrupt: capture it again") from None
+    manifest = read_json_manifest(manifest_path)
+    if manifest is None:
+        raise DataError(f"{key}: {manifest_path} is not valid JSON; the cache is corrupt: capture it again")
     if manifest.get("format") != FORMAT:
         raise DataError(f"{key}: {manifest_path} is not a {FORMAT} manifest (format {manifest.get('format')!r})")
     return manifest
@@ -144,14 +138,13 @@ class TeacherCache:
         path = Path(path)
         manifest = read_manifest(path, key)
         index_path = path / manifest["index"]["file"]
-        if not index_path.exists() or sha256_file(index_path) != manifest["index"]["sha256"]:
-            raise DataError(f"{key}: {index_path} is missing or its sha256 differs from the manifest; the cache is "
-                            "corrupt: capture it again")
-        for shard in manifest["shards"]:
+        problem = file_problem(index_path, manifest["index"]["sha256"])
+        for shard in manifest["shards"]:  # sizes now, each shard's sha256 when it is first read
             shard_path = path / shard["file"]
-            if not shard_path.exists() or shard_path.stat().st_size != shard["bytes"]:
-                raise DataError(f"{key}: {shard_path} is missing or has the wrong size; the cache is corrupt: capture "
-                                "it again")
+            if problem is None and (not shard_path.is_file() or shard_path.stat().st_size != shard["bytes"]):
+                problem = f"{shard_path}: missing or not the manifest's {shard['bytes']} bytes"
+        if problem is not None:
+            raise DataError(f"{key}: {problem}; the cache is corrupt: capture it again")
         index = np.load(index_path).reshape(-1, 4)
         return cls(path, manifest, index, key)
 
@@ -187,10 +180,9 @@ class TeacherCache:
         if number not in self.verified:
             entry = self.manifest["shards"][number]
             shard_path = self.path / entry["file"]
-            actual = sha256_file(shard_path)
-            if actual != entry["sha256"]:
-                raise DataError(f"{self.key}: {shard_path}: checksum mismatch (sha256 {actual[:12]}…, manifest says "
-                                f"{entry['sha256'][:12]}…); the cache is corrupt or was modified: capture it again")
+            problem = file_problem(shard_path, entry["sha256"])
+            if problem is not None:
+                raise DataError(f"{self.key}: {problem}; the cache is corrupt or was modified: capture it again")
             self.verified.add(number)
             self.handles[number] = open(shard_path, "rb")
         return self.handles[number]
@@ -225,8 +217,6 @@ class TeacherCache:
 
 def teacher_identity(teacher_dir: Path) -> dict:
     """What names a teacher: the sha256 of its weights (wherever its directory lives)."""
-    from distillab.evaluate.run import weights_sha256
-
     return {"path": str(Path(teacher_dir).resolve()), "weights_sha256": weights_sha256(Path(teacher_dir))}
 
 

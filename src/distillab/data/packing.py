@@ -38,7 +38,6 @@ no assistant token is left out. The plan is computed in memory (one first-fit pa
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,7 +46,8 @@ import torch
 
 from distillab.data.loader import Batch, ShuffledWindows, WindowStream
 from distillab.errors import DataError
-from distillab.files import file_lock, make_temp_dir, remove_stale_temp_dirs, replace_dir, write_json_atomic
+from distillab.artefact import AtomicDirectory, entry_lock
+from distillab.files import write_json_atomic
 
 PACKING_BINS = 30
 PLAN_FORMAT = 1
@@ -156,8 +156,7 @@ def cached_plan(tokens: np.ndarray, eos_id: int, seq_len: int, cache: Path | Non
     identity = {"n_tokens": int(len(tokens)), "eos_id": int(eos_id)}
     try:
         cache.mkdir(parents=True, exist_ok=True)
-        with file_lock(cache / ".lock"):
-            remove_stale_temp_dirs(cache)
+        with entry_lock(path):
             plan = read_plan(path, identity)
             if plan is None:
                 plan = pack_documents(tokens, eos_id, seq_len)
@@ -183,15 +182,10 @@ def read_plan(path: Path, identity: dict) -> PackingPlan | None:
 
 def write_plan(path: Path, plan: PackingPlan, identity: dict) -> None:
     """The plan's arrays and identity, written to a temporary directory renamed into place."""
-    tmp = make_temp_dir(path.parent, f".tmp-{path.name}-")
-    try:
+    with AtomicDirectory(path) as tmp:
         for name in ("starts", "lengths", "offsets"):
             np.save(tmp / f"{name}.npy", getattr(plan, name))
         write_json_atomic(tmp / "plan.json", {**identity, "format": PLAN_FORMAT})
-        replace_dir(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 class PackedStream(ShuffledWindows):

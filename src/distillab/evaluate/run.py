@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 
 from distillab import __version__
-from distillab.checkpoint import read_meta, verify_checkpoint
+from distillab.artefact import weights_sha256
+from distillab.checkpoint import read_meta, verify_model_directory
 from distillab.data.packaged import PACKAGED_CORPORA
 from distillab.data.shards import load_prepared, prepare_corpus_tokens
 from distillab.data.sources import corpus_identity
@@ -25,21 +26,10 @@ from distillab.data.tokenizer import load_tokenizer, tokenizer_fingerprint
 from distillab.errors import DataError
 from distillab.evaluate.perplexity import perplexity, stream_perplexity, stream_set
 from distillab.evaluate.sets import EvalSet, resolve_sets
-from distillab.files import default_cache_dir, sha256_file, stable_hash, write_json_atomic
+from distillab.files import default_cache_dir, stable_hash, write_json_atomic
+from distillab.layout import EVAL
 from distillab.models import load_causal_lm
 from distillab.runtime import resolve_device, setup_runtime
-
-
-def weights_sha256(checkpoint: Path) -> str:
-    """sha256 over the checkpoint's weight files (from its manifest when it has one)."""
-    manifest = checkpoint / "manifest.json"
-    files = json.loads(manifest.read_text())["files"] if manifest.exists() else {}
-    digests = []
-    for path in sorted(checkpoint.glob("*.safetensors")) + sorted(checkpoint.glob("*.bin")):
-        digests.append(files.get(path.name) or sha256_file(path))
-    if not digests:
-        raise DataError(f"{checkpoint}: no weight files (*.safetensors)")
-    return stable_hash(digests, length=64)
 
 
 def load_report(path: Path) -> dict:
@@ -93,15 +83,13 @@ def open_checkpoint(checkpoint: Path, out: Path | None, device: str, cache_dir, 
     """Verify a checkpoint and read what identifies it; start (or continue) its eval.json."""
     if not checkpoint.exists():
         raise DataError(f"{checkpoint}: checkpoint directory not found")
-    if (checkpoint / "manifest.json").exists():
-        verify_checkpoint(checkpoint)
-    elif not (checkpoint / "config.json").exists():
+    if not verify_model_directory(checkpoint) and not (checkpoint / "config.json").exists():
         raise DataError(f"{checkpoint}: not an HF model directory (no config.json)")
     meta = read_meta(checkpoint)
     tokenizer = load_tokenizer(checkpoint)
     weights = weights_sha256(checkpoint)
     positions = int(json.loads((checkpoint / "config.json").read_text()).get("max_position_embeddings") or 256)
-    out_path = Path(out) if out else checkpoint / "eval.json"
+    out_path = Path(out) if out else checkpoint / EVAL
     report = load_report(out_path)
     if report.get("weights_sha256") != weights:
         report = {}  # another model was evaluated into this file: start over

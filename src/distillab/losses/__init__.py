@@ -4,7 +4,7 @@
 
 averaged over target tokens (labels other than `ignore_index`), with p_T and p_S the
 teacher's and the student's distributions at temperature T, (w_ce, w_kd) = (1 - a, a) by
-default, and c = T^2 (see `distillab.objective` for the whole objective).
+default, and c = T^2 (see `distillab.losses.objective` for the whole objective).
 
 Entry points (all return `LossOutput`):
     distillation_loss         dense student and teacher logits (the paper's setting)
@@ -25,11 +25,12 @@ import torch
 import torch.nn.functional as F
 
 from distillab.losses.divergences import DIVERGENCES, Params
-from distillab.losses.fused import LossSpec, Workspace, chunk_rows, chunk_terms
+from distillab.losses.fused import Workspace, chunk_rows, chunk_terms
+from distillab.losses.objective import KDObjective, StepObjective
 from distillab.losses.teacher_rows import SparseRows
 
-__all__ = ["LossOutput", "Head", "SparseTeacher", "LossSpec", "distillation_loss", "sparse_distillation_loss",
-           "objective_loss", "reference_distillation_loss", "DIVERGENCES"]
+__all__ = ["LossOutput", "Head", "SparseTeacher", "distillation_loss", "sparse_distillation_loss",
+           "objective_loss", "run_fused", "reference_distillation_loss", "DIVERGENCES"]
 
 
 @dataclass
@@ -101,7 +102,7 @@ class FusedLoss(torch.autograd.Function):
     Backward: the stored gradient, scaled by the upstream gradient."""
 
     @staticmethod
-    def forward(ctx, student_tensor, student_weight, labels, student, teacher, spec: LossSpec, overwrite: bool):
+    def forward(ctx, student_tensor, student_weight, labels, student, teacher, now: StepObjective, overwrite: bool):
         rows_student = Rows(student, ctx_vocab(student, teacher))
         rows_teacher = Rows(teacher, rows_student.vocab)
         flat_labels = labels.reshape(-1)
@@ -119,14 +120,14 @@ class FusedLoss(torch.autograd.Function):
             end = min(start + chunk, n_rows)
             s = rows_student(start, end, compute_dtype)
             grad_out = grads.chunk(start, end, s)
-            ce_sum, kd_sum = chunk_terms(s, rows_teacher(start, end, compute_dtype), flat_labels[start:end], spec,
+            ce_sum, kd_sum = chunk_terms(s, rows_teacher(start, end, compute_dtype), flat_labels[start:end], now,
                                          grad_out, ws)
             grads.done(start, end, grad_out)
             ce_total += ce_sum
             kd_total += kd_sum
         ce = (ce_total * scale).to(compute_dtype)
-        kd = (kd_total * scale * spec.kd_scale).to(compute_dtype)
-        total = spec.ce_weight * ce + spec.kd_weight * kd
+        kd = (kd_total * scale * now.kd_scale).to(compute_dtype)
+        total = now.ce_weight * ce + now.kd_weight * kd
         ctx.save_for_backward(*grads.tensors())
         ctx.sink, ctx.scale, ctx.backward_done = grads, scale, False
         ctx.mark_non_differentiable(ce, kd)
@@ -197,39 +198,6 @@ class GradientSink:
 # ----------------------------------------------------------------------------- entry points
 
 
-def make_spec(*, alpha: float, temperature: float = 1.0, divergence: str = "forward_kl", beta: float = 0.5,
-              skew: float = 0.1, scale_by_t2: bool = True, label_smoothing: float = 0.0, top_k: int | None = None,
-              top_p: float | None = None, tail_bucket: bool = False, loss_scale: str = "mix",
-              autograd_fallback: bool = False) -> LossSpec:
-    """A LossSpec from keyword arguments, each checked (ValueError naming the argument)."""
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    if divergence != "hard" and divergence not in DIVERGENCES:
-        raise ValueError(f"divergence must be one of {', '.join([*DIVERGENCES, 'hard'])}, got {divergence!r}")
-    if divergence == "hard" and (temperature != 1.0 or top_k is not None or top_p is not None or tail_bucket):
-        raise ValueError("divergence='hard' uses the teacher's argmax; leave temperature at 1 and top_k, top_p, "
-                         "tail_bucket unset")
-    if top_k is not None and top_p is not None:
-        raise ValueError("top_k and top_p together are ambiguous; give one")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be >= 1, got {top_k}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    if tail_bucket and top_k is None and top_p is None:
-        raise ValueError("tail_bucket needs top_k or top_p")
-    if not 0 <= label_smoothing < 1:
-        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
-    weights = {"mix": (1.0 - alpha, alpha), "ce_fixed": (1.0, alpha), "kd_fixed": (1.0 - alpha, 1.0)}
-    if loss_scale not in weights:
-        raise ValueError(f"loss_scale must be mix, ce_fixed or kd_fixed, got {loss_scale!r}")
-    ce_weight, kd_weight = weights[loss_scale]
-    return LossSpec(ce_weight=ce_weight, kd_weight=kd_weight, temperature=temperature, divergence=divergence,
-                    params=Params(beta=beta, skew=skew), scale_by_t2=scale_by_t2, top_k=top_k, top_p=top_p,
-                    tail_bucket=tail_bucket, label_smoothing=label_smoothing, autograd_fallback=autograd_fallback)
-
-
 def normalize_labels(labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
     """Labels with every ignored position as -1 (so `>= 0` marks target tokens)."""
     if ignore_index >= 0:
@@ -237,26 +205,27 @@ def normalize_labels(labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
     return torch.where(labels == ignore_index, torch.full_like(labels, -1), labels)
 
 
-def run_fused(student, teacher, labels: torch.Tensor, spec: LossSpec, ignore_index: int = -100,
+def run_fused(student, teacher, labels: torch.Tensor, now: StepObjective, ignore_index: int = -100,
               overwrite_logits: bool = False) -> LossOutput:
-    """Check shapes, then run the fused loss. `student`: logits or Head; `teacher`: None, logits,
-    Head or SparseTeacher."""
-    if teacher is None and spec.kd_weight != 0:
+    """Check shapes, then run the fused loss of the objective in force `now` (`KDObjective.at`).
+    `student`: logits or Head; `teacher`: None, logits, Head or SparseTeacher."""
+    if teacher is None and now.kd_weight != 0:
         raise ValueError("alpha > 0 needs a teacher (teacher_logits)")
     vocab = ctx_vocab(student, teacher)
     student_shape = student.shape(vocab) if isinstance(student, Head) else tuple(student.shape)
     if isinstance(teacher, torch.Tensor) and tuple(teacher.shape) != student_shape:
         raise ValueError(f"teacher logits {tuple(teacher.shape)} and student logits {student_shape} differ; slice "
                          "both to the tokenizer's vocabulary first")
-    if spec.top_k is not None and spec.top_k > vocab:
-        raise ValueError(f"top_k must be in [1, vocabulary size {vocab}], got {spec.top_k}")
+    top_k = now.objective.top_k
+    if top_k is not None and top_k > vocab:
+        raise ValueError(f"top_k must be in [1, vocabulary size {vocab}], got {top_k}")
     if tuple(labels.shape) != student_shape[:-1]:
         raise ValueError(f"labels {tuple(labels.shape)} do not match logits {student_shape}")
     labels = normalize_labels(labels, ignore_index)
     if isinstance(student, Head):
-        total, ce, kd = FusedLoss.apply(student.hidden, student.weight, labels, student, teacher, spec, False)
+        total, ce, kd = FusedLoss.apply(student.hidden, student.weight, labels, student, teacher, now, False)
     else:
-        total, ce, kd = FusedLoss.apply(student, None, labels, student, teacher, spec, bool(overwrite_logits))
+        total, ce, kd = FusedLoss.apply(student, None, labels, student, teacher, now, bool(overwrite_logits))
     return LossOutput(total=total, ce=ce, kd=kd, n_tokens=int((labels >= 0).sum()))
 
 
@@ -268,12 +237,11 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     student_logits [..., V] (gradients flow into it); teacher_logits [..., V] or None (alpha = 0);
     labels [...] token ids, `ignore_index` where there is no target. overwrite_logits: reuse the
     student logits' memory for their gradient (the training loop does; they hold garbage after).
-    Keywords (see `make_spec`): divergence = forward_kl | reverse_kl | jsd | skew_forward_kl |
-    skew_reverse_kl | tvd | hard; beta (JSD), skew (lambda); scale_by_t2; label_smoothing; top_k,
-    top_p, tail_bucket; loss_scale = mix | ce_fixed | kd_fixed.
+    Keywords: any other field of `KDObjective` (divergence, its parameters, scale_by_t2,
+    label_smoothing, top_k, top_p, tail_bucket, loss_scale), checked by it (ConfigError, a ValueError).
     """
-    spec = make_spec(alpha=alpha, temperature=temperature, **objective)
-    return run_fused(student_logits, teacher_logits, labels, spec, ignore_index, overwrite_logits)
+    now = KDObjective(alpha=alpha, temperature=temperature, **objective).at(0, 1)
+    return run_fused(student_logits, teacher_logits, labels, now, ignore_index, overwrite_logits)
 
 
 def sparse_distillation_loss(student_logits: torch.Tensor, indices: torch.Tensor, logprobs: torch.Tensor,
@@ -283,30 +251,28 @@ def sparse_distillation_loss(student_logits: torch.Tensor, indices: torch.Tensor
     """As `distillation_loss`, with the teacher given as its top-K tokens per position: `indices`
     [..., K] (most likely first), their T = 1 log-probabilities [..., K] and the log of the
     remaining mass [...]. Without top_k / top_p all K are kept (renormalised)."""
-    spec = make_spec(alpha=alpha, temperature=temperature, **objective)
+    now = KDObjective(alpha=alpha, temperature=temperature, **objective).at(0, 1)
     teacher = SparseTeacher(indices.long(), logprobs, log_tail)
-    return run_fused(student_logits, teacher, labels, spec, ignore_index, overwrite_logits)
+    return run_fused(student_logits, teacher, labels, now, ignore_index, overwrite_logits)
 
 
-def objective_loss(student, teacher, labels: torch.Tensor, objective, step: int, steps: int,
+def objective_loss(student, teacher, labels: torch.Tensor, objective: KDObjective, step: int, steps: int,
                    overwrite_logits: bool = False) -> LossOutput:
     """The loss of a `KDObjective` at 0-based `step` of `steps`: what the training loop calls."""
     now = objective.at(step, steps)
-    spec = make_spec(alpha=now.alpha, temperature=now.temperature, divergence=objective.divergence,
-                     beta=objective.beta, skew=objective.skew, scale_by_t2=objective.scale_by_t2,
-                     label_smoothing=objective.label_smoothing, top_k=objective.top_k, top_p=objective.top_p,
-                     tail_bucket=objective.tail_bucket, loss_scale=objective.loss_scale)
     if teacher is None:
-        spec = LossSpec(label_smoothing=objective.label_smoothing)
-    return run_fused(student, teacher, labels, spec, overwrite_logits=overwrite_logits)
+        now = now.without_teacher()
+    return run_fused(student, teacher, labels, now, overwrite_logits=overwrite_logits)
 
 
 def reference_distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None,
                                 labels: torch.Tensor, *, alpha: float, temperature: float = 1.0,
                                 ignore_index: int = -100, top_k: int | None = None, divergence: str = "forward_kl",
-                                beta: float = 0.5, skew: float = 0.1) -> LossOutput:
+                                **parameters) -> LossOutput:
     """The same objective (mix weights, T^2, renormalised top-k) with plain autograd over the whole
-    tensors: slower and memory-hungry; for tests, the GPU check, and reading."""
+    tensors: slower and memory-hungry; for tests, the GPU check, and reading. `parameters`: the
+    divergence's (`Params` fields)."""
+    entry = DIVERGENCES[divergence]
     vocab = student_logits.shape[-1]
     s = student_logits.reshape(-1, vocab)
     y = labels.reshape(-1)
@@ -315,7 +281,7 @@ def reference_distillation_loss(student_logits: torch.Tensor, teacher_logits: to
     ce = F.cross_entropy(s, y, ignore_index=ignore_index, reduction="sum") / n
     if teacher_logits is None or alpha == 0:
         kd = torch.zeros((), dtype=s.dtype, device=s.device)
-    elif divergence == "hard":
+    elif entry.argmax_teacher:
         kd = F.cross_entropy(s, teacher_logits.reshape(-1, vocab).argmax(-1), reduction="none")[valid].sum() / n
     else:
         t = teacher_logits.reshape(-1, vocab).detach()
@@ -324,9 +290,9 @@ def reference_distillation_loss(student_logits: torch.Tensor, teacher_logits: to
             t = t.masked_fill(t < kth, float("-inf"))
         log_p = F.log_softmax(t / temperature, dim=-1)
         log_q = F.log_softmax(s / temperature, dim=-1)
-        if top_k is not None and divergence != "forward_kl":  # the student renormalised over the kept tokens
+        if top_k is not None and not entry.whole_vocabulary_student:  # the student renormalised over the kept tokens
             log_q = F.log_softmax((s / temperature).masked_fill(torch.isinf(t), float("-inf")), dim=-1)
-        value, _ = DIVERGENCES[divergence](log_p, log_q, Params(beta=beta, skew=skew))
+        value, _ = entry.kernel(log_p, log_q, Params(**parameters))
         kd = temperature**2 * (value * valid).sum() / n
     total = (1 - alpha) * ce + alpha * kd
     return LossOutput(total=total, ce=ce.detach(), kd=kd.detach(), n_tokens=int(valid.sum()))

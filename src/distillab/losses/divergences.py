@@ -14,25 +14,37 @@ dD/dq avoids dividing by tiny student probabilities (forward KL: u = -p).
 A divergence may leave `u` out: the loss then differentiates `value` with autograd, chunk by
 chunk (the fallback; tested to agree with every closed form here).
 
-Adding a divergence: a function below, one line in DIVERGENCES, and its name in
-`distillab.config.DIVERGENCES`. Nothing else enumerates them.
+`DIVERGENCES` is the one list of divergences: each entry names its kernel, its label, the
+parameters it reads and how it treats a truncated teacher. A parameter is a field of `Params`
+(its default and its range beside it); the objective (`distillab.losses.objective.KDObjective`)
+inherits those fields, so each is a `kd.<name>` config key, checked, labelled and swept with
+the rest. Adding a divergence: a function below and one entry in DIVERGENCES (and a field in
+`Params` for a new parameter); nothing else enumerates them.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
 
+def parameter(default: float, ok: Callable[[float], bool], bounds: str):
+    """A divergence parameter: its default and the values it may take (`bounds` says them)."""
+    return field(default=default, metadata={"ok": ok, "bounds": bounds})
+
+
 @dataclass(frozen=True)
 class Params:
-    """Parameters some divergences take (JSD's beta, skew KL's lambda)."""
+    """The divergences' parameters. Each is a `kd.<name>` config key (the objective inherits
+    these fields); a divergence lists the ones it reads in its `DIVERGENCES` entry."""
 
-    beta: float = 0.5
-    skew: float = 0.1
+    # jsd: the teacher's weight in the mixture m = beta p_T + (1 - beta) p_S
+    beta: float = parameter(0.5, lambda v: 0 < v < 1, "in (0, 1)")
+    # skew KL: the mixture weight lambda
+    skew: float = parameter(0.1, lambda v: 0 <= v < 1, "in [0, 1)")
 
 
 def _xlogy_diff(p: torch.Tensor, log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
@@ -90,16 +102,6 @@ def tvd(log_p, log_q, params: Params):
 
 
 Kernel = Callable[[torch.Tensor, torch.Tensor, Params], tuple[torch.Tensor, torch.Tensor | None]]
-
-# name -> kernel(log_p, log_q, params) -> (value per row, u or None for the autograd fallback)
-DIVERGENCES: dict[str, Kernel] = {
-    "forward_kl": forward_kl,
-    "reverse_kl": reverse_kl,
-    "jsd": jsd,
-    "skew_forward_kl": skew_forward_kl,
-    "skew_reverse_kl": skew_reverse_kl,
-    "tvd": tvd,
-}
 
 
 def value_only(kernel: Kernel) -> Kernel:
@@ -174,10 +176,44 @@ def fused_skew_reverse_kl(log_p, log_q, params: Params, u, scratch, extra):
     return value, q, None
 
 
-FUSED_DENSE = {
-    "reverse_kl": fused_reverse_kl,
-    "jsd": fused_jsd,
-    "skew_forward_kl": fused_skew_forward_kl,
-    "skew_reverse_kl": fused_skew_reverse_kl,
-    "tvd": fused_tvd,
+# ----------------------------------------------------------------------------- the registry
+
+
+@dataclass(frozen=True)
+class Divergence:
+    """One divergence as the objective and the loss see it.
+
+    kernel: on categories, (log_p, log_q, params) -> (value per row, u or None); None for
+        `argmax_teacher` (the chunk loop's own path).
+    label: how people read it; `{name}` fields are its parameters, e.g. "JSD β {beta:g}".
+    parameters: the `Params` fields it reads.
+    fused: an in-place kernel over the whole vocabulary (the same values, no allocations).
+    whole_vocabulary_student: with a truncated teacher, the student's whole-vocabulary
+        probabilities at the kept tokens (as the paper's code did for forward KL) instead of the
+        student renormalised over them.
+    argmax_teacher: the cross-entropy against the teacher's argmax: no temperature, no
+        truncation, no T^2 factor.
+    """
+
+    kernel: Kernel | None
+    label: str
+    parameters: tuple[str, ...] = ()
+    fused: Callable | None = None
+    whole_vocabulary_student: bool = False
+    argmax_teacher: bool = False
+
+    def describe(self, params: Params) -> str:
+        return self.label.format(**{name: getattr(params, name) for name in self.parameters})
+
+
+DIVERGENCES: dict[str, Divergence] = {
+    "forward_kl": Divergence(forward_kl, "forward KL", whole_vocabulary_student=True),
+    "reverse_kl": Divergence(reverse_kl, "reverse KL", fused=fused_reverse_kl),
+    "jsd": Divergence(jsd, "JSD β {beta:g}", ("beta",), fused=fused_jsd),
+    "skew_forward_kl": Divergence(skew_forward_kl, "skew forward KL λ {skew:g}", ("skew",),
+                                  fused=fused_skew_forward_kl),
+    "skew_reverse_kl": Divergence(skew_reverse_kl, "skew reverse KL λ {skew:g}", ("skew",),
+                                  fused=fused_skew_reverse_kl),
+    "tvd": Divergence(tvd, "TVD", fused=fused_tvd),
+    "hard": Divergence(None, "hard labels", argmax_teacher=True),
 }

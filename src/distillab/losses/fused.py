@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from distillab.losses.divergences import DIVERGENCES, FUSED_DENSE, Params
+from distillab.losses.objective import StepObjective
 from distillab.losses.teacher_rows import NEG_INF, SparseRows, select, tempered_categories, truncate_dense
 
 # A student category outside the kept tokens gets this log-probability instead of -inf: exp()
@@ -42,32 +42,6 @@ def chunk_rows(device: torch.device, vocab: int) -> int:
     if device.type == "cuda":
         return max(CHUNK_ROWS, GPU_CHUNK_ELEMENTS // vocab)
     return CHUNK_ROWS
-
-
-@dataclass(frozen=True)
-class LossSpec:
-    """Everything but tensors that the chunk loop needs (resolved from a KDObjective at one step)."""
-
-    ce_weight: float = 1.0
-    kd_weight: float = 0.0
-    temperature: float = 1.0
-    divergence: str = "forward_kl"
-    params: Params = Params()
-    scale_by_t2: bool = True
-    top_k: int | None = None
-    top_p: float | None = None
-    tail_bucket: bool = False
-    label_smoothing: float = 0.0
-    autograd_fallback: bool = False  # use autograd even where a closed form exists (tests)
-
-    @property
-    def kd_scale(self) -> float:
-        """c: the KD term's factor (T^2, or 1 for hard labels and when scaling is off)."""
-        return self.temperature**2 if self.scale_by_t2 and self.divergence != "hard" else 1.0
-
-    @property
-    def truncated(self) -> bool:
-        return self.top_k is not None or self.top_p is not None
 
 
 class Workspace:
@@ -105,95 +79,98 @@ class KDGradient:
 # ----------------------------------------------------------------------------- the KD term
 
 
-def kd_term(student: torch.Tensor, teacher, spec: LossSpec, ws: Workspace) -> KDGradient:
-    """The KD term of one chunk; `teacher` is a dense [rows, V] tensor or SparseRows."""
-    if spec.divergence == "hard":
+def kd_term(student: torch.Tensor, teacher, now: StepObjective, ws: Workspace) -> KDGradient:
+    """The KD term of one chunk; `teacher` is a dense [rows, V] tensor or SparseRows. Forward KL
+    has faster paths of its own (tested against the general ones)."""
+    objective = now.objective
+    if objective.entry.argmax_teacher:
         index = teacher.indices[:, :1] if isinstance(teacher, SparseRows) else teacher.argmax(-1, keepdim=True)
         return KDGradient(-student.gather(1, index).squeeze(1), minus_index=index, plus_student_lse=True)
-    if isinstance(teacher, torch.Tensor) and not spec.truncated:
-        if spec.divergence == "forward_kl" and not spec.autograd_fallback:
-            return dense_forward_kl(student, teacher, spec, ws)
-        return dense_divergence(student, teacher, spec, ws)
-    rows = select(teacher, spec.top_k, spec.top_p) if isinstance(teacher, SparseRows) else \
-        truncate_dense(teacher, spec.top_k, spec.top_p)
-    if spec.divergence == "forward_kl" and not spec.tail_bucket:
-        if spec.autograd_fallback:
-            return sparse_divergence(student, rows, spec, ws, full_student=True)
-        return sparse_forward_kl(student, rows, spec, ws)
-    return sparse_divergence(student, rows, spec, ws)
+    forward_kl = objective.divergence == "forward_kl"
+    if isinstance(teacher, torch.Tensor) and not objective.truncated:
+        if forward_kl:
+            return dense_forward_kl(student, teacher, now, ws)
+        return dense_divergence(student, teacher, now, ws)
+    rows = select(teacher, objective.top_k, objective.top_p) if isinstance(teacher, SparseRows) else \
+        truncate_dense(teacher, objective.top_k, objective.top_p)
+    if objective.entry.whole_vocabulary_student and not objective.tail_bucket:
+        if forward_kl:
+            return sparse_forward_kl(student, rows, now, ws)
+        return sparse_divergence(student, rows, now, ws, full_student=True)
+    return sparse_divergence(student, rows, now, ws)
 
 
-def dense_forward_kl(student, teacher, spec: LossSpec, ws: Workspace) -> KDGradient:
+def dense_forward_kl(student, teacher, now: StepObjective, ws: Workspace) -> KDGradient:
     """KL(p_T || q_T) over the whole vocabulary; dD/ds = (c/T) (q_T - p_T), or q - p at T = 1.
 
     KL = sum p (t - s) / T - lse(t / T) + lse(s / T), each lse from the row maximum and the
     largest probability (lse = max - log max(softmax): exact, the largest probability is >= 1/V).
     """
     rows = student.shape[0]
-    inv_t = 1.0 / spec.temperature
+    inv_t = 1.0 / now.temperature
     p = ws.get("p", rows)
     diff = torch.sub(teacher, student, out=ws.get("diff", rows))  # t - s
-    if spec.temperature == 1.0:
+    if now.temperature == 1.0:
         softmax_into(teacher, p)
     else:
         softmax_into(torch.mul(teacher, inv_t, out=p), p)
     lse_teacher = log_normalizer(teacher.amax(dim=-1) * inv_t, p)
     cross = diff.mul_(p).sum(dim=-1) * inv_t
-    if spec.temperature == 1.0:
+    if now.temperature == 1.0:
         return KDGradient(cross - lse_teacher, minus_p=p, plus_student_lse=True)
     q_t = softmax_into(torch.mul(student, inv_t, out=ws.get("q_t", rows)), ws.get("q_t", rows))
     lse_student_t = log_normalizer(student.amax(dim=-1) * inv_t, q_t)
-    grad = q_t.sub_(p).mul_(spec.kd_scale * inv_t)
+    grad = q_t.sub_(p).mul_(now.kd_scale * inv_t)
     return KDGradient(cross - lse_teacher + lse_student_t, grad=grad)
 
 
-def dense_divergence(student, teacher, spec: LossSpec, ws: Workspace) -> KDGradient:
+def dense_divergence(student, teacher, now: StepObjective, ws: Workspace) -> KDGradient:
     """Any divergence over the whole vocabulary at temperature T: its fused in-place kernel
-    (`FUSED_DENSE`), else the category kernel (closed form or autograd). At T = 1 the student's
+    (the entry's `fused`), else the category kernel (closed form or autograd). At T = 1 the student's
     softmax it computes is handed on, so the CE term need not compute it again."""
-    rows, inv_t = student.shape[0], 1.0 / spec.temperature
+    rows, inv_t = student.shape[0], 1.0 / now.temperature
     out = ws.get("kd", rows)
-    fused = FUSED_DENSE.get(spec.divergence)
-    if fused is None or spec.autograd_fallback:
+    fused = now.objective.entry.fused
+    if fused is None:
         log_p = torch.log_softmax(teacher * inv_t, dim=-1)
-        value, grad_z = divergence_and_gradient(log_p, student * inv_t, spec, lambda z_: torch.log_softmax(z_, dim=-1))
-        return KDGradient(value, grad=torch.mul(grad_z, spec.kd_scale * inv_t, out=out))
-    scaled = (lambda x, name: x) if spec.temperature == 1.0 else \
+        value, grad_z = divergence_and_gradient(log_p, student * inv_t, now, lambda z_: torch.log_softmax(z_, dim=-1))
+        return KDGradient(value, grad=torch.mul(grad_z, now.kd_scale * inv_t, out=out))
+    scaled = (lambda x, name: x) if now.temperature == 1.0 else \
         (lambda x, name: torch.mul(x, inv_t, out=ws.get(name, rows)))
     log_p = torch.log_softmax(scaled(teacher, "p"), dim=-1, out=ws.get("p", rows))
     log_q = torch.log_softmax(scaled(student, "q_t"), dim=-1, out=ws.get("q_t", rows))
-    value, q, total = fused(log_p, log_q, spec.params, out, ws.get("diff", rows), ws.get("masked", rows))
+    value, q, total = fused(log_p, log_q, now.objective, out, ws.get("diff", rows), ws.get("masked", rows))
     total = out.sum(-1) if total is None else total
     out.addcmul_(q, total[:, None], value=-1.0)  # dD/dz = u - q sum(u)
-    return KDGradient(value, grad=out, grad_scale=spec.kd_scale * inv_t,
-                      student_probs=q if spec.temperature == 1.0 else None)
+    return KDGradient(value, grad=out, grad_scale=now.kd_scale * inv_t,
+                      student_probs=q if now.temperature == 1.0 else None)
 
 
-def sparse_forward_kl(student, rows: SparseRows, spec: LossSpec, ws: Workspace) -> KDGradient:
+def sparse_forward_kl(student, rows: SparseRows, now: StepObjective, ws: Workspace) -> KDGradient:
     """KL(p_S || q_T): the teacher renormalised over its kept tokens, the student over the whole
     vocabulary (as the paper's code did); dD/ds = (c/T) (q_T - p), p zero outside S."""
-    inv_t = 1.0 / spec.temperature
-    log_p = tempered_categories(rows, spec.temperature, tail_bucket=False)
+    inv_t = 1.0 / now.temperature
+    log_p = tempered_categories(rows, now.temperature, tail_bucket=False)
     p = log_p.exp()
     z = torch.mul(student, inv_t, out=ws.get("kd", student.shape[0]))
     lse_z = torch.logsumexp(z, dim=-1, keepdim=True)
     log_q = z.gather(1, rows.indices) - lse_z
     value = torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p)).sum(-1)
-    grad = softmax_into(z, z).scatter_add_(1, rows.indices, -p).mul_(spec.kd_scale * inv_t)
+    grad = softmax_into(z, z).scatter_add_(1, rows.indices, -p).mul_(now.kd_scale * inv_t)
     return KDGradient(value, grad=grad)
 
 
-def sparse_divergence(student, rows: SparseRows, spec: LossSpec, ws: Workspace,
+def sparse_divergence(student, rows: SparseRows, now: StepObjective, ws: Workspace,
                       full_student: bool = False) -> KDGradient:
     """Any divergence over the kept tokens, the student either with a tail category, or
     renormalised over the kept tokens too (so every divergence is finite), or (`full_student`,
     forward KL's convention) its whole-vocabulary log-probabilities at the kept tokens."""
-    inv_t = 1.0 / spec.temperature
-    log_p = tempered_categories(rows, spec.temperature, spec.tail_bucket)
+    inv_t = 1.0 / now.temperature
+    log_p = tempered_categories(rows, now.temperature, now.objective.tail_bucket)
     kept = torch.isfinite(rows.logprobs)
     index = torch.where(kept, rows.indices, rows.indices[:, :1])  # dropped columns point at a kept token
     z = student * inv_t
-    if spec.tail_bucket:
+    if now.objective.tail_bucket:
         def student_side(z_):
             lse = torch.logsumexp(z_, dim=-1, keepdim=True)
             log_tail = torch.logsumexp(z_.scatter(1, index, NEG_INF), dim=-1, keepdim=True) - lse
@@ -211,9 +188,9 @@ def sparse_divergence(student, rows: SparseRows, spec: LossSpec, ws: Workspace,
 
         def to_vocab(u, log_q):
             return torch.zeros_like(z).scatter_add_(1, index, u - log_q.exp() * u.sum(-1, keepdim=True))
-    value, grad_z = divergence_and_gradient(log_p, z, spec, student_side, to_vocab)
+    value, grad_z = divergence_and_gradient(log_p, z, now, student_side, to_vocab)
     out = ws.get("kd", student.shape[0])
-    torch.mul(grad_z, spec.kd_scale * inv_t, out=out)
+    torch.mul(grad_z, now.kd_scale * inv_t, out=out)
     return KDGradient(value, grad=out)
 
 
@@ -234,22 +211,21 @@ def vocabulary_categories(u, log_q):
     return u - log_q.exp() * u.sum(-1, keepdim=True)
 
 
-def divergence_and_gradient(log_p, z, spec: LossSpec, student_side, to_vocab=vocabulary_categories):
+def divergence_and_gradient(log_p, z, now: StepObjective, student_side, to_vocab=vocabulary_categories):
     """(value per row, dD/dz) for student log-probs `student_side(z)` over the categories of log_p.
 
     The closed form where the divergence has one (`to_vocab` maps u = q dD/dq back to the
     vocabulary through the softmax Jacobian); otherwise autograd through `student_side`.
     """
-    kernel = DIVERGENCES[spec.divergence]
-    if not spec.autograd_fallback:
-        with torch.no_grad():
-            log_q = student_side(z)
-            value, u = kernel(log_p, log_q, spec.params)
-        if u is not None:
-            return value, to_vocab(u, log_q)
+    kernel, params = now.objective.entry.kernel, now.objective
+    with torch.no_grad():
+        log_q = student_side(z)
+        value, u = kernel(log_p, log_q, params)
+    if u is not None:
+        return value, to_vocab(u, log_q)
     with torch.enable_grad():
         leaf = z.detach().requires_grad_(True)
-        value, _ = kernel(log_p, student_side(leaf), spec.params)
+        value, _ = kernel(log_p, student_side(leaf), params)
         (grad,) = torch.autograd.grad(value.sum(), leaf)
     return value.detach(), grad
 
@@ -271,16 +247,16 @@ def log_normalizer(row_max: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
     return row_max - torch.log(probs.amax(dim=-1))
 
 
-def chunk_terms(student, teacher, labels, spec: LossSpec, grad_out, ws: Workspace):
+def chunk_terms(student, teacher, labels, now: StepObjective, grad_out, ws: Workspace):
     """(summed CE, summed KD divergence) over valid rows; d(total)/d(student) (unscaled) into grad_out.
 
     `grad_out` may alias `student`, which is then consumed. Rows with label < 0 get no gradient.
     """
-    eps = spec.label_smoothing
+    eps = now.objective.label_smoothing
     safe_labels = labels.clamp(min=0).unsqueeze(1)
     student_at_label = student.gather(1, safe_labels).squeeze(1)
     student_mean = student.mean(dim=-1) if eps > 0 else None
-    kd = kd_term(student, teacher, spec, ws) if teacher is not None else None
+    kd = kd_term(student, teacher, now, ws) if teacher is not None else None
     student_max = student.amax(dim=-1)
     if kd is not None and kd.student_probs is not None:
         q = grad_out.copy_(kd.student_probs)  # consumes `student` when grad_out aliases it
@@ -292,7 +268,7 @@ def chunk_terms(student, teacher, labels, spec: LossSpec, grad_out, ws: Workspac
         kd.value = kd.value + lse
     if eps > 0:
         ce_rows = (1 - eps) * ce_rows + eps * (lse - student_mean)
-    combine_gradient(grad_out, kd, safe_labels, spec)
+    combine_gradient(grad_out, kd, safe_labels, now)
     valid = labels >= 0
     if grad_out.is_cuda:  # no host sync: mask every row
         grad_out.mul_(valid.unsqueeze(1))
@@ -303,9 +279,9 @@ def chunk_terms(student, teacher, labels, spec: LossSpec, grad_out, ws: Workspac
     return ce_sum, kd_sum
 
 
-def combine_gradient(q: torch.Tensor, kd: KDGradient | None, safe_labels, spec: LossSpec) -> None:
+def combine_gradient(q: torch.Tensor, kd: KDGradient | None, safe_labels, now: StepObjective) -> None:
     """In place: q (the student softmax) -> w_ce (q - (1-eps) onehot - eps/V) + w_kd dKD/ds."""
-    w_ce, w_kd, eps = spec.ce_weight, spec.kd_weight, spec.label_smoothing
+    w_ce, w_kd, eps = now.ce_weight, now.kd_weight, now.objective.label_smoothing
     if kd is not None and kd.minus_p is not None:
         q.mul_(w_ce + w_kd).sub_(kd.minus_p, alpha=w_kd)
     elif kd is not None and kd.minus_index is not None:

@@ -3,7 +3,7 @@
 The demo runner calls `seeds_to_add(rows, tolerance, margin)` between rounds, after every planned
 run has finished (rows from `results.collect_rows` + `add_gains_and_labels`, any status). Per
 student setting it gets the findings still open and the runs that take each open finding to its
-next look of `distillab.sequential.DESIGN`:
+next look of `distillab.study.sequential.DESIGN`:
 
 1. Tuning: every teacher x every alpha of the setting (and the baseline) on the first
    `verdicts.TUNING_SEEDS` seeds. Until those exist nothing else is asked for.
@@ -13,7 +13,7 @@ next look of `distillab.sequential.DESIGN`:
    setting + 1, ...; data seed = init seed), so every open finding gets the *same* new seeds and
    stays paired. A seed where one of the concerned runs failed is skipped, not retried here.
 
-Decided findings keep the verdict of their first decisive look (`distillab.verdicts`); adding
+Decided findings keep the verdict of their first decisive look (`distillab.study.verdicts`); adding
 seeds for another finding never changes it. A finding at the maximum, or one that cannot be
 asked (no weaker teacher once the band is final, no stronger pair, no OOD set, no task), asks for
 nothing. The compute-matched baselines of the demo (if any) are the runner's to add per seed.

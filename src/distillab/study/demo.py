@@ -12,9 +12,9 @@ and pilot runs on the project's 2-core machines):
     baselines      per seed: the plain baseline (same init, same batches) and, per teacher, a
                    compute-matched one that spends the teacher's inference FLOPs on more tokens
     seeds          every teacher x alpha on the tuning seeds (alpha is tuned on them), then round
-                   by round the seeds `distillab.adaptive.seeds_to_add` asks for: the teachers of
+                   by round the seeds `distillab.study.adaptive.seeds_to_add` asks for: the teachers of
                    each finding still open, at their tuned alpha, up to its next look of the
-                   group-sequential design (`distillab.sequential`), while the next round fits
+                   group-sequential design (`distillab.study.sequential`), while the next round fits
                    the time budget (predicted from the measured seconds per run so far). The
                    intervals stay valid under this optional stopping. Budget and caps are fixed
                    below, before any demo runs.
@@ -44,6 +44,7 @@ from pathlib import Path
 from distillab.config import config_from_dict
 from distillab.errors import DistillabError
 from distillab.files import write_json_atomic
+from distillab.layout import SweepLayout
 from distillab.study.sequential import DESIGN
 from distillab.study.verdicts import TUNING_SEEDS
 
@@ -217,8 +218,9 @@ def requested_members(sweep_dir: Path, study: Study) -> tuple[list[dict], list[s
     """(new students the sequential rule asks for, the findings still open), from the current results."""
     from distillab.study.adaptive import seeds_to_add
     from distillab.study.results import add_gains_and_labels, collect_rows
+    from distillab.sweep.execute import read_plan
 
-    spec = json.loads((sweep_dir / "plan.json").read_text())["spec"]
+    spec = read_plan(sweep_dir)["spec"]
     rows = add_gains_and_labels(collect_rows(sweep_dir), spec["label_tolerance"])
     teachers = {r["run_id"]: r for r in rows if r["role"] == "teacher"}
     members, still_open = [], []
@@ -261,7 +263,7 @@ def rounds(study: Study, sweep_dir: Path, workers: int, progress: Progress, star
 
     while True:
         grid = grid_from_dict(study_grid(study, progress.members))
-        before = sum(1 for r in plan(grid, sweep_dir) if (sweep_dir / "runs" / r.id / "final").exists())
+        before = sum(1 for r in plan(grid, sweep_dir) if SweepLayout(sweep_dir).run(r.id).final.exists())
         round_start = time.perf_counter()
         status = run_sweep(grid, sweep_dir, workers=workers, log=log, pool=pool)
         if any(v != "done" for v in status.values()):
@@ -295,7 +297,7 @@ def about_lines(study: Study, size: str, workers: int, progress: Progress, epoch
         f"In-domain text: packaged corpus `{study.corpus}`. {epochs}",
         f"Seeds: every teacher × α on {TUNING_SEEDS} tuning seeds, then, round by round, more seeds for the teachers "
         f"of the findings still open, while the next round fits the {study.budget_minutes:g}-minute budget (at most "
-        f"{study.max_interval_seeds} interval seeds; fixed in `distillab.demo` before any run). Seeds used: "
+        f"{study.max_interval_seeds} interval seeds; fixed in `distillab.study.demo` before any run). Seeds used: "
         f"{', '.join(map(str, seeds))}. Rounds: "
         + "; ".join(f"{r['runs']} runs in {r['seconds'] / 60:.1f} min, open after it: {', '.join(r['open']) or 'none'}"
                     for r in progress.rounds) + f". Stopped because {progress.stop}.",
@@ -321,7 +323,7 @@ def run_demo(size: str = "default", out_dir: str | Path = "runs/demo", workers: 
     study = STUDIES[size]
     check_corpora(study)
     sweep_dir = Path(out_dir) / size
-    timing_path = sweep_dir / "demo_state.json"
+    timing_path = SweepLayout(sweep_dir).demo_state
     progress = read_progress(timing_path)
     epochs = epochs_note(study, log)
     status = run_rounds(study, sweep_dir, workers, progress, started, log)
@@ -336,13 +338,13 @@ def run_demo(size: str = "default", out_dir: str | Path = "runs/demo", workers: 
 
 
 def finish(sweep_dir: Path, size: str, progress: Progress, status: dict, report_path: Path, log) -> dict:
-    summary = json.loads((sweep_dir / "summary.json").read_text())
+    summary = json.loads(SweepLayout(sweep_dir).summary.read_text())
     result = {"size": size, "seconds": progress.seconds, "machine": machine_description(), "report": str(report_path),
               "rounds": progress.rounds, "stop": progress.stop,
               "runs": {s: sum(v == s for v in status.values()) for s in set(status.values())},
               "verdicts": [{k: v[k] for k in ("finding", "verdict", "ci")}
                            for setting in summary["verdicts"]["settings"] for v in setting["verdicts"]]}
-    write_json_atomic(sweep_dir / "demo.json", result)
+    write_json_atomic(SweepLayout(sweep_dir).demo_result, result)
     log("")
     for v in result["verdicts"]:
         ci = v["ci"]
@@ -350,6 +352,6 @@ def finish(sweep_dir: Path, size: str, progress: Progress, status: dict, report_
         log(f"{v['finding']:14s} {v['verdict']:34s} {numbers}")
     log(f"demo: {progress.seconds / 60:.1f} min; report {report_path} (and report.html)")
     if any(v != "done" for v in status.values()):
-        raise DistillabError(f"demo: some runs did not finish ({result['runs']}); see {sweep_dir}/runs/*/status.json "
+        raise DistillabError(f"demo: some runs did not finish ({result['runs']}); see {SweepLayout(sweep_dir).run('*').status} "
                              "and rerun the same command to resume")
     return result

@@ -25,13 +25,12 @@ import statistics
 from pathlib import Path
 
 from distillab.config import ModelConfig, config_from_dict
-from distillab.errors import DataError
 from distillab.files import write_text_atomic
 from distillab.flops import teacher_inference_flops, trained_tokens, training_flops
 from distillab.models import resolve_spec
-from distillab.objective import KDObjective
 from distillab.study.stats import mean_ci, prediction_interval
-from distillab.sweep.plan import sft_run_dir
+from distillab.layout import RunLayout, SweepLayout
+from distillab.sweep.execute import read_plan, read_status
 
 HELD_OUT = "validation"
 
@@ -69,20 +68,12 @@ def label_by_size(teacher: float, student: float) -> str:
     return "same-level"
 
 
-def read_plan(sweep_dir: Path) -> dict:
-    plan_path = Path(sweep_dir) / "plan.json"
-    if not plan_path.exists():
-        raise DataError(f"{plan_path}: not found; run `distillab sweep GRID --out {sweep_dir}` first")
-    return json.loads(plan_path.read_text())
-
-
-def run_row(run: dict) -> dict:
+def run_row(run: dict, sweep_dir: Path) -> dict:
     """One planned run's settings, status and compute (without evaluations)."""
     cfg = config_from_dict(run["config"])
     spec = resolve_spec(cfg.model)
-    run_dir = Path(run["config"]["run_dir"])
-    status = json.loads((run_dir / "status.json").read_text()) if (run_dir / "status.json").exists() else {}
-    info, objective = run["info"], KDObjective.from_config(cfg.kd)
+    status = read_status(sweep_dir, run["id"])
+    info, objective = run["info"], cfg.kd.objective()
     vocab = cfg.data.tokenizer.vocab_size
     teacher = resolve_spec(ModelConfig(name=info["teacher_model"])) if info.get("teacher_model") else None
     return {
@@ -107,11 +98,11 @@ def collect_rows(sweep_dir: Path) -> list[dict]:
     """One row per run with its settings, eval results and compute (and its SFT model's, `sft_` columns)."""
     rows, planned = [], read_plan(sweep_dir)
     for run in planned["runs"]:
-        row = run_row(run)
-        run_dir = Path(run["config"]["run_dir"])
-        row.update(eval_columns(run_dir / "final" / "eval.json"))
+        row = run_row(run, sweep_dir)
+        files = RunLayout(run["config"]["run_dir"])
+        row.update(eval_columns(files.evaluation))
         if planned.get("sft"):
-            row.update(eval_columns(sft_run_dir(run_dir, planned["sft"]) / "final" / "eval.json", "sft_"))
+            row.update(eval_columns(files.sft(planned["sft"]).evaluation, "sft_"))
         rows.append(row)
     return rows
 
@@ -196,14 +187,14 @@ def write_table(rows: list[dict], sweep_dir: Path) -> tuple[Path, Path | None]:
     writer.writeheader()
     for row in rows:
         writer.writerow({k: row.get(k) for k in columns})
-    csv_path = Path(sweep_dir) / "results.csv"
+    csv_path = SweepLayout(sweep_dir).results_csv
     write_text_atomic(csv_path, text.getvalue())
     try:
         import pyarrow as pa
         import pyarrow.parquet as pq
     except ImportError:
         return csv_path, None
-    parquet_path = Path(sweep_dir) / "results.parquet"
+    parquet_path = SweepLayout(sweep_dir).results_parquet
     pq.write_table(pa.table({c: [r.get(c) for r in rows] for c in columns}), parquet_path)
     return csv_path, parquet_path
 

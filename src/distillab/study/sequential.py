@@ -170,7 +170,7 @@ DESIGN = Design(looks=DESIGN_LOOKS, alpha=0.05, critical_values=(26.9, 7.76, 4.7
 def repeated_interval(values: list[float], design: Design = DESIGN) -> dict:
     """The repeated confidence interval of the mean of `values` (seed order) at the look len(values).
 
-    Keys as `distillab.stats.mean_ci` (mean, lo, hi, n, sd) plus `critical_value`. len(values) must be
+    Keys as `distillab.study.stats.mean_ci` (mean, lo, hi, n, sd) plus `critical_value`. len(values) must be
     a look of the design."""
     n = len(values)
     c = design.critical_value(n)

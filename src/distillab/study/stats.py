@@ -2,25 +2,19 @@
 Student-t prediction interval for one new seed's value.
 
 These are fixed-n intervals. Where the number of seeds depends on the data seen so far (the
-demo adds seeds while a verdict is open) use `distillab.sequential` instead."""
+demo adds seeds while a verdict is open) use `distillab.study.sequential` instead."""
 
 from __future__ import annotations
 
 import math
 import statistics
 
-# Two-sided 95 % Student-t quantiles for small degrees of freedom.
-T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262,
-         10: 2.228, 12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042}
+from scipy.stats import t as student_t
 
 
 def t_quantile_975(df: int) -> float:
-    """Two-sided 95 % Student-t quantile (table for small df, rounded down to a tabled df; normal beyond 30)."""
-    if df in T_975:
-        return T_975[df]
-    if df > 30:
-        return 1.96
-    return T_975[max(k for k in T_975 if k < df)]
+    """The two-sided 95 % Student-t quantile with `df` degrees of freedom (exact, any df)."""
+    return float(student_t.ppf(0.975, df))
 
 
 def mean_ci(values: list[float]) -> dict:

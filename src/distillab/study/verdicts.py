@@ -19,7 +19,7 @@ The rule, written once here and printed in every report:
   than 2 such baselines: +-label_tolerance around their mean).
 - Each finding is one pooled quantity per interval seed (averaged over the teachers, or teacher
   pairs, it concerns; a seed counts only where every one of them has a finished run), and its
-  interval is the repeated confidence interval of `distillab.sequential.DESIGN` (group-sequential,
+  interval is the repeated confidence interval of `distillab.study.sequential.DESIGN` (group-sequential,
   Lan-DeMets O'Brien-Fleming-type alpha spending; looks at 3..8 interval seeds): valid at 95 %
   whatever number of seeds the demo ends with, even when seeds were added *because* a finding
   was still open. The looks are walked in seed order and the verdict is taken at the first look

@@ -21,23 +21,21 @@ import subprocess
 import sys
 import time
 import traceback
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from pathlib import Path
 
 import yaml
 
 from distillab.config import config_from_dict, merge
-from distillab.errors import DistillabError
+from distillab.errors import DataError, DistillabError
 from distillab.files import exclusive_lock, stable_hash, write_json_atomic
+from distillab.layout import RunLayout, SweepLayout
 from distillab.sweep.grid import GridSpec
-from distillab.sweep.plan import Run, plan, sft_run_dir
-
-
-def status_path(sweep_dir: Path, run_id: str) -> Path:
-    return Path(sweep_dir) / "runs" / run_id / "status.json"
+from distillab.sweep.plan import Run, plan
 
 
 def read_status(sweep_dir: Path, run_id: str) -> dict:
-    path = status_path(sweep_dir, run_id)
+    path = SweepLayout(sweep_dir).run(run_id).status
     if not path.exists():
         return {"status": "pending"}
     try:
@@ -47,7 +45,7 @@ def read_status(sweep_dir: Path, run_id: str) -> dict:
 
 
 def write_status(sweep_dir: Path, run_id: str, **fields) -> None:
-    path = status_path(sweep_dir, run_id)
+    path = SweepLayout(sweep_dir).run(run_id).status
     path.parent.mkdir(parents=True, exist_ok=True)
     previous = read_status(sweep_dir, run_id)
     write_json_atomic(path, {**previous, **fields, "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
@@ -61,12 +59,12 @@ def first_line(exc: BaseException) -> str:
 def execute_run(sweep_dir: str | Path, run_id: str, threads: int | None = None) -> dict:
     """Train (or resume) one run of a planned sweep, then evaluate it. Runs in a worker process (on
     every node of a multi-node run: the other nodes only start their share of the processes)."""
-    from distillab.cache.capture import capture_for_run
+    from distillab.capture import capture_for_run
     from distillab.evaluate.run import evaluate_checkpoint
     from distillab.train import train
 
     sweep_dir = Path(sweep_dir)
-    planned = json.loads((sweep_dir / "plan.json").read_text())
+    planned = read_plan(sweep_dir)
     run = next(r for r in planned["runs"] if r["id"] == run_id)
     settings = planned["eval"]
     nodes = run["config"].get("train", {}).get("nodes", 1)
@@ -102,15 +100,15 @@ def stage_key(stage: dict | None) -> str | None:
 
 
 def fine_tune(final_dir: Path, run_config: dict, stage: dict, settings: dict, threads: int | None) -> None:
-    """The SFT stage of one run: `distillab sft` from its final model into `sft_run_dir`, then evaluated
-    (downstream tasks with the chat template)."""
+    """The SFT stage of one run: `distillab sft` from its final model into its `RunLayout.sft` directory,
+    then evaluated (downstream tasks with the chat template)."""
     from distillab.evaluate.run import evaluate_checkpoint
     from distillab.sft import sft_config
     from distillab.train import train
 
     run_dir = Path(run_config["run_dir"])
     cache = {"data": {"cache_dir": run_config["data"]["cache_dir"]}} if run_config["data"].get("cache_dir") else {}
-    this_run = {"name": f"sft-{run_dir.name}", "run_dir": str(sft_run_dir(run_dir, stage)),
+    this_run = {"name": f"sft-{run_dir.name}", "run_dir": str(RunLayout(run_dir).sft(stage).path),
                 "sft": {"init_from": str(final_dir)}}
     values = merge(cache, stage, this_run, {"train": {"threads": threads}} if threads else {})
     sft_final = train(sft_config(values)).final_dir
@@ -155,9 +153,9 @@ def node_placement(nodes: int) -> tuple[int, str]:
 def train_with_torchrun(config_values: dict, processes: int, nodes: int = 1, run_id: str = "distillab") -> Path:
     """Train one run on `processes` data-parallel workers: of this machine (GPUs, or CPU processes), or
     this node's share of them when the run spans `nodes` nodes."""
-    run_dir = Path(config_values["run_dir"])
-    run_dir.mkdir(parents=True, exist_ok=True)
-    launch = run_dir / "launch.yaml"
+    files = RunLayout(config_values["run_dir"])
+    files.path.mkdir(parents=True, exist_ok=True)
+    launch = files.launch
     node_rank, endpoint = node_placement(nodes) if nodes > 1 else (0, None)
     if node_rank == 0:
         launch.write_text(yaml.safe_dump(config_values, sort_keys=False))
@@ -171,12 +169,20 @@ def train_with_torchrun(config_values: dict, processes: int, nodes: int = 1, run
     if done.returncode != 0:
         last = (done.stderr.strip().splitlines() or ["no output"])[-1]
         raise DistillabError(f"torchrun ({processes} processes) failed: {last}")
-    return run_dir / "final"
+    return files.final
+
+
+def read_plan(sweep_dir: Path) -> dict:
+    """A planned sweep's plan.json: its grid, evaluation and SFT settings, and every run."""
+    path = SweepLayout(sweep_dir).plan
+    if not path.exists():
+        raise DataError(f"{path}: not found; run `distillab sweep GRID --out {sweep_dir}` first")
+    return json.loads(path.read_text())
 
 
 def write_plan(spec: GridSpec, runs: list[Run], sweep_dir: Path) -> None:
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(sweep_dir / "plan.json", {
+    write_json_atomic(SweepLayout(sweep_dir).plan, {
         "name": spec.name,
         "spec": dataclasses.asdict(spec),
         "eval": dataclasses.asdict(spec.eval),
@@ -221,7 +227,7 @@ def run_sweep(spec: GridSpec, sweep_dir: str | Path, workers: int = 1, executor:
     check_requirements(spec)
     sweep_dir = Path(sweep_dir).resolve()
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    with exclusive_lock(sweep_dir / ".lock", f"sweep directory {sweep_dir}"):
+    with exclusive_lock(SweepLayout(sweep_dir).lock, f"sweep directory {sweep_dir}"):
         runs = plan(spec, sweep_dir)
         write_plan(spec, runs, sweep_dir)
         status = initial_status(runs, sweep_dir, retry_failed, spec.sft)
@@ -277,7 +283,7 @@ def run_logged(sweep_dir: str, run_id: str, threads: int) -> None:
     import contextlib
     import logging
 
-    log_path = Path(sweep_dir) / "runs" / run_id / "worker.log"
+    log_path = SweepLayout(sweep_dir).run(run_id).worker_log
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "a") as handle, contextlib.redirect_stdout(handle), contextlib.redirect_stderr(handle):
         handler = logging.StreamHandler(handle)
@@ -348,7 +354,7 @@ def submitit_submitter(sweep_dir: Path, executor: str, threads: int, slurm: dict
         import submitit
     except ImportError:
         raise DistillabError("--executor slurm needs submitit: pip install 'distillab[cluster]'") from None
-    folder = sweep_dir / "submitit"
+    folder = SweepLayout(sweep_dir).submitit
     if executor == "submitit-local":
         ex = submitit.LocalExecutor(folder=str(folder))
         ex.update_parameters(timeout_min=int(slurm.get("timeout_min", 24 * 60)))
@@ -357,17 +363,26 @@ def submitit_submitter(sweep_dir: Path, executor: str, threads: int, slurm: dict
         ex.update_parameters(**{"timeout_min": 24 * 60, "cpus_per_task": threads, **slurm})
 
     def submit(run_id: str) -> Job:
-        planned = json.loads((sweep_dir / "plan.json").read_text())
-        run = next(r for r in planned["runs"] if r["id"] == run_id)
+        run = next(r for r in read_plan(sweep_dir)["runs"] if r["id"] == run_id)
         if executor != "submitit-local":  # a run over N nodes: one task per node, each starting torchrun
             ex.update_parameters(nodes=run["config"].get("train", {}).get("nodes", 1), tasks_per_node=1)
         return Job(ex.submit(execute_run, str(sweep_dir), run_id, threads))
     return submit
 
 
+# submitit's jobs offer no wait-for-any: they are polled this often
+SUBMITIT_POLL_SECONDS = 0.5
+
+
 def wait_any(in_flight: dict) -> list[str]:
+    """The ids of the jobs that have finished, once at least one has: local workers' futures
+    through `concurrent.futures.wait`, submitit's jobs by polling."""
+    futures = [job.handle for job in in_flight.values() if isinstance(job.handle, Future)]
     while True:
-        finished = [run_id for run_id, handle in in_flight.items() if handle.done()]
+        finished = [run_id for run_id, job in in_flight.items() if job.done()]
         if finished:
             return finished
-        time.sleep(0.5)
+        if len(futures) == len(in_flight):
+            wait(futures, return_when=FIRST_COMPLETED)
+        else:
+            time.sleep(SUBMITIT_POLL_SECONDS)

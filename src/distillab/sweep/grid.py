@@ -16,8 +16,9 @@ import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from distillab.config import DIVERGENCES, KDConfig, build_dataclass, merge, read_yaml_mapping
-from distillab.errors import ConfigError
+from distillab.config import build_dataclass, kd_value, merge, read_yaml_mapping
+from distillab.errors import ConfigError, require
+from distillab.losses.divergences import DIVERGENCES
 from distillab.gpus import GPUS
 from distillab.models import LADDER
 from distillab.sft import sft_config
@@ -137,7 +138,7 @@ class KDSweep:
         out = []
         for combination in itertools.product(*values):
             kd = {**dict(zip(names, combination)), **(extra or {})}
-            if kd["divergence"] == "hard":
+            if DIVERGENCES[kd["divergence"]].argmax_teacher:
                 kd.update(temperature=1.0, top_k=None)
             if kd not in out:
                 out.append(kd)
@@ -168,7 +169,7 @@ class GridSpec:
     baseline_members: list[BaselineMember] = field(default_factory=list)
     # teacher vs student-baseline held-out loss within this many nats = same-level
     label_tolerance: float = 0.02
-    # verdicts: an interval inside +-margin nats counts as "no effect" (see distillab.verdicts)
+    # verdicts: an interval inside +-margin nats counts as "no effect" (see distillab.study.verdicts)
     verdict_margin: float = 0.02
     # CPU throughput for estimates (GFLOP/s achieved in training); measure with `distillab bench`
     cpu_gflops: float = 120.0
@@ -232,8 +233,7 @@ def validate_members(spec: GridSpec) -> None:
     for i, member in enumerate(spec.students.members):
         check_member(f"students.members[{i}]", member.model, member.tokens)
         for j, alpha in enumerate(member.alpha):
-            if not 0 < alpha <= 1:
-                raise ConfigError(f"students.members[{i}].alpha[{j}]", f"must be in (0, 1], got {alpha}")
+            check_alpha(f"students.members[{i}].alpha[{j}]", alpha)
         for j, ref in enumerate(member.teachers):
             if (ref.model, ref.tokens, ref.seed) not in pool:
                 raise ConfigError(f"students.members[{i}].teachers[{j}]",
@@ -260,12 +260,11 @@ def validate_pairs(spec: GridSpec) -> None:
         if not pair.alpha:
             raise ConfigError(f"{key}.alpha", "name this teacher's alpha (or a list of them)")
         for j, alpha in enumerate(pair.alpha):
-            if not 0 < alpha <= 1:
-                raise ConfigError(f"{key}.alpha[{j}]", f"must be in (0, 1], got {alpha}")
+            check_alpha(f"{key}.alpha[{j}]", alpha)
         if {"alpha", "teacher"} & set(pair.objective):
             raise ConfigError(f"{key}.objective", "set alpha in the pair itself; the teacher is the pair's")
         for name, value in pair.objective.items():
-            build_dataclass(KDConfig, {name: copy.deepcopy(value)}, f"{key}.objective")
+            kd_value(name, copy.deepcopy(value), f"{key}.objective.{name}")
     unpaired = sorted(pool - {(p.model, p.tokens, p.seed) for p in pairs})
     if unpaired:
         model, tokens, seed = unpaired[0]
@@ -285,26 +284,26 @@ def validate_sft_stage(stage: dict) -> None:
     try:
         sft_config(merge(stage, {"sft": {"init_from": "final"}}))
     except ConfigError as exc:
-        raise ConfigError(f"sft.{exc.key}", str(exc).split(f"{exc.key}: ", 1)[-1]) from None
+        raise exc.within("sft") from None
+
+
+def check_alpha(key: str, alpha: float) -> None:
+    """A student's alpha: above 0 (its baseline is added automatically) and a valid kd.alpha."""
+    require(alpha > 0, key, f"must be > 0 (baselines are added automatically), got {alpha}")
+    kd_value("alpha", alpha, key)
 
 
 def validate_kd_sweep(kd: KDSweep) -> None:
+    """Each listed value on its own; the combinations are checked as each run's config is made."""
     if not kd.alpha:
         raise ConfigError("kd.alpha", "list at least one alpha (baselines are added automatically)")
     for i, alpha in enumerate(kd.alpha):
-        if not 0 < alpha <= 1:
-            raise ConfigError(f"kd.alpha[{i}]", f"must be in (0, 1] (baselines are added automatically), got {alpha}")
-    for i, temperature in enumerate(kd.temperature):
-        if temperature <= 0:
-            raise ConfigError(f"kd.temperature[{i}]", f"must be > 0, got {temperature}")
-    for i, top_k in enumerate(kd.top_k):
-        if top_k is not None and top_k < 1:
-            raise ConfigError(f"kd.top_k[{i}]", f"must be >= 1 or null, got {top_k}")
-    for i, divergence in enumerate(kd.divergence):
-        if divergence not in DIVERGENCES:
-            raise ConfigError(f"kd.divergence[{i}]", f"must be one of {', '.join(DIVERGENCES)}, got {divergence!r}")
+        check_alpha(f"kd.alpha[{i}]", alpha)
+    for name in ("temperature", "top_k", "divergence"):
+        for i, value in enumerate(getattr(kd, name)):
+            kd_value(name, value, f"kd.{name}[{i}]")
     for key, values in kd.other.items():
         if not isinstance(values, list) or not values:
             raise ConfigError(f"kd.other.{key}", "must be a non-empty list of values to sweep")
         for value in values:
-            build_dataclass(KDConfig, {key: copy.deepcopy(value)}, "kd")
+            kd_value(key, copy.deepcopy(value), f"kd.other.{key}")

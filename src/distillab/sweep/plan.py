@@ -15,14 +15,15 @@ that path or hub id.
 from __future__ import annotations
 
 import textwrap
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from distillab.config import ModelConfig, config_from_dict, merge, results_config
+from distillab.config import ModelConfig, RunConfig, config_from_dict, merge, results_config
 from distillab.errors import ConfigError
 from distillab.files import stable_hash
 from distillab.flops import compute_matched_tokens, teacher_inference_flops, training_flops
 from distillab.gpus import GPU
+from distillab.layout import SweepLayout
 from distillab.memory import refuse_unless_fits, run_memory_plan
 from distillab.models import resolve_spec
 from distillab.sweep.caches import assign_caches, format_caches, teacher_spec
@@ -34,11 +35,24 @@ ROLE_ORDER = {"teacher": 0, "baseline": 1, "student": 2}
 
 @dataclass
 class Run:
+    """A planned run. `config` holds the values the grid set (as written to plan.json);
+    `settings` is that config checked, built once (and again only when `use_cache` changes it)."""
+
     id: str
     role: str  # teacher | baseline | student
     config: dict
     depends_on: list[str]
     info: dict
+    settings: RunConfig = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        self.settings = config_from_dict(self.config)  # a bad grid fails here, with the key
+
+    def use_cache(self, directory: str, entry: dict) -> None:
+        """Read the teacher's signal from the cache in `directory` (kd.cache; `entry` describes it)."""
+        self.config["kd"]["cache"] = directory
+        self.settings = config_from_dict(self.config)
+        self.info.update(cached=True, teacher_cache=entry)
 
     @property
     def name(self) -> str:
@@ -50,7 +64,7 @@ class Run:
         return f"run:{self.id}"
 
     def checkpoint(self, sweep_dir: Path) -> str:
-        return str(sweep_dir / "runs" / self.id / "final")
+        return str(SweepLayout(sweep_dir).run(self.id).final)
 
 
 @dataclass
@@ -75,12 +89,6 @@ def teacher_key(info: dict) -> tuple:
     return info["model"], info["tokens"], info["seed"]
 
 
-def sft_run_dir(run_dir: str | Path, stage: dict) -> Path:
-    """Where a run's SFT stage (the grid's `sft` values) lives: RUN/sft-<hash of the stage>, so another
-    stage is another fine-tuning run beside the first."""
-    return Path(run_dir) / f"sft-{stable_hash(stage)[:12]}"
-
-
 def run_id(config: dict, teacher_reference: str | None) -> str:
     """The run's id: a hash of its results config, with the teacher named by `teacher_reference`
     (`run:<id>` for a teacher of the sweep, the path or hub id of an external one)."""
@@ -103,13 +111,12 @@ class Planner:
         if identity in self.runs:
             return self.runs[identity]
         config = merge(config, {"name": f"{role}-{info['model']}-{identity[:6]}",
-                                "run_dir": str(self.sweep_dir / "runs" / identity)})
+                                "run_dir": str(SweepLayout(self.sweep_dir).run(identity).path)})
         if teacher is not None:
             config["kd"]["teacher"] = teacher.checkpoint(self.sweep_dir)
         if after is not None:  # a WSD branch starts from its trunk's checkpoint
             step = config["train"]["branch_from"]
-            config["train"]["branch_from"] = str(self.sweep_dir / "runs" / after.id / "checkpoints" / f"step_{step:08d}")
-        config_from_dict(config)  # validates: a bad grid fails here, with the key
+            config["train"]["branch_from"] = str(SweepLayout(self.sweep_dir).run(after.id).step(step))
         depends = [teacher.id] if isinstance(teacher, Run) else [after.id] if after else []
         self.runs[identity] = Run(identity, role, config, depends, info)
         return self.runs[identity]
@@ -211,7 +218,7 @@ class Planner:
     def matched_tokens(self, base: dict, teacher) -> int:
         """The compute-matched budget of a student (config `base`) distilled from `teacher`."""
         student = config_from_dict(merge(base, {"kd": {"alpha": 0.0, "teacher": None}}))
-        shape = resolve_spec(config_from_dict(teacher.config).model) if isinstance(teacher, Run) else \
+        shape = resolve_spec(teacher.settings.model) if isinstance(teacher, Run) else \
             resolve_spec(ModelConfig(name=teacher.info["model"]))
         t = student.train
         return compute_matched_tokens(resolve_spec(student.model), shape,
@@ -254,7 +261,7 @@ def plan(spec: GridSpec, sweep_dir: Path) -> list[Run]:
 
 def run_flops(run: Run, runs_by_id: dict[str, Run]) -> dict:
     """Training FLOPs of the run and, for students, the teacher's forward passes over its tokens."""
-    cfg = config_from_dict(run.config)
+    cfg = run.settings
     vocab = cfg.data.tokenizer.vocab_size
     teacher = teacher_spec(run, runs_by_id)
     return {"train": training_flops(cfg, vocab),
@@ -266,7 +273,7 @@ def format_memory(runs: list[Run], gpu: GPU | None) -> list[str]:
     one-line ConfigError) the first that does not fit `gpu`, after the lines are printed."""
     by_id, seen, lines, refusal = {r.id: r for r in runs}, set(), ["", "memory plan per GPU:"], None
     for run in runs:
-        cfg = config_from_dict(run.config)
+        cfg = run.settings
         teacher = None if run.info.get("teacher_cache") else teacher_spec(run, by_id)  # a cache holds no model
         memory = run_memory_plan(cfg, teacher, gpu)
         key = (run.role, run.info["model"], teacher.name if teacher else None, memory.layout)
@@ -332,9 +339,7 @@ def format_plan(runs: list[Run], summary: dict) -> str:
         info, cost = run.info, summary["per_run"][run.id]
         objective = ""
         if run.role == "student":
-            from distillab.objective import KDObjective
-
-            objective = KDObjective.from_config(config_from_dict(run.config).kd).label(with_alpha=False)
+            objective = run.settings.kd.objective().label(with_alpha=False)
         teacher = info.get("teacher_model") if info.get("teacher_kind") == "external" else info.get("teacher", "-")
         lines.append(f"{run.id:12s} {run.role:8s} {info['model']:12s} {info['tokens']:16,d} {info['seed']:5d} "
                      f"{teacher[:12]:12s} {info.get('alpha', 0):5.2f} {objective[:28]:28s} "

@@ -23,16 +23,15 @@ works alike for a plain module, DDP and FSDP2, so one code path serves every lay
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from distillab.checkpoint import (SHARDED, begin_checkpoint, finish_checkpoint, is_sharded_checkpoint,
-                                  latest_verified, load_weights, verify_checkpoint,
-                                  write_checkpoint_files)
+from distillab.artefact import AtomicDirectory
+from distillab.checkpoint import (SHARDED, is_sharded_checkpoint, latest_verified, load_weights, verify_checkpoint,
+                                  write_checkpoint_files, write_manifest)
 from distillab.errors import CheckpointError, ConfigError
 from distillab.export import export_model
 from distillab.files import sha256_file
@@ -45,7 +44,7 @@ class PendingSave:
     """A checkpoint being written in the background, named once every process has finished it."""
     future: object
     tmp: Path
-    target: Path
+    directory: AtomicDirectory | None  # the main process's
     then: Callable[[], None] | None
 
 
@@ -69,7 +68,8 @@ class Checkpointer:
         self.wait()
         import torch.distributed.checkpoint as dcp
 
-        tmp = self.parallel.broadcast_object(begin_checkpoint(target) if self.parallel.is_main else None)
+        directory = AtomicDirectory(target) if self.parallel.is_main else None
+        tmp = self.parallel.broadcast_object(directory.path if directory else None)
         weights, optimizer_state = model_state(stepper, optimizer)
         state = {"model": weights, "optimizer": optimizer_state}
         rng = self.parallel.all_gather_object(rng_state(self.parallel.device))
@@ -79,10 +79,10 @@ class Checkpointer:
         if self.async_save:
             future = dcp.async_save(state, checkpoint_id=str(tmp / SHARDED), process_group=self.group,
                                     no_dist=not distributed())
-            self.pending = PendingSave(future, tmp, Path(target), then)
+            self.pending = PendingSave(future, tmp, directory, then)
         else:
             dcp.save(state, checkpoint_id=str(tmp / SHARDED), no_dist=not distributed())
-            self.name(tmp, Path(target), then)
+            self.name(tmp, directory, then)
 
     def wait(self) -> None:
         """Finish the background save, if one is under way (every process calls this)."""
@@ -91,17 +91,18 @@ class Checkpointer:
         pending, self.pending = self.pending, None
         result = pending.future
         (getattr(result, "upload_completion", None) or result).result()
-        self.name(pending.tmp, pending.target, pending.then)
+        self.name(pending.tmp, pending.directory, pending.then)
 
-    def name(self, tmp: Path, target: Path, then) -> None:
+    def name(self, tmp: Path, directory: AtomicDirectory | None, then) -> None:
         """Each process hashes its own shard files; the main process writes the manifest and renames."""
         mine = sorted((tmp / SHARDED).glob(f"__{self.parallel.rank}_*.distcp"))
         hashes = self.parallel.all_gather_object({str(p.relative_to(tmp)): sha256_file(p) for p in mine})
-        if self.parallel.is_main:
+        if directory is not None:
             try:
-                finish_checkpoint(tmp, target, {k: v for part in hashes for k, v in part.items()})
+                write_manifest(tmp, {k: v for part in hashes for k, v in part.items()})
+                directory.commit()
             except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
+                directory.abort()
                 raise
             if then is not None:
                 then()

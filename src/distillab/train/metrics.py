@@ -17,6 +17,7 @@ import json
 from pathlib import Path
 
 from distillab.files import write_text_atomic
+from distillab.layout import RunLayout
 
 AVERAGED = ("loss", "ce", "kd", "teacher_entropy", "top1_agreement")
 
@@ -80,10 +81,11 @@ class MetricsSink:
 
     def __init__(self, run_dir: Path, resume_step: int, tensorboard: bool = True, wandb_project: str | None = None,
                  run_name: str = "", config: dict | None = None, log=print):
-        self.path = Path(run_dir) / "metrics.jsonl"
+        files = RunLayout(run_dir)
+        self.path = files.metrics
         truncate_jsonl(self.path, resume_step)
         self.handle = open(self.path, "a")
-        self.tensorboard = self.open_tensorboard(Path(run_dir) / "tensorboard", resume_step) if tensorboard else None
+        self.tensorboard = self.open_tensorboard(files.tensorboard, resume_step) if tensorboard else None
         self.wandb = self.open_wandb(wandb_project, run_name, config, Path(run_dir), log) if wandb_project else None
 
     @staticmethod

@@ -1,9 +1,4 @@
-"""A run directory and what binds a run to it.
-
-    runs/NAME/config.yaml     the resolved config (written once the run's checks have passed)
-    runs/NAME/.lock           held by the one process that trains the run (its pid inside)
-    runs/NAME/checkpoints/    resumable checkpoints (see distillab.checkpoint)
-    runs/NAME/final/          the trained model; summary.json says it is done
+"""A run directory (its files: `distillab.layout.RunLayout`) and what binds a run to it.
 
 Resuming binds a run to its inputs: the newest verified checkpoint records the results
 config, the tokenizer fingerprint and the training data's content hash, and any difference in
@@ -18,22 +13,23 @@ from pathlib import Path
 
 import yaml
 
+from distillab.artefact import MANIFEST
 from distillab.config import OPERATIONAL_KEYS, RunConfig, dump_yaml, first_difference, flatten, results_view
 from distillab.errors import ConfigError, DataError
 from distillab.files import check_writable, exclusive_lock, write_json_atomic, write_text_atomic
+from distillab.layout import STEP, RunLayout
 
 
 class RunDirectory:
     def __init__(self, config: RunConfig):
         self.config = config
         self.path = config.resolved_run_dir
-        self.checkpoints = self.path / "checkpoints"
-        self.final = self.path / "final"
-        self.summary_path = self.path / "summary.json"
+        self.files = RunLayout(self.path)
+        self.checkpoints, self.final, self.summary_path = self.files.checkpoints, self.files.final, self.files.summary
 
     def completed_summary(self) -> dict | None:
         """The summary of a finished run (final model written, summary says done), else None."""
-        if not ((self.final / "manifest.json").exists() and self.summary_path.exists()):
+        if not ((self.final / MANIFEST).exists() and self.summary_path.exists()):
             return None
         try:
             summary = json.loads(self.summary_path.read_text())
@@ -43,12 +39,12 @@ class RunDirectory:
 
     def has_progress(self) -> bool:
         """Whether the directory holds anything to resume (a checkpoint or a final model)."""
-        return any(self.checkpoints.glob("step_*")) or self.final.exists()
+        return any(STEP.match(p.name) for p in self.checkpoints.glob("*")) or self.final.exists()
 
     def check_before_writing(self) -> None:
         """Read-only checks: writable, and (when there is progress) the same recorded config."""
         check_writable(self.path, "run_dir")
-        recorded = self.path / "config.yaml"
+        recorded = self.files.config
         if recorded.exists() and self.has_progress():
             try:
                 existing = flatten(yaml.safe_load(recorded.read_text()) or {})
@@ -63,13 +59,13 @@ class RunDirectory:
             yield
             return
         self.path.mkdir(parents=True, exist_ok=True)
-        with exclusive_lock(self.path / ".lock", f"run directory {self.path}"):
+        with exclusive_lock(self.files.lock, f"run directory {self.path}"):
             yield
 
     def record_config(self, is_main: bool) -> None:
         """config.yaml, written once the run is bound to its inputs (so a refused command leaves none)."""
         if is_main:
-            write_text_atomic(self.path / "config.yaml", dump_yaml(self.config))
+            write_text_atomic(self.files.config, dump_yaml(self.config))
 
     def write_summary(self, summary: dict) -> None:
         write_json_atomic(self.summary_path, summary)

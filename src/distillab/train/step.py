@@ -18,7 +18,7 @@ import torch
 
 from distillab.data.loader import Batch, model_inputs
 from distillab.losses import Head, SparseTeacher, objective_loss
-from distillab.objective import KDObjective
+from distillab.losses.objective import KDObjective
 from distillab.runtime import autocast, is_sharded
 from distillab.train.guard import NonFiniteGuard
 

@@ -37,7 +37,7 @@ from distillab.errors import CheckpointError, ConfigError
 from distillab.evaluate.perplexity import evaluate_prepared_sets
 from distillab.files import stable_hash
 from distillab.models import ModelSpec, resolve_spec
-from distillab.objective import KDObjective
+from distillab.losses.objective import KDObjective
 from distillab.progress import progress_bar
 from distillab.sft import start_sft
 from distillab.teacher import CachedTeacher, OnlineTeacher, build_teacher_signal
@@ -97,7 +97,7 @@ def check_branch(meta: dict, config: RunConfig, source: Path) -> None:
 
 def cached_objective(objective: KDObjective, teacher: CachedTeacher, log) -> KDObjective:
     """From a cache of the top K, an untruncated soft objective is the top-K one (kd.top_k = K)."""
-    if objective.truncated or objective.divergence == "hard":
+    if objective.truncated or objective.entry.argmax_teacher:
         return objective
     log(f"train: kd.top_k is unset; from the teacher cache it is the cache's K = {teacher.top_k} (renormalised)")
     return dataclasses.replace(objective, top_k=teacher.top_k)
@@ -111,12 +111,12 @@ class Trainer:
     """A run's state and its phases. `train()` below is the whole lifecycle in order."""
 
     def __init__(self, config: RunConfig, parallel: SingleProcess, data: PreparedData, spec: ModelSpec, stepper,
-                 optimizer, teacher, stream, plan: Plan, log, objective: KDObjective | None = None):
+                 optimizer, teacher, stream, plan: Plan, log, objective: KDObjective):
         self.config, self.parallel, self.data, self.spec = config, parallel, data, spec
         self.stepper, self.optimizer, self.teacher, self.stream, self.plan = stepper, optimizer, teacher, stream, plan
         self.model = parallel.unwrap(stepper)
         self.checkpointer = Checkpointer(parallel, config.train.async_checkpoint)
-        self.objective = objective or KDObjective.from_config(config.kd)
+        self.objective = objective
         self.guard = NonFiniteGuard(config.train.nonfinite)
         self.log = log
         self.step = self.tokens = self.sequences = 0
@@ -134,7 +134,7 @@ class Trainer:
         t = config.train
         data = prepare_data(config.data, log)
         spec = resolve_spec(config.model)
-        objective = KDObjective.from_config(config.kd)
+        objective = config.kd.objective()
         if objective.top_k is not None and objective.top_k > data.vocab_size:
             raise ConfigError("kd.top_k", f"is {objective.top_k} but the vocabulary has {data.vocab_size} tokens")
         if spec.vocab_rows is not None and spec.vocab_rows < data.vocab_size:
@@ -168,7 +168,7 @@ class Trainer:
         log(f"sft: {config.sft.init_from}, {plan.steps} steps over {start.stream.n_windows:,} windows of packed "
             f"conversations ({epochs:.2f} epochs)")
         trainer = cls(config, parallel, start.data, start.spec, stepper, make_optimizer(stepper, t), None,
-                      start.stream, plan, log)
+                      start.stream, plan, log, config.kd.objective())
         if parallel.is_main or parallel.collective_forward:
             trainer.start_eval = trainer.evaluate()
             log("sft: before fine-tuning: " + ", ".join(f"{name} loss {r['loss']:.4f}"
