@@ -3,9 +3,10 @@
 import math
 
 import numpy as np
+import scipy.stats
 import pytest
 
-from distillab.demo import STUDIES, study_grid
+from distillab.study.demo import STUDIES, study_grid
 from distillab.models import LADDER
 from distillab.study.scaling import (QUICK_STUDENTS, SCALING_STUDENTS, cpu_rungs, scaling_study, trend,
                                trend_sentence)
@@ -56,7 +57,7 @@ def test_trend_is_the_weighted_least_squares_slope():
     slope = np.polyfit(x, y, 1, w=np.sqrt(w))[0]  # polyfit weights multiply residuals
     assert t["slope"] == pytest.approx(slope, rel=1e-9)
     se = 1 / math.sqrt(float((w * (x - np.average(x, weights=w)) ** 2).sum()))
-    assert t["hi"] - t["slope"] == pytest.approx(4.303 * se)  # t(0.975, 2): the fewest seeds, 3, less one
+    assert t["hi"] - t["slope"] == pytest.approx(scipy.stats.t.ppf(0.975, 2) * se)  # the fewest seeds, 3, less one
     assert trend([(1.0, 0.1, 0.01, 3)]) is None
 
 

@@ -19,6 +19,7 @@
         results.csv (.parquet), summary.json, report.md, report.html, *.png   the report
         submitit/                the cluster executor's files
         demo_state.json, demo.json   a demo's rounds so far, and its result
+        scaling.json             one size of `distillab demo --scaling`: its wall time and rounds
 """
 
 from __future__ import annotations
@@ -93,6 +94,8 @@ class SweepLayout(Directory):
     submitit = entry("submitit")
     demo_state = entry("demo_state.json")
     demo_result = entry("demo.json")
+    scaling_result = entry("scaling.json")
+    runs = entry(RUNS)
 
     def run(self, run_id: str) -> RunLayout:
         return RunLayout(self.path / RUNS / run_id)

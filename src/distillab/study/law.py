@@ -54,7 +54,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from distillab.errors import DistillabError
-from distillab.stats import t_quantile_975
+from distillab.study.stats import t_quantile_975
 
 HELD_OUT = "validation"
 TARGETS = ("in_domain", "ood", "overall")  # overall = mean of the in-domain and OOD gains (the verdicts' quantity)
@@ -231,7 +231,7 @@ def gain_of(row: dict, target: str) -> float | None:
 
 
 def fit_data(rows: list[dict]) -> FitData:
-    """The arrays a fit needs from result rows (`distillab.results` rows, any sweep or several)."""
+    """The arrays a fit needs from result rows (`distillab.study.results` rows, any sweep or several)."""
     done = [r for r in rows if r.get("status", "done") == "done" and r.get(f"loss/{HELD_OUT}") is not None]
     students = [r for r in done if r["role"] == "student" and r.get("gain/in_domain") is not None]
     family = fitted_family(students)

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from distillab.errors import DataError, DistillabError
+from distillab.layout import SweepLayout
 from distillab.study.law import HELD_OUT, TARGETS, FittedLaw, fit_law, gain_features, in_family
 
 NUMERIC_PREFIXES = ("loss", "ppl", "acc", "acc_stderr", "gain", "gain_matched", "gain_sft", "teacher_loss",
@@ -47,7 +48,7 @@ DATA_KEYS = ("corpus", "tokenizer", "validation_fraction", "packing")
 
 
 def typed_value(column: str, text: str):
-    """A results.csv cell as the row value `distillab.results` wrote (ids stay strings)."""
+    """A results.csv cell as the row value `distillab.study.results` wrote (ids stay strings)."""
     if text == "":
         return None
     if text in ("True", "False"):
@@ -61,12 +62,13 @@ def typed_value(column: str, text: str):
 def read_rows(sweep_dir: Path) -> list[dict]:
     """A sweep's result rows: recomputed from its runs where plan.json is there, else its results.csv."""
     sweep_dir = Path(sweep_dir)
-    if (sweep_dir / "plan.json").exists() and (sweep_dir / "runs").is_dir():
-        from distillab.results import add_gains_and_labels, collect_rows
+    files = SweepLayout(sweep_dir)
+    if files.plan.exists() and files.runs.is_dir():
+        from distillab.study.results import add_gains_and_labels, collect_rows
 
-        spec = json.loads((sweep_dir / "plan.json").read_text()).get("spec", {})
+        spec = json.loads(files.plan.read_text()).get("spec", {})
         return add_gains_and_labels(collect_rows(sweep_dir), spec.get("label_tolerance", 0.02))
-    table = sweep_dir / "results.csv"
+    table = files.results_csv
     if not table.exists():
         raise DataError(f"plan --from {sweep_dir}: neither plan.json with runs/ nor results.csv is there; give a sweep "
                         "directory (`distillab sweep` / `distillab demo` output, or docs/results/<name>)")
@@ -77,15 +79,15 @@ def read_rows(sweep_dir: Path) -> list[dict]:
 def source_data(sweep_dir: Path) -> dict | None:
     """The data settings (corpus, tokenizer, split, packing, seq_len) a sweep's runs used: from plan.json, or for a
     committed demo from demo.json's size; None when they cannot be told."""
-    sweep_dir = Path(sweep_dir)
-    if (sweep_dir / "plan.json").exists():
-        runs = json.loads((sweep_dir / "plan.json").read_text()).get("runs", [])
+    files = SweepLayout(sweep_dir)
+    if files.plan.exists():
+        runs = json.loads(files.plan.read_text()).get("runs", [])
         if runs:
             return data_identity(runs[0]["config"])
-    if (sweep_dir / "demo.json").exists():
-        from distillab.demo import STUDIES, study_grid
+    if files.demo_result.exists():
+        from distillab.study.demo import STUDIES, study_grid
 
-        size = json.loads((sweep_dir / "demo.json").read_text()).get("size")
+        size = json.loads(files.demo_result.read_text()).get("size")
         if size in STUDIES:
             base = study_grid(STUDIES[size])["base"]
             return data_identity(base)
@@ -114,7 +116,7 @@ def load_plan_grid(grid: str):
 
     if Path(grid).exists():
         return load_grid(grid)
-    from distillab.demo import STUDIES, study_grid
+    from distillab.study.demo import STUDIES, study_grid
 
     if grid in STUDIES:
         return grid_from_dict(study_grid(STUDIES[grid]))
@@ -128,7 +130,7 @@ def load_plan_grid(grid: str):
 
 def planned_rows(spec) -> tuple[list[dict], dict, list[str]]:
     """The grid's runs as result rows (pending), the data identity of its runs, and notes on runs left out."""
-    from distillab.results import run_row
+    from distillab.study.results import run_row
     from distillab.sweep import plan
 
     rows, notes = [], []
@@ -138,7 +140,7 @@ def planned_rows(spec) -> tuple[list[dict], dict, list[str]]:
         by_id = {run.id: run for run in runs}
         for run in runs:
             try:
-                row = run_row({"id": run.id, "role": run.role, "config": run.config, "info": run.info})
+                row = run_row({"id": run.id, "role": run.role, "config": run.config, "info": run.info}, Path(scratch))
             except DistillabError as error:
                 notes.append(f"{run.role} {run.info.get('model')} (teacher {run.info.get('teacher_model')}): not "
                              f"predicted ({error})")
@@ -315,7 +317,7 @@ def finding_vector(terms: list, targets: tuple[str, ...]) -> np.ndarray:
 def predicted_findings(law: FittedLaw, cells: list[dict], margin: float) -> list[dict]:
     """Per student setting: F1, F2, F3-OOD as linear functionals c of the (in-domain, OOD) coefficients, with their
     interval (multiplier x bootstrap sd) and whether the verdict rule would already decide them."""
-    from distillab.verdicts import rule_gain_expected, rule_no_gain_expected
+    from distillab.study.verdicts import rule_gain_expected, rule_no_gain_expected
 
     targets = ("in_domain", "ood")
     if not all(t in law.point.theta for t in targets):
@@ -449,7 +451,7 @@ def source_verdicts(sources: list) -> list[dict]:
     """The sources' own verdicts (summary.json), for reading beside the predicted ones."""
     out = []
     for path in sources:
-        summary = Path(path) / "summary.json"
+        summary = SweepLayout(path).summary
         if summary.exists():
             for setting in json.loads(summary.read_text()).get("verdicts", {}).get("settings", []):
                 out += [{"source": str(path), "student": setting["student"], "finding": v["finding"],
@@ -520,7 +522,7 @@ def cells_lines(cells: list[dict]) -> list[str]:
 
 def findings_lines(result: dict) -> list[str]:
     lines = ["## The findings on this grid, predicted", "",
-             "Each finding's quantity (the verdicts' rule, `distillab.verdicts`) computed from the law at each "
+             "Each finding's quantity (the verdicts' rule, `distillab.study.verdicts`) computed from the law at each "
              f"teacher's best predicted α; open = the rule (margin {result['margin']:g} nats) does not decide it "
              "from the predicted interval.", "",
              "| student | tokens | finding | quantity | predicted [95 % interval] | stage |", "|---|---:|---|---|---|---|"]

@@ -1,6 +1,6 @@
 """`distillab demo --scaling`: the default demo's design repeated at several student sizes.
 
-Do the answers move with scale? Each size is the default demo's study (`distillab.demo.STUDIES`)
+Do the answers move with scale? Each size is the default demo's study (`distillab.study.demo.STUDIES`)
 with its student replaced by another rung of the CPU ladder, and everything that depends on the
 student derived the way the default demo derives it:
 
@@ -29,12 +29,13 @@ import math
 import time
 from pathlib import Path
 
-from distillab.demo import STUDIES, Study, about_lines, check_corpora, epochs_note, machine_description, \
+from distillab.study.demo import STUDIES, Study, about_lines, check_corpora, epochs_note, machine_description, \
     read_progress, run_rounds
 from distillab.errors import DistillabError
 from distillab.files import write_json_atomic, write_text_atomic
+from distillab.layout import SweepLayout
 from distillab.models import LADDER
-from distillab.stats import t_quantile_975
+from distillab.study.stats import t_quantile_975
 
 SCALING_STUDENTS = ("cpu-3.5k", "cpu-7k", "cpu-14k", "cpu-27k")
 QUICK_STUDENTS = ("cpu-3.5k", "cpu-7k", "cpu-14k")
@@ -97,7 +98,7 @@ def run_size(study: Study, sweep_dir: Path, workers: int, log) -> dict:
 
     started = time.perf_counter()
     check_corpora(study)
-    state = sweep_dir / "demo_state.json"
+    state = SweepLayout(sweep_dir).demo_state
     progress = read_progress(state)
     epochs = epochs_note(study, log)
     status = run_rounds(study, sweep_dir, workers, progress, started, log)
@@ -111,7 +112,7 @@ def run_size(study: Study, sweep_dir: Path, workers: int, log) -> dict:
     result = {"student": study.student, "parameters": parameters(study.student), "tokens": study.student_tokens,
               "seconds": progress.seconds, "rounds": progress.rounds, "stop": progress.stop,
               "runs": {s: sum(v == s for v in status.values()) for s in set(status.values())}}
-    write_json_atomic(sweep_dir / "scaling.json", result)
+    write_json_atomic(SweepLayout(sweep_dir).scaling_result, result)
     if any(v != "done" for v in status.values()):
         raise DistillabError(f"scaling: some runs of {study.student} did not finish ({result['runs']}); see "
                              f"{sweep_dir}/runs/*/status.json and rerun the same command to resume")
@@ -133,7 +134,7 @@ def run_scaling(out_dir: str | Path = "runs/demo", workers: int = 2, quick: bool
 
 def size_verdicts(sweep_dir: Path) -> dict[str, dict]:
     """{finding: verdict} of one size's summary.json (its one student setting)."""
-    summary = json.loads((sweep_dir / "summary.json").read_text())
+    summary = json.loads(SweepLayout(sweep_dir).summary.read_text())
     settings = summary["verdicts"]["settings"]
     return {v["finding"]: v for v in settings[0]["verdicts"]} if settings else {}
 
@@ -231,7 +232,7 @@ def write_scaling_report(root: Path, students: tuple[str, ...], base: str, log=p
     lines += law_lines(law)
     lines += validation_lines(largest_size_check(rows), leave_one_teacher_out(rows))
     lines += about_scaling(root, students, base)
-    path = root / "report.md"
+    path = SweepLayout(root).report
     write_text_atomic(path, "\n".join(lines) + "\n")
     log(f"scaling: report {path}")
     return path

@@ -29,7 +29,7 @@ import math
 import numpy as np
 
 from distillab.study.law import HELD_OUT, fit_law, gain_of, in_family
-from distillab.stats import t_quantile_975
+from distillab.study.stats import t_quantile_975
 
 PREDICTORS = ("law", "mean", "linear in gap")
 VALIDATION_TARGETS = ("in_domain", "overall")
