@@ -79,7 +79,7 @@ def checkpoint_figures(smoke: bool, work: Path) -> dict:
     from distillab.data.loader import Batch
     from distillab.models import resolve_spec
     from distillab.config import ModelConfig, TrainConfig
-    from distillab.objective import KDObjective
+    from distillab.losses.objective import KDObjective
     from distillab.train.checkpointer import Checkpointer
     from distillab.train.fsdp import FullySharded
     from distillab.train.schedule import make_optimizer
