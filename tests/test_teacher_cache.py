@@ -172,10 +172,14 @@ def test_a_run_from_the_cache_matches_the_online_top_k_run(exact_cache, student_
 
 
 def copy_with_manifest(cache: Path, target: Path, edit) -> Path:
+    """A copy of `cache` whose manifest says it was captured otherwise (sealed again, as a real
+    capture's would be: an edit without a new seal is refused as such, tests/test_reliability.py)."""
+    from distillab.cache.store import seal
+
     shutil.copytree(cache, target)
     manifest = json.loads((target / "manifest.json").read_text())
     edit(manifest)
-    (target / "manifest.json").write_text(json.dumps(manifest))
+    (target / "manifest.json").write_text(json.dumps(seal(manifest)))
     return target
 
 

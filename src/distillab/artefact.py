@@ -6,13 +6,16 @@ all built the same way:
 - **written atomically**: `AtomicDirectory` assembles the directory under a temporary name
   beside its final place and renames it into place when complete (replacing an older one), so
   a reader sees the old artefact or the new one, never half of one; a failed build is removed,
-  and leftovers of a killed one are removed by the next build of the same artefact. Builders
-  of a shared cache entry hold `entry_lock(final)`, so each entry is built once.
+  and leftovers of a killed one are removed by the next build of the same artefact. A full disk
+  or a read-only place ends in one line naming the place, what was being written and what to do
+  (`distillab.files.storage_errors`), for every artefact alike. Builders of a shared cache entry
+  hold `entry_lock(final)`, so each entry is built once.
 - **verified by manifest**: each artefact's manifest records the sha256 (and size) of its
   files; `file_problem` checks one file against its entry, `file_digests` makes the entries of
   a whole directory.
 - **addressed by content**: cache entries are named by `distillab.files.stable_hash` of what
-  decides their content; a model by `weights_sha256`.
+  decides their content; a model by `weights_sha256` (weight files without a manifest are hashed
+  once and remembered, `remembered_sha256`).
 
 Single files are written atomically by `distillab.files.write_bytes_atomic` and its siblings.
 """
@@ -27,7 +30,8 @@ import tempfile
 from pathlib import Path
 
 from distillab.errors import DataError
-from distillab.files import file_lock, sha256_file, stable_hash, umask
+from distillab.files import (CACHE_ADVICE, default_cache_dir, file_lock, sha256_file, stable_hash, storage_error,
+                             storage_errors, umask, write_text_atomic)
 
 MANIFEST = "manifest.json"  # every artefact's manifest, beside the files it lists
 LEFTOVER_PREFIXES = (".tmp-", ".trash-")
@@ -40,22 +44,33 @@ class AtomicDirectory:
     """The directory `final`, written atomically. `path` is where its content goes; `commit()`
     renames it into place, `abort()` removes it; as a context manager it commits when the block
     ends normally and aborts when it raises. Making one removes the leftovers of earlier
-    interrupted writes of `final`: the caller is its only writer (it holds a lock that says so)."""
+    interrupted writes of `final`: the caller is its only writer (it holds a lock that says so).
 
-    def __init__(self, final: Path):
-        self.final = Path(final)
-        self.final.parent.mkdir(parents=True, exist_ok=True)
-        remove_leftovers(self.final.parent, self.final.name)
-        self.path = Path(tempfile.mkdtemp(dir=self.final.parent, prefix=f".tmp-{self.final.name}-"))
-        os.chmod(self.path, 0o777 & ~umask())
+    A write that `final`'s directory refuses (a full disk, a read-only filesystem), while making
+    it, inside the block or while committing, ends in one `StorageError` line naming that
+    directory, `what` was being written and the `advice`, with the temporary directory removed."""
+
+    def __init__(self, final: Path, what: str = "a cache entry", advice: str = CACHE_ADVICE):
+        self.final, self.what, self.advice = Path(final), what, advice
+        with storage_errors(self.final.parent, what, advice):
+            self.final.parent.mkdir(parents=True, exist_ok=True)
+            remove_leftovers(self.final.parent, self.final.name)
+            self.path = Path(tempfile.mkdtemp(dir=self.final.parent, prefix=f".tmp-{self.final.name}-"))
+            os.chmod(self.path, 0o777 & ~umask())
 
     def commit(self) -> Path:
-        """Give every file the umask's permissions (some writers use 0600), then move into place."""
-        mode = 0o666 & ~umask()
-        for file in self.path.rglob("*"):
-            if file.is_file():
-                os.chmod(file, mode)
-        replace_dir(self.path, self.final)
+        """Give every file the umask's permissions (some writers use 0600), then move into place
+        (when that fails, the temporary directory is removed)."""
+        with storage_errors(self.final.parent, self.what, self.advice):
+            try:
+                mode = 0o666 & ~umask()
+                for file in self.path.rglob("*"):
+                    if file.is_file():
+                        os.chmod(file, mode)
+                replace_dir(self.path, self.final)
+            except BaseException:
+                self.abort()
+                raise
         return self.final
 
     def abort(self) -> None:
@@ -67,9 +82,28 @@ class AtomicDirectory:
     def __exit__(self, kind, value, traceback) -> bool:
         if kind is None:
             self.commit()
-        else:
-            self.abort()
+            return False
+        self.abort()
+        error = storage_error(value, self.final.parent, self.what, self.advice)
+        if error is not None:
+            raise error from None
         return False
+
+
+@contextlib.contextmanager
+def removed_on_failure(directory: AtomicDirectory | None, target: Path, what: str, advice: str):
+    """Writes into an `AtomicDirectory` made outside the block (`None` on processes that only write
+    shards into it): when one fails, the temporary directory is removed, and a full disk or an
+    unwritable place under `target`'s directory ends in one line (`storage_error`) on every process."""
+    try:
+        yield
+    except BaseException as exc:
+        if directory is not None:
+            directory.abort()
+        error = storage_error(exc, Path(target).parent, what, advice)
+        if error is not None:
+            raise error from None
+        raise
 
 
 def replace_dir(tmp: Path, final: Path) -> None:
@@ -107,11 +141,12 @@ def remove_leftovers(parent: Path, name: str = "") -> None:
 
 
 @contextlib.contextmanager
-def entry_lock(final: Path):
+def entry_lock(final: Path, advice: str = CACHE_ADVICE):
     """The waiting lock of one cache entry: concurrent builders of `final` take turns. The holder
-    finds the leftovers of killed builds of `final` removed."""
+    finds the leftovers of killed builds of `final` removed. (`advice`: what to do when the
+    directory cannot be written.)"""
     final = Path(final)
-    with file_lock(final.parent / f".{final.name}.lock"):
+    with file_lock(final.parent / f".{final.name}.lock", advice):
         remove_leftovers(final.parent, final.name)
         yield
 
@@ -152,13 +187,33 @@ def read_json_manifest(path: Path) -> dict | None:
 
 
 def weights_sha256(checkpoint: Path) -> str:
-    """What names a model: sha256 over its weight files (their digests from its manifest when it has one)."""
+    """What names a model: sha256 over its weight files (their digests from its manifest when it
+    has one, else `remembered_sha256`)."""
     checkpoint = Path(checkpoint)
     manifest = read_json_manifest(checkpoint / MANIFEST) or {}
     files = manifest.get("files", {})
     digests = []
     for path in sorted(checkpoint.glob("*.safetensors")) + sorted(checkpoint.glob("*.bin")):
-        digests.append(files.get(path.name) or sha256_file(path))
+        digests.append(files.get(path.name) or remembered_sha256(path))
     if not digests:
         raise DataError(f"{checkpoint}: no weight files (*.safetensors)")
     return stable_hash(digests, length=64)
+
+
+def remembered_sha256(path: Path) -> str:
+    """sha256 of a large file that is not expected to change (a model's weights), computed once:
+    remembered under the cache directory (sha256/) by the file's path, size, modification time
+    and inode, so a file rewritten or replaced is hashed again."""
+    path = Path(path)
+    stat = path.stat()
+    key = stable_hash([str(path.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ino, stat.st_dev])
+    memo = default_cache_dir() / "sha256" / key
+    with contextlib.suppress(OSError):
+        value = memo.read_text().strip()
+        if len(value) == 64:
+            return value
+    digest = sha256_file(path)
+    with contextlib.suppress(OSError):  # only a shortcut: a read-only cache just hashes again next time
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(memo, digest)
+    return digest

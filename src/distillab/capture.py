@@ -25,7 +25,7 @@ from distillab.data.loader import ShuffledWindows
 from distillab.data.packing import training_stream
 from distillab.data.shards import prepare_data
 from distillab.errors import ConfigError, DataError
-from distillab.files import default_cache_dir, stable_hash
+from distillab.files import CACHE_ADVICE, default_cache_dir, stable_hash
 from distillab.models import load_causal_lm, model_directory
 from distillab.progress import progress_bar
 from distillab.runtime import resolve_device, setup_runtime
@@ -82,33 +82,49 @@ def load_teacher(teacher_dir: Path, data, device: torch.device, precision: str, 
     return teacher
 
 
-def reusable(out: Path, manifest: dict, ids: np.ndarray) -> bool:
-    """Whether `out` already holds this capture (same identity, at least these windows)."""
+# What makes two captures the same cache, in the order a difference is reported.
+CAPTURE_IDENTITY = (("teacher", lambda m: m["teacher"]["weights_sha256"][:12], "teacher weights sha256"),
+                    ("tokenizer", lambda m: m["tokenizer_fingerprint"][:12], "tokenizer fingerprint"),
+                    ("data", lambda m: m["data"]["train_sha256"][:12], "train split sha256"),
+                    ("seq_len", lambda m: m["seq_len"], "seq_len"), ("packing", lambda m: m.get("packing"), "packing"),
+                    ("top_k", lambda m: m["top_k"], "top_k"), ("coding", lambda m: m["coding"], "coding"))
+
+
+def capture_difference(existing: dict, manifest: dict) -> str | None:
+    """How the capture in `existing` differs from the one `manifest` describes (None: the same)."""
+    for _, value, label in CAPTURE_IDENTITY:
+        if value(existing) != value(manifest):
+            return f"{label} {value(existing)} there, {value(manifest)} here"
+    return None
+
+
+def existing_capture(out: Path) -> dict | None:
+    """The manifest of the sound cache in `out`; None when there is none, or only a damaged one
+    (which a capture may replace). A directory holding something else is refused."""
+    if not out.exists() or not any(out.iterdir()):
+        return None
     if not (out / MANIFEST).exists():
-        return False
+        raise ConfigError("--out", f"{out} exists and is not a teacher cache; choose another directory")
     try:
-        existing = read_manifest(out, "--out")
+        return read_manifest(out, "--out")
     except DataError:
+        return None
+
+
+def reusable(out: Path, existing: dict | None, manifest: dict, ids: np.ndarray) -> bool:
+    """Whether `out` already holds this capture (same identity, at least these windows). Another
+    capture there (another K, teacher, coding, ...) is refused, never replaced: two captures into
+    one --out must not silently overwrite each other."""
+    if existing is None:
         return False
-    keys = ("top_k", "seq_len", "packing", "coding", "tokenizer_fingerprint")
-    same = all(existing.get(key) == manifest[key] for key in keys)
-    same = same and existing["teacher"]["weights_sha256"] == manifest["teacher"]["weights_sha256"]
-    same = same and existing["data"]["train_sha256"] == manifest["data"]["train_sha256"]
-    if not same:
-        return False
+    difference = capture_difference(existing, manifest)
+    if difference is not None:
+        raise ConfigError("--out", f"{out} already holds another teacher cache ({difference}); choose another --out, "
+                                   "or delete it to capture this one there")
     try:
         return len(TeacherCache.open(out, "--out").missing(ids)) == 0
     except DataError:
         return False
-
-
-def check_out(out: Path) -> None:
-    """Refuse to replace a directory that is not a teacher cache."""
-    if out.exists() and any(out.iterdir()):
-        try:
-            read_manifest(out, "--out")
-        except DataError:
-            raise ConfigError("--out", f"{out} exists and is not a teacher cache; choose another directory") from None
 
 
 def capture_teacher_cache(teacher_dir: str | Path, config: RunConfig, top_k: int, out: str | Path | None = None,
@@ -162,44 +178,39 @@ def ensure_capture(teacher_dir: Path, data, config: RunConfig, top_k: int, out: 
                 "vocab_size": data.vocab_size, "data": data_identity(data), "seq_len": seq_len, "packing": packing,
                 "top_k": top_k, "coding": make_coding(coding, data.vocab_size, top_k).describe(),
                 "windows": {"of": stream.n_windows, "all": len(ids) == stream.n_windows}}
+    advice = "choose another --out" if out is not None else CACHE_ADVICE
     out = Path(out) if out is not None else default_cache_path(config, manifest, ids)
-    with writer_lock(out):
-        if reusable(out, manifest, ids):
+    with writer_lock(out, advice):
+        if reusable(out, existing_capture(out), manifest, ids):
             log(f"teacher cache: {out} already holds this capture; reusing it")
             return out
-        check_out(out)
         teacher = load_teacher(teacher_dir, data, device, precision, seq_len)
         manifest["capture"] = {"precision": precision, "device": str(device), "distillab_version": __version__,
                                "torch": torch.__version__, "format": FORMAT}
-        write_capture(teacher, stream, ids, make_coding(coding, data.vocab_size, top_k), out, manifest, log)
+        write_capture(teacher, stream, ids, make_coding(coding, data.vocab_size, top_k), out, manifest, log, advice)
     return out
 
 
 def write_capture(teacher: OnlineTeacher, stream: ShuffledWindows, ids: np.ndarray, coding, out: Path, manifest: dict,
-                  log) -> None:
-    """Run the teacher over the windows `ids` (ascending), batch by batch, and write the cache."""
+                  log, advice: str = CACHE_ADVICE) -> None:
+    """Run the teacher over the windows `ids` (ascending), batch by batch, and write the cache
+    (`advice`: what to do when `out`'s directory is full or read-only)."""
     seq_len, k = stream.seq_len, manifest["top_k"]
     per_batch = max(1, BATCH_ELEMENTS // (seq_len * teacher.vocab_size))
     log(f"teacher cache: capturing top-{k} of {teacher.description} over {len(ids):,} of {stream.n_windows:,} windows "
         f"({len(ids) * seq_len:,} tokens, {manifest['coding']['name']} coding) into {out}")
-    writer = CacheWriter(out)
-    bar = progress_bar(total=len(ids), desc="teacher cache", unit="window")
-    try:
-        for start in range(0, len(ids), per_batch):
-            batch_ids = ids[start : start + per_batch]
-            logits = teacher.signal(stream.window(batch_ids).to(teacher.device))
-            rows = top_k_rows(logits.reshape(-1, logits.shape[-1]), k)
-            for i, window_id in enumerate(batch_ids):
-                part = slice(i * seq_len, (i + 1) * seq_len)
-                writer.add(int(window_id), coding.encode(TopKRows(rows.ids[part], rows.logprobs[part],
-                                                                  rows.log_tail[part])))
-            bar.update(len(batch_ids))
-    except BaseException:
-        writer.abort()
-        raise
-    finally:
-        bar.close()
-    manifest["capture"]["batch_windows"] = per_batch
-    writer.finish(manifest)
+    with CacheWriter(out, advice=advice) as writer:
+        with progress_bar(total=len(ids), desc="teacher cache", unit="window") as bar:
+            for start in range(0, len(ids), per_batch):
+                batch_ids = ids[start : start + per_batch]
+                logits = teacher.signal(stream.window(batch_ids).to(teacher.device))
+                rows = top_k_rows(logits.reshape(-1, logits.shape[-1]), k)
+                for i, window_id in enumerate(batch_ids):
+                    part = slice(i * seq_len, (i + 1) * seq_len)
+                    writer.add(int(window_id), coding.encode(TopKRows(rows.ids[part], rows.logprobs[part],
+                                                                      rows.log_tail[part])))
+                bar.update(len(batch_ids))
+        manifest["capture"]["batch_windows"] = per_batch
+        writer.finish(manifest)
     stored = sum(s["bytes"] for s in writer.shards)
     log(f"teacher cache: wrote {out}: {stored / 1e6:,.1f} MB, {stored / max(len(ids) * seq_len, 1):.1f} bytes/token")

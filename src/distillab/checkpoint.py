@@ -28,6 +28,7 @@ checkpoint).
 from __future__ import annotations
 
 import json
+import pickle
 import shutil
 from pathlib import Path
 
@@ -41,12 +42,14 @@ from distillab.layout import STEP, step_name
 TRAINER_STATE = "trainer_state.pt"
 META = "distillab.json"
 SHARDED = "sharded"
+# what to do when a checkpoint's directory is full or read-only
+CHECKPOINT_ADVICE = "choose another run_dir (the last good checkpoint is kept)"
 
 
 def save_checkpoint(target: Path, model, tokenizer, meta: dict, trainer_state: dict | None = None,
                     state_dict: dict | None = None) -> Path:
     """Write an HF checkpoint of `model` (or of `state_dict` in `model`'s architecture) to `target`."""
-    with AtomicDirectory(target) as tmp:
+    with AtomicDirectory(target, "a checkpoint", CHECKPOINT_ADVICE) as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True, state_dict=state_dict)
         write_checkpoint_files(tmp, tokenizer, meta, trainer_state)
         write_manifest(tmp)
@@ -167,7 +170,13 @@ def load_trainer_state(path: Path) -> dict:
     state_path = Path(path) / TRAINER_STATE
     if not state_path.is_file():
         raise CheckpointError(f"{state_path}: missing; this checkpoint cannot resume training")
-    return torch.load(state_path, map_location="cpu", weights_only=True)
+    try:  # tensors and plain values only: a pickled object (which could run code) is refused unread
+        return torch.load(state_path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:
+        reason = "holds pickled objects other than tensors and plain values" \
+            if isinstance(exc, pickle.UnpicklingError) else "is unreadable"
+        raise CheckpointError(f"{state_path}: {reason}, so it was not loaded; the checkpoint is corrupt or was "
+                              "tampered with: delete it to resume from an earlier one") from None
 
 
 def load_weights(path: Path, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:

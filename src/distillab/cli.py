@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import sys
@@ -198,7 +199,24 @@ def cmd_sweep(args) -> int:
 
     report = write_report(out)
     print(f"sweep: report in {report}")
-    return 0 if all(s == "done" for s in status.values()) else 1
+    if all(s == "done" for s in status.values()):
+        return 0
+    print(f"distillab: error: {sweep_failure(out, status)}", file=sys.stderr)
+    return 1
+
+
+def sweep_failure(out, status: dict) -> str:
+    """One line on what did not finish: counts, and the first failure with its error and log."""
+    from distillab.layout import SweepLayout
+    from distillab.sweep.execute import read_status
+
+    counts = {s: sum(v == s for v in status.values()) for s in ("failed", "blocked", "pending")}
+    line = "sweep: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n) + f" of {len(status)} runs"
+    failed = [run_id for run_id, s in status.items() if s == "failed"]
+    if failed:
+        error = read_status(out, failed[0]).get("error") or "no error recorded"
+        line += f"; {failed[0]} failed: {error} (log: {SweepLayout(out).run(failed[0]).worker_log})"
+    return line
 
 
 def cmd_report(args) -> int:
@@ -508,6 +526,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"distillab: error: {one_line(exc)}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a full disk or a read-only filesystem that no writer named more precisely
+        if args.debug or exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+            raise
+        print(f"distillab: error: {exc.filename or 'a file'}: {exc.strerror}; free space or choose a writable "
+              "directory (run_dir, data.cache_dir, --out)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("distillab: interrupted", file=sys.stderr)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -275,6 +276,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp in (int, float) and isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
         # PyYAML (YAML 1.1) reads `3e-3` as a string; where a number is expected, take it
         value = float(value.strip())
+    if tp in (int, float) and isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(key, f"must be a finite number, got {value!r}")
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
             raise ConfigError(key, f"must be an integer, got {value!r}")
@@ -312,7 +315,7 @@ def build_dataclass(cls: type, values: dict, prefix: str = "") -> Any:
     for name in known:
         if name in values:
             dotted = f"{prefix}.{name}" if prefix else name
-            kwargs[name] = _coerce(values[name], hints[name], dotted)
+            kwargs[name] = _coerce(yaml_word(dotted, values[name]), hints[name], dotted)
     try:
         return cls(**kwargs)
     except ConfigError as error:  # a value check of the class itself (KDConfig's), keyed by field
@@ -325,10 +328,20 @@ def kd_value(name: str, value: Any, key: str) -> Any:
     hints = typing.get_type_hints(KDConfig)
     if name not in hints:
         raise ConfigError(key, RENAMED_KEYS.get(f"kd.{name}") or f"unknown kd key {name!r}")
-    value = _coerce(value, hints[name], key)
+    value = _coerce(yaml_word(f"kd.{name}", value), hints[name], key)
     problem = field_problem(name, value)
     require(problem is None, key, problem)
     return value
+
+
+# Keys whose documented values include a word YAML 1.1 reads as a boolean (`kd.cache: off`):
+# there the boolean stands for the word. Every other key keeps its strict type.
+BOOLEAN_WORDS = {"kd.cache": {False: "off"}}
+
+
+def yaml_word(key: str, value: Any) -> Any:
+    words = BOOLEAN_WORDS.get(key)
+    return words[value] if words and isinstance(value, bool) and value in words else value
 
 
 # Keys that existed once and what replaced them.
@@ -344,7 +357,9 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not key:
         raise ConfigError(text, "an override must look like key.path=value")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = load_yaml(raw) if raw.strip() else ""
+    except AliasLimit as exc:
+        raise ConfigError(key, str(exc)) from None
     except yaml.YAMLError:
         value = raw
     return key.split("."), value
@@ -383,13 +398,63 @@ def config_from_dict(values: dict) -> RunConfig:
     return config
 
 
+# A config holds hundreds of values; aliases (*name) that expand past this are a YAML bomb.
+MAX_YAML_VALUES = 100_000
+
+
+class AliasLimit(yaml.YAMLError):
+    """A YAML document whose aliases expand past MAX_YAML_VALUES values, or refer to themselves."""
+
+
+class LimitedLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a document whose aliases expand past MAX_YAML_VALUES values.
+
+    Anchors and aliases stay usable; the document's size is counted as if every alias were
+    written out (shared nodes counted once per use, in time linear in the document), before any
+    Python object is built, so a few hundred bytes of nested aliases cost nothing to refuse."""
+
+    def compose_document(self):
+        node = super().compose_document()
+        expanded_size(node, {}, set())
+        return node
+
+
+def expanded_size(node: yaml.Node, sizes: dict, open_nodes: set) -> int:
+    """Values in `node` with every alias written out (raises AliasLimit past MAX_YAML_VALUES)."""
+    if id(node) in sizes:
+        return sizes[id(node)]
+    if id(node) in open_nodes:
+        raise AliasLimit("an alias (*name) refers to a value that contains it; write the values out")
+    open_nodes.add(id(node))
+    if isinstance(node, yaml.SequenceNode):
+        children = node.value
+    elif isinstance(node, yaml.MappingNode):
+        children = [part for pair in node.value for part in pair]
+    else:
+        children = []
+    size = 1 + sum(expanded_size(child, sizes, open_nodes) for child in children)
+    open_nodes.discard(id(node))
+    if size > MAX_YAML_VALUES:
+        raise AliasLimit(f"its aliases (*name) expand to more than {MAX_YAML_VALUES:,} values (a YAML bomb); "
+                         "write the values out")
+    sizes[id(node)] = size
+    return size
+
+
+def load_yaml(text: str) -> Any:
+    """YAML text -> plain values (safe types only, alias expansion limited: `LimitedLoader`)."""
+    return yaml.load(text, Loader=LimitedLoader)  # noqa: S506 (a SafeLoader subclass)
+
+
 def read_yaml_mapping(path: str | Path, what: str = "config") -> dict:
     """The top-level mapping of a YAML file, or a one-line ConfigError naming the file."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(str(path), f"{what} file not found")
     try:
-        loaded = yaml.safe_load(path.read_text())
+        loaded = load_yaml(path.read_text())
+    except AliasLimit as exc:
+        raise ConfigError(str(path), str(exc)) from None
     except yaml.YAMLError as exc:
         line = getattr(getattr(exc, "problem_mark", None), "line", None)
         where = f" (line {line + 1})" if line is not None else ""

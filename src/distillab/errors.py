@@ -29,3 +29,8 @@ class DataError(DistillabError):
 
 class CheckpointError(DistillabError):
     """A checkpoint is missing, incomplete or incompatible."""
+
+
+class StorageError(DistillabError):
+    """A write its place refused: a full disk, a read-only filesystem, no permission (the message
+    names the place and what to do; nothing partial is left behind)."""

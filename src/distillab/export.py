@@ -22,9 +22,9 @@ from typing import Callable
 
 import torch
 
-from distillab.artefact import AtomicDirectory
-from distillab.checkpoint import (SHARDED, is_sharded_checkpoint, latest_verified, list_checkpoints, read_meta,
-                                  verify_checkpoint, write_checkpoint_files, write_manifest)
+from distillab.artefact import AtomicDirectory, removed_on_failure
+from distillab.checkpoint import (CHECKPOINT_ADVICE, SHARDED, is_sharded_checkpoint, latest_verified, list_checkpoints,
+                                  read_meta, verify_checkpoint, write_checkpoint_files, write_manifest)
 from distillab.errors import CheckpointError
 from distillab.layout import RunLayout
 
@@ -99,8 +99,8 @@ def export_model(target: Path, model: torch.nn.Module, tokenizer, meta: dict, fu
     tensors = exported_tensors(model)
     entries = [(name, tensor.dtype, tuple(tensor.shape)) for name, tensor in tensors]
     by_name = dict(tensors)
-    directory = AtomicDirectory(target) if write else None
-    try:
+    directory = AtomicDirectory(target, "a model", CHECKPOINT_ADVICE) if write else None
+    with removed_on_failure(directory, target, "a model", CHECKPOINT_ADVICE):
         model.config.architectures = [type(model).__name__]
         write_hf_model(directory.path if write else None, model.config, getattr(model, "generation_config", None),
                        entries, lambda name: full_tensor(by_name[name]), write)
@@ -108,10 +108,6 @@ def export_model(target: Path, model: torch.nn.Module, tokenizer, meta: dict, fu
             write_checkpoint_files(directory.path, tokenizer, meta)
             write_manifest(directory.path)
             directory.commit()
-    except BaseException:
-        if directory is not None:
-            directory.abort()
-        raise
 
 
 # ------------------------------------------------------------------------------ from a checkpoint on disk

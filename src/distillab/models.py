@@ -312,6 +312,15 @@ def model_directory(name: str, key: str = "kd.teacher") -> Path:
                                "Llama) or give its directory") from None
 
 
+def nonfinite_parameter(model: torch.nn.Module) -> str | None:
+    """The name of the first parameter holding a NaN or an infinity (this process's shard), else None."""
+    for name, param in model.named_parameters():
+        local = param.to_local() if hasattr(param, "to_local") else param
+        if not torch.isfinite(local).all():
+            return name
+    return None
+
+
 def load_causal_lm(path: str | Path, device: torch.device | str, key: str = "kd.teacher"):
     """An HF causal LM from a directory, in fp32, or a one-line error naming `key`."""
     from transformers import AutoModelForCausalLM

@@ -27,7 +27,8 @@ from distillab.data.packing import PackedStream, conversation_stream
 from distillab.data.shards import PreparedData
 from distillab.data.tokenizer import load_tokenizer
 from distillab.errors import CheckpointError, ConfigError
-from distillab.models import ModelSpec, load_causal_lm, max_positions, model_directory, spec_from_hf_config
+from distillab.models import (ModelSpec, load_causal_lm, max_positions, model_directory, nonfinite_parameter,
+                              spec_from_hf_config)
 
 # The authors' SFT schedule; a config's own values win.
 SFT_DEFAULTS = {"train": {"lr": 1e-5, "warmup_fraction": 0.01, "min_lr_ratio": 0.1, "schedule": "cosine"}}
@@ -77,6 +78,10 @@ def start_sft(config: RunConfig, device, log=print) -> SFTStart:
     t = config.train
     data, source = prepare_sft_data(config, log)
     model = load_causal_lm(source, device, key="sft.init_from")
+    bad = nonfinite_parameter(model)
+    if bad is not None:
+        raise ConfigError("sft.init_from", f"{source}: weight {bad} holds non-finite values (the run that made it "
+                                           "diverged, or the file is corrupt); fine-tune another checkpoint")
     if model.config.vocab_size < data.vocab_size:
         raise ConfigError("sft.init_from", f"{source} has {model.config.vocab_size} output rows but its tokenizer "
                                            f"{data.vocab_size} tokens")

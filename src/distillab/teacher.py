@@ -33,6 +33,9 @@ from distillab.runtime import autocast, is_sharded
 
 log = logging.getLogger("distillab")
 
+# Logits within this of one another at every position: a teacher whose outputs are uniform.
+UNIFORM_LOGITS = 1e-4
+
 # Architectures whose logits are exactly the last hidden state times the output embedding.
 PLAIN_HEAD_MODELS = {"llama", "qwen2", "qwen3", "mistral"}
 
@@ -233,3 +236,7 @@ def check_finite_outputs(teacher: OnlineTeacher, data, seq_len: int, device: tor
     if not torch.isfinite(output).all():
         raise ConfigError("kd.teacher", "the teacher's outputs are not finite on the validation data; it diverged "
                                         "or is corrupt: retrain it")
+    if float((output.amax(-1) - output.amin(-1)).max()) < UNIFORM_LOGITS:
+        log.warning("warning: kd.teacher: the teacher's outputs are exactly uniform over the vocabulary on the "
+                    "validation data (a collapsed or untrained model): distilling from it teaches nothing beyond "
+                    "label smoothing")

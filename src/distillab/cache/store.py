@@ -8,7 +8,10 @@
     DIR/shard-NNNNN.bin    the coded windows back to back (`distillab.cache.coding`)
 
 A cache is written into a temporary directory beside its final place and renamed into place
-(manifest last), so a reader never sees half of one. Opening checks the manifest, the index's
+(manifest last), so a reader never sees half of one. The manifest records the sha256 of its own
+other fields (`seal`), so an edited manifest (say, another `coding.log_step`) is refused rather
+than read into wrong log-probabilities; a run binds the cache by the sha256 of the manifest
+file (`TeacherCache.manifest_sha256`). Opening checks the manifest, the index's
 sha256 and every shard's size; each shard's sha256 is checked the first time a process reads
 from it, so a corrupt shard stops the run with a message naming the file before any of its
 values are used.
@@ -16,6 +19,7 @@ values are used.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import time
@@ -27,11 +31,19 @@ import numpy as np
 from distillab.artefact import MANIFEST, AtomicDirectory, entry_lock, file_problem, read_json_manifest, weights_sha256
 from distillab.cache.coding import TopKRows, make_coding
 from distillab.errors import DataError
-from distillab.files import sha256_file, write_bytes_atomic, write_json_atomic
+from distillab.files import CACHE_ADVICE, sha256_file, stable_hash, write_bytes_atomic, write_json_atomic
 
 FORMAT = "distillab-teacher-cache/1"
 INDEX = "index.npy"
 SHARD_BYTES = 64 << 20
+# The manifest's field holding the sha256 of its other fields (canonical JSON).
+SEAL = "manifest_sha256"
+
+
+def seal(manifest: dict) -> dict:
+    """`manifest` with its seal: the sha256 of the canonical JSON of every other field."""
+    fields = {k: v for k, v in manifest.items() if k != SEAL}
+    return {**fields, SEAL: stable_hash(fields, length=64)}
 
 
 def shard_name(number: int) -> str:
@@ -43,11 +55,13 @@ def shard_name(number: int) -> str:
 
 class CacheWriter:
     """Appends coded windows (in ascending window id) to shards in a temporary directory;
-    `finish` writes the index and the manifest and renames the directory into place."""
+    `finish` writes the index and the manifest and renames the directory into place. Used as a
+    context manager: a block that raises leaves nothing behind (a full disk or a read-only place
+    in one line ending in `advice`: `AtomicDirectory`)."""
 
-    def __init__(self, out: Path, shard_bytes: int = SHARD_BYTES):
+    def __init__(self, out: Path, shard_bytes: int = SHARD_BYTES, advice: str = CACHE_ADVICE):
         self.out, self.shard_bytes = Path(out), shard_bytes
-        self.directory = AtomicDirectory(self.out)
+        self.directory = AtomicDirectory(self.out, "the teacher cache", advice)
         self.tmp = self.directory.path
         self.rows: list[tuple[int, int, int, int]] = []
         self.shards: list[dict] = []
@@ -76,34 +90,38 @@ class CacheWriter:
 
     def finish(self, manifest: dict) -> Path:
         """Write index and manifest (with file sizes and checksums), then move the cache into place."""
-        try:
-            self.close_shard()
-            buffer = io.BytesIO()
-            np.save(buffer, np.asarray(self.rows, dtype=np.int64).reshape(-1, 4))
-            write_bytes_atomic(self.tmp / INDEX, buffer.getvalue())
-            stored = sum(s["bytes"] for s in self.shards)
-            tokens = len(self.rows) * manifest["seq_len"]
-            write_json_atomic(self.tmp / MANIFEST, {
-                "format": FORMAT, **manifest, "windows": {**manifest.get("windows", {}), "captured": len(self.rows)},
-                "tokens": tokens, "bytes": stored, "bytes_per_token": stored / max(tokens, 1),
-                "index": {"file": INDEX, "sha256": sha256_file(self.tmp / INDEX)}, "shards": self.shards,
-                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
-            self.directory.commit()
-        except BaseException:
-            self.abort()
-            raise
-        return self.out
+        self.close_shard()
+        buffer = io.BytesIO()
+        np.save(buffer, np.asarray(self.rows, dtype=np.int64).reshape(-1, 4))
+        write_bytes_atomic(self.tmp / INDEX, buffer.getvalue())
+        stored = sum(s["bytes"] for s in self.shards)
+        tokens = len(self.rows) * manifest["seq_len"]
+        write_json_atomic(self.tmp / MANIFEST, seal({
+            "format": FORMAT, **manifest, "windows": {**manifest.get("windows", {}), "captured": len(self.rows)},
+            "tokens": tokens, "bytes": stored, "bytes_per_token": stored / max(tokens, 1),
+            "index": {"file": INDEX, "sha256": sha256_file(self.tmp / INDEX)}, "shards": self.shards,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}))
+        return self.directory.commit()
 
-    def abort(self) -> None:
+    def __enter__(self) -> "CacheWriter":
+        return self
+
+    def __exit__(self, kind, value, traceback) -> bool:
+        """On an error: the open shard closed (a full disk may refuse its buffered bytes) and the
+        temporary directory removed."""
+        if kind is None:
+            return False
         if self.handle is not None:
-            self.handle.close()
+            with contextlib.suppress(OSError):
+                self.handle.close()
             self.handle = None
-        self.directory.abort()
+        return self.directory.__exit__(kind, value, traceback)
 
 
-def writer_lock(out: Path):
-    """The lock one capture into `out` holds (a second capture of the same cache waits its turn)."""
-    return entry_lock(out)
+def writer_lock(out: Path, advice: str = CACHE_ADVICE):
+    """The lock one capture into `out` holds (a second capture of the same cache waits its turn;
+    `advice`: what to do when its directory cannot be written)."""
+    return entry_lock(out, advice)
 
 
 # ----------------------------------------------------------------------------- reading
@@ -120,6 +138,9 @@ def read_manifest(path: Path, key: str) -> dict:
         raise DataError(f"{key}: {manifest_path} is not valid JSON; the cache is corrupt: capture it again")
     if manifest.get("format") != FORMAT:
         raise DataError(f"{key}: {manifest_path} is not a {FORMAT} manifest (format {manifest.get('format')!r})")
+    if SEAL in manifest and seal(manifest)[SEAL] != manifest[SEAL]:
+        raise DataError(f"{key}: {manifest_path} was edited after the capture (its fields no longer match the sha256 "
+                        f"it records); the cache cannot be trusted: capture it again")
     return manifest
 
 
@@ -131,6 +152,7 @@ class TeacherCache:
     manifest: dict
     index: np.ndarray
     key: str = "kd.cache"
+    manifest_sha256: str = ""  # of the manifest file: what a run that reads the cache records
 
     @classmethod
     def open(cls, path: str | Path, key: str = "kd.cache") -> "TeacherCache":
@@ -146,7 +168,7 @@ class TeacherCache:
         if problem is not None:
             raise DataError(f"{key}: {problem}; the cache is corrupt: capture it again")
         index = np.load(index_path).reshape(-1, 4)
-        return cls(path, manifest, index, key)
+        return cls(path, manifest, index, key, sha256_file(path / MANIFEST))
 
     def __post_init__(self):
         self.coding = make_coding(self.manifest["coding"], self.vocab_size, self.top_k)

@@ -93,10 +93,32 @@ def chat_template(tokenizer, path: str | None) -> tuple[str, str]:
         template, origin = own, "the tokenizer's own template"
     else:
         template, origin = DEFAULT_TEMPLATE.read_text(), "distillab's default template"
+    check_template_syntax(template, origin)
     if not GENERATION_MARK.search(template):
         raise ConfigError("sft.chat_template", f"{origin} does not mark the assistant's text; wrap it in "
                                                "{% generation %} ... {% endgeneration %} (see " f"{DEFAULT_TEMPLATE})")
     return template, origin
+
+
+def check_template_syntax(template: str, origin: str) -> None:
+    """A one-line ConfigError naming the line of a Jinja syntax error (before any record is rendered)."""
+    import jinja2
+    import jinja2.ext
+
+    class GenerationTags(jinja2.ext.Extension):
+        """`{% generation %}` ... `{% endgeneration %}`, parsed only (the tokenizer renders them)."""
+
+        tags = {"generation"}
+
+        def parse(self, parser):
+            next(parser.stream)
+            return parser.parse_statements(("name:endgeneration",), drop_needle=True)
+
+    try:
+        jinja2.Environment(extensions=[GenerationTags, jinja2.ext.loopcontrols]).parse(template)
+    except jinja2.TemplateSyntaxError as exc:
+        raise ConfigError("sft.chat_template", f"{origin}: not a valid Jinja template (line {exc.lineno}: "
+                                               f"{exc.message})") from None
 
 
 def render(tokenizer, template: str, chats: list[Chat]) -> list[tuple[list[int], list[int]]]:
@@ -134,7 +156,6 @@ def prepare_chat_data(data: DataConfig, sft: SFTConfig, tokenizer_dir: Path, tem
     tokenizer = load_tokenizer(tokenizer_dir)
     key = chat_key(data, sft, tokenizer, template)
     out_dir = cache_dir / "prepared" / stable_hash(key)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
 
     def chats():
         return iter_chats(data.corpus, sft.messages_field, cache_dir)

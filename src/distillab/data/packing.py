@@ -45,7 +45,7 @@ import numpy as np
 import torch
 
 from distillab.data.loader import Batch, ShuffledWindows, WindowStream
-from distillab.errors import DataError
+from distillab.errors import DataError, StorageError
 from distillab.artefact import AtomicDirectory, entry_lock
 from distillab.files import write_json_atomic
 
@@ -165,7 +165,7 @@ def cached_plan(tokens: np.ndarray, eos_id: int, seq_len: int, cache: Path | Non
                     f"{plan.n_windows:,} windows of {seq_len} ({PACKING_BINS} first-fit bins); plan cached in {path}")
                 plan = read_plan(path, identity) or plan
             return plan
-    except OSError:  # a read-only cache: compute the plan in memory
+    except (OSError, StorageError):  # a read-only or full cache: compute the plan in memory
         return pack_documents(tokens, eos_id, seq_len)
 
 
@@ -182,7 +182,7 @@ def read_plan(path: Path, identity: dict) -> PackingPlan | None:
 
 def write_plan(path: Path, plan: PackingPlan, identity: dict) -> None:
     """The plan's arrays and identity, written to a temporary directory renamed into place."""
-    with AtomicDirectory(path) as tmp:
+    with AtomicDirectory(path, "a packing plan") as tmp:
         for name in ("starts", "lengths", "offsets"):
             np.save(tmp / f"{name}.npy", getattr(plan, name))
         write_json_atomic(tmp / "plan.json", {**identity, "format": PLAN_FORMAT})

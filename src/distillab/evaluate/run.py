@@ -10,6 +10,7 @@ interrupted evaluation keeps what it finished.
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +29,7 @@ from distillab.evaluate.perplexity import perplexity, stream_perplexity, stream_
 from distillab.evaluate.sets import EvalSet, resolve_sets
 from distillab.files import default_cache_dir, stable_hash, write_json_atomic
 from distillab.layout import EVAL
-from distillab.models import load_causal_lm
+from distillab.models import load_causal_lm, nonfinite_parameter
 from distillab.runtime import resolve_device, setup_runtime
 
 
@@ -62,8 +63,14 @@ class Evaluation:
     pending: list = field(default_factory=list)
 
     def loaded_model(self):
+        """The model, refused (one line) when a weight is NaN or infinite: its scores would be NaN."""
         if self.model is None:
-            self.model = load_causal_lm(self.checkpoint, self.device, key="--checkpoint").eval()
+            model = load_causal_lm(self.checkpoint, self.device, key="--checkpoint").eval()
+            bad = nonfinite_parameter(model)
+            if bad is not None:
+                raise DataError(f"{self.checkpoint}: weight {bad} holds non-finite values (the run that made it "
+                                "diverged, or the file is corrupt), so it is not evaluated")
+            self.model = model
         return self.model
 
     def save(self) -> None:
@@ -149,6 +156,9 @@ def evaluate_sets(ev: Evaluation, names: list[str], seq_len: int | None, max_win
         else:
             result = perplexity(ev.loaded_model(), tokens, length, max_windows, batch_size, ev.device,
                                 len(ev.tokenizer), desc=eval_set.name)
+        if not math.isfinite(result["loss"]):
+            raise DataError(f"{ev.checkpoint}: its {eval_set.name} loss is {result['loss']} (its outputs overflow: the "
+                            "model diverged), so nothing is recorded for it")
         result["seconds"] = time.perf_counter() - started
         result["tokens_per_s"] = result["tokens"] / max(result["seconds"], 1e-9)
         result.update(domain=eval_set.domain, key=key)

@@ -171,6 +171,12 @@ def machine_description() -> str:
     return f"{os.cpu_count()} CPU cores ({cpu}){memory}, Python {platform.python_version()}, torch {torch.__version__}"
 
 
+def check_workers(workers: int) -> None:
+    """A one-line error, before anything runs, for a number of local workers below one."""
+    if workers < 1:
+        raise DistillabError(f"--workers: must be >= 1, got {workers}")
+
+
 def check_corpora(study: Study) -> None:
     from distillab.data.packaged import needs_npm, npm_available
 
@@ -320,6 +326,7 @@ def run_demo(size: str = "default", out_dir: str | Path = "runs/demo", workers: 
     started = time.perf_counter()
     if size not in STUDIES:
         raise DistillabError(f"demo: unknown size {size!r}; use quick, default or full")
+    check_workers(workers)
     study = STUDIES[size]
     check_corpora(study)
     sweep_dir = Path(out_dir) / size

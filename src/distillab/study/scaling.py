@@ -29,8 +29,8 @@ import math
 import time
 from pathlib import Path
 
-from distillab.study.demo import STUDIES, Study, about_lines, check_corpora, epochs_note, machine_description, \
-    read_progress, run_rounds
+from distillab.study.demo import STUDIES, Study, about_lines, check_corpora, check_workers, epochs_note, \
+    machine_description, read_progress, run_rounds
 from distillab.errors import DistillabError
 from distillab.files import write_json_atomic, write_text_atomic
 from distillab.layout import SweepLayout
@@ -121,6 +121,7 @@ def run_size(study: Study, sweep_dir: Path, workers: int, log) -> dict:
 
 def run_scaling(out_dir: str | Path = "runs/demo", workers: int = 2, quick: bool = False, log=print) -> Path:
     """Run (or resume) every size, then write OUT/scaling[-quick]/report.md; returns its path."""
+    check_workers(workers)
     students, base = (QUICK_STUDENTS, "quick") if quick else (SCALING_STUDENTS, "default")
     root = Path(out_dir) / ("scaling-quick" if quick else "scaling")
     for rung in students:

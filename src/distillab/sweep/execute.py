@@ -1,10 +1,12 @@
 """Executing a planned sweep: runs in dependency order on local workers or through submitit.
 
 Each run lives in SWEEP/runs/<id>/ with a status.json (pending, running, done, failed with
-its error, attempts). Rerunning a sweep skips done runs, resumes interrupted ones from their
-checkpoints, leaves failed ones alone unless asked to retry them, and marks the students of a
-failed teacher blocked without stopping unrelated runs. One process drives a sweep directory
-at a time (an exclusive lock).
+its error, blocked, attempts). Rerunning a sweep skips done runs, resumes interrupted ones from
+their checkpoints, leaves failed ones alone unless asked to retry them, and marks the students
+of a failed teacher blocked without stopping unrelated runs. One process drives a sweep
+directory at a time (an exclusive lock). Local workers (and the torchrun they start) die with
+the process that started them (`die_with_parent`), so a killed driver leaves no run training on
+unseen and holding its lock.
 
 With an SFT stage (`sft:` in the grid) a run is done once its final model has also been
 fine-tuned (SWEEP/runs/<id>/sft-<stage hash>/) and evaluated, downstream tasks in the chat template; a done
@@ -164,11 +166,10 @@ def train_with_torchrun(config_values: dict, processes: int, nodes: int = 1, run
         while not launch.is_file() and time.time() < deadline:
             time.sleep(1)
     command = torchrun_command(launch, processes, nodes, node_rank, endpoint, run_id)
-    done = subprocess.run(command, capture_output=True, text=True)
+    done = subprocess.run(command, capture_output=True, text=True, preexec_fn=die_with_parent)
     sys.stdout.write(done.stdout[-20000:])
     if done.returncode != 0:
-        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        raise DistillabError(f"torchrun ({processes} processes) failed: {last}")
+        raise DistillabError(f"torchrun ({processes} processes) failed: {cause_line(done.stderr)}")
     return files.final
 
 
@@ -178,6 +179,38 @@ def read_plan(sweep_dir: Path) -> dict:
     if not path.exists():
         raise DataError(f"{path}: not found; run `distillab sweep GRID --out {sweep_dir}` first")
     return json.loads(path.read_text())
+
+
+def cause_line(stderr: str) -> str:
+    """The line of a failed command's stderr that says why: distillab's own one-line error when there
+    is one (torchrun and interpreter shutdown print their reports and warnings after it), else the
+    last line that is not a warning."""
+    lines = [line.strip() for line in stderr.strip().splitlines() if line.strip()]
+    ours = [line for line in lines if line.startswith("distillab: error:")]
+    if ours:
+        return ours[0].removeprefix("distillab: error:").strip()
+    plain = [line for line in lines if "warning" not in line.lower() and "warnings.warn" not in line]
+    return (plain or lines or ["no output"])[-1]
+
+
+# prctl(2) option: the signal this process gets when its parent dies (Linux).
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(parent: int | None = None) -> None:
+    """Ask the kernel to SIGKILL this process when its parent dies (Linux; elsewhere nothing). A run
+    killed this way resumes from its last checkpoint; its lock goes with it. Called first thing in a
+    worker (`parent`: the pid that started it, to catch a parent that died before the call)."""
+    import ctypes
+    import signal
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+    if parent is not None and os.getppid() != parent:
+        os._exit(1)
 
 
 def write_plan(spec: GridSpec, runs: list[Run], sweep_dir: Path) -> None:
@@ -200,13 +233,14 @@ def check_requirements(spec: GridSpec) -> None:
 
 
 def initial_status(runs: list[Run], sweep_dir: Path, retry_failed: bool, stage: dict | None = None) -> dict:
-    """Each run's status at the start: running (a dead sweep's) -> pending; failed -> pending on retry;
-    done with another SFT stage than the grid's `stage` -> pending (only the stage is redone)."""
+    """Each run's status at the start: running (a dead sweep's) and blocked (decided again) -> pending;
+    failed -> pending on retry; done with another SFT stage than the grid's `stage` -> pending (only
+    the stage is redone)."""
     status = {}
     for run in runs:
         recorded = read_status(sweep_dir, run.id)
         state = recorded.get("status", "pending")
-        if state == "running" or (state == "failed" and retry_failed):
+        if state in ("running", "blocked") or (state == "failed" and retry_failed):
             state = "pending"
         if state == "done" and stage and recorded.get("sft_stage") != stage_key(stage):
             state = "pending"
@@ -261,6 +295,7 @@ def drive(runs: list[Run], status: dict, submit, workers: int, sweep_dir: Path, 
             dependencies = [status[d] for d in run.depends_on]
             if any(d in ("failed", "blocked") for d in dependencies):
                 status[run.id] = "blocked"
+                write_status(sweep_dir, run.id, status="blocked", error="its teacher failed")
                 log(f"sweep: {run.name} blocked: its teacher failed")
             elif all(d == "done" for d in dependencies) and len(in_flight) < workers:
                 log(f"sweep: starting {run.name} ({run.id})")
@@ -316,7 +351,8 @@ class LocalWorkers:
         from concurrent.futures import ProcessPoolExecutor
 
         os.environ.setdefault("DISTILLAB_PROGRESS", "0")
-        return ProcessPoolExecutor(max_workers=self.workers, mp_context=multiprocessing.get_context("spawn"))
+        return ProcessPoolExecutor(max_workers=self.workers, mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=die_with_parent, initargs=(os.getpid(),))
 
     def __call__(self, run_id: str) -> Job:
         from concurrent.futures.process import BrokenProcessPool

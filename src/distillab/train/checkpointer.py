@@ -29,8 +29,8 @@ from typing import Callable
 
 import torch
 
-from distillab.artefact import AtomicDirectory
-from distillab.checkpoint import (SHARDED, is_sharded_checkpoint, latest_verified, load_weights, verify_checkpoint,
+from distillab.artefact import AtomicDirectory, removed_on_failure
+from distillab.checkpoint import (CHECKPOINT_ADVICE, SHARDED, is_sharded_checkpoint, latest_verified, load_weights, verify_checkpoint,
                                   write_checkpoint_files, write_manifest)
 from distillab.errors import CheckpointError, ConfigError
 from distillab.export import export_model
@@ -68,21 +68,22 @@ class Checkpointer:
         self.wait()
         import torch.distributed.checkpoint as dcp
 
-        directory = AtomicDirectory(target) if self.parallel.is_main else None
+        directory = AtomicDirectory(target, "a checkpoint", CHECKPOINT_ADVICE) if self.parallel.is_main else None
         tmp = self.parallel.broadcast_object(directory.path if directory else None)
         weights, optimizer_state = model_state(stepper, optimizer)
         state = {"model": weights, "optimizer": optimizer_state}
         rng = self.parallel.all_gather_object(rng_state(self.parallel.device))
-        if self.parallel.is_main:
-            model.config.save_pretrained(str(tmp))
-            write_checkpoint_files(tmp, tokenizer, meta, {**trainer_state, "rng_states": rng})
-        if self.async_save:
-            future = dcp.async_save(state, checkpoint_id=str(tmp / SHARDED), process_group=self.group,
-                                    no_dist=not distributed())
-            self.pending = PendingSave(future, tmp, directory, then)
-        else:
+        with removed_on_failure(directory, target, "a checkpoint", CHECKPOINT_ADVICE):
+            if self.parallel.is_main:
+                model.config.save_pretrained(str(tmp))
+                write_checkpoint_files(tmp, tokenizer, meta, {**trainer_state, "rng_states": rng})
+            if self.async_save:
+                future = dcp.async_save(state, checkpoint_id=str(tmp / SHARDED), process_group=self.group,
+                                        no_dist=not distributed())
+                self.pending = PendingSave(future, tmp, directory, then)
+                return
             dcp.save(state, checkpoint_id=str(tmp / SHARDED), no_dist=not distributed())
-            self.name(tmp, directory, then)
+        self.name(tmp, directory, then)
 
     def wait(self) -> None:
         """Finish the background save, if one is under way (every process calls this)."""
@@ -90,7 +91,8 @@ class Checkpointer:
             return
         pending, self.pending = self.pending, None
         result = pending.future
-        (getattr(result, "upload_completion", None) or result).result()
+        with removed_on_failure(pending.directory, pending.tmp, "a checkpoint", CHECKPOINT_ADVICE):
+            (getattr(result, "upload_completion", None) or result).result()
         self.name(pending.tmp, pending.directory, pending.then)
 
     def name(self, tmp: Path, directory: AtomicDirectory | None, then) -> None:

@@ -14,6 +14,7 @@ import math
 import torch
 
 from distillab.errors import DistillabError
+from distillab.models import nonfinite_parameter
 
 
 class NonFiniteError(DistillabError):
@@ -25,14 +26,6 @@ def first_nonfinite(values: dict) -> str | None:
     for key, value in values.items():
         if value is not None and not math.isfinite(value):
             return key
-    return None
-
-
-def nonfinite_parameter(model: torch.nn.Module) -> str | None:
-    for name, param in model.named_parameters():
-        local = param.to_local() if hasattr(param, "to_local") else param
-        if not torch.isfinite(local).all():
-            return name
     return None
 
 

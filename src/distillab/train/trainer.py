@@ -7,9 +7,13 @@
                              can fail runs here, before anything is written to the run directory
                              (an SFT run, `sft.init_from` set: the checkpoint to fine-tune and its
                              chat data, `distillab.sft`)
-      RunDirectory.claim     one writer per run directory
+      RunDirectory.claim     one writer per run directory; under it, a finished run is reported
+                             "already complete" only when its final model was made from the same
+                             config and inputs (else refused), so a run that finished while this
+                             process was loading is never trained again
       Trainer.restore        the newest verified checkpoint (or a WSD branch point), bound to
-                             the same config, tokenizer and data; then config.yaml
+                             the same config, tokenizer, data, teacher, teacher cache and chat
+                             template; then config.yaml
       Trainer.fit            train_step, log, evaluate, checkpoint ... until the budget is spent
       Trainer.finish         the final model and summary.json (only when every check passed)
 
@@ -27,10 +31,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import torch
+
 from distillab import __version__
 from distillab.checkpoint import load_trainer_state, prune_checkpoints, read_meta, step_dir
 from distillab.config import RunConfig, first_difference, results_config
-from distillab.data.loader import Batch
+from distillab.data.loader import Batch, model_inputs
 from distillab.data.packing import training_stream
 from distillab.data.shards import PreparedData, prepare_data
 from distillab.errors import CheckpointError, ConfigError
@@ -45,13 +51,16 @@ from distillab.train.guard import NonFiniteError, NonFiniteGuard
 from distillab.train.metrics import LogWindow, MetricsSink, NoMetrics
 from distillab.train.checkpointer import Checkpointer
 from distillab.train.parallel import SingleProcess
-from distillab.train.rundir import RunDirectory, check_inputs
+from distillab.train.rundir import RunDirectory, bound_inputs, check_inputs
 from distillab.train.schedule import Plan, learning_rate, make_optimizer, make_plan
 from distillab.train.step import StepResult, train_step
 from distillab.train.world import setup_parallelism
 
 # Keys in which a WSD branch may differ from the trunk it starts from.
 BRANCH_KEYS = {"train.token_budget", "train.branch_from", "name"}
+# Logits within this of one another at every position of a window: a model collapsed onto
+# uniform guessing (random initial weights spread them by far more).
+COLLAPSE_LOGITS = 1e-4
 
 
 @dataclass
@@ -103,6 +112,20 @@ def cached_objective(objective: KDObjective, teacher: CachedTeacher, log) -> KDO
     return dataclasses.replace(objective, top_k=teacher.top_k)
 
 
+def config_warnings(config: RunConfig, plan: Plan) -> list[str]:
+    """Settings that are valid but probably not what was meant: each one line naming the key."""
+    t, kd, warnings = config.train, config.kd, []
+    if t.warmup_steps is not None and t.warmup_steps >= plan.steps:
+        warnings.append(f"train.warmup_steps: {t.warmup_steps} is not shorter than the run's {plan.steps} steps, so "
+                        "the learning rate is still warming up at the end and never decays")
+    for name in ("alpha_schedule", "temperature_schedule"):
+        schedule = getattr(kd, name)
+        if schedule.shape == "constant" and (schedule.start is not None or schedule.end is not None):
+            warnings.append(f"kd.{name}.start/end: ignored with kd.{name}.shape=constant (the value holds throughout); "
+                            "set the shape to linear, cosine or wsd for them to apply")
+    return warnings
+
+
 def config_hash(config: RunConfig) -> str:
     return stable_hash(results_config(config))
 
@@ -123,6 +146,8 @@ class Trainer:
         self.window = LogWindow()
         self.last_eval: dict = {}
         self.start_eval: dict = {}  # an SFT run: the held-out losses of the model it starts from
+        cache_sha256 = teacher.cache.manifest_sha256 if isinstance(teacher, CachedTeacher) else None
+        self.inputs = bound_inputs(config, data, teacher is not None, cache_sha256)
 
     # ------------------------------------------------------------------------- build
 
@@ -154,6 +179,8 @@ class Trainer:
         if isinstance(teacher, CachedTeacher):
             teacher.check_covers(stream, sequences)
             objective = cached_objective(objective, teacher, log)
+        for warning in config_warnings(config, plan):
+            log(f"warning: {warning}")
         return cls(config, parallel, data, spec, stepper, make_optimizer(stepper, t), teacher, stream, plan, log,
                    objective)
 
@@ -167,13 +194,10 @@ class Trainer:
         epochs = start.stream.epochs(plan.steps * t.batch_size * t.grad_accum * parallel.world)
         log(f"sft: {config.sft.init_from}, {plan.steps} steps over {start.stream.n_windows:,} windows of packed "
             f"conversations ({epochs:.2f} epochs)")
-        trainer = cls(config, parallel, start.data, start.spec, stepper, make_optimizer(stepper, t), None,
-                      start.stream, plan, log, config.kd.objective())
-        if parallel.is_main or parallel.collective_forward:
-            trainer.start_eval = trainer.evaluate()
-            log("sft: before fine-tuning: " + ", ".join(f"{name} loss {r['loss']:.4f}"
-                                                        for name, r in trainer.start_eval.items()))
-        return trainer
+        for warning in config_warnings(config, plan):
+            log(f"warning: {warning}")
+        return cls(config, parallel, start.data, start.spec, stepper, make_optimizer(stepper, t), None,
+                   start.stream, plan, log, config.kd.objective())
 
     # ------------------------------------------------------------------------- state
 
@@ -195,7 +219,7 @@ class Trainer:
                 "results_config": results_config(self.config), "model": dataclasses.asdict(self.spec),
                 "step": self.step, "tokens": self.tokens, "tokenizer_fingerprint": self.data.fingerprint,
                 "data_dir": str(self.data.path.resolve()), "data_content_sha256": self.data.manifest["content_sha256"],
-                "train_stream": self.stream_record(),
+                "train_stream": self.stream_record(), "inputs": self.inputs,
                 "teacher": self.config.kd.teacher, "objective": self.objective.as_dict()}
 
     def role(self) -> str:
@@ -212,8 +236,24 @@ class Trainer:
 
     # ------------------------------------------------------------------------- restore
 
+    def already_complete(self, run: RunDirectory) -> TrainResult | None:
+        """A finished run's result, when its final model was made from this config and these inputs
+        (else a one-line refusal naming what changed); None when the run is not finished.
+        Called under the run's lock, so a run that finished while this process was loading counts."""
+        summary = run.completed_summary()
+        if summary is None:
+            return None
+        check_inputs(read_meta(run.final), self.config, self.data, run.final, inputs=self.inputs)
+        self.log(f"train: {run.path} is already complete ({summary['steps']} steps)")
+        return TrainResult(run.path, run.final, summary["steps"], summary["tokens"], summary.get("eval", {}), True)
+
     def restore(self, run: RunDirectory) -> None:
-        """Continue from the newest verified checkpoint, or branch from a trunk, or start fresh."""
+        """Continue from the newest verified checkpoint, or branch from a trunk, or start fresh (an
+        SFT run first scores the model it starts from)."""
+        if self.config.sft.init_from and (self.parallel.is_main or self.parallel.collective_forward):
+            self.start_eval = self.evaluate()
+            self.log("sft: before fine-tuning: " + ", ".join(f"{name} loss {r['loss']:.4f}"
+                                                             for name, r in self.start_eval.items()))
         found = self.checkpointer.latest(run.checkpoints, log=self.log)
         if found is not None:
             step, source = found
@@ -236,7 +276,8 @@ class Trainer:
         meta = read_meta(source)
         if branch:
             check_branch(meta, self.config, source)
-        check_inputs(meta, self.config, self.data, source, check_config=not branch)
+        check_inputs(meta, self.config, self.data, source, check_config=not branch,
+                     inputs=None if branch else self.inputs)
         state = load_trainer_state(source)
         if branch and state["step"] != self.plan.decay_start:
             raise ConfigError("train.branch_from", f"{source} is at step {state['step']} but this run's decay starts at "
@@ -284,8 +325,10 @@ class Trainer:
         return self.last_eval
 
     def save_checkpoint(self, run: RunDirectory) -> None:
-        """A resumable checkpoint of this step, each process writing its shards (weights checked finite first)."""
+        """A resumable checkpoint of this step, each process writing its shards (weights checked finite,
+        and not collapsed, first)."""
         NonFiniteGuard.check_weights(self.step, self.model, "checkpoint")
+        self.check_not_collapsed("checkpoint")
         t = self.config.train
         self.checkpointer.save(step_dir(run.checkpoints, self.step), self.stepper, self.optimizer, self.state_dict(),
                                self.model, self.data.tokenizer, self.meta(),
@@ -331,10 +374,11 @@ class Trainer:
             row = self.log_row(result, lr)
             if do_eval and (self.parallel.is_main or self.parallel.collective_forward):
                 NonFiniteGuard.check_weights(self.step, self.model, "evaluation")
+                self.check_not_collapsed("evaluation")
                 row.update({f"eval/{name}/{k}": r[k] for name, r in self.evaluate().items() for k in ("loss", "ppl")})
             metrics.write(row)
             if do_eval:
-                self.parallel.barrier()
+                self.agree_not_diverged(final=False)
         if is_last:
             return False
         requested = self.parallel.all_reduce_sum([1.0 if stop.requested else 0.0])[0] > 0
@@ -359,8 +403,9 @@ class Trainer:
     def finish(self, run: RunDirectory) -> TrainResult:
         """The final model and summary, once the weights and the held-out loss pass their checks."""
         NonFiniteGuard.check_weights(self.step, self.model, "final model")
+        self.check_not_collapsed("final model")
         self.checkpointer.wait()
-        self.agree_not_diverged()
+        self.agree_not_diverged(final=True)
         self.checkpointer.write_final(run.final, self.model, self.data.tokenizer, self.meta())
         if self.parallel.is_main:
             run.write_summary(self.summary())
@@ -371,34 +416,49 @@ class Trainer:
                  f"model in {run.final}")
         return TrainResult(run.path, run.final, self.step, self.tokens, self.last_eval, True)
 
-    def agree_not_diverged(self) -> None:
+    def agree_not_diverged(self, final: bool) -> None:
         """`check_not_diverged` on the main process (which holds the evaluation), its verdict on all."""
         error = None
         if self.parallel.is_main:
             try:
-                self.check_not_diverged()
+                self.check_not_diverged(final)
             except NonFiniteError as exc:
                 error = str(exc)
         error = self.parallel.broadcast_object(error)
         if error is not None:
             raise NonFiniteError(error)
 
-    def check_not_diverged(self) -> None:
-        """A held-out loss no better than guessing uniformly (after 10 steps), or 1 nat worse at any
-        length, is a diverged run (weights blown up, or collapsed to a constant), not a model. An SFT
-        run starts from a trained model that may be worse than uniform on new data: it has diverged
-        when its held-out loss ends more than 1 nat above where it started."""
+    def check_not_diverged(self, final: bool) -> None:
+        """A held-out loss 1 nat worse than guessing uniformly is a diverged run (weights blown up),
+        not a model: checked at every evaluation. The final model must moreover be better than
+        uniform (after 10 steps). An SFT run starts from a trained model that may be worse than
+        uniform on new data: it has diverged when its held-out loss is more than 1 nat above where
+        it started. (A model collapsed onto uniform guessing is caught sooner, `check_not_collapsed`.)"""
         uniform = math.log(self.data.vocab_size)
         for name, result in self.last_eval.items():
             loss, start = result["loss"], self.start_eval.get(name)
             if start:
                 worse, than = loss > start["loss"] + 1.0, f"more than 1 nat above its {start['loss']:.4f} at the start"
             else:
-                worse = loss > uniform + 1.0 or (self.step >= 10 and loss >= uniform)
+                worse = loss > uniform + 1.0 or (final and self.step >= 10 and loss >= uniform)
                 than = f"no better than guessing uniformly ({uniform:.4f})"
             if not math.isfinite(loss) or worse:
                 raise NonFiniteError(f"training diverged: after {self.step} steps the {name} loss is {loss:.4f} nats, "
                                      f"{than}; lower train.lr (the last good checkpoint is kept, final is not written)")
+
+    @torch.no_grad()
+    def check_not_collapsed(self, when: str) -> None:
+        """Before every checkpoint and evaluation: a model whose logits on the first training window
+        are the same for every token (within `COLLAPSE_LOGITS`) at every position has collapsed onto
+        uniform guessing; it stops the run so it is never kept as a "last good" checkpoint. (Random
+        initial weights never give equal logits; a trained model is far from it.)"""
+        probe = self.stream.batch(0, 1).to(self.parallel.device)
+        logits = self.model(**model_inputs(probe)).logits[..., : self.data.vocab_size].float()
+        spread = float((logits.amax(-1) - logits.amin(-1)).max())
+        if spread < COLLAPSE_LOGITS:
+            raise NonFiniteError(f"training diverged by step {self.step}: the model's outputs are uniform over the "
+                                 f"vocabulary at every position (it collapsed to a constant), so the {when} is not "
+                                 "written; lower train.lr (the last good checkpoint is kept)")
 
     def summary(self) -> dict:
         return {"name": self.config.name, "status": "done", "steps": self.step, "tokens": self.tokens,
@@ -406,6 +466,7 @@ class Trainer:
                 "parameters": sum(p.numel() for p in self.model.parameters()), "objective": self.objective.as_dict(),
                 "objective_label": self.objective.label(), "teacher": self.config.kd.teacher,
                 "skipped_steps": self.guard.skipped, "eval": self.last_eval, "config_hash": config_hash(self.config),
+                "inputs": self.inputs,
                 **({"sft": {"init_from": self.config.sft.init_from, "eval_before": self.start_eval}}
                    if self.start_eval else {})}
 
@@ -422,16 +483,15 @@ def train(config: RunConfig, *, stop_after_steps: int | None = None, log=print,
         log = lambda *args, **kwargs: None  # noqa: E731
     try:
         run = RunDirectory(config)
-        summary = run.completed_summary()
-        if summary is not None:
-            log(f"train: {run.path} is already complete ({summary['steps']} steps)")
-            return TrainResult(run.path, run.final, summary["steps"], summary["tokens"], summary.get("eval", {}), True)
         run.check_before_writing()
         trainer = Trainer.build(config, parallel, log)
         with run.claim(parallel.is_main):
             parallel.barrier()
+            done = trainer.already_complete(run)
+            if done is not None:
+                return done
             trainer.restore(run)
-            run.record_config(parallel.is_main)
+            run.record_config(parallel.is_main, trainer.spec.name)
             return trainer.fit(run, stop_after_steps, on_step)
     finally:
         parallel.close()
