@@ -60,6 +60,18 @@ def tiny_teacher(tmp_path_factory, cache_dir) -> Path:
 
 # ---- hand-made result rows for the verdict and adaptive-seed tests -------------------------------
 
+def looks_3_to_8():
+    """The first sequential design (looks at 3, 4, ..., 8 interval seeds, O'Brien-Fleming-type spending; its
+    constants from calibrate_critical_values((3, 4, 5, 6, 7, 8), 0.05, 2_000_000, 20261101)): the verdict and
+    adaptive tests walk the machinery on it, so they do not change when the demo's DESIGN does."""
+    from distillab.study.sequential import Design
+
+    return Design(looks=(3, 4, 5, 6, 7, 8), alpha=0.05, critical_values=(26.9, 7.76, 4.7, 3.62, 3.06, 2.73),
+                  replications=2_000_000, rng_seed=20261101)
+
+
+LOOKS_3_TO_8 = looks_3_to_8()
+
 # baseline held-out loss per seed (near 5.0; seeds 1-5 set the strength band)
 BASELINE_LOSS = {1: 5.0, 2: 5.01, 3: 4.99, 4: 5.0, 5: 5.005, 6: 4.995, 7: 5.002, 8: 4.998, 9: 5.001, 10: 5.003, 11: 5.0}
 # teachers: small@short, small@long, big@short, big@long; the first three are weaker than the student

@@ -1,6 +1,6 @@
 """Run under torchrun by tests/test_sharded.py (one process per rank, gloo on the CPU).
 
-    python -m torch.distributed.run ... tests/sharded_worker.py init PARALLEL NODES SPEC_JSON OUT_JSON
+    python -m torch.distributed.run ... tests/sharded_worker.py init PARALLEL NODES SPEC_JSON OUT_JSON [PARAMETRISATION]
         the student built on the meta device and materialised shard by shard; every tensor is
         gathered and compared, bit for bit, with `models.build_model` (a plain single-process build)
     python -m torch.distributed.run ... tests/sharded_worker.py save-memory CONFIG_YAML OUT_JSON
@@ -16,8 +16,9 @@ from pathlib import Path
 import torch
 
 
-def compare_initial_weights(parallel_name: str, nodes: int, spec_values: dict) -> dict:
-    """{"tensors": n, "mismatches": [names]} on rank 0 (None elsewhere)."""
+def compare_initial_weights(parallel_name: str, nodes: int, spec_values: dict, parametrisation: str = "hf") -> dict:
+    """{"tensors": n, "mismatches": [names], "tied", "scaling"} on rank 0 (None elsewhere); "scaling"
+    says whether every layer's attention scale equals the reference's."""
     from distillab.config import TrainConfig
     from distillab.models import ModelSpec, build_model
     from distillab.train.world import setup_parallelism
@@ -27,8 +28,9 @@ def compare_initial_weights(parallel_name: str, nodes: int, spec_values: dict) -
                                              threads=1))
     spec = ModelSpec(**spec_values)
     vocab, seq_len, seed, eos = 300, 32, 1234, 7
-    stepper = parallel.build_model(spec, vocab, seq_len, seed, eos)
-    reference = build_model(spec, vocab, seq_len, seed, eos) if parallel.is_main else None
+    stepper = parallel.build_model(spec, vocab, seq_len, seed, eos, parametrisation=parametrisation)
+    reference = build_model(spec, vocab, seq_len, seed, eos, parametrisation=parametrisation) if parallel.is_main \
+        else None
     mismatches, count = [], 0
     for name, tensor in [*stepper.named_parameters(), *stepper.named_buffers()]:
         whole = (tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor).detach()
@@ -40,7 +42,10 @@ def compare_initial_weights(parallel_name: str, nodes: int, spec_values: dict) -
                 mismatches.append(name)
     tied = spec.tie_embeddings and stepper.lm_head.weight is stepper.model.embed_tokens.weight
     parallel.close()
-    return {"tensors": count, "mismatches": mismatches, "tied": tied} if reference is not None else None
+    if reference is None:
+        return None
+    scaling = all(a.self_attn.scaling == b.self_attn.scaling for a, b in zip(stepper.model.layers, reference.model.layers))
+    return {"tensors": count, "mismatches": mismatches, "tied": tied, "scaling": scaling}
 
 
 def peak_kib() -> int:
@@ -79,8 +84,8 @@ def measure_save(config_path: str) -> dict:
 def main() -> None:
     mode, *args = sys.argv[1:]
     if mode == "init":
-        parallel_name, nodes, spec_json, out = args
-        result = compare_initial_weights(parallel_name, int(nodes), json.loads(spec_json))
+        parallel_name, nodes, spec_json, out, *parametrisation = args
+        result = compare_initial_weights(parallel_name, int(nodes), json.loads(spec_json), *parametrisation)
     else:
         config_path, out = args
         result = measure_save(config_path)

@@ -1,6 +1,6 @@
 """Which runs the adaptive seed loop asks for next, on hand-made rows."""
 
-from conftest import TEACHERS, verdict_grid
+from conftest import LOOKS_3_TO_8, TEACHERS, verdict_grid
 
 from distillab.study.adaptive import seeds_to_add, undecided_findings
 from distillab.study.verdicts import DECIDED, NOT_ASKABLE, OPEN
@@ -9,7 +9,7 @@ SWING = {1: 0.0, 2: 0.0, 3: 0.08, 4: -0.06, 5: 0.01, 6: 0.07, 7: -0.05, 8: 0.03,
 
 
 def plan(rows):
-    (entry,) = seeds_to_add(rows, tolerance=0.02, margin=0.02)
+    (entry,) = seeds_to_add(rows, tolerance=0.02, margin=0.02, design=LOOKS_3_TO_8)
     return entry
 
 
@@ -54,7 +54,7 @@ def test_only_the_open_findings_teachers_get_the_next_seed():
     weak = ("ss", "sl", "bs")  # bl is stronger than the student: F1 does not concern it
     assert cells(entry) == sorted([("baseline", None, None, 6)] + [("student", t, 0.1, 6) for t in weak])
     assert entry["findings"]["F1"]["next_look"] == 4
-    assert undecided_findings(rows, 0.02, 0.02) == [("s", 100, "lm", "F1")]
+    assert undecided_findings(rows, 0.02, 0.02, LOOKS_3_TO_8) == [("s", 100, "lm", "F1")]
 
 
 def test_existing_seeds_are_reused_and_a_failed_seed_is_skipped():
@@ -69,7 +69,7 @@ def test_existing_seeds_are_reused_and_a_failed_seed_is_skipped():
 def test_nothing_is_asked_for_when_every_finding_is_decided_or_at_the_maximum():
     settled = verdict_grid(lambda t, s, a: (0.05 + s / 1000, 0.1 + s / 1000), seeds=(1, 2, 3, 4, 5))
     entry = plan(settled)
-    assert entry["runs"] == [] and undecided_findings(settled, 0.02, 0.02) == []
+    assert entry["runs"] == [] and undecided_findings(settled, 0.02, 0.02, LOOKS_3_TO_8) == []
     at_max = verdict_grid(gains_f1_open, seeds=tuple(range(1, 11)))  # 8 interval seeds: the maximum
     entry = plan(at_max)
     assert entry["runs"] == [] and entry["findings"]["F1"]["stage"] == "at max"

@@ -33,14 +33,19 @@ def test_components_follow_the_stated_formulas():
     assert fsdp["weights"] == pytest.approx(4 * p / 8 + 2 * (2 * V * 4096 + 4096 + 2 * block))
     assert fsdp["optimizer"] == pytest.approx(8 * p / 8) and fsdp["gradients"] == pytest.approx(4 * p / 8)
     assert fsdp["activations"] == 32 * 2 * tokens * 4096 + per_block * tokens
-    assert fsdp["logits"] == tokens * V * 8  # no fused output layer under fsdp
+    chunk = max(128, (1 << 26) // V)  # the fused loss's GPU chunk of rows
+    fused = 3 * 4 * chunk * V + 4 * V * 4096 + 4 * tokens * 4096  # scratch, output layer's and hidden's gradients
+    assert fsdp["logits"] == fused and ddp["logits"] == fused  # the output layer is fused under fsdp too
+    small = memory_plan(LADDER["llama-8b"], V, Layout("fsdp", 8, 1, 1024, True, 2)).components
+    assert small["logits"] == 1024 * V * 8  # below 2^28 logits: materialised, with their gradient
 
 
 def config_file(tmp_path: Path, **train) -> Path:
     config = {"name": "big", "run_dir": str(tmp_path / "big"), "model": {"name": "llama-8b"},
               "data": {"corpus": {"source": "packaged", "name": "python-stdlib"}, "tokenizer": {"vocab_size": V}},
               "train": {"seq_len": 8192, "batch_size": 2, "grad_accum": 16, "processes": 8, "precision": "bfloat16",
-                        "device": "cuda", **train}}
+                        "device": "cuda", **train},
+              "eval": {"batch_size": 2}}  # 8 windows of 8,192 would not fit (tests/test_plan_limits.py)
     path = tmp_path / "big.yaml"
     path.write_text(yaml.safe_dump(config))
     return path

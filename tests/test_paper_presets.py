@@ -28,10 +28,11 @@ FKL = "forward_kl"
 
 
 def student(teacher, teacher_b, alpha, *, model="llama-1.7b", b=50, seed=43, t=1.0, k=None, divergence=FKL,
-            loss_scale="mix"):
-    """One student as (model, steps, seed, teacher, teacher steps, alpha, T, k, divergence, loss scale)."""
+            loss_scale="mix", k_student="full"):
+    """One student as (model, steps, seed, teacher, teacher steps, alpha, T, k, divergence, loss scale, the
+    student's side of top-k)."""
     return (model, STEPS[b], seed, teacher, STEPS[teacher_b] if teacher_b else None, alpha, t, k, divergence,
-            loss_scale)
+            loss_scale, k_student)
 
 
 def crossed(teachers, budgets, alphas, **kw):
@@ -51,20 +52,29 @@ EXPECTED = {
                     crossed(L4, [10, 30, 50, 80, 100, 300], (0.2, 0.4, 0.6, 0.8)), {("llama-1.7b", 25_000, 43, 0.0)}),
     "ablate1": ({(m, 150_000) for m in L4}, crossed(L4, [300], A6, b=300),
                 {("llama-1.7b", 150_000, 43, 0.0), ("llama-1.7b", 250_000, 42, 0.0)}),
+    # the authors' scripts: the 0.3B student with the 50B teachers, and for 5,000 steps (10B) with the
+    # 10B teachers; 0.6B and 1B with the 0.15B @ 50B teacher; seed-43 baselines for every student
+    # setting (seed 42 ones are the teachers themselves)
     "ablate2": ({(m, STEPS[b]) for m in QWEN for b in (10, 50)},
-                crossed(QWEN, [10, 50], A6, model="qwen3-0.3b")
+                crossed(QWEN, [50], A6, model="qwen3-0.3b")
+                + crossed(QWEN, [10], A6, model="qwen3-0.3b", b=10)
                 + crossed(["qwen3-0.15b"], [50], A6, model="qwen3-0.6b")
                 + crossed(["qwen3-0.15b"], [50], A6, model="qwen3-1b"),
-                # seed 42 baselines at 50B are the 50B teachers themselves (one run each)
-                {(m, 25_000, 43, 0.0) for m in QWEN}),
+                {("qwen3-0.3b", 25_000, 43, 0.0), ("qwen3-0.3b", 5_000, 43, 0.0), ("qwen3-0.6b", 25_000, 43, 0.0),
+                 ("qwen3-1b", 25_000, 43, 0.0)}),
     "ablate3": ({(m, 25_000) for m in L4},
                 [s for t in (0.5, 1.0, 2.0, 4.0) for s in crossed(L4, [50], (0.2, 1.0), t=t)]
                 + crossed(L4, [50], (0.2, 1.0), divergence=HARD), {("llama-1.7b", 25_000, 43, 0.0)}),
+    # top-k: the student renormalised over the teacher's top k too (the authors' efficient KL)
     "ablate4": ({(m, 25_000) for m in L4},
-                [s for k in (1283, 6413, 25651, 64128, None) for s in crossed(L4, [50], (0.2, 1.0), k=k)],
+                [s for k in (1283, 6413, 25651, 64128, None)
+                 for s in crossed(L4, [50], (0.2, 1.0), k=k, k_student="renormalised" if k else "full")],
                 {("llama-1.7b", 25_000, 43, 0.0)}),
+    # k = 1 is hard labels (the renormalised top-1 KL is 0)
     "topk_absolute": ({(m, 25_000) for m in L3},
-                      [s for k in (1, 2, 10, 100, 1000, 10000) for s in crossed(L3, [50], (0.5, 1.0), k=k)],
+                      [s for k in (2, 10, 100, 1000, 10000)
+                       for s in crossed(L3, [50], (0.5, 1.0), k=k, k_student="renormalised")]
+                      + crossed(L3, [50], (0.5, 1.0), divergence=HARD),
                       {("llama-1.7b", 25_000, 43, 0.0)}),
     "hard_vs_soft": ({(m, 25_000) for m in L3},
                      crossed(L3, [50], A6) + crossed(["llama-1.7b"], [50], A6, divergence=HARD),
@@ -119,7 +129,7 @@ def test_preset_plans_the_authors_runs(name, plans):
         teacher = by_id[run.depends_on[0]] if run.depends_on else None
         got_students.append((run.info["model"], steps(run), config_from_dict(run.config).train.init_seed,
                              teacher.info["model"] if teacher else kd.teacher, steps(teacher) if teacher else None,
-                             kd.alpha, kd.temperature, kd.top_k, kd.divergence, kd.loss_scale))
+                             kd.alpha, kd.temperature, kd.top_k, kd.divergence, kd.loss_scale, kd.top_k_student))
     assert Counter(got_students) == Counter(students)
     assert sum(r.role == "student" for r in runs) == len(students)
     got_baselines = {(r.info["model"], steps(r), config_from_dict(r.config).train.init_seed,
@@ -144,6 +154,8 @@ def test_preset_follows_the_shared_recipe(name, plans):
         assert t.seq_len == 8192 and t.batch_size * t.grad_accum * t.processes == 256
         assert t.lr == (5e-4 if qwen else 3e-4)
         assert (t.beta1, t.beta2, t.eps, t.weight_decay, t.grad_clip) == (0.9, 0.95, 1e-8, 0.1, 1.0)
+        assert t.weight_decay_params == "all"  # optax.adamw without a mask
+        assert cfg.model.parametrisation == "maxtext"
         assert t.schedule == "cosine" and t.warmup_fraction == 0.05 and t.min_lr_ratio == 0.1
         assert plan_.warmup_steps == plan_.steps // 20
         assert t.checkpoint_every == 2500 and t.precision == "bfloat16"

@@ -78,6 +78,25 @@ def test_meta_device_init_on_several_processes_equals_the_single_process_build(t
         assert result["mismatches"] == [] and result["tensors"] >= 10, (name, result)
 
 
+@pytest.mark.parametrize("spec", [RUNG, TIED], ids=["llama", "qwen3-tied"])
+def test_meta_device_init_under_maxtext_equals_the_single_process_build_bit_for_bit(spec):
+    """model.parametrisation maxtext under FSDP on a world of one: transformers' draws replayed, then
+    MaxText's from the same generator, equal build_model(..., "maxtext"), with its attention scale."""
+    from sharded_worker import compare_initial_weights
+
+    result = compare_initial_weights("fsdp", 1, spec, "maxtext")
+    assert result["mismatches"] == [] and result["tensors"] >= 10 and result["scaling"]
+    assert result["tied"] == spec["tie_embeddings"]
+
+
+@pytest.mark.slow
+def test_meta_device_init_under_maxtext_on_two_processes_equals_the_single_process_build(tmp_path):
+    for name, spec in (("llama", RUNG), ("qwen3", TIED)):
+        launch([WORKER, "init", "fsdp", "1", json.dumps(spec), f"{tmp_path / name}", "maxtext"], 2)
+        result = json.loads(Path(f"{tmp_path / name}.0").read_text())
+        assert result["mismatches"] == [] and result["tensors"] >= 10 and result["scaling"], (name, result)
+
+
 # --------------------------------------------------------------------------- the streamed HF export
 
 
@@ -134,6 +153,42 @@ def test_a_checkpoint_of_the_older_format_resumes_bit_identically(tmp_path, cach
     assert train(config_from_dict(values), log=messages.append).completed
     assert any("from step 3" in m for m in messages)
     a = load_file(str(tiny_teacher / "model.safetensors"))
+    b = load_file(str(tmp_path / "legacy" / "final" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_maxtext_checkpoint_of_the_older_format_resumes_bit_identically(tmp_path, cache_dir):
+    """The older format saved MaxText Qwen3 weights folded (a plain HF model) and kept the unfolded query
+    norms in its trainer state: such a checkpoint resumes to the uninterrupted run's final model."""
+    from safetensors.torch import load_file
+
+    from distillab.checkpoint import load_trainer_state, read_meta, save_checkpoint, step_dir
+    from distillab.train import Trainer, train
+    from distillab.train.parallel import SingleProcess
+
+    quiet = lambda *a: None  # noqa: E731
+
+    def values(name):
+        return tiny_run(tmp_path, cache_dir, name, model={"name": "cpu-0.1m", "family": "qwen3",
+                                                          "parametrisation": "maxtext"}, train={"threads": 1})
+    whole = train(config_from_dict(values("whole")), log=quiet)
+    train(config_from_dict(values("legacy")), stop_after_steps=3, log=quiet)
+    source = step_dir(tmp_path / "legacy" / "checkpoints", 3)
+    trainer = Trainer.build(config_from_dict(values("legacy")), SingleProcess(torch.device("cpu")), quiet)
+    state, meta = load_trainer_state(source), read_meta(source)
+    trainer.checkpointer.load(source, trainer.stepper, trainer.optimizer, state)
+    factors = trainer.export_factors()
+    trained = trainer.model.state_dict()
+    folded = {name: tensor * factors[name] if name in factors else tensor for name, tensor in trained.items()}
+    shutil.rmtree(source)
+    old_state = {key: state[key] for key in ("step", "tokens", "sequences", "log_window", "skipped_steps")}
+    save_checkpoint(source, trainer.model, trainer.data.tokenizer, meta,
+                    {**old_state, "optimizer": trainer.optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
+                     "unfolded_weights": {name: trained[name].clone() for name in factors}}, state_dict=folded)
+    saved = load_file(str(source / "model.safetensors"))
+    assert factors and not any(torch.equal(saved[name], trained[name]) for name in factors)
+    assert train(config_from_dict(values("legacy")), log=quiet).completed
+    a = load_file(str(whole.final_dir / "model.safetensors"))
     b = load_file(str(tmp_path / "legacy" / "final" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 

@@ -61,6 +61,29 @@ def test_labels_and_gains_on_hand_made_results():
     assert student["gain/downstream"] == pytest.approx(0.03)
 
 
+def test_schedule_and_clock_arithmetic():
+    from distillab.sweep.eta import Clock, run_seconds, schedule_seconds
+
+    assert schedule_seconds([3, 3, 3], 2) == 6 and schedule_seconds([], 2) == 0
+    assert schedule_seconds([3, 3, 3], 2, busy=[5]) == 8  # 0 -> 3 -> 6 on one worker, 5 -> 8 on the other
+    assert schedule_seconds([4, 1, 1, 1, 1], 2) == 4 and schedule_seconds([10], 3) == 10
+    assert run_seconds(2e10, 1e10) == pytest.approx(run_seconds(0, 1e10) + 2)
+    clock = Clock({"a": 10, "b": 10, "c": 10, "d": 10}, workers=2)
+    assert clock.seconds_left(now=0) == 20 and clock.line(now=0) == "0/4 runs done, about 20 s left"
+    clock.start("a", now=0)
+    clock.start("b", now=0)
+    clock.finish("a", now=20)  # took twice the prediction: everything left is scaled by 2
+    assert clock.correction() == 2
+    assert clock.seconds_left(now=20) == 20  # b: 2 x 10 - 20 = 0 left; c and d: 20 each, side by side
+    clock.finish("b", now=22)
+    assert clock.line(now=22) == "2/4 runs done, about 21 s left"  # correction (20 + 22) / 20 = 2.1
+    clock.add({"e": 10}, later=[10, 10])
+    assert clock.line(now=22).startswith("2 of at most 7 runs done, at most about")
+    clock.start("c", now=22)
+    clock.finish("c", now=32)  # a third run: the first two (one per worker, with its imports) no longer count
+    assert clock.correction() == 1
+
+
 def test_mean_ci_matches_the_t_interval():
     values = [0.01, 0.05, -0.02]
     ci = mean_ci(values)
@@ -130,8 +153,13 @@ def test_grid_runs_fails_retries_and_reports(tmp_path, cache_dir):
     final_stamp = (sweep_dir / "runs" / baseline.id / "final" / "model.safetensors").stat().st_mtime_ns
     without_retry = run_sweep(spec, sweep_dir, log=lambda *a: None)
     assert without_retry[teacher.id] == "failed"
-    status = run_sweep(spec, sweep_dir, retry_failed=True, log=lambda *a: None)
+    lines = []
+    status = run_sweep(spec, sweep_dir, retry_failed=True, log=lines.append)
     assert all(s == "done" for s in status.values())
+    # n/N and the time left: predicted at the grid's cpu_gflops before the first run, then after each run
+    assert any(line.startswith("sweep: 2 runs to do, about") and "cpu_gflops = 120" in line for line in lines)
+    assert [line.split("; ")[1].split(",")[0] for line in lines if "runs done" in line] == ["2/3 runs done",
+                                                                                             "3/3 runs done"]
     # finished runs were not redone
     assert (sweep_dir / "runs" / baseline.id / "final" / "model.safetensors").stat().st_mtime_ns == final_stamp
     assert json.loads((sweep_dir / "runs" / baseline.id / "status.json").read_text())["attempts"] == 1

@@ -6,7 +6,7 @@ import math
 import statistics
 
 import pytest
-from conftest import BASELINE_LOSS, baseline_row, student_row, teacher_row, verdict_grid
+from conftest import BASELINE_LOSS, LOOKS_3_TO_8, baseline_row, student_row, teacher_row, verdict_grid
 
 from distillab.study.results import label_by_prediction_interval
 from distillab.study.sequential import DESIGN
@@ -22,6 +22,7 @@ from distillab.study.verdicts import (
     REPRODUCED,
     TUNING_SEEDS,
     decide,
+    label_seeds,
     ordered_seeds,
     teacher_evidence,
     tune_alpha,
@@ -58,14 +59,14 @@ def test_t_quantiles_are_exact_for_every_df():
 
 
 def by_finding(rows, margin=0.02):
-    (setting,) = teacher_evidence(rows, 0.02).values()
-    return {v["finding"]: v for v in decide(setting, margin)}, setting
+    (setting,) = teacher_evidence(rows, 0.02, LOOKS_3_TO_8).values()
+    return {v["finding"]: v for v in decide(setting, margin, LOOKS_3_TO_8)}, setting
 
 
 def repeated_ci(values):
-    """mean +- c_n sd / sqrt(n), c_n the design's critical value at n seeds (written out here)."""
+    """mean +- c_n sd / sqrt(n), c_n the test design's critical value at n seeds (written out here)."""
     n, mean = len(values), statistics.fmean(values)
-    half = DESIGN.critical_value(n) * statistics.stdev(values) / math.sqrt(n)
+    half = LOOKS_3_TO_8.critical_value(n) * statistics.stdev(values) / math.sqrt(n)
     return mean, mean - half, mean + half
 
 
@@ -74,7 +75,8 @@ def repeated_ci(values):
 def test_seeds_are_ordered_numerically_and_the_first_two_tune():
     rows = [baseline_row(seed, 5.0) for seed in (10, 2, 3)] + [dict(baseline_row(4, 5.0), data_seed=9)]
     assert ordered_seeds(rows) == ["2", "3", "4/9", "10"]
-    assert TUNING_SEEDS == 2 and LABEL_SEEDS == TUNING_SEEDS + DESIGN.first_look
+    assert TUNING_SEEDS == 2 and LABEL_SEEDS == label_seeds(DESIGN) == TUNING_SEEDS + DESIGN.first_look
+    assert label_seeds(LOOKS_3_TO_8) == 5
 
 
 def test_alpha_is_tuned_on_the_tuning_seeds_only_and_they_stay_out_of_the_interval():
@@ -143,7 +145,7 @@ def test_f1_reproduced_at_the_first_look_with_the_repeated_interval():
     # per seed: mean over the three weak teachers of (in + ood) / 2 (all alphas equal)
     mean, lo, hi = repeated_ci([0.06 + SMALL[s] for s in (3, 4, 5)])
     assert (f1["ci"]["mean"], f1["ci"]["lo"], f1["ci"]["hi"]) == pytest.approx((mean, lo, hi))
-    assert f1["critical_value"] == DESIGN.critical_value(3)
+    assert f1["critical_value"] == LOOKS_3_TO_8.critical_value(3)
 
 
 def test_f1_decided_at_a_later_look_keeps_that_verdict():
@@ -179,7 +181,8 @@ def test_f1_open_then_inconclusive_at_the_maximum():
     assert (verdicts["F1"]["verdict"], verdicts["F1"]["stage"]) == (INCONCLUSIVE, OPEN)
     verdicts, _ = by_finding(verdict_grid(lambda t, s, a: (swing[s],) * 2, seeds=tuple(range(1, 12))))
     f1 = verdicts["F1"]
-    assert (f1["verdict"], f1["stage"], f1["n_seeds"], f1["look"]) == (INCONCLUSIVE, AT_MAX, 8, len(DESIGN.looks))
+    assert (f1["verdict"], f1["stage"], f1["n_seeds"], f1["look"]) == (INCONCLUSIVE, AT_MAX, 8,
+                                                                       len(LOOKS_3_TO_8.looks))
     assert "not used" in f1["detail"]  # seed 11 is beyond the maximum of 8 interval seeds
 
 
@@ -279,7 +282,7 @@ def test_f3_downstream_every_branch():
 # ---- the report section ------------------------------------------------------------------------------
 
 def test_markdown_section_names_the_procedure_and_data_keeps_the_sequential_facts():
-    lines, data = verdict_sections(verdict_grid(lambda t, s, a: (0.01 + SMALL[s], 0.02)), 0.02, 0.02)
+    lines, data = verdict_sections(verdict_grid(lambda t, s, a: (0.01 + SMALL[s], 0.02)), 0.02, 0.02, LOOKS_3_TO_8)
     text = "\n".join(lines)
     for heading in ("## Verdicts", "### Teachers, measured", "### How the verdicts are decided"):
         assert heading in text
@@ -294,10 +297,12 @@ def test_markdown_section_names_the_procedure_and_data_keeps_the_sequential_fact
     for v in setting["verdicts"]:
         assert {"ci", "n_seeds", "look", "decided_at", "stage", "seeds"} <= set(v)
     f1 = setting["verdicts"][0]
-    assert f1["decided_at"] == {"look": 1, "n_seeds": 3} and f1["ci"]["critical_value"] == DESIGN.critical_value(3)
+    assert f1["decided_at"] == {"look": 1, "n_seeds": 3} and f1["ci"]["critical_value"] == 26.9
+    assert data["design"]["label_seeds"] == 5 and f1["values"]["gain"] == pytest.approx(
+        [0.015 + SMALL[s] / 2 for s in (3, 4, 5)])  # the per-seed values behind the interval
 
 
 def test_teacher_rows_from_another_setting_do_not_mix():
     rows = verdict_grid(lambda t, s, a: (0.01, 0.02)) + [teacher_row("x", "small", 100, 5, 5.5)]
     rows += [dict(student_row("x", 1, 0.1, 0.0, 0.0), objective_key="other", objective="reverse KL")]
-    assert len(teacher_evidence(rows, 0.02)) == 2
+    assert len(teacher_evidence(rows, 0.02, LOOKS_3_TO_8)) == 2

@@ -11,6 +11,8 @@ exactly those that given readers (data seed, sequences trained) visit.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from pathlib import Path
 
 import numpy as np
@@ -24,11 +26,13 @@ from distillab.config import RunConfig
 from distillab.data.loader import ShuffledWindows
 from distillab.data.packing import training_stream
 from distillab.data.shards import prepare_data
-from distillab.errors import ConfigError, DataError
+from distillab.errors import ConfigError, DataError, require
 from distillab.files import CACHE_ADVICE, default_cache_dir, stable_hash
-from distillab.models import load_causal_lm, model_directory
+from distillab.losses.objective import field_problem
+from distillab.models import load_causal_lm, model_directory, resolve_spec
 from distillab.progress import progress_bar
 from distillab.runtime import resolve_device, setup_runtime
+from distillab.signals.sampling import draw
 from distillab.teacher import OnlineTeacher, check_finite_outputs, check_same_tokenizer
 
 # Rows x vocabulary per top-k extraction chunk (fp32 scratch of 256 MB at most).
@@ -70,10 +74,12 @@ def select_windows(n_windows: int, windows: int | None, readers: list | None, st
     return np.arange(min(windows, n_windows), dtype=np.int64)
 
 
-def load_teacher(teacher_dir: Path, data, device: torch.device, precision: str, seq_len: int) -> OnlineTeacher:
-    """The teacher, checked like a run's: exists, shares the data's tokenizer, long enough, finite."""
+def load_teacher(teacher_dir: Path, data, device: torch.device, precision: str, seq_len: int,
+                 rows: int) -> OnlineTeacher:
+    """The teacher, checked like a run's: exists, shares the data's tokenizer, long enough, finite;
+    its distribution over `rows` output rows."""
     check_same_tokenizer(Path(teacher_dir), data.tokenizer, key="--teacher")
-    teacher = OnlineTeacher(load_causal_lm(teacher_dir, device, key="--teacher"), len(data.tokenizer), device,
+    teacher = OnlineTeacher(load_causal_lm(teacher_dir, device, key="--teacher"), rows, device,
                             precision, description=f"online:{teacher_dir}")
     if 0 < teacher.positions() < seq_len:
         raise ConfigError("train.seq_len", f"is {seq_len} but the teacher {teacher_dir} was built for "
@@ -129,13 +135,15 @@ def reusable(out: Path, existing: dict | None, manifest: dict, ids: np.ndarray) 
 
 def capture_teacher_cache(teacher_dir: str | Path, config: RunConfig, top_k: int, out: str | Path | None = None,
                           coding: str = "compact", windows: int | None = None, readers: list | None = None,
-                          device: str = "auto", threads: int | None = None, log=print) -> Path:
+                          device: str = "auto", threads: int | None = None, log=print,
+                          proposal_temperature: float = 1.0) -> Path:
     """`distillab teacher cache`: prepare `config.data`, then `ensure_capture` at `config.train`'s
     seq_len and precision. Returns the cache directory."""
     setup_runtime(threads)
     torch_device = resolve_device(device, key="--device")
     data = prepare_data(config.data, log)
-    return ensure_capture(Path(teacher_dir), data, config, top_k, out, coding, windows, readers, torch_device, log)
+    return ensure_capture(Path(teacher_dir), data, config, top_k, out, coding, windows, readers, torch_device, log,
+                          proposal_temperature)
 
 
 def capture_for_run(config: RunConfig, cache: dict, log=print) -> Path:
@@ -144,8 +152,10 @@ def capture_for_run(config: RunConfig, cache: dict, log=print) -> Path:
     setup_runtime(config.train.threads)
     device = resolve_device(config.train.device)
     data = prepare_data(config.data, log)
+    rows = resolve_spec(config.model).rows(data.vocab_size)
     return ensure_capture(model_directory(config.kd.teacher), data, config, int(cache["top_k"]), out=cache["dir"],
-                          readers=cache["readers"], device=device, log=log)
+                          readers=cache["readers"], device=device, log=log, coding=cache.get("coding", "compact"),
+                          proposal_temperature=float(cache.get("proposal_temperature", 1.0)), rows=rows)
 
 
 def default_cache_path(config: RunConfig, manifest: dict, ids: np.ndarray) -> Path:
@@ -156,38 +166,56 @@ def default_cache_path(config: RunConfig, manifest: dict, ids: np.ndarray) -> Pa
                                                  "windows": stable_hash(ids.tolist())})
 
 
+def teacher_rows(teacher_dir: Path) -> int:
+    """The output rows of the model in `teacher_dir` (its config.json)."""
+    return int(json.loads((Path(teacher_dir) / "config.json").read_text())["vocab_size"])
+
+
 def ensure_capture(teacher_dir: Path, data, config: RunConfig, top_k: int, out: str | Path | None = None,
                    coding: str = "compact", windows: int | None = None, readers: list | None = None,
-                   device: torch.device = torch.device("cpu"), log=print) -> Path:
+                   device: torch.device = torch.device("cpu"), log=print, proposal_temperature: float = 1.0,
+                   rows: int | None = None) -> Path:
     """The cache of the teacher in `teacher_dir` over prepared `data`'s training split (as
-    `config` packs it, at its seq_len): reused when `out` (default: content-addressed) already
-    holds it, captured otherwise. Concurrent callers for one cache capture it once: the others
-    wait on its lock and then reuse it."""
+    `config` packs it, at its seq_len), its probabilities over `rows` output rows (the students';
+    default: the teacher's own): reused when `out` (default: content-addressed) already holds it,
+    captured otherwise. Concurrent callers for one cache capture it once: the others wait on its
+    lock and then reuse it."""
     if coding not in CODINGS:
         raise ConfigError("--coding", f"must be one of {', '.join(CODINGS)}, got {coding!r}")
     if not (teacher_dir / "config.json").is_file():
         raise ConfigError("--teacher", f"{teacher_dir} is not an HF model directory (no config.json); name a "
                                        "teacher's final directory")
-    if not 1 <= top_k <= data.vocab_size:
-        raise ConfigError("--top-k", f"must be in [1, {data.vocab_size}] (the vocabulary), got {top_k}")
+    rows = rows or teacher_rows(teacher_dir)
+    if coding == "sampled":  # the objective's own rules for kd.samples and kd.proposal_temperature
+        for key, name, value in (("--samples", "samples", top_k),
+                                 ("--proposal-temperature", "proposal_temperature", proposal_temperature)):
+            problem = field_problem(name, value)
+            require(problem is None, key, problem)
+    elif not 1 <= top_k <= rows:
+        raise ConfigError("--top-k", f"must be in [1, {rows}] (the output rows), got {top_k}")
     seq_len, packing, precision = config.train.seq_len, config.data.packing, config.train.precision
     stream = training_stream(data, seq_len, 0, packing, log)
     ids = select_windows(stream.n_windows, windows, readers,
                          lambda seed: training_stream(data, seq_len, seed, packing, lambda *a: None))
     manifest = {"teacher": teacher_identity(teacher_dir), "tokenizer_fingerprint": data.fingerprint,
                 "vocab_size": data.vocab_size, "data": data_identity(data), "seq_len": seq_len, "packing": packing,
-                "top_k": top_k, "coding": make_coding(coding, data.vocab_size, top_k).describe(),
-                "windows": {"of": stream.n_windows, "all": len(ids) == stream.n_windows}}
+                "top_k": top_k, "coding": make_coding({"name": coding, "samples": top_k,
+                                                       "proposal_temperature": proposal_temperature},
+                                                      rows, top_k).describe(),
+                "windows": {"of": stream.n_windows, "all": len(ids) == stream.n_windows},
+                # the rows probabilities are normalised over, when more than the tokenizer's
+                **({"rows": rows} if rows != data.vocab_size else {})}
     advice = "choose another --out" if out is not None else CACHE_ADVICE
     out = Path(out) if out is not None else default_cache_path(config, manifest, ids)
     with writer_lock(out, advice):
         if reusable(out, existing_capture(out), manifest, ids):
             log(f"teacher cache: {out} already holds this capture; reusing it")
             return out
-        teacher = load_teacher(teacher_dir, data, device, precision, seq_len)
+        teacher = load_teacher(teacher_dir, data, device, precision, seq_len, rows)
         manifest["capture"] = {"precision": precision, "device": str(device), "distillab_version": __version__,
                                "torch": torch.__version__, "format": FORMAT}
-        write_capture(teacher, stream, ids, make_coding(coding, data.vocab_size, top_k), out, manifest, log, advice)
+        codec = make_coding(manifest["coding"], rows, top_k)
+        write_capture(teacher, stream, ids, codec, out, manifest, log, advice)
     return out
 
 
@@ -197,18 +225,21 @@ def write_capture(teacher: OnlineTeacher, stream: ShuffledWindows, ids: np.ndarr
     (`advice`: what to do when `out`'s directory is full or read-only)."""
     seq_len, k = stream.seq_len, manifest["top_k"]
     per_batch = max(1, BATCH_ELEMENTS // (seq_len * teacher.vocab_size))
-    log(f"teacher cache: capturing top-{k} of {teacher.description} over {len(ids):,} of {stream.n_windows:,} windows "
+    what = f"{k} draws" if coding.name == "sampled" else f"top-{k}"
+    log(f"teacher cache: capturing {what} of {teacher.description} over {len(ids):,} of {stream.n_windows:,} windows "
         f"({len(ids) * seq_len:,} tokens, {manifest['coding']['name']} coding) into {out}")
     with CacheWriter(out, advice=advice) as writer:
         with progress_bar(total=len(ids), desc="teacher cache", unit="window") as bar:
             for start in range(0, len(ids), per_batch):
                 batch_ids = ids[start : start + per_batch]
                 logits = teacher.signal(stream.window(batch_ids).to(teacher.device))
-                rows = top_k_rows(logits.reshape(-1, logits.shape[-1]), k)
+                flat = logits.reshape(-1, logits.shape[-1])
+                rows = draw(flat, batch_ids.tolist(), coding.samples, coding.proposal_temperature) \
+                    if coding.name == "sampled" else top_k_rows(flat, k)
                 for i, window_id in enumerate(batch_ids):
                     part = slice(i * seq_len, (i + 1) * seq_len)
-                    writer.add(int(window_id), coding.encode(TopKRows(rows.ids[part], rows.logprobs[part],
-                                                                      rows.log_tail[part])))
+                    writer.add(int(window_id), coding.encode(type(rows)(*(getattr(rows, f.name)[part]
+                                                                          for f in dataclasses.fields(rows)))))
                 bar.update(len(batch_ids))
         manifest["capture"]["batch_windows"] = per_batch
         writer.finish(manifest)

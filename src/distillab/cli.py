@@ -53,8 +53,12 @@ def cmd_teacher_cache(args) -> int:
     from distillab.config import load_config
 
     config = load_config(args.data, args.overrides)
-    out = capture_teacher_cache(args.teacher, config, args.top_k, out=args.out, coding=args.coding,
-                                windows=args.windows, device=args.device, threads=args.threads)
+    sampled = args.coding == "sampled"
+    if sampled != (args.samples is not None) or sampled == (args.top_k is not None):
+        raise ConfigError("--coding", "give --top-k K with compact or float32, --samples M with sampled")
+    out = capture_teacher_cache(args.teacher, config, args.top_k or args.samples, out=args.out, coding=args.coding,
+                                windows=args.windows, device=args.device, threads=args.threads,
+                                proposal_temperature=args.proposal_temperature)
     print(out)
     return 0
 
@@ -182,12 +186,22 @@ def cmd_sweep(args) -> int:
     from distillab.sweep import compute_summary, format_memory, format_notes, format_plan, load_grid, plan, run_sweep
 
     spec = load_grid(args.grid)
+    if args.cache_budget is not None:
+        from distillab.sweep.caches import parse_bytes
+
+        spec.cache_disk_budget = str(parse_bytes(args.cache_budget, "--cache-budget"))
+    if args.rehearse:
+        from distillab.sweep.rehearse import rehearse
+
+        out = Path(args.out) if args.out else inside(Path("sweeps"), f"{spec.name}-rehearsal", "name")
+        result = rehearse(args.grid, out)
+        return 0 if all(s == "done" for s in result["status"].values()) else 1
     out = Path(args.out) if args.out else inside(Path("sweeps"), spec.name, "name")
     if args.dry_run:
         runs = plan(spec, out)
         print(format_notes(spec.notes) + format_plan(runs, compute_summary(runs, spec, device=args.device,
                                                                             mfu=args.mfu)))
-        format_memory(runs, gpu(args.gpu) if args.gpu else None)
+        format_memory(runs, gpu(args.gpu) if args.gpu else None, spec)
         return 0
     slurm = {}
     for item in args.slurm or []:
@@ -235,10 +249,12 @@ def cmd_demo(args) -> int:
 
         if args.full:
             raise DistillabError("demo: --scaling repeats the default demo at several sizes; leave out --full")
+        if args.time_cap is not None:
+            raise DistillabError("demo: --time-cap applies to one study and --scaling runs several; leave it out")
         run_scaling(out_dir=args.out, workers=args.workers, quick=args.quick)
         return 0
     size = "quick" if args.quick else "full" if args.full else "default"
-    run_demo(size=size, out_dir=args.out, workers=args.workers)
+    run_demo(size=size, out_dir=args.out, workers=args.workers, time_cap_minutes=args.time_cap)
     return 0
 
 
@@ -266,12 +282,17 @@ def add_teacher(sub) -> None:
                        help="a run config (YAML): its data section and train.seq_len (and train.precision)")
     cache.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a value of the run config by its dotted key (repeatable)")
-    cache.add_argument("--top-k", type=int, required=True, metavar="K", help="tokens kept per position")
+    cache.add_argument("--top-k", type=int, default=None, metavar="K", help="tokens kept per position")
+    cache.add_argument("--samples", type=int, default=None, metavar="M",
+                       help="--coding sampled: tokens drawn per position (their distinct ids and counts are kept)")
+    cache.add_argument("--proposal-temperature", type=float, default=1.0, metavar="TAU",
+                       help="--coding sampled: draw from the teacher at this temperature (importance-weighted back)")
     cache.add_argument("--out", default=None,
                        help="cache directory (default: a content-addressed one under the data cache)")
-    cache.add_argument("--coding", choices=["compact", "float32"], default="compact",
+    cache.add_argument("--coding", choices=["compact", "float32", "sampled"], default="compact",
                        help="compact: quantised log-probs (step 1/64 nat), delta-coded ids, zlib (default); "
-                            "float32: exact, 8K + 4 bytes per token")
+                            "float32: exact, 8K + 4 bytes per token; sampled: M draws per position (unbiased "
+                            "forward KL, docs/teacher-signals.md)")
     cache.add_argument("--windows", type=int, default=None, metavar="N",
                        help="capture only windows 0 .. N-1 (default: every window of the training split)")
     cache.add_argument("--device", default="auto")
@@ -423,6 +444,9 @@ def add_sweep_and_report(sub) -> None:
     sweep.add_argument("grid", help="grid spec (YAML); see configs/examples/grid_small.yaml")
     sweep.add_argument("--out", default=None, help="sweep directory (default sweeps/<name>)")
     sweep.add_argument("--dry-run", action="store_true", help="print runs, dependencies and compute; run nothing")
+    sweep.add_argument("--rehearse", action="store_true",
+                       help="run every run of the grid end to end on this machine's CPUs with tiny twins of its "
+                            "models, shrunk budgets and offline data, on 2 processes (docs/paper.md#rehearsal)")
     add_memory_args(sweep, None)
     sweep.add_argument("--device", default="cpu", help="compute estimate for: cpu, h100, tpu-v6e (default cpu)")
     sweep.add_argument("--mfu", type=float, default=0.4, help="model FLOP utilisation for h100 / tpu-v6e estimates")
@@ -431,6 +455,9 @@ def add_sweep_and_report(sub) -> None:
     sweep.add_argument("--slurm", nargs="*", metavar="KEY=VALUE",
                        help="submitit parameters, e.g. slurm_partition=gpu gpus_per_node=1 timeout_min=600")
     sweep.add_argument("--retry-failed", action="store_true", help="run failed runs again")
+    sweep.add_argument("--cache-budget", default=None, metavar="SIZE",
+                       help="disk for planned teacher caches, e.g. 20TB (overrides the grid's cache_disk_budget; "
+                            "default: the free space where the sweep writes)")
     sweep.set_defaults(func=cmd_sweep)
 
     report = sub.add_parser("report", help="results table, gains, labels and report.md / report.html of a sweep")
@@ -481,18 +508,23 @@ def add_plan(sub) -> None:
 def add_demo(sub) -> None:
     demo = sub.add_parser(
         "demo", help="the paper's three questions on a CPU: a teacher pool, students over alpha and seeds, verdicts",
-        description="Runs a fixed sweep on real text and writes OUT/SIZE/report.md (+ report.html) that opens with a "
-                    "verdict per finding. Default: pip-only corpora, about 20 minutes on 2 cores. Rerunning resumes.")
+        description="Runs a fixed study on real text and writes OUT/SIZE/report.md (+ report.html) that opens with a "
+                    "verdict per finding. Rounds of seeds stop on the results alone (the same results on any machine); "
+                    "the plan and its predicted minutes are printed before the first run, n/N runs and the time left "
+                    "during. Default: pip-only corpora, under 30 minutes on 2 cores. Rerunning resumes.")
     size = demo.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="a 1-2 minute smoke test of the whole pipeline")
     size.add_argument("--full", action="store_true",
-                      help="the larger study (npm corpora, 5 seeds, 4 alphas): about an hour on 2 cores")
+                      help="the larger study (npm corpora, a larger student and ladder): over an hour on 2 cores")
     demo.add_argument("--scaling", action="store_true",
                       help="the default demo at four student sizes (cpu-3.5k .. cpu-27k), trends and a fitted law: "
                            "OUT/scaling/report.md (with --quick: a smoke test at three tiny sizes)")
     demo.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
     demo.add_argument("--workers", type=int, default=2,
                       help="runs side by side, one thread each (default 2: two single-thread runs use 2 cores best)")
+    demo.add_argument("--time-cap", type=float, default=None, metavar="MINUTES",
+                      help="opt-in: start no round that would end past MINUTES; the results then depend on the "
+                           "machine's speed (the report says so). Default: no cap")
     demo.set_defaults(func=cmd_demo)
 
 

@@ -93,6 +93,10 @@ class ModelConfig:
     norm_eps: float | None = None
     # output rows of the embedding / head; unset = the tokenizer's size (rows beyond it stay unused)
     vocab_size: int | None = None
+    # how weights are initialised and attention scaled: hf (transformers' N(0, 0.02) init, softmax
+    # scale 1/sqrt(head_dim)); maxtext (the paper authors' engine: fan-in init, the query projection's
+    # init divided by sqrt(head_dim), Qwen3 attention scaled by 1/head_dim); see distillab.models
+    parametrisation: Literal["hf", "maxtext"] = "hf"
 
 
 @dataclass
@@ -115,6 +119,9 @@ class TrainConfig:
     branch_from: str | None = None
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.1
+    # which parameters AdamW decays: matrices (2-D and up; norms not) or all (optax.adamw without a
+    # mask, as the paper's authors ran it)
+    weight_decay_params: Literal["matrices", "all"] = "matrices"
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8
@@ -172,6 +179,14 @@ class KDConfig(KDObjective):
     # data, packing and seq_len; kd.top_k defaults to K); auto = off for a single run, and in a
     # sweep a cache per teacher serving >= 2 students with a top-k or hard-label objective
     cache: str = "auto"
+    # a hub id's revision for kd.teacher (an intermediate checkpoint of a suite, e.g. step1000; a
+    # branch, tag or commit already in the local HF cache: nothing is fetched)
+    teacher_revision: str | None = None
+    # several teachers at once (docs/teacher-signals.md): further teachers beside kd.teacher, and
+    # their caches in the same order (kd.cache is kd.teacher's; all cached or none). How they
+    # combine is the objective's kd.teacher_weights and kd.teacher_mix.
+    teachers: list[str] = field(default_factory=list)
+    caches: list[str] = field(default_factory=list)
 
     def objective(self) -> KDObjective:
         return KDObjective.from_config(self)
@@ -487,11 +502,36 @@ def validate(c: RunConfig) -> None:
 
 
 def validate_kd(kd: KDConfig) -> None:
-    """What the objective's own checks cannot see: whether a teacher is named where one is needed."""
+    """What the objective's own checks cannot see: whether a teacher is named where one is needed,
+    and how the teachers and caches a run names fit its objective."""
     require(not kd.distills or kd.teacher is not None, "kd.alpha",
             f"is {kd.alpha} but kd.teacher is unset: name a teacher checkpoint or set kd.alpha=0")
     require(kd.cache in CACHE_MODES or kd.teacher is not None, "kd.cache",
             "names a cache directory but kd.teacher is unset (the cache is checked against that teacher's weights)")
+    if kd.entry.aligned is not None:
+        require(kd.cache in CACHE_MODES, "kd.cache", f"a teacher with another tokenizer (kd.divergence="
+                f"{kd.divergence}) runs online; set kd.cache=off")
+        require(not kd.teachers, "kd.teachers", f"several teachers with kd.divergence={kd.divergence} are not "
+                "supported; name one teacher")
+    validate_teachers(kd)
+
+
+def validate_teachers(kd: KDConfig) -> None:
+    """Several teachers: kd.teachers beside kd.teacher, a weight per teacher, a cache per teacher."""
+    n = 1 + len(kd.teachers)
+    require(not kd.teachers or kd.teacher is not None, "kd.teachers", "name the first teacher in kd.teacher")
+    require(kd.teacher_mix == "mixture" or kd.teachers, "kd.teacher_mix", "route needs several teachers (kd.teachers)")
+    require(not kd.teacher_weights or len(kd.teacher_weights) == n, "kd.teacher_weights",
+            f"give one weight per teacher ({n}: kd.teacher and kd.teachers), or none for equal weights")
+    if not kd.caches:
+        return
+    require(len(kd.caches) == len(kd.teachers), "kd.caches", f"give one cache per teacher of kd.teachers "
+            f"({len(kd.teachers)}), in order (kd.cache is kd.teacher's)")
+    require(kd.cache not in CACHE_MODES, "kd.cache", "name kd.teacher's cache too: every teacher is read from a "
+            "cache, or none")
+    require(kd.teacher_mix == "route" or kd.samples is not None, "kd.caches",
+            "a mixture of top-K caches is not derivable (a token one teacher kept lies in another's tail, its "
+            "probability unknown); mix sampled caches (kd.samples) or route documents (kd.teacher_mix=route)")
 
 
 NONFINITE = re.compile(r"^(stop|skip:[1-9][0-9]*)$")

@@ -5,7 +5,10 @@ from the tensors' names, shapes and dtypes (known without their values), then ea
 fetched whole (gathered from its shards, or read from a sharded checkpoint), appended and
 freed. The directory loads with `AutoModelForCausalLM.from_pretrained` like one written by
 `save_pretrained`: the same tensor names (a tied output layer left out), config.json with the
-model's architecture, generation_config.json, the run's tokenizer.
+model's architecture, generation_config.json, the run's tokenizer. Under a parametrisation whose
+attention scale is not transformers' own (MaxText Qwen3), the query norms' weights are written
+folded (times `distillab.models.query_norm_factors`), so `from_pretrained` gives the trained
+model's logits; step checkpoints keep the weights as trained.
 
 The safetensors layout (the format's specification): 8 bytes little-endian header length N,
 N bytes of JSON {name: {dtype, shape, data_offsets: [begin, end]}, "__metadata__": {...}} padded
@@ -93,21 +96,33 @@ def write_hf_model(directory: Path, config, generation_config, entries: list[tup
             generation_config.save_pretrained(str(directory))
 
 
-def export_model(target: Path, model: torch.nn.Module, tokenizer, meta: dict, full_tensor, write: bool) -> None:
+def export_model(target: Path, model: torch.nn.Module, tokenizer, meta: dict, full_tensor, write: bool,
+                 factors: dict[str, float] | None = None) -> None:
     """The HF directory of a live (possibly sharded) model at `target`, atomically; `full_tensor(t)`
-    gives the whole of `t` (a collective under sharding: every process calls `export_model`)."""
+    gives the whole of `t` (a collective under sharding: every process calls `export_model`); each
+    tensor named in `factors` is written times its factor (`distillab.models.query_norm_factors`)."""
     tensors = exported_tensors(model)
     entries = [(name, tensor.dtype, tuple(tensor.shape)) for name, tensor in tensors]
     by_name = dict(tensors)
+    fetch = folded(lambda name: full_tensor(by_name[name]), factors)
     directory = AtomicDirectory(target, "a model", CHECKPOINT_ADVICE) if write else None
     with removed_on_failure(directory, target, "a model", CHECKPOINT_ADVICE):
         model.config.architectures = [type(model).__name__]
         write_hf_model(directory.path if write else None, model.config, getattr(model, "generation_config", None),
-                       entries, lambda name: full_tensor(by_name[name]), write)
+                       entries, fetch, write)
         if directory is not None:
             write_checkpoint_files(directory.path, tokenizer, meta)
             write_manifest(directory.path)
             directory.commit()
+
+
+def folded(fetch: Callable[[str], torch.Tensor], factors: dict[str, float] | None) -> Callable[[str], torch.Tensor]:
+    """`fetch` with each tensor named in `factors` multiplied by its factor: the weights as trained
+    under a parametrisation whose attention scale differs from transformers' own, folded so the HF
+    model gives the same logits (`distillab.models.query_norm_factors`)."""
+    if not factors:
+        return fetch
+    return lambda name: fetch(name) * factors[name] if name in factors else fetch(name)
 
 
 # ------------------------------------------------------------------------------ from a checkpoint on disk
@@ -144,7 +159,7 @@ def export_checkpoint(run_dir: Path, step: int | None = None, out: Path | None =
     generation = GenerationConfig.from_pretrained(str(source)) if (source / "generation_config.json").is_file() \
         else None
     with AtomicDirectory(out) as tmp:
-        write_hf_model(tmp, config, generation, entries, checkpoint_reader(source))
+        write_hf_model(tmp, config, generation, entries, folded(checkpoint_reader(source), checkpoint_factors(source)))
         write_checkpoint_files(tmp, AutoTokenizer.from_pretrained(str(source)),
                                {**read_meta(source), "exported_from": str(source)})
         write_manifest(tmp)
@@ -159,6 +174,20 @@ def checkpoint_tensors(source: Path):
     read = checkpoint_reader(Path(source))
     for name, _ in exported_tensors(meta_model(AutoConfig.from_pretrained(str(source)))):
         yield name, read(name)
+
+
+def checkpoint_factors(source: Path) -> dict[str, float]:
+    """The factors to fold into a step checkpoint's weights on export: its run's parametrisation's
+    (`distillab.models.query_norm_factors`) for a sharded checkpoint, which holds the weights as
+    trained; none for the older format, which saved them folded already."""
+    if not is_sharded_checkpoint(source):
+        return {}
+    from transformers import AutoConfig
+
+    from distillab.models import query_norm_factors
+
+    parametrisation = read_meta(source).get("results_config", {}).get("model.parametrisation", "hf")
+    return query_norm_factors(meta_model(AutoConfig.from_pretrained(str(source))), parametrisation)
 
 
 def meta_model(config) -> torch.nn.Module:

@@ -10,6 +10,7 @@
         export/step_NNNNNNNN/    HF models of step checkpoints (`distillab export`)
         summary.json             says the run is done
         sft-HASH/                a sweep's SFT stage of the run (another run directory)
+        analysis/                a sweep's analysis of a student (eval.analysis): analysis.json, .md
         status.json, worker.log  a sweep's record of the run and its worker's output
 
     SWEEP/                       a sweep directory
@@ -34,6 +35,7 @@ RUNS = Path("runs")  # where a run without run_dir lives, and a sweep's runs
 LOCK = ".lock"
 SUMMARY = "summary.json"
 EVAL = "eval.json"  # beside a model's files: its evaluation
+ANALYSIS = "analysis.json"  # in an analysis directory (`distillab analyze`): its result
 STEP = re.compile(r"^step_(\d{8})$")
 
 
@@ -68,6 +70,8 @@ class RunLayout(Directory):
     summary = entry(SUMMARY)
     status = entry("status.json")
     worker_log = entry("worker.log")
+    analysis = entry("analysis")
+    analysis_result = entry("analysis", ANALYSIS)
 
     def step(self, step: int) -> Path:
         return self.checkpoints / step_name(step)

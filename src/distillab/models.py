@@ -8,9 +8,11 @@ model that any tool can load.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -128,7 +130,7 @@ def resolve_spec(model: ModelConfig) -> ModelSpec:
     changes = {
         renamed.get(f.name, f.name): getattr(model, f.name)
         for f in dataclasses.fields(model)
-        if f.name != "name" and getattr(model, f.name) is not None
+        if f.name not in ("name", "parametrisation") and getattr(model, f.name) is not None
     }
     if not changes:
         return spec
@@ -185,11 +187,13 @@ def hf_config(spec: ModelSpec, vocab_size: int, max_seq_len: int, eos_token_id: 
 
 
 def build_model(spec: ModelSpec, vocab_size: int, max_seq_len: int, seed: int, eos_token_id: int | None = None,
-                device: torch.device | str = "cpu"):
+                device: torch.device | str = "cpu", parametrisation: str = "hf"):
     """A freshly initialised HF causal LM; the same seed always gives the same weights.
 
     Initialised on the CPU from its own generator state (the global RNG is left as it was), so
-    every process and device starts from identical weights; then moved to `device`.
+    every process and device starts from identical weights; then moved to `device`. Under
+    `parametrisation` maxtext the weights are initialised as the paper authors' MaxText did and
+    attention is scaled as it did (`maxtext_init`, `apply_parametrisation`).
     """
     from transformers import AutoModelForCausalLM
 
@@ -197,6 +201,9 @@ def build_model(spec: ModelSpec, vocab_size: int, max_seq_len: int, seed: int, e
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
+        if parametrisation == "maxtext":
+            maxtext_init(model)
+    apply_parametrisation(model, parametrisation)
     return model.to(device)
 
 
@@ -225,17 +232,23 @@ class InitialWeights:
     gives that module; `write` hands each to `place(name, value)`, which keeps what it needs
     (a shard), and the copy is freed before the next module. Peak memory: one module's tensors
     (one matrix). A tied weight (the head of tied embeddings) draws as in `build_model` but is
-    placed under its first name only, as tying keeps the embedding's values. Tested bit for bit
-    against `build_model` for the Llama and Qwen3 rungs on 1, 2 and 4 processes.
+    placed under its first name only, as tying keeps the embedding's values. Under the maxtext
+    parametrisation `maxtext_plan`'s draws follow, from the same generator, each into a fresh
+    full tensor placed over the one transformers drew. Tested bit for bit against `build_model`
+    for the Llama and Qwen3 rungs on 1, 2 and 4 processes (maxtext on 1 and 2).
     """
 
-    def __init__(self, model: torch.nn.Module, seed: int):
+    def __init__(self, model: torch.nn.Module, seed: int, parametrisation: str = "hf"):
         import copy
 
         self.seed = seed
         self.events = list(construction_events(model, ""))
         # meta copies of the modules that hold tensors, taken before sharding changes them
         self.copies = {prefix: copy.deepcopy(module) for _, prefix, module, _ in self.events}
+        # MaxText's re-initialisation, drawn after transformers' from the same generator
+        shapes = {name: param.shape for name, param in model.named_parameters()}
+        self.maxtext = ([(name, shapes[name], initialise) for name, initialise in maxtext_plan(model)]
+                        if parametrisation == "maxtext" else [])
 
     def write(self, place) -> set[str]:
         """Call `place(name, full tensor)` for every value in the order `build_model` draws them (a
@@ -253,6 +266,10 @@ class InitialWeights:
                     place(prefix + name, value)
                     placed.add(prefix + name)
                 del module
+            for name, shape, initialise in self.maxtext:
+                value = torch.empty(shape, dtype=torch.float32)
+                initialise(value)
+                place(name, value)
         return placed
 
 
@@ -294,20 +311,113 @@ def copy_on_cpu(module: torch.nn.Module) -> torch.nn.Module:
     return copy.deepcopy(module).to_empty(device="cpu", recurse=False)
 
 
-def model_directory(name: str, key: str = "kd.teacher") -> Path:
+# ----------------------------------------------------------------------------- the MaxText parametrisation
+#
+# The paper's authors trained with MaxText (their fork, github.com/TaiMingLu/maxtext-distillation).
+# Read there: MaxText/layers/models.py (token embedding: truncated normal, stddev 0.02),
+# attentions.py (q/k/v/out kernels: variance scaling 1.0, fan-in, normal; the query kernel's init
+# divided by sqrt(head_dim) in `query_projection`; `AttentionOp.apply_attention` multiplies the
+# query by 1/sqrt(head_dim) at run time), linears.py (MLP kernels and the untied output layer
+# `logits_dense`: variance scaling 1.0, fan-in, truncated normal), normalizations.py (RMSNorm scale:
+# ones) and qwen3.py (Qwen3 passes query_pre_attn_scalar = head_dim^-0.5, applied after qk-norm and
+# RoPE, on top of the run-time 1/sqrt(head_dim): attention logits are scaled by 1/head_dim).
+# Llama's forward pass is then HF's (1/sqrt(head_dim); MaxText's interleaved RoPE pairs differ from
+# HF's half-split pairs by a fixed permutation of each head's query and key channels, which an
+# i.i.d. init and Adam do not see); Qwen3's attention is scaled by 1/head_dim.
+
+TRUNCATED_NORMAL_STD = 0.87962566103423978  # std of a standard normal truncated to [-2, 2] (jax's constant)
+
+
+def fan_in_normal_(weight: torch.Tensor, scale: float = 1.0) -> None:
+    """jax variance_scaling(1.0, "fan_in", "normal") for an HF Linear weight [out, in], times `scale`."""
+    with torch.no_grad():
+        weight.normal_(0.0, scale / weight.shape[1] ** 0.5)
+
+
+def fan_in_truncated_normal_(weight: torch.Tensor) -> None:
+    """jax variance_scaling(1.0, "fan_in", "truncated_normal"): variance 1 / fan_in, cut at 2 std devs."""
+    std = (1.0 / weight.shape[1]) ** 0.5 / TRUNCATED_NORMAL_STD
+    torch.nn.init.trunc_normal_(weight, 0.0, std, -2 * std, 2 * std)
+
+
+def maxtext_plan(model) -> list[tuple[str, Callable[[torch.Tensor], None]]]:
+    """(parameter name, in-place initializer) for every tensor MaxText initialises, in the order
+    `maxtext_init` draws them from the generator: the embedding, each layer's attention then MLP
+    kernels, an untied output layer, then ones for every 1-D parameter (norm scales, no draws).
+    Names are `named_parameters`' (a tied output layer is the embedding and is not drawn again)."""
+    config = model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    names = {id(param): name for name, param in model.named_parameters()}
+    embedding = model.get_input_embeddings().weight
+    # flax truncated_normal(stddev=0.02)
+    plan = [(names[id(embedding)], functools.partial(torch.nn.init.trunc_normal_, mean=0.0, std=0.02, a=-0.04,
+                                                     b=0.04))]
+    for layer in model.model.layers:
+        attention, mlp = layer.self_attn, layer.mlp
+        plan.append((names[id(attention.q_proj.weight)], functools.partial(fan_in_normal_, scale=head_dim ** -0.5)))
+        plan += [(names[id(p.weight)], fan_in_normal_) for p in (attention.k_proj, attention.v_proj, attention.o_proj)]
+        plan += [(names[id(p.weight)], fan_in_truncated_normal_) for p in (mlp.gate_proj, mlp.up_proj, mlp.down_proj)]
+    output = model.get_output_embeddings()
+    if output is not None and output.weight is not embedding:
+        plan.append((names[id(output.weight)], fan_in_truncated_normal_))
+    plan += [(name, torch.nn.init.ones_) for name, param in model.named_parameters() if param.dim() == 1]
+    return plan
+
+
+def maxtext_init(model) -> None:
+    """Re-initialise an HF Llama / Qwen3 model as MaxText initialises the same architecture."""
+    parameters = dict(model.named_parameters())
+    for name, initialise in maxtext_plan(model):
+        initialise(parameters[name])
+
+
+def attention_scale(model, parametrisation: str) -> float | None:
+    """The softmax scale of the model's attention under `parametrisation` (None: transformers' own)."""
+    if parametrisation != "maxtext" or model.config.model_type != "qwen3":
+        return None
+    config = model.config
+    return 1.0 / (getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
+
+
+def apply_parametrisation(model, parametrisation: str) -> None:
+    """Set the run-time attention scale of `parametrisation` (MaxText Qwen3: 1/head_dim)."""
+    scale = attention_scale(model, parametrisation)
+    if scale is not None:
+        for layer in model.model.layers:
+            layer.self_attn.scaling = scale
+
+
+def query_norm_factors(model, parametrisation: str) -> dict[str, float]:
+    """{weight name: factor}: multiplying these weights by their factor gives a model whose forward
+    pass under transformers' own attention scale equals this one's (empty when they agree). The
+    query norm's weight scales the query linearly, and RoPE commutes with a scalar."""
+    scale = attention_scale(model, parametrisation)
+    if scale is None:
+        return {}
+    factor = scale / model.model.layers[0].self_attn.head_dim ** -0.5
+    return {name: factor for name, _ in model.named_parameters() if name.endswith("self_attn.q_norm.weight")}
+
+
+def model_directory(name: str, key: str = "kd.teacher", revision: str | None = None) -> Path:
     """The directory of a model: `name` itself when it exists, else the local snapshot of the hub id
-    `name` in the HF cache ($HF_HUB_CACHE / $HF_HOME), downloaded beforehand. Nothing is fetched."""
+    `name` in the HF cache ($HF_HUB_CACHE / $HF_HOME), downloaded beforehand, at `revision` (a branch
+    such as a checkpoint suite's `step1000`, a tag or a commit; default main). Nothing is fetched."""
     path = Path(os.path.expanduser(name))
     if path.exists():
+        if revision is not None:
+            raise ConfigError("kd.teacher_revision", f"{name} is a directory; a revision applies to hub ids (name "
+                                                     "the checkpoint's directory instead)")
         return path
     if not looks_like_hub_id(name):
         raise ConfigError(key, f"{name} does not exist; train the teacher first")
     try:
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(name, local_files_only=True, cache_dir=os.environ.get("HF_HUB_CACHE")))
+        return Path(snapshot_download(name, revision=revision, local_files_only=True,
+                                      cache_dir=os.environ.get("HF_HUB_CACHE")))
     except (ImportError, OSError, ValueError):
-        raise ConfigError(key, f"{name} is neither a directory nor a downloaded hub model; download it first "
+        at = f" at revision {revision}" if revision else ""
+        raise ConfigError(key, f"{name}{at} is neither a directory nor a downloaded hub model; download it first "
                                f"(`huggingface-cli download {name}`, with an HF token for gated models such as "
                                "Llama) or give its directory") from None
 
@@ -321,8 +431,9 @@ def nonfinite_parameter(model: torch.nn.Module) -> str | None:
     return None
 
 
-def load_causal_lm(path: str | Path, device: torch.device | str, key: str = "kd.teacher"):
-    """An HF causal LM from a directory, in fp32, or a one-line error naming `key`."""
+def load_causal_lm(path: str | Path, device: torch.device | str, key: str = "kd.teacher",
+                   dtype: torch.dtype = torch.float32):
+    """An HF causal LM from a directory, in fp32 (or `dtype`), or a one-line error naming `key`."""
     from transformers import AutoModelForCausalLM
 
     path = Path(path)
@@ -333,7 +444,7 @@ def load_causal_lm(path: str | Path, device: torch.device | str, key: str = "kd.
                                f"{path.parent.parent} --step {path.name.removeprefix('step_').lstrip('0') or 0}` "
                                "and use that")
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, attn_implementation="sdpa")
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, attn_implementation="sdpa")
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise CheckpointError(f"{path}: cannot load as a causal LM ({first})") from None

@@ -11,6 +11,7 @@ from pathlib import Path
 from distillab.files import write_json_atomic, write_text_atomic
 from distillab.layout import SweepLayout
 from distillab.study.results import HELD_OUT, add_gains_and_labels, collect_rows, summarize, write_table
+from distillab.signals.describe import signals_section
 from distillab.study.stats import format_ci, mean_ci
 from distillab.sweep.execute import read_plan
 
@@ -275,7 +276,8 @@ def write_report(sweep_dir: str | Path, tolerance: float | None = None, about: l
     if extra_sections is not None:
         lines += extra_sections(rows, sweep_dir)
     lines += regime_section(rows, sweep_dir, labels, bands)
-    lines += runs_section(rows) + gains_section(summary) + sft_section(summary) + wsd_section(rows)
+    lines += runs_section(rows) + gains_section(summary) + signals_section(rows)
+    lines += sft_section(summary) + wsd_section(rows)
     lines += best_alpha_section(summary)
     lines += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]
     lines += ["", f"Full table: `{csv_path.name}`" + (f", `{parquet_path.name}`" if parquet_path else "") + "."]

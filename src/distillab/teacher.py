@@ -57,7 +57,13 @@ class TeacherSignal(Protocol):
 
 
 class OnlineTeacher:
-    """A frozen HF model run under inference mode on each student batch."""
+    """A frozen HF model run under inference mode on each student batch.
+
+    `vocab_size` is the number of output rows the loss runs over: the student's (its tokenizer's
+    size, or more: the paper's Qwen3 rungs have 151,936 rows for a 128,256-token tokenizer, and the
+    authors' loss, like their baselines', runs over all of them). A teacher with more rows gives its
+    first `vocab_size` (rows no token uses), one with fewer is refused.
+    """
 
     def __init__(self, model, vocab_size: int, device: torch.device, precision: str = "float32",
                  description: str = "online:<in-memory model>"):
@@ -69,17 +75,20 @@ class OnlineTeacher:
         self.buffer: torch.Tensor | None = None
         rows = self.model.config.vocab_size
         if rows < vocab_size:
-            raise ConfigError("kd.teacher", f"the teacher has {rows} output rows, fewer than the tokenizer's "
-                                            f"{vocab_size}")
+            raise ConfigError("kd.teacher", f"the teacher has {rows:,} output rows, the student {vocab_size:,}; give "
+                                            f"the student model.vocab_size={rows} or a teacher with as many rows")
         if rows > vocab_size:
-            log.info("teacher has %d output rows (padding); using the tokenizer's %d", rows, vocab_size)
+            log.info("teacher has %d output rows; the student's loss runs over its %d", rows, vocab_size)
 
     @classmethod
-    def load(cls, path: str | Path, tokenizer, device: torch.device, precision: str = "float32") -> "OnlineTeacher":
-        """The teacher in `path`, after checking it shares the run's tokenizer (else a ConfigError)."""
+    def load(cls, path: str | Path, tokenizer, device: torch.device, precision: str = "float32",
+             rows: int | None = None) -> "OnlineTeacher":
+        """The teacher in `path`, after checking it shares the run's tokenizer (else a ConfigError);
+        its outputs over `rows` rows (default: the tokenizer's size)."""
         path = Path(path)
         check_same_tokenizer(path, tokenizer)
-        return cls(load_causal_lm(path, device), len(tokenizer), device, precision, description=f"online:{path}")
+        return cls(load_causal_lm(path, device), rows or len(tokenizer), device, precision,
+                   description=f"online:{path}")
 
     def positions(self) -> int:
         return max_positions(self.model)
@@ -97,26 +106,53 @@ class OnlineTeacher:
     def projects_plainly(self) -> bool:
         """True when logits are exactly hidden @ W_out^T (no soft-capping or scaling)."""
         output = self.model.get_output_embeddings()
-        return (self.model.config.model_type in PLAIN_HEAD_MODELS and output is not None
-                and not is_sharded(output.weight))
+        return self.model.config.model_type in PLAIN_HEAD_MODELS and output is not None
+
+    @property
+    def sharded(self) -> bool:
+        """Whether the teacher is sharded by FSDP (`distillab.train.fsdp`)."""
+        from torch.distributed.fsdp import FSDPModule
+
+        return isinstance(self.model, FSDPModule)
 
     def signal(self, batch: Batch, head: bool = False) -> torch.Tensor | Head:
-        with torch.inference_mode(), autocast(self.device, self.precision):
+        # FSDP gathers weights into buffers it reuses across forwards: inference tensors cannot be those
+        no_grad = torch.no_grad() if self.sharded else torch.inference_mode()
+        with no_grad, autocast(self.device, self.precision):
             if not self.projects_plainly():
                 return forward_logits(self.model, batch)[..., : self.vocab_size]
-            backbone = getattr(self.model, self.model.base_model_prefix)
-            hidden = backbone(**model_inputs(batch)).last_hidden_state
-            weight = self.model.get_output_embeddings().weight[: self.vocab_size]
+            hidden, weight = self.final_hidden(batch)
             if head:
                 return Head(hidden, weight)
-            if self.precision != "float32":
+            if self.precision != "float32" or hidden.dtype != torch.float32:
                 return (hidden @ weight.T).float()
-            # project into a buffer kept across calls: only the tokenizer's rows, and no
+            # project into a buffer kept across calls: only the student's rows, and no
             # batch x seq x vocab tensor allocated afresh each step (page faults on the CPU)
             shape = (*hidden.shape[:-1], self.vocab_size)
             if self.buffer is None or self.buffer.shape != shape or self.buffer.dtype != hidden.dtype:
                 self.buffer = torch.empty(shape, dtype=hidden.dtype, device=hidden.device)
             return torch.matmul(hidden, weight.T, out=self.buffer)
+
+    def final_hidden(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the final hidden states, the output layer's first `vocab_size` rows). A sharded teacher
+        (FSDP) runs its root module, whose forward gathers the output layer (and keeps it gathered:
+        `distillab.train.fsdp`), and only its last position through the output layer; the final norm's
+        output is caught on its way."""
+        if not self.sharded:
+            backbone = getattr(self.model, self.model.base_model_prefix)
+            weight = self.model.get_output_embeddings().weight
+            return backbone(**model_inputs(batch)).last_hidden_state, weight[: self.vocab_size]
+        caught = []
+        norm = getattr(self.model, self.model.base_model_prefix).norm
+        hook = norm.register_forward_hook(lambda module, args, out: caught.append(out))
+        try:
+            self.model(**model_inputs(batch), logits_to_keep=1)
+        finally:
+            hook.remove()
+        weight = self.model.get_output_embeddings().weight
+        if is_sharded(weight):
+            raise RuntimeError("the teacher's output layer is still sharded after its forward pass")
+        return caught[-1], weight[: self.vocab_size]
 
 
 class CachedTeacher:
@@ -133,10 +169,14 @@ class CachedTeacher:
 
     @classmethod
     def open(cls, path: str | Path, teacher_dir: str | Path, data, seq_len: int, top_k: int | None,
-             packing: str = "concat") -> "CachedTeacher":
+             packing: str = "concat", rows: int | None = None) -> "CachedTeacher":
         """The cache in `path`, after checking it was captured from the teacher in `teacher_dir` over
-        this run's tokenizer and training data at `seq_len`, with at least `top_k` tokens per position."""
+        this run's tokenizer and training data at `seq_len`, with at least `top_k` tokens per position,
+        its probabilities normalised over the student's `rows` output rows (default: the tokenizer's)."""
         cache = TeacherCache.open(path)
+        if rows is not None and cache.output_rows != rows:
+            raise ConfigError("kd.cache", f"{path} was captured over {cache.output_rows:,} output rows, the student has "
+                                          f"{rows:,}; capture it again for this student")
         mismatch = first_mismatch(cache.manifest, teacher_identity(Path(teacher_dir)), data.fingerprint,
                                   data_identity(data))
         if mismatch is not None:
@@ -194,25 +234,26 @@ def check_same_tokenizer(path: Path, tokenizer, key: str = "kd.teacher") -> None
 
 
 def build_teacher_signal(kd: KDConfig, data, device: torch.device, precision: str, seq_len: int,
-                         distills: bool, packing: str = "concat") -> TeacherSignal | None:
+                         distills: bool, packing: str = "concat", rows: int | None = None) -> TeacherSignal | None:
     """The teacher signal a run's config asks for (None for teachers and baselines).
 
     Checks, before any training: the teacher exists (a directory, or a hub id already in the local
     HF cache), shares the run's tokenizer, was built for at least `seq_len` positions, and gives
     finite outputs. With `kd.cache` a directory: the cache was captured from that teacher's weights
     over this run's tokenizer, training split and seq_len, with K >= kd.top_k (a mismatch is a
-    one-line ConfigError naming what differs).
+    one-line ConfigError naming what differs). `rows`: the student's output rows (default: the
+    tokenizer's size), which the teacher's distribution covers.
     """
     if not distills:
         return None
-    directory = model_directory(kd.teacher or "")
+    directory = model_directory(kd.teacher or "", revision=kd.teacher_revision)
     try:
         verify_model_directory(directory)
     except CheckpointError as exc:
         raise ConfigError("kd.teacher", f"{exc}; retrain or restore the teacher") from None
     if kd.cache not in CACHE_MODES:
-        return CachedTeacher.open(kd.cache, str(directory), data, seq_len, kd.top_k, packing)
-    teacher = OnlineTeacher.load(directory, data.tokenizer, device, precision)
+        return CachedTeacher.open(kd.cache, str(directory), data, seq_len, kd.top_k, packing, rows)
+    teacher = OnlineTeacher.load(directory, data.tokenizer, device, precision, rows)
     if 0 < teacher.positions() < seq_len:
         raise ConfigError("train.seq_len", f"is {seq_len} but the teacher {kd.teacher} was built for "
                                            f"{teacher.positions()} positions; its outputs beyond them are untrained "

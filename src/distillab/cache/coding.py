@@ -3,6 +3,8 @@
 A window's rows are, per target position, the K most likely token ids (most likely first),
 their log-probabilities at T = 1 and the log of the remaining mass (the tail).
 
+    sampled   not a top-K: the distinct token ids drawn from the teacher per position, their
+              counts and log-probs (`SampledCoding`, below; `distillab.signals.sampling`).
     float32   ids as int32 in rank order, log-probs and log-tail as float32: exact, 8K + 4
               bytes per token. The accuracy yardstick.
     compact   per row, the ids sorted ascending and stored as gaps (id[j] - id[j-1] - 1), the
@@ -155,7 +157,118 @@ class CompactCoding:
         return TopKRows(np.take_along_axis(ids, rank, axis=1), logprobs, log_tail)
 
 
-CODINGS = {"compact": CompactCoding, "float32": Float32Coding}
+
+
+
+# ----------------------------------------------------------------------------- sampled
+#
+# The `sampled` cache coding: per position, the distinct token ids drawn from a teacher, their
+# draw counts and the teacher's log-probabilities at them (`distillab.signals.sampling`).
+#
+# A window's rows are variable-length: row i holds n_i distinct ids (1 <= n_i <= m draws). Stored:
+#
+#     n_i            one byte per row
+#     ids            per row sorted ascending, as gaps (id[j] - id[j-1] - 1), byte planes
+#     counts         one byte each (m <= 255)
+#     log p codes    round(-log p / step) as in the compact coding (within step / 2 nat), byte planes
+#     log Z          float32 per row, only at a proposal temperature tau != 1: log sum_x p(x)^(1/tau),
+#                    from which the proposal r(x) = p(x)^(1/tau) / Z is recovered at any drawn id
+#
+# then zlib. Decoding pads rows to the window's largest n_i with count 0 (weight 0 in the loss).
+# With tau = 1 the estimator needs the counts only; the log-probs give the logged KL value. With
+# tau != 1 the importance weights p / r come from the stored log p (each within step / 2 nat), so
+# a cached tau != 1 signal carries that rounding (a relative weight error of at most
+# step / 2 * |1 - 1/tau|); tau = 1 is exact.
+
+
+@dataclass
+class DrawnRows:
+    """Per position: distinct drawn ids [n, S] (padded), counts [n, S] (0 on padding), the teacher's
+    T = 1 log-probs at them [n, S] and log Z of the proposal [n] (0 at tau = 1)."""
+
+    ids: np.ndarray
+    counts: np.ndarray
+    logprobs: np.ndarray
+    log_z: np.ndarray
+
+    def __len__(self) -> int:
+        return self.ids.shape[0]
+
+    @classmethod
+    def concat(cls, parts: list["DrawnRows"]) -> "DrawnRows":
+        width = max(p.ids.shape[1] for p in parts)
+
+        def pad(a, value=0):
+            return np.pad(a, ((0, 0), (0, width - a.shape[1])), constant_values=value)
+
+        return cls(np.concatenate([pad(p.ids) for p in parts]), np.concatenate([pad(p.counts) for p in parts]),
+                   np.concatenate([pad(p.logprobs) for p in parts]), np.concatenate([p.log_z for p in parts]))
+
+
+class SampledCoding:
+    """Distinct drawn ids, counts and quantised log-probs per row (module docstring)."""
+
+    name = "sampled"
+
+    def __init__(self, vocab_size: int, samples: int, proposal_temperature: float = 1.0, log_step: float = 1 / 64,
+                 level: int = 6):
+        self.vocab_size, self.samples, self.proposal_temperature = vocab_size, samples, proposal_temperature
+        self.log_step, self.level, self.max_code = log_step, level, MAX_CODE
+        self.id_width, self.code_width = byte_width(vocab_size - 1), byte_width(MAX_CODE)
+
+    def describe(self) -> dict:
+        return {"name": self.name, "samples": self.samples, "proposal_temperature": self.proposal_temperature,
+                "log_step": self.log_step, "max_code": self.max_code, "compressor": "zlib", "level": self.level}
+
+    def encode(self, rows: DrawnRows) -> bytes:
+        kept = rows.counts > 0
+        widths = kept.sum(1)
+        ids = np.where(kept, rows.ids, np.iinfo(np.int64).max)
+        order = np.argsort(ids, axis=1, kind="stable")
+        ids = np.take_along_axis(ids, order, axis=1)
+        sorted_kept = np.take_along_axis(kept, order, axis=1)
+        gaps = (np.diff(np.where(sorted_kept, ids, 0), axis=1, prepend=-1) - 1)[sorted_kept]
+        if (gaps < 0).any():
+            raise ValueError("a row repeats a drawn id")
+        counts = np.take_along_axis(rows.counts, order, axis=1)[sorted_kept]
+        scaled = np.nan_to_num(-np.take_along_axis(rows.logprobs, order, axis=1)[sorted_kept].astype(np.float64)
+                               / self.log_step, posinf=self.max_code)
+        codes = np.clip(np.rint(scaled), 0, self.max_code).astype(np.uint32)
+        parts = [widths.astype(np.uint8).tobytes(), to_planes(gaps, self.id_width),
+                 counts.astype(np.uint8).tobytes(), to_planes(codes, self.code_width)]
+        if self.proposal_temperature != 1.0:
+            parts.append(np.ascontiguousarray(rows.log_z, dtype="<f4").tobytes())
+        return zlib.compress(b"".join(parts), self.level)
+
+    def decode(self, blob: bytes, n: int) -> DrawnRows:
+        try:
+            payload = zlib.decompress(blob)
+        except zlib.error:
+            raise DataError("a sampled cache window does not decompress; the cache is corrupt") from None
+        widths = np.frombuffer(payload, dtype=np.uint8, count=n).astype(np.int64)
+        total = int(widths.sum())
+        expected = n + total * (self.id_width + 1 + self.code_width) + (4 * n if self.proposal_temperature != 1 else 0)
+        if len(payload) != expected:
+            raise DataError(f"a sampled cache window holds {len(payload)} bytes, expected {expected}")
+        gaps, offset = from_planes(payload, n, total, self.id_width)
+        counts = np.frombuffer(payload, dtype=np.uint8, count=total, offset=offset).astype(np.int64)
+        codes, offset = from_planes(payload, offset + total, total, self.code_width)
+        log_z = (np.frombuffer(payload, dtype="<f4", count=n, offset=offset).astype(np.float32)
+                 if self.proposal_temperature != 1.0 else np.zeros(n, dtype=np.float32))
+        width = max(1, int(widths.max()) if n else 1)
+        row = np.repeat(np.arange(n), widths)
+        column = np.arange(total) - np.repeat(np.cumsum(widths) - widths, widths)
+        out_ids = np.zeros((n, width), dtype=np.int64)
+        out_counts = np.zeros((n, width), dtype=np.int64)
+        out_logprobs = np.zeros((n, width), dtype=np.float32)
+        out_ids[row, column] = gaps.astype(np.int64) + 1
+        out_ids = np.where(np.arange(width)[None, :] < widths[:, None], np.cumsum(out_ids, axis=1) - 1, 0)
+        out_counts[row, column] = counts
+        out_logprobs[row, column] = codes.astype(np.float32) * -self.log_step
+        return DrawnRows(out_ids, out_counts, out_logprobs, log_z)
+
+
+CODINGS = {"compact": CompactCoding, "float32": Float32Coding, "sampled": SampledCoding}
 
 
 def make_coding(description: dict | str, vocab_size: int, top_k: int):
@@ -168,4 +281,8 @@ def make_coding(description: dict | str, vocab_size: int, top_k: int):
     if name == "compact":
         return CompactCoding(vocab_size, top_k, float(description.get("log_step", LOG_STEP)),
                              int(description.get("level", ZLIB_LEVEL)))
+    if name == "sampled":
+        return SampledCoding(vocab_size, int(description.get("samples", top_k)),
+                             float(description.get("proposal_temperature", 1.0)),
+                             float(description.get("log_step", LOG_STEP)), int(description.get("level", ZLIB_LEVEL)))
     raise DataError(f"unknown cache coding {name!r} (known: {', '.join(CODINGS)})")

@@ -171,7 +171,7 @@ class TeacherCache:
         return cls(path, manifest, index, key, sha256_file(path / MANIFEST))
 
     def __post_init__(self):
-        self.coding = make_coding(self.manifest["coding"], self.vocab_size, self.top_k)
+        self.coding = make_coding(self.manifest["coding"], self.output_rows, self.top_k)
         self.verified: set[int] = set()
         self.handles: dict[int, object] = {}
 
@@ -186,6 +186,11 @@ class TeacherCache:
     @property
     def vocab_size(self) -> int:
         return int(self.manifest["vocab_size"])
+
+    @property
+    def output_rows(self) -> int:
+        """The output rows the captured probabilities are normalised over (ids are below it)."""
+        return int(self.manifest.get("rows", self.manifest["vocab_size"]))
 
     @property
     def window_ids(self) -> np.ndarray:
@@ -222,7 +227,8 @@ class TeacherCache:
     def rows(self, window_ids) -> TopKRows:
         """The rows of the given windows, concatenated in that order: [len(ids) * seq_len, K]."""
         try:
-            return TopKRows.concat([self.coding.decode(self.blob(int(w)), self.seq_len) for w in window_ids])
+            parts = [self.coding.decode(self.blob(int(w)), self.seq_len) for w in window_ids]
+            return type(parts[0]).concat(parts) if parts else TopKRows.concat(parts)
         except DataError as exc:
             message = str(exc)
             raise DataError(message if message.startswith(self.key) else f"{self.key}: {self.path}: {message}") \

@@ -190,8 +190,23 @@ def encode_documents(documents: Iterable[Document], tokenizer, out_file, dtype: 
     return n_tokens, n_docs
 
 
+# Content surveys of packaged corpora, by corpus identity: their content is fixed (sha256-pinned
+# archives, or the running interpreter's own library), so one survey a process serves every prepare.
+PACKAGED_SURVEYS: dict[str, tuple[list, str]] = {}
+
+
+def content_survey(corpus: CorpusConfig | None, documents: Callable[[], Iterator[Document]]) -> tuple[list, str]:
+    """`_content_survey` of a corpus' documents, read once a process for a packaged corpus."""
+    if corpus is None or corpus.source != "packaged":
+        return _content_survey(documents())
+    key = stable_hash(corpus_identity(corpus))
+    if key not in PACKAGED_SURVEYS:
+        PACKAGED_SURVEYS[key] = _content_survey(documents())
+    return PACKAGED_SURVEYS[key]
+
+
 def cached_build(out_dir: Path, documents: Callable[[], Iterator[Document]], build: Callable, log,
-                 what: str) -> tuple[PreparedData, bool]:
+                 what: str, corpus: CorpusConfig | None = None) -> tuple[PreparedData, bool]:
     """The prepared directory `out_dir`, reused when its manifest records the corpus' current content,
     else built by `build(index, content_hash, tmp)` into a temporary directory renamed into place
     (a full disk or read-only cache ends in one line, the temporary directory removed).
@@ -200,7 +215,7 @@ def cached_build(out_dir: Path, documents: Callable[[], Iterator[Document]], bui
     interrupted build of this entry (a killed process) are removed first. Returns (data, built).
     """
     with entry_lock(out_dir):
-        index, content_hash = _content_survey(documents())
+        index, content_hash = content_survey(corpus, documents)
         if not index:
             raise DataError(f"{what}: yielded no documents")
         if (out_dir / MANIFEST).exists():
@@ -242,7 +257,8 @@ def prepare_data(data: DataConfig, log=print) -> PreparedData:
         validation = choose_validation(index, data.validation_fraction, data.split_seed, data.validation_documents)
         build_training_data(data, documents, index, validation, content_hash, key, tmp, log)
 
-    prepared, built = cached_build(out_dir, documents, build, log, f"data.corpus: {describe(data.corpus)}")
+    prepared, built = cached_build(out_dir, documents, build, log, f"data.corpus: {describe(data.corpus)}",
+                                   data.corpus)
     splits = prepared.manifest["splits"]
     log(f"data: {'prepared' if built else 'reusing'} {out_dir} — train {splits['train']['tokens']:,} tokens, "
         f"validation {splits['validation']['tokens']:,} tokens")
@@ -336,5 +352,5 @@ def prepare_corpus_tokens(corpus: CorpusConfig, tokenizer, cache_dir: Path | Non
                                                "sha256": sha256_file(tmp / "all.bin")}}})
         log(f"data: tokenized {describe(corpus)} for evaluation: {n_tokens:,} tokens")
 
-    prepared, _ = cached_build(out_dir, documents, build, log, describe(corpus))
+    prepared, _ = cached_build(out_dir, documents, build, log, describe(corpus), corpus)
     return prepared

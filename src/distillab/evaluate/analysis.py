@@ -30,6 +30,7 @@ from distillab.errors import DistillabError
 from distillab.evaluate.analysis_tables import analysis_markdown, authors_analysis, plot_authors_analysis
 from distillab.evaluate.perplexity import safe_exp, vocab_limit, window_starts
 from distillab.files import default_cache_dir, write_json_atomic, write_text_atomic
+from distillab.layout import ANALYSIS
 from distillab.models import load_causal_lm
 
 MODEL_METRICS = ("entropy", "max_prob", "gt_logprob", "gt_rank", "top1_acc", "effective_vocab", "top10_mass",
@@ -49,7 +50,7 @@ def model_token_metrics(logits: torch.Tensor, targets: torch.Tensor) -> dict[str
     p = log_p.exp()
     vocab = logits.shape[-1]
     gt_logit = logits.gather(1, targets[:, None])
-    sorted_p = p.sort(dim=-1, descending=True).values
+    sorted_p = p.topk(min(50, vocab), dim=-1).values  # the 50 largest, descending (all a full sort gave)
     return {
         "entropy": -(p * log_p).sum(-1),
         "max_prob": sorted_p[:, 0],
@@ -86,7 +87,7 @@ def pair_token_metrics(logits_a: torch.Tensor, logits_b: torch.Tensor) -> dict[s
         "js": 0.5 * (p * (log_p - log_m)).sum(-1) + 0.5 * (q * (log_q - log_m)).sum(-1),
         "top1_agreement": (a.argmax(-1) == b.argmax(-1)).double(),
         "top5_jaccard": shared / (10 - shared),
-        "logit_cosine": torch.nn.functional.cosine_similarity(a, b, dim=-1),
+        "logit_cosine": (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1)).clamp(min=1e-8),
         "top10_spearman": _spearman_rows(a.gather(1, top10), b.gather(1, top10)),
         "prob_overlap": torch.minimum(p, q).sum(-1),
     }
@@ -171,12 +172,16 @@ def analyze(
     set_name: str = "",
     reference: str | None = None,
     log=print,
+    plots: bool = True,
+    dtype: str = "float32",
 ) -> dict:
-    """Run every model over the same windows; write analysis.json, analysis.md and the plots
+    """Run every model over the same windows; write analysis.json, analysis.md and (`plots`) the plots
     into `out_dir`. `reference` (default: the gain pair's baseline) sets token difficulty."""
     reference = reference or (gain[1] if gain else None)
     check_reference(reference, models)
-    loaded = {name: load_causal_lm(path, device, key=f"--model {name}").eval() for name, path in models.items()}
+    weights = getattr(torch, dtype)  # the models' weights and logits; metrics are float64 either way
+    loaded = {name: load_causal_lm(path, device, key=f"--model {name}", dtype=weights).eval()
+              for name, path in models.items()}
     pairs = pairs or []
     starts = window_starts(len(tokens), seq_len, max_windows)
     sums_model = {name: {m: 0.0 for m in MODEL_METRICS} for name in loaded}
@@ -213,9 +218,9 @@ def analyze(
         result["gain"] = {"student": gain[0], "baseline": gain[1], **gain_analysis(
             -arrays[gain[0]]["loss"], -arrays[gain[1]]["loss"], arrays[gain[1]]["entropy"], positions, seq_len)}
     result["paper"] = authors_analysis(arrays, positions, seq_len, gain, reference)
-    write_analysis(result, out_dir)
-    log(f"analyze: {count:,} tokens over {len(starts)} windows; wrote {out_dir / 'analysis.json'}, analysis.md "
-        "and plots")
+    write_analysis(result, out_dir, plots)
+    log(f"analyze: {count:,} tokens over {len(starts)} windows; wrote {out_dir / 'analysis.json'}, analysis.md"
+        + (" and plots" if plots else ""))
     return result
 
 
@@ -225,11 +230,12 @@ def model_means(sums: dict[str, float], count: int) -> dict[str, float]:
     return {**means, "loss": -means["gt_logprob"], "perplexity": safe_exp(-means["gt_logprob"])}
 
 
-def write_analysis(result: dict, out_dir: Path) -> None:
+def write_analysis(result: dict, out_dir: Path, plots: bool = True) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out_dir / "analysis.json", result)
+    write_json_atomic(out_dir / ANALYSIS, result)
     write_text_atomic(out_dir / "analysis.md", analysis_markdown(result))
-    plot_analysis(result, out_dir)
+    if plots:
+        plot_analysis(result, out_dir)
 
 
 def plot_analysis(result: dict, out_dir: Path) -> list[Path]:
@@ -320,7 +326,7 @@ def analysis_tokens(set_name: str, first: Path, tokenizer) -> np.ndarray:
 
 def analyze_checkpoints(model_args: list[str], pair_args: list[str] | None, gain_arg: str | None, set_name: str,
                         seq_len: int | None, max_windows: int, out: str, batch_size: int, device: str,
-                        reference: str | None = None) -> dict:
+                        reference: str | None = None, plots: bool = True, log=print, dtype: str = "float32") -> dict:
     """`distillab analyze`: checkpoints that share a tokenizer, compared on one set; windows of
     `seq_len` (default: the authors' 2,048, or the model's positions if fewer)."""
     import json
@@ -344,4 +350,5 @@ def analyze_checkpoints(model_args: list[str], pair_args: list[str] | None, gain
     seq_len = seq_len or min(AUTHORS_SEQ_LEN, int(positions))
     return analyze(models, analysis_tokens(set_name, first, tokenizer), seq_len, max_windows, Path(out),
                    pairs=pairs, gain=gain, batch_size=batch_size, vocab_size=len(tokenizer),
-                   device=resolve_device(device, key="--device"), set_name=set_name, reference=reference)
+                   device=resolve_device(device, key="--device"), set_name=set_name, reference=reference,
+                   plots=plots, log=log, dtype=dtype)

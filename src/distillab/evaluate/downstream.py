@@ -284,6 +284,25 @@ def run_tasks(
     needs_stock = any(name.startswith("hub:") for name, *_ in resolved)
     manager = TaskManager(include_path=include or None, include_defaults=needs_stock)
     results: dict = {}
+    # the harness's environment report (torch.utils.collect_env: subprocesses, ~1 s a call) is not
+    # kept: eval.json records the versions that decide a result (harness, torch, distillab)
+    import lm_eval.evaluator
+
+    environment_report = getattr(lm_eval.evaluator, "add_env_info", None)
+    lm_eval.evaluator.add_env_info = lambda results: None
+    try:
+        return evaluate_resolved(resolved, checkpoint, manager, max_length, limit, batch_size, device, chat, log)
+    finally:
+        if environment_report is not None:
+            lm_eval.evaluator.add_env_info = environment_report
+
+
+def evaluate_resolved(resolved: list, checkpoint: Path, manager, max_length: int, limit: int | None, batch_size: int,
+                      device: str, chat: bool, log) -> dict:
+    """`lm_eval.simple_evaluate` for each resolved task: {task: result}."""
+    import lm_eval
+
+    results: dict = {}
     for name, harness_name, shots, metric in resolved:
         started = time.perf_counter()
         output = lm_eval.simple_evaluate(

@@ -25,12 +25,14 @@ import torch
 import torch.nn.functional as F
 
 from distillab.losses.divergences import DIVERGENCES, Params
+from distillab.losses.cross_tokenizer import AlignedTeacher
 from distillab.losses.fused import Workspace, chunk_rows, chunk_terms
 from distillab.losses.objective import KDObjective, StepObjective
+from distillab.losses.sampled import SampledTeacher
 from distillab.losses.teacher_rows import SparseRows
 
-__all__ = ["LossOutput", "Head", "SparseTeacher", "distillation_loss", "sparse_distillation_loss",
-           "objective_loss", "run_fused", "reference_distillation_loss", "DIVERGENCES"]
+__all__ = ["LossOutput", "Head", "SparseTeacher", "SampledTeacher", "AlignedTeacher", "distillation_loss",
+           "sparse_distillation_loss", "objective_loss", "run_fused", "reference_distillation_loss", "DIVERGENCES"]
 
 
 @dataclass
@@ -82,6 +84,8 @@ class Rows:
             k = source.indices.shape[-1]
             self.sparse = SparseRows(source.indices.reshape(-1, k), source.logprobs.reshape(-1, k),
                                      source.log_tail.reshape(-1))
+        elif isinstance(source, SampledTeacher):
+            self.sampled = source.flat()
         elif source is not None:
             self.dense = source.detach().reshape(-1, source.shape[-1])
 
@@ -94,6 +98,8 @@ class Rows:
         if isinstance(self.source, SparseTeacher):
             s = self.sparse
             return SparseRows(s.indices[start:end].long(), s.logprobs[start:end].to(dtype), s.log_tail[start:end].to(dtype))
+        if isinstance(self.source, SampledTeacher):
+            return self.sampled.chunk(start, end, dtype)
         return self.dense[start:end].to(dtype)
 
 
@@ -208,9 +214,12 @@ def normalize_labels(labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
 def run_fused(student, teacher, labels: torch.Tensor, now: StepObjective, ignore_index: int = -100,
               overwrite_logits: bool = False) -> LossOutput:
     """Check shapes, then run the fused loss of the objective in force `now` (`KDObjective.at`).
-    `student`: logits or Head; `teacher`: None, logits, Head or SparseTeacher."""
+    `student`: logits or Head; `teacher`: None, logits, Head, SparseTeacher, SampledTeacher, or
+    AlignedTeacher (a teacher with another tokenizer: `aligned_loss`)."""
     if teacher is None and now.kd_weight != 0:
         raise ValueError("alpha > 0 needs a teacher (teacher_logits)")
+    if isinstance(teacher, AlignedTeacher) or (teacher is not None and now.objective.entry.aligned is not None):
+        return aligned_loss(student, teacher, labels, now, ignore_index)
     vocab = ctx_vocab(student, teacher)
     student_shape = student.shape(vocab) if isinstance(student, Head) else tuple(student.shape)
     if isinstance(teacher, torch.Tensor) and tuple(teacher.shape) != student_shape:
@@ -221,6 +230,9 @@ def run_fused(student, teacher, labels: torch.Tensor, now: StepObjective, ignore
         raise ValueError(f"top_k must be in [1, vocabulary size {vocab}], got {top_k}")
     if tuple(labels.shape) != student_shape[:-1]:
         raise ValueError(f"labels {tuple(labels.shape)} do not match logits {student_shape}")
+    if isinstance(teacher, SampledTeacher) and now.objective.samples is None:
+        raise ValueError("a sampled teacher signal needs an objective with samples set (kd.samples), which "
+                         "checks that its divergence has an unbiased estimate from draws")
     labels = normalize_labels(labels, ignore_index)
     if isinstance(student, Head):
         total, ce, kd = FusedLoss.apply(student.hidden, student.weight, labels, student, teacher, now, False)
@@ -238,7 +250,8 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     labels [...] token ids, `ignore_index` where there is no target. overwrite_logits: reuse the
     student logits' memory for their gradient (the training loop does; they hold garbage after).
     Keywords: any other field of `KDObjective` (divergence, its parameters, scale_by_t2,
-    label_smoothing, top_k, top_p, tail_bucket, loss_scale), checked by it (ConfigError, a ValueError).
+    label_smoothing, top_k, top_p, tail_bucket, top_k_student, loss_scale), checked by it (ConfigError, a
+    ValueError).
     """
     now = KDObjective(alpha=alpha, temperature=temperature, **objective).at(0, 1)
     return run_fused(student_logits, teacher_logits, labels, now, ignore_index, overwrite_logits)
@@ -265,14 +278,43 @@ def objective_loss(student, teacher, labels: torch.Tensor, objective: KDObjectiv
     return run_fused(student, teacher, labels, now, overwrite_logits=overwrite_logits)
 
 
+def aligned_loss(student, teacher: AlignedTeacher, labels: torch.Tensor, now: StepObjective,
+                 ignore_index: int = -100) -> LossOutput:
+    """w_ce CE + w_kd c D for a teacher with another tokenizer, D the objective's `aligned` kernel
+    (`distillab.losses.cross_tokenizer`) summed over the batch, per student target token.
+
+    Not the chunk loop: the teacher's rows are not the student's (a student position pairs with
+    at most one teacher position, and an ALM chunk sums the student's log-likelihood over several
+    positions, across any chunk of rows), so D is differentiated with autograd over the whole
+    logits, which must therefore be logits (not a `Head`) and are not overwritten. The CE term is
+    the fused loss's (`run_fused` without a teacher).
+    """
+    kernel = now.objective.entry.aligned
+    if kernel is None or not isinstance(teacher, AlignedTeacher):
+        raise ValueError(f"kd.divergence={now.objective.divergence} and a {type(teacher).__name__} teacher signal "
+                         "do not go together: a teacher with another tokenizer (AlignedTeacher) needs a cross-"
+                         "tokenizer divergence, and such a divergence needs that teacher")
+    if isinstance(student, Head):
+        raise ValueError("a cross-tokenizer teacher needs the student's logits (not a fused output layer)")
+    flat_labels = normalize_labels(labels, ignore_index).reshape(-1)
+    n_tokens = max(int((flat_labels >= 0).sum()), 1)
+    kd = now.kd_scale * kernel(student.reshape(-1, student.shape[-1]).float(), flat_labels, teacher,
+                               now.temperature) / n_tokens
+    ce = run_fused(student, None, labels, now.without_teacher(), ignore_index)
+    total = now.ce_weight * ce.total + now.kd_weight * kd
+    return LossOutput(total=total, ce=ce.ce, kd=kd.detach(), n_tokens=ce.n_tokens)
+
+
 def reference_distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None,
                                 labels: torch.Tensor, *, alpha: float, temperature: float = 1.0,
                                 ignore_index: int = -100, top_k: int | None = None, divergence: str = "forward_kl",
-                                **parameters) -> LossOutput:
+                                top_k_student: str = "full", **parameters) -> LossOutput:
     """The same objective (mix weights, T^2, renormalised top-k) with plain autograd over the whole
     tensors: slower and memory-hungry; for tests, the GPU check, and reading. `parameters`: the
     divergence's (`Params` fields)."""
-    entry = DIVERGENCES[divergence]
+    objective = KDObjective(alpha=alpha, temperature=temperature, divergence=divergence, top_k=top_k,
+                            top_k_student=top_k_student, **parameters)
+    entry = objective.entry
     vocab = student_logits.shape[-1]
     s = student_logits.reshape(-1, vocab)
     y = labels.reshape(-1)
@@ -290,9 +332,9 @@ def reference_distillation_loss(student_logits: torch.Tensor, teacher_logits: to
             t = t.masked_fill(t < kth, float("-inf"))
         log_p = F.log_softmax(t / temperature, dim=-1)
         log_q = F.log_softmax(s / temperature, dim=-1)
-        if top_k is not None and not entry.whole_vocabulary_student:  # the student renormalised over the kept tokens
+        if top_k is not None and not objective.whole_vocabulary_student:  # the student renormalised over the kept
             log_q = F.log_softmax((s / temperature).masked_fill(torch.isinf(t), float("-inf")), dim=-1)
-        value, _ = entry.kernel(log_p, log_q, Params(**parameters))
+        value, _ = entry.kernel(log_p, log_q, objective)
         kd = temperature**2 * (value * valid).sum() / n
     total = (1 - alpha) * ce + alpha * kd
     return LossOutput(total=total, ce=ce.detach(), kd=kd.detach(), n_tokens=int(valid.sum()))

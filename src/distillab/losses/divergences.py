@@ -15,11 +15,15 @@ A divergence may leave `u` out: the loss then differentiates `value` with autogr
 chunk (the fallback; tested to agree with every closed form here).
 
 `DIVERGENCES` is the one list of divergences: each entry names its kernel, its label, the
-parameters it reads and how it treats a truncated teacher. A parameter is a field of `Params`
+parameters it reads, how it treats a truncated teacher, and its other kernels: `sampled` (an
+unbiased estimate from drawn teacher tokens, `distillab.losses.sampled`) and, for a teacher with
+another tokenizer, `aligned` (over byte-aligned positions or chunks instead of categories,
+`distillab.losses.cross_tokenizer`). A parameter is a field of `Params`
 (its default and its range beside it); the objective (`distillab.losses.objective.KDObjective`)
 inherits those fields, so each is a `kd.<name>` config key, checked, labelled and swept with
 the rest. Adding a divergence: a function below and one entry in DIVERGENCES (and a field in
-`Params` for a new parameter); nothing else enumerates them.
+`Params` for a new parameter); nothing else enumerates them. (A cross-tokenizer divergence's
+kernel goes beside `AlignedTeacher` in `distillab.losses.cross_tokenizer` instead.)
 """
 
 from __future__ import annotations
@@ -29,6 +33,9 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
+
+from distillab.losses.cross_tokenizer import alm_sum, uld_sum
+from distillab.losses.sampled import sampled_forward_kl
 
 
 def parameter(default: float, ok: Callable[[float], bool], bounds: str):
@@ -184,7 +191,7 @@ class Divergence:
     """One divergence as the objective and the loss see it.
 
     kernel: on categories, (log_p, log_q, params) -> (value per row, u or None); None for
-        `argmax_teacher` (the chunk loop's own path).
+        `argmax_teacher` (the chunk loop's own path) and for `aligned` divergences.
     label: how people read it; `{name}` fields are its parameters, e.g. "JSD β {beta:g}".
     parameters: the `Params` fields it reads.
     fused: an in-place kernel over the whole vocabulary (the same values, no allocations).
@@ -192,7 +199,16 @@ class Divergence:
         probabilities at the kept tokens (as the paper's code did for forward KL) instead of the
         student renormalised over them.
     argmax_teacher: the cross-entropy against the teacher's argmax: no temperature, no
-        truncation, no T^2 factor.
+        truncation (and no T^2 factor).
+    t2_factor: whether the KD term is multiplied by T^2 (when kd.scale_by_t2 is on).
+    sampled: (student logits [rows, V] at T = 1, `SampledRows`, out) -> (value per row, dD/dz
+        written into `out`): an estimate from drawn teacher tokens whose expectation is the
+        divergence and its gradient; only a divergence with one accepts kd.samples.
+    aligned: for a teacher with another tokenizer, (student logits [N, V], labels [N],
+        `AlignedTeacher`, T) -> D summed over the batch, differentiable in the logits; its only
+        kernel (`kernel` is None). `alignment` names what it reads: "positions" (a student and a
+        teacher position predicting a token at the same byte offset) or "chunks" (byte spans
+        both tokenizations cut at).
     """
 
     kernel: Kernel | None
@@ -201,13 +217,17 @@ class Divergence:
     fused: Callable | None = None
     whole_vocabulary_student: bool = False
     argmax_teacher: bool = False
+    t2_factor: bool = True
+    sampled: Callable | None = None
+    aligned: Callable | None = None
+    alignment: str = ""
 
     def describe(self, params: Params) -> str:
         return self.label.format(**{name: getattr(params, name) for name in self.parameters})
 
 
 DIVERGENCES: dict[str, Divergence] = {
-    "forward_kl": Divergence(forward_kl, "forward KL", whole_vocabulary_student=True),
+    "forward_kl": Divergence(forward_kl, "forward KL", whole_vocabulary_student=True, sampled=sampled_forward_kl),
     "reverse_kl": Divergence(reverse_kl, "reverse KL", fused=fused_reverse_kl),
     "jsd": Divergence(jsd, "JSD β {beta:g}", ("beta",), fused=fused_jsd),
     "skew_forward_kl": Divergence(skew_forward_kl, "skew forward KL λ {skew:g}", ("skew",),
@@ -215,5 +235,8 @@ DIVERGENCES: dict[str, Divergence] = {
     "skew_reverse_kl": Divergence(skew_reverse_kl, "skew reverse KL λ {skew:g}", ("skew",),
                                   fused=fused_skew_reverse_kl),
     "tvd": Divergence(tvd, "TVD", fused=fused_tvd),
-    "hard": Divergence(None, "hard labels", argmax_teacher=True),
+    "hard": Divergence(None, "hard labels", argmax_teacher=True, t2_factor=False),
+    "uld": Divergence(None, "ULD (cross-tokenizer)", aligned=uld_sum, alignment="positions"),
+    # T divides the chunks' log-likelihoods, not logits: no T^2
+    "alm": Divergence(None, "ALM (cross-tokenizer)", aligned=alm_sum, alignment="chunks", t2_factor=False),
 }

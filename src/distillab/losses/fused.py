@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from distillab.losses.objective import StepObjective
+from distillab.losses.sampled import SampledRows
 from distillab.losses.teacher_rows import NEG_INF, SparseRows, select, tempered_categories, truncate_dense
 
 # A student category outside the kept tokens gets this log-probability instead of -inf: exp()
@@ -80,9 +81,13 @@ class KDGradient:
 
 
 def kd_term(student: torch.Tensor, teacher, now: StepObjective, ws: Workspace) -> KDGradient:
-    """The KD term of one chunk; `teacher` is a dense [rows, V] tensor or SparseRows. Forward KL
-    has faster paths of its own (tested against the general ones)."""
+    """The KD term of one chunk; `teacher` is a dense [rows, V] tensor, SparseRows or SampledRows
+    (the divergence's `sampled` kernel). Forward KL has faster paths of its own (tested against
+    the general ones)."""
     objective = now.objective
+    if isinstance(teacher, SampledRows):
+        value, grad = objective.entry.sampled(student, teacher, ws.get("kd", student.shape[0]))
+        return KDGradient(value, grad=grad)
     if objective.entry.argmax_teacher:
         index = teacher.indices[:, :1] if isinstance(teacher, SparseRows) else teacher.argmax(-1, keepdim=True)
         return KDGradient(-student.gather(1, index).squeeze(1), minus_index=index, plus_student_lse=True)
@@ -93,7 +98,7 @@ def kd_term(student: torch.Tensor, teacher, now: StepObjective, ws: Workspace) -
         return dense_divergence(student, teacher, now, ws)
     rows = select(teacher, objective.top_k, objective.top_p) if isinstance(teacher, SparseRows) else \
         truncate_dense(teacher, objective.top_k, objective.top_p)
-    if objective.entry.whole_vocabulary_student and not objective.tail_bucket:
+    if objective.whole_vocabulary_student and not objective.tail_bucket:
         if forward_kl:
             return sparse_forward_kl(student, rows, now, ws)
         return sparse_divergence(student, rows, now, ws, full_student=True)

@@ -6,7 +6,9 @@ with (w_ce, w_kd) = (1 - a, a) for loss_scale "mix" (the paper's main runs), (1,
 "ce_fixed" and (1 - a, 1) for "kd_fixed"; CE_eps the cross-entropy with label smoothing eps;
 D_T a divergence between the teacher's and the student's distributions at temperature T
 (times T^2 unless scale_by_t2 is off; "hard" is the cross-entropy against the teacher's
-argmax, never scaled), over the teacher truncated to its top-k / top-p tokens when asked.
+argmax, never scaled), over the teacher truncated to its top-k / top-p tokens when asked (the
+student then either keeps its whole-vocabulary log-probabilities at the kept tokens, or is
+renormalised over them too: `top_k_student`).
 a and T may follow schedules over the run.
 
 `KDObjective` is that value, checked when it is made (`check_objective`: the one place KD
@@ -22,11 +24,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from distillab.errors import ConfigError, require
 from distillab.losses.divergences import DIVERGENCES, Divergence, Params
+from distillab.losses.sampled import MAX_SAMPLES
 
 
 @dataclass(frozen=True)
@@ -98,11 +101,26 @@ class KDObjective(Params):
     top_k: int | None = None
     top_p: float | None = None
     tail_bucket: bool = False
+    # the student's side of a truncated KD term without a tail: full = its whole-vocabulary
+    # log-probabilities at the kept tokens (forward KL; other divergences renormalise it, else the
+    # value is infinite); renormalised = renormalised over the teacher's kept tokens too
+    top_k_student: Literal["full", "renormalised"] = "full"
     label_smoothing: float = 0.0  # on the CE term
     # mix: (1 - alpha) CE + alpha KD; ce_fixed: CE + alpha KD; kd_fixed: (1 - alpha) CE + KD
     loss_scale: Literal["mix", "ce_fixed", "kd_fixed"] = "mix"
     alpha_schedule: Schedule = Schedule()
     temperature_schedule: Schedule = Schedule()
+    # a sampled teacher signal (docs/teacher-signals.md): per position this many token ids drawn
+    # from the teacher's distribution raised to 1 / proposal_temperature, importance-weighted
+    # back: an unbiased estimate for a divergence with a `sampled` kernel; unset = the full (or
+    # truncated) distribution
+    samples: int | None = None
+    proposal_temperature: float = 1.0
+    # several teachers (kd.teachers beside kd.teacher): their weights in that order (empty:
+    # equal) and how they combine: mixture = the weighted mixture of their distributions,
+    # route = each document to one teacher, drawn by weight
+    teacher_weights: list[float] = field(default_factory=list)
+    teacher_mix: Literal["mixture", "route"] = "mixture"
 
     def __post_init__(self):
         check_objective(self)
@@ -137,6 +155,12 @@ class KDObjective(Params):
     def truncated(self) -> bool:
         return self.top_k is not None or self.top_p is not None
 
+    @property
+    def whole_vocabulary_student(self) -> bool:
+        """With a truncated teacher (no tail): the student's whole-vocabulary log-probabilities at the
+        kept tokens (forward KL, `top_k_student` full), not the student renormalised over them."""
+        return self.entry.whole_vocabulary_student and self.top_k_student == "full"
+
     def at(self, step: int, steps: int) -> "StepObjective":
         """The objective in force at 0-based `step` of a run of `steps` steps: what the loss reads."""
         progress = step / max(1, steps - 1)
@@ -144,6 +168,12 @@ class KDObjective(Params):
         temperature = self.temperature_schedule.value(self.temperature, progress)
         ce_weight, kd_weight = LOSS_WEIGHTS[self.loss_scale](alpha) if self.distills else (1.0, 0.0)
         return StepObjective(self, alpha, temperature, ce_weight, kd_weight)
+
+    def teacher_shares(self, teachers: int) -> list[float]:
+        """The weights of `teachers` teachers (kd.teacher, then kd.teachers) normalised to sum 1:
+        `teacher_weights` when given, else equal."""
+        raw = list(self.teacher_weights) or [1.0] * teachers
+        return [w / sum(raw) for w in raw]
 
     def setting(self) -> "KDObjective":
         """The objective without alpha: what a sweep varies alpha within (a verdict's setting)."""
@@ -168,8 +198,18 @@ class KDObjective(Params):
                 parts.append("no T²")
         if self.top_k is not None:
             parts.append(f"top-{self.top_k}" + (" + tail" if self.tail_bucket else ""))
+        if self.top_k_student == "renormalised":
+            parts.append("student renormalised")
         if self.top_p is not None:
             parts.append(f"top-p {self.top_p:g}" + (" + tail" if self.tail_bucket else ""))
+        if self.samples is not None:
+            parts.append(f"sampled {self.samples}" + (f" at τ {self.proposal_temperature:g}"
+                                                       if self.proposal_temperature != 1.0 else ""))
+        if self.teacher_weights or self.teacher_mix != "mixture":
+            mix = "mixture" if self.teacher_mix == "mixture" else "routed per document"
+            shares = "/".join(f"{w:.2g}" for w in self.teacher_shares(len(self.teacher_weights)))
+            parts.append(f"{len(self.teacher_weights)} teachers, {mix} {shares}" if self.teacher_weights
+                         else f"teachers {mix}")
         if self.label_smoothing:
             parts.append(f"label smoothing {self.label_smoothing:g}")
         if self.loss_scale != "mix":
@@ -180,6 +220,8 @@ class KDObjective(Params):
 def _compact(value) -> str:
     if isinstance(value, dict):
         return "(" + ",".join(f"{k}={_compact(v)}" for k, v in value.items() if v is not None) + ")"
+    if isinstance(value, list):
+        return "/".join(_compact(v) for v in value)
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
@@ -196,9 +238,8 @@ class StepObjective:
 
     @property
     def kd_scale(self) -> float:
-        """c: the KD term's factor (T^2, or 1 for hard labels and when scaling is off)."""
-        argmax = self.objective.entry.argmax_teacher
-        return self.temperature**2 if self.objective.scale_by_t2 and not argmax else 1.0
+        """c: the KD term's factor (T^2, or 1 for a divergence without it and when scaling is off)."""
+        return self.temperature**2 if self.objective.scale_by_t2 and self.objective.entry.t2_factor else 1.0
 
     def without_teacher(self) -> "StepObjective":
         """The language-model loss alone (CE weight 1): a step whose teacher signal is empty."""
@@ -214,7 +255,11 @@ FIELD_RULES = {
     "divergence": (lambda v: v in DIVERGENCES, f"must be one of {', '.join(DIVERGENCES)}"),
     "top_k": (lambda v: v is None or v >= 1, "must be >= 1"),
     "top_p": (lambda v: v is None or 0 < v <= 1, "must be in (0, 1]"),
+    "top_k_student": (lambda v: v in ("full", "renormalised"), "must be full or renormalised"),
     "label_smoothing": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    "samples": (lambda v: v is None or 1 <= v <= MAX_SAMPLES, f"must be in [1, {MAX_SAMPLES}]"),
+    "proposal_temperature": (lambda v: v > 0, "must be > 0"),
+    "teacher_weights": (lambda v: all(w > 0 for w in v), "must all be > 0"),
     **{f.name: (f.metadata["ok"], f"must be {f.metadata['bounds']}") for f in dataclasses.fields(Params)},
 }
 
@@ -238,6 +283,11 @@ def check_objective(o: KDObjective) -> None:
             "set kd.top_k or kd.top_p, not both (which would apply first is ambiguous)")
     require(not o.tail_bucket or o.truncated, "tail_bucket",
             "needs a truncation (kd.top_k or kd.top_p) whose dropped mass forms the tail")
+    if o.top_k_student != "full":
+        require(o.truncated, "top_k_student",
+                "applies to a truncated teacher only; set kd.top_k (or kd.top_p), or leave it at full")
+        require(not o.tail_bucket, "top_k_student",
+                "with kd.tail_bucket the student keeps a tail category; leave kd.top_k_student at full")
     if o.entry.argmax_teacher:
         require(o.temperature == 1.0 and o.temperature_schedule.shape == "constant", "temperature",
                 f"must be 1 with kd.divergence={o.divergence} (the teacher's argmax has no temperature)")
@@ -245,8 +295,32 @@ def check_objective(o: KDObjective) -> None:
             require(getattr(o, key) is None, key, f"leave unset with kd.divergence={o.divergence} (ambiguous "
                     "with the argmax)")
         require(not o.tail_bucket, "tail_bucket", f"leave unset with kd.divergence={o.divergence}")
+    check_teacher_signal(o)
     for end in ("start", "end"):
         value = getattr(o.alpha_schedule, end)
         require(value is None or 0 <= value <= 1, f"alpha_schedule.{end}", f"must be in [0, 1], got {value}")
         value = getattr(o.temperature_schedule, end)
         require(value is None or value > 0, f"temperature_schedule.{end}", f"must be > 0, got {value}")
+
+
+def check_teacher_signal(o: KDObjective) -> None:
+    """The sampled signal's and the cross-tokenizer divergences' combinations with the rest."""
+    if o.samples is None:
+        require(o.proposal_temperature == 1.0, "proposal_temperature", "applies to sampled signals only; set "
+                "kd.samples too")
+    else:
+        require(o.entry.sampled is not None, "divergence",
+                f"{o.divergence} has no unbiased estimator from sampled teacher tokens (only forward_kl's gradient "
+                "q - p is linear in the teacher's p); use forward_kl, or leave kd.samples unset")
+        require(o.temperature == 1.0 and o.temperature_schedule.shape == "constant", "temperature",
+                "must be 1 with kd.samples (the draws estimate the teacher at T = 1; kd.proposal_temperature "
+                "shapes the draws instead)")
+        for key in ("top_k", "top_p"):
+            require(getattr(o, key) is None, key, "leave unset with kd.samples (a sampled signal keeps only the "
+                    "tokens drawn, weighted to stay unbiased)")
+        require(not o.tail_bucket, "tail_bucket", "leave unset with kd.samples")
+    if o.entry.aligned is not None:
+        for key in ("top_k", "top_p"):
+            require(getattr(o, key) is None, key, f"leave unset with kd.divergence={o.divergence} (it compares "
+                    "whole distributions of two vocabularies)")
+        require(not o.tail_bucket, "tail_bucket", f"leave unset with kd.divergence={o.divergence}")

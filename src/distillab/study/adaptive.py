@@ -134,7 +134,7 @@ def seeds_to_add(rows: list[dict], tolerance: float, margin: float, design: Desi
     n_seeds, next_look), "runs" (requests: role, model, tokens, seeds, and for students teacher_id,
     alpha and the objective's temperature / divergence / top_k)}. Empty "runs" everywhere = stop."""
     out = []
-    for key, setting in sorted(teacher_evidence(rows, tolerance).items(), key=lambda kv: str(kv[0])):
+    for key, setting in sorted(teacher_evidence(rows, tolerance, design).items(), key=lambda kv: str(kv[0])):
         students = [r for r in rows if r["role"] == "student" and (r["model"], r["tokens"], r["objective_key"]) == key]
         baselines = [r for r in rows if r["role"] == "baseline" and (r["model"], r["tokens"]) == key[:2]]
         runs = SettingRuns(students, baselines)

@@ -22,7 +22,6 @@ region, the plan says so loudly: the numbers are then an extrapolation, not a pr
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import tempfile
@@ -34,29 +33,10 @@ from distillab.errors import DataError, DistillabError
 from distillab.layout import SweepLayout
 from distillab.study.law import HELD_OUT, TARGETS, FittedLaw, fit_law, gain_features, in_family
 
-NUMERIC_PREFIXES = ("loss", "ppl", "acc", "acc_stderr", "gain", "gain_matched", "gain_sft", "teacher_loss",
-                    "sft_loss", "sft_ppl", "sft_acc", "sft_acc_stderr")
-NUMERIC_COLUMNS = {"non_embedding_parameters", "tokens", "init_seed", "data_seed", "teacher_tokens", "alpha",
-                   "temperature", "top_k", "matched_tokens", "trained_tokens", "train_flops",
-                   "teacher_inference_flops"}
-INTEGER_COLUMNS = {"non_embedding_parameters", "tokens", "init_seed", "data_seed", "teacher_tokens", "top_k",
-                   "matched_tokens", "trained_tokens"}
 DATA_KEYS = ("corpus", "tokenizer", "validation_fraction", "packing")
 
 
 # ----------------------------------------------------------------------------- the sources
-
-
-def typed_value(column: str, text: str):
-    """A results.csv cell as the row value `distillab.study.results` wrote (ids stay strings)."""
-    if text == "":
-        return None
-    if text in ("True", "False"):
-        return text == "True"
-    if column in NUMERIC_COLUMNS or column.split("/")[0] in NUMERIC_PREFIXES:
-        number = float(text)
-        return int(number) if column in INTEGER_COLUMNS else number
-    return text
 
 
 def read_rows(sweep_dir: Path) -> list[dict]:
@@ -72,8 +52,9 @@ def read_rows(sweep_dir: Path) -> list[dict]:
     if not table.exists():
         raise DataError(f"plan --from {sweep_dir}: neither plan.json with runs/ nor results.csv is there; give a sweep "
                         "directory (`distillab sweep` / `distillab demo` output, or docs/results/<name>)")
-    with table.open(newline="") as handle:
-        return [{column: typed_value(column, text) for column, text in row.items()} for row in csv.DictReader(handle)]
+    from distillab.study.results import read_table
+
+    return read_table(table)
 
 
 def source_data(sweep_dir: Path) -> dict | None:

@@ -28,8 +28,9 @@ from distillab.config import ModelConfig, config_from_dict
 from distillab.files import write_text_atomic
 from distillab.flops import teacher_inference_flops, trained_tokens, training_flops
 from distillab.models import resolve_spec
-from distillab.study.stats import mean_ci, prediction_interval
 from distillab.layout import RunLayout, SweepLayout
+from distillab.signals.describe import describe_signal
+from distillab.study.stats import mean_ci, prediction_interval
 from distillab.sweep.execute import read_plan, read_status
 
 HELD_OUT = "validation"
@@ -88,6 +89,8 @@ def run_row(run: dict, sweep_dir: Path) -> dict:
         "alpha": cfg.kd.alpha, "temperature": cfg.kd.temperature, "divergence": cfg.kd.divergence,
         "top_k": cfg.kd.top_k, "objective": objective.setting().label(with_alpha=False),
         "objective_key": objective.setting().key(), "cached_teacher": bool(info.get("cached")),
+        "teacher_signal": describe_signal(cfg.kd, bool(info.get("teacher_cache"))),
+        "teachers": "+".join(info["teachers"]) if info.get("teachers") else info.get("teacher_model"),
         "matched_tokens": info.get("matched_tokens"), "matched_teacher": info.get("matched_teacher"),
         "trained_tokens": trained_tokens(cfg), "train_flops": training_flops(cfg, vocab),
         "teacher_inference_flops": teacher_inference_flops(teacher, vocab, cfg, info.get("teacher_cache")),
@@ -197,6 +200,35 @@ def write_table(rows: list[dict], sweep_dir: Path) -> tuple[Path, Path | None]:
     parquet_path = SweepLayout(sweep_dir).results_parquet
     pq.write_table(pa.table({c: [r.get(c) for r in rows] for c in columns}), parquet_path)
     return csv_path, parquet_path
+
+
+INTEGER_COLUMNS = ("non_embedding_parameters", "tokens", "init_seed", "data_seed", "teacher_tokens", "top_k",
+                   "matched_tokens", "trained_tokens")
+TEXT_COLUMNS = ("run_id", "teacher_id", "baseline_id", "matched_baseline_id", "matched_teacher", "error")
+
+
+def read_table(path: str | Path) -> list[dict]:
+    """The rows of a results.csv as `write_table` got them: empty cells None, counts int, other numbers
+    float, True / False bool, ids and text as text."""
+    def typed(column: str, text: str):
+        if text == "":
+            return None
+        if column in TEXT_COLUMNS:
+            return text
+        if column in INTEGER_COLUMNS:
+            return int(float(text))
+        if text in ("True", "False"):
+            return text == "True"
+        try:
+            return float(text)
+        except ValueError:
+            return text
+
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: not found; it is written by `distillab sweep` or `distillab report`")
+    with open(path, newline="") as handle:
+        return [{column: typed(column, text) for column, text in row.items()} for row in csv.DictReader(handle)]
 
 
 GROUP_KEYS = ("model", "tokens", "teacher_model", "teacher_tokens", "teacher_kind", "alpha", "objective_key")

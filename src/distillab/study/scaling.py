@@ -7,8 +7,10 @@ student derived the way the default demo derives it:
     tokens        the default demo's tokens per non-embedding parameter (~24), in whole steps
     ladder        the two rungs below and the two above the student, on the student's tokens
     token axis    the first rung above, on the default demo's multiple (3x) of the student's tokens
-    everything else (corpus, tokenizer, α grid, compute-matched baselines, evaluation, the
-                  sequential seed rule and its caps) is the default demo's
+    everything else (corpus, tokenizer, α grid, compute-matched baselines on the tuning seeds,
+                  evaluation, and the design: a tuning round, then one round per look of
+                  `distillab.study.sequential.DESIGN` while a finding is open, stopping on the
+                  results alone) is the default demo's
 
 Students: cpu-3.5k, cpu-7k, cpu-14k, cpu-27k (7.6x in parameters; cpu-27k's study is the default
 demo itself). Fixed here before any run; never adjusted to the verdicts. Each size is its own sweep
@@ -18,7 +20,8 @@ ln(parameters), the law (`distillab.study.law`) fitted on every size and its val
 (`distillab.study.validation`).
 
 `--quick` runs the same code on the quick demo's tiny study (three small students): a smoke test of
-the pipeline whose numbers mean nothing.
+the pipeline whose numbers mean nothing. Before the first run every size's plan is printed (runs,
+rounds at most, predicted minutes on this machine) with their total.
 """
 
 from __future__ import annotations
@@ -26,36 +29,21 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import time
 from pathlib import Path
 
-from distillab.study.demo import STUDIES, Study, about_lines, check_corpora, check_workers, epochs_note, \
-    machine_description, read_progress, run_rounds
 from distillab.errors import DistillabError
 from distillab.files import write_json_atomic, write_text_atomic
 from distillab.layout import SweepLayout
 from distillab.models import LADDER
+from distillab.study.demo import STUDIES, Study, StudyPlan, about_lines, check_workers, cpu_rungs, \
+    machine_description, measured_plan, run_study, student_regime
 from distillab.study.stats import t_quantile_975
 
 SCALING_STUDENTS = ("cpu-3.5k", "cpu-7k", "cpu-14k", "cpu-27k")
 QUICK_STUDENTS = ("cpu-3.5k", "cpu-7k", "cpu-14k")
-# a size's time budget (the default demo's rule of seeds while the next round fits the budget) is the default
-# demo's budget scaled by the size's predicted seconds per run: RUN_OVERHEAD_SECONDS (start-up and evaluation) plus
-# its steps at KD_STEP_SECONDS. At these sizes a step costs about the same whatever the model (`distillab bench`,
-# batch 32 x 128, vocabulary 512, one thread: LM 56-60 ms, KD with the student's largest teacher 78-96 ms, for
-# cpu-3.5k .. cpu-27k), so run time follows the number of steps; the overhead is the default demo's measured
-# worker-seconds (2 x 1,455 s for 75 runs) less its steps at those speeds, per run. docs/scaling.md has the numbers.
-RUN_OVERHEAD_SECONDS = 25.0
-KD_STEP_SECONDS = 0.09
 FINDING_CLAIMS = {"F1": +1, "F2": -1, "F3-OOD": +1, "F3-downstream": +1}  # sign of the paper's claimed quantity
 CLAIM_WORDS = {"F1": "a weaker teacher helps", "F2": "a stronger teacher's extra gain saturates or reverses",
                "F3-OOD": "the gain is larger out of distribution", "F3-downstream": "downstream accuracy gains"}
-
-
-def cpu_rungs() -> list[str]:
-    """The CPU ladder's rungs, smallest first."""
-    rungs = [name for name, spec in LADDER.items() if name.startswith("cpu-")]
-    return sorted(rungs, key=lambda name: LADDER[name].non_embedding_parameters())
 
 
 def parameters(rung: str) -> int:
@@ -63,60 +51,49 @@ def parameters(rung: str) -> int:
 
 
 def scaling_study(rung: str, base: str = "default") -> Study:
-    """The `base` demo study with `rung` as its student (module docstring: what follows from the student)."""
-    rungs = cpu_rungs()
-    if rung not in rungs:
+    """The `base` demo study with `rung` as its student (`demo.student_regime` at the base's tokens per
+    non-embedding parameter, in whole steps, and its token-axis multiple); all else is the base's."""
+    if rung not in cpu_rungs():
         raise DistillabError(f"scaling: {rung!r} is not a CPU rung; `distillab models` lists the ladder")
-    i = rungs.index(rung)
-    if i < 2 or i + 2 >= len(rungs):
-        raise DistillabError(f"scaling: {rung} needs two rungs below and two above it on the CPU ladder")
     study = STUDIES[base]
-    step = study.batch_size * study.seq_len
-    per_parameter = study.student_tokens / parameters(study.student)
-    tokens = max(1, round(per_parameter * parameters(rung) / step)) * step
-    multiple = study.token_axis[0][1]
-    changes = {"name": f"{study.name}-scaling-{rung}", "student": rung, "student_tokens": tokens,
-               "ladder": (rungs[i - 2], rungs[i - 1], rungs[i + 1], rungs[i + 2]),
-               "token_axis": ((rungs[i + 1], multiple),)}
-    if "budget_minutes" in {f.name for f in dataclasses.fields(Study)}:
-        changes["budget_minutes"] = round(study.budget_minutes * run_cost(rung, tokens, study)
-                                          / run_cost(study.student, study.student_tokens, study), 1)
-    return dataclasses.replace(study, **changes)
-
-
-def run_cost(rung: str, tokens: int, study: Study) -> float:
-    """Predicted seconds of one distilled run of the size: overhead + its steps at KD_STEP_SECONDS."""
-    return RUN_OVERHEAD_SECONDS + KD_STEP_SECONDS * tokens / (study.batch_size * study.seq_len)
+    regime = student_regime(rung, study.student_tokens / parameters(study.student), study.batch_size * study.seq_len,
+                            1, study.token_axis[0][1])
+    return dataclasses.replace(study, name=f"{study.name}-scaling-{rung}", **regime)
 
 
 # ----------------------------------------------------------------------------- running the sizes
 
 
-def run_size(study: Study, sweep_dir: Path, workers: int, log) -> dict:
+def run_size(study: Study, sweep_dir: Path, workers: int, study_plan: StudyPlan, log) -> dict:
     """One size: the demo's rounds of seeds in `sweep_dir`, its report, and scaling.json (wall time, rounds)."""
     from distillab.report import write_report
 
-    started = time.perf_counter()
-    check_corpora(study)
-    state = SweepLayout(sweep_dir).demo_state
-    progress = read_progress(state)
-    epochs = epochs_note(study, log)
-    status = run_rounds(study, sweep_dir, workers, progress, started, log)
-    progress.seconds += time.perf_counter() - started
-    progress.invocations += 1
-    write_json_atomic(state, progress.__dict__)
+    outcome = run_study(study, sweep_dir, workers, log, study_plan=study_plan)
     about = [f"One size of `distillab demo --scaling`: student {study.student} "
              f"({parameters(study.student):,} non-embedding parameters) on {study.student_tokens:,} tokens."]
-    about += about_lines(study, "scaling", workers, progress, epochs, machine_description())
+    about += about_lines(study, "scaling", workers, outcome, machine_description())
     write_report(sweep_dir, about=about, title=f"distillab demo --scaling, student {study.student}")
+    state, status = outcome.state, outcome.status
     result = {"student": study.student, "parameters": parameters(study.student), "tokens": study.student_tokens,
-              "seconds": progress.seconds, "rounds": progress.rounds, "stop": progress.stop,
+              "seconds": state.seconds, "rounds": state.rounds, "stop": state.stop,
+              "plan": {"max_runs": study_plan.max_runs(), "predicted_max_minutes": study_plan.worst_seconds() / 60},
               "runs": {s: sum(v == s for v in status.values()) for s in set(status.values())}}
     write_json_atomic(SweepLayout(sweep_dir).scaling_result, result)
     if any(v != "done" for v in status.values()):
         raise DistillabError(f"scaling: some runs of {study.student} did not finish ({result['runs']}); see "
-                             f"{sweep_dir}/runs/*/status.json and rerun the same command to resume")
+                             f"{SweepLayout(sweep_dir).run('*').status} and rerun the same command to resume")
     return result
+
+
+def scaling_plans(students: tuple[str, ...], base: str, root: Path, workers: int, log) -> dict[str, StudyPlan]:
+    """Every size's plan at its student's measured speed, and their total logged before the first run."""
+    plans = {rung: measured_plan(scaling_study(rung, base), root / rung, workers) for rung in students}
+    log(f"scaling: {len(plans)} sizes ({', '.join(students)}), each the default demo's design: at most "
+        f"{sum(p.max_runs() for p in plans.values())} runs, predicted at most "
+        f"{sum(p.worst_seconds() for p in plans.values()) / 60:.0f} min on this machine ("
+        + ", ".join(f"{rung} {p.max_runs()} runs / {p.worst_seconds() / 60:.0f} min" for rung, p in plans.items())
+        + "), less when findings are decided early")
+    return plans
 
 
 def run_scaling(out_dir: str | Path = "runs/demo", workers: int = 2, quick: bool = False, log=print) -> Path:
@@ -124,9 +101,10 @@ def run_scaling(out_dir: str | Path = "runs/demo", workers: int = 2, quick: bool
     check_workers(workers)
     students, base = (QUICK_STUDENTS, "quick") if quick else (SCALING_STUDENTS, "default")
     root = Path(out_dir) / ("scaling-quick" if quick else "scaling")
+    plans = scaling_plans(students, base, root, workers, log)
     for rung in students:
         log(f"scaling: student {rung}")
-        run_size(scaling_study(rung, base), root / rung, workers, log)
+        run_size(scaling_study(rung, base), root / rung, workers, plans[rung], log)
     return write_scaling_report(root, students, base, log)
 
 

@@ -15,12 +15,12 @@ The rule, written once here and printed in every report:
   **interval seeds**; each contributes its gains at the tuned alpha only.
 - Teacher strength is *measured*, with a noise-aware band: a teacher is weaker than the student
   if its held-out loss is above the 95 % Student-t prediction interval of one new baseline
-  seed's held-out loss, computed from the baselines of the first `LABEL_SEEDS` (5) seeds (fewer
+  seed's held-out loss, computed from the baselines of the first `LABEL_SEEDS` (7) seeds (fewer
   than 2 such baselines: +-label_tolerance around their mean).
 - Each finding is one pooled quantity per interval seed (averaged over the teachers, or teacher
   pairs, it concerns; a seed counts only where every one of them has a finished run), and its
   interval is the repeated confidence interval of `distillab.study.sequential.DESIGN` (group-sequential,
-  Lan-DeMets O'Brien-Fleming-type alpha spending; looks at 3..8 interval seeds): valid at 95 %
+  Lan-DeMets O'Brien-Fleming-type alpha spending; looks at 5, 10 and 15 interval seeds): valid at 95 %
   whatever number of seeds the demo ends with, even when seeds were added *because* a finding
   was still open. The looks are walked in seed order and the verdict is taken at the first look
   where it is decided; "reproduced" / "not reproduced" need the interval on one side of zero (or,
@@ -49,7 +49,15 @@ from distillab.study.sequential import DESIGN, Design, sequential_decision
 from distillab.study.stats import format_ci, mean_ci, prediction_interval
 
 TUNING_SEEDS = 2  # per student setting: the first seeds, used to tune alpha and left out of intervals
-LABEL_SEEDS = TUNING_SEEDS + DESIGN.first_look  # their baselines set the weaker / level / stronger band
+
+
+def label_seeds(design: Design = DESIGN) -> int:
+    """How many first seeds' baselines set the weaker / level / stronger band: the tuning seeds and the
+    first look's."""
+    return TUNING_SEEDS + design.first_look
+
+
+LABEL_SEEDS = label_seeds()  # DESIGN's
 
 REPRODUCED = "reproduced"
 NOT_REPRODUCED = "not reproduced"
@@ -169,22 +177,22 @@ def interval_gains(students: list[dict], alpha: float | None, interval_seeds: li
     return dict(sorted(out.items(), key=lambda kv: seed_order(kv[0])))
 
 
-def strength_band(baselines: list[dict], seeds: list[str]) -> tuple[dict, list[str], bool]:
-    """The prediction interval of the finished baselines among the first LABEL_SEEDS seeds."""
-    band_seeds = seeds[:LABEL_SEEDS]
+def strength_band(baselines: list[dict], seeds: list[str], count: int = LABEL_SEEDS) -> tuple[dict, list[str], bool]:
+    """The prediction interval of the finished baselines among the first `count` seeds."""
+    band_seeds = seeds[:count]
     finished = {seed_key(r): r[f"loss/{HELD_OUT}"] for r in baselines
                 if seed_key(r) in band_seeds and r.get(f"loss/{HELD_OUT}") is not None}
     used = [s for s in band_seeds if s in finished]
-    final = len(band_seeds) == LABEL_SEEDS and len(used) == LABEL_SEEDS
+    final = len(band_seeds) == count and len(used) == count
     return prediction_interval([finished[s] for s in used]), used, final
 
 
 def setting_evidence(key: tuple, students: list[dict], baselines: list[dict], by_id: dict,
-                     tolerance: float) -> SettingEvidence:
+                     tolerance: float, design: Design = DESIGN) -> SettingEvidence:
     """Evidence of one student setting from its student rows (all teachers) and its baselines."""
     seeds = ordered_seeds(students + baselines)
     tuning, interval = seeds[:TUNING_SEEDS], seeds[TUNING_SEEDS:]
-    band, band_seeds, final = strength_band(baselines, seeds)
+    band, band_seeds, final = strength_band(baselines, seeds, label_seeds(design))
     losses = [b[f"loss/{HELD_OUT}"] for b in baselines if seed_key(b) in band_seeds
               and b.get(f"loss/{HELD_OUT}") is not None]
     per_teacher: dict[str, list[dict]] = {}
@@ -205,7 +213,7 @@ def setting_evidence(key: tuple, students: list[dict], baselines: list[dict], by
                            any(r.get("gain/downstream") is not None for r in students), teachers)
 
 
-def teacher_evidence(rows: list[dict], tolerance: float) -> dict[tuple, SettingEvidence]:
+def teacher_evidence(rows: list[dict], tolerance: float, design: Design = DESIGN) -> dict[tuple, SettingEvidence]:
     """Per student setting (model, tokens, objective without alpha): its evidence. Rows of any status
     fix the seed order; only finished ones give numbers."""
     by_id = {r["run_id"]: r for r in rows}
@@ -217,14 +225,15 @@ def teacher_evidence(rows: list[dict], tolerance: float) -> dict[tuple, SettingE
     for r in rows:
         if r["role"] == "student" and r.get("teacher_id") in by_id:
             groups.setdefault((r["model"], r["tokens"], r["objective_key"]), []).append(r)
-    return {key: setting_evidence(key, students, baselines.get(key[:2], []), by_id, tolerance)
+    return {key: setting_evidence(key, students, baselines.get(key[:2], []), by_id, tolerance, design)
             for key, students in groups.items()}
 
 
-def label_teachers(rows: list[dict], tolerance: float) -> tuple[dict[str, str], dict[str, dict]]:
+def label_teachers(rows: list[dict], tolerance: float,
+                   design: Design = DESIGN) -> tuple[dict[str, str], dict[str, dict]]:
     """Each student row's `label_by_loss` (its teacher vs the student by measured held-out loss, the
     band of `strength_band`), set in place; returns ({teacher id: label}, {student model: band})."""
-    settings = teacher_evidence(rows, tolerance).values()
+    settings = teacher_evidence(rows, tolerance, design).values()
     labels = {e.teacher_id: e.strength for setting in settings for e in setting.teachers}
     for row in rows:
         if row["role"] == "student" and row.get("teacher_id") in labels:
@@ -289,8 +298,7 @@ def rule_downstream(cis: dict) -> str | None:
 def _verdict(finding: str, decision: str, stage: str, detail: str, ci: dict | None = None, **extra) -> dict:
     return {"finding": finding, "question": QUESTIONS[finding], "verdict": decision, "stage": stage, "ci": ci,
             "detail": detail, "rule": RULES[finding], "n_seeds": 0, "seeds": [], "seeds_used": [], "look": None,
-            "decided_at": None,
-            "critical_value": None, **extra}
+            "decided_at": None, "critical_value": None, "values": {}, **extra}
 
 
 def not_askable(finding: str, detail: str, final: bool = True) -> dict:
@@ -313,7 +321,7 @@ def sequential_verdict(finding: str, seeds: list[str], series: dict[str, list[fl
     ci = cis.get("gain") if cis.get("gain", {}).get("n") else None
     other = {name: c for name, c in cis.items() if name != "gain"}
     return _verdict(finding, result["decision"] or INCONCLUSIVE, stage, detail, ci, n_seeds=n, seeds=seeds,
-                    seeds_used=seeds[:n], look=result["look"],
+                    seeds_used=seeds[:n], look=result["look"], values=series,
                     decided_at={"look": result["look"], "n_seeds": n} if result["decided"] else None,
                     critical_value=ci.get("critical_value") if ci else None, **other, **extra)
 
@@ -464,25 +472,25 @@ def rules_text(tolerance: float, margin: float, design: Design) -> list[str]:
              f"{TUNING_SEEDS} are tuning seeds: each teacher's α is the one with the best mean overall gain on them, "
              "and they are left out of every interval, so the reported gain is not the lucky maximum of the runs it "
              "is judged on. A teacher's strength is its measured held-out loss against the 95 % prediction "
-             f"interval of the student baselines of the first {LABEL_SEEDS} seeds (fewer than 2: ±{tolerance:g} "
-             "nats), not its size. Each finding is one pooled quantity per interval seed.",
+             f"interval of the student baselines of the first {label_seeds(design)} seeds (fewer than 2: "
+             f"±{tolerance:g} nats), not its size. Each finding is one pooled quantity per interval seed.",
              "",
              f"Intervals: {design.describe()}. Seeds are added while a finding is inconclusive; because the "
              "intervals hold at every look at once, the one at the look where the demo stopped is valid however "
-             "that look was reached (decided, out of time, or at the maximum). The verdict is the one at the first "
-             f"look where it is decided. margin = {margin:g} nats. The rule was fixed before the runs and is the "
-             "same for every grid:", ""]
+             "that look was reached (decided, at an opt-in time cap, or at the maximum). The verdict is the one at "
+             f"the first look where it is decided. margin = {margin:g} nats. The rule was fixed before the runs and "
+             "is the same for every grid:", ""]
     return lines + [f"- **{finding}**: {rule}" for finding, rule in RULES.items()] + [""]
 
 
 def verdict_sections(rows: list[dict], tolerance: float, margin: float,
                      design: Design = DESIGN) -> tuple[list[str], dict]:
     """Markdown lines of the verdict section (and the evidence behind it) plus the same as data."""
-    evidence_by_setting = teacher_evidence(rows, tolerance)
+    evidence_by_setting = teacher_evidence(rows, tolerance, design)
     lines = ["## Verdicts", ""]
     data = {"margin": margin, "tolerance": tolerance, "design": {"name": design.describe(), "looks": list(design.looks),
             "max_seeds": design.max_seeds, "alpha": design.alpha, "critical_values": list(design.critical_values),
-            "tuning_seeds": TUNING_SEEDS, "label_seeds": LABEL_SEEDS}, "settings": []}
+            "tuning_seeds": TUNING_SEEDS, "label_seeds": label_seeds(design)}, "settings": []}
     if not evidence_by_setting:
         lines += ["No finished student with a finished baseline yet: no verdict.", ""]
         return lines, data

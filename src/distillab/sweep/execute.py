@@ -32,8 +32,9 @@ from distillab.config import config_from_dict, merge
 from distillab.errors import DataError, DistillabError
 from distillab.files import exclusive_lock, stable_hash, write_json_atomic
 from distillab.layout import RunLayout, SweepLayout
+from distillab.sweep.eta import Clock, minutes
 from distillab.sweep.grid import GridSpec
-from distillab.sweep.plan import Run, plan
+from distillab.sweep.plan import Run, compute_summary, plan
 
 
 def read_status(sweep_dir: Path, run_id: str) -> dict:
@@ -58,9 +59,11 @@ def first_line(exc: BaseException) -> str:
     return message.splitlines()[0] if message else type(exc).__name__
 
 
-def execute_run(sweep_dir: str | Path, run_id: str, threads: int | None = None) -> dict:
+def execute_run(sweep_dir: str | Path, run_id: str, threads: int | None = None, launcher=None) -> dict:
     """Train (or resume) one run of a planned sweep, then evaluate it. Runs in a worker process (on
-    every node of a multi-node run: the other nodes only start their share of the processes)."""
+    every node of a multi-node run: the other nodes only start their share of the processes).
+    A run on several processes is launched with torchrun, or with `launcher(config values) -> final
+    directory` when given (a rehearsal's processes, started once: `distillab.sweep.rehearse`)."""
     from distillab.capture import capture_for_run
     from distillab.evaluate.run import evaluate_checkpoint
     from distillab.train import train
@@ -80,12 +83,15 @@ def execute_run(sweep_dir: str | Path, run_id: str, threads: int | None = None) 
         config = config_from_dict(config_values)
         if run["info"].get("teacher_cache"):
             capture_for_run(config, run["info"]["teacher_cache"])
-        if config.train.processes > 1 and "WORLD_SIZE" not in os.environ:
+        if config.train.processes > 1 and launcher is not None:
+            final_dir = launcher(config_values)
+        elif config.train.processes > 1 and "WORLD_SIZE" not in os.environ:
             final_dir = train_with_torchrun(config_values, config.train.processes, config.train.nodes, run_id)
         else:
             final_dir = train(config).final_dir
         evaluate_checkpoint(final_dir, settings["sets"], tasks=settings["tasks"], limit=settings["limit"],
-                            max_windows=settings["max_windows"], seq_len=settings["seq_len"], threads=threads)
+                            max_windows=settings["max_windows"], seq_len=settings["seq_len"], threads=threads,
+                            batch_size=settings.get("batch_size", 8))
         if planned.get("sft"):
             fine_tune(final_dir, config_values, planned["sft"], settings, threads)
     except BaseException as exc:  # recorded, then re-raised for the executor
@@ -115,7 +121,8 @@ def fine_tune(final_dir: Path, run_config: dict, stage: dict, settings: dict, th
     values = merge(cache, stage, this_run, {"train": {"threads": threads}} if threads else {})
     sft_final = train(sft_config(values)).final_dir
     evaluate_checkpoint(sft_final, settings["sets"], tasks=settings["tasks"], limit=settings["limit"],
-                        max_windows=settings["max_windows"], threads=threads, chat_template=bool(settings["tasks"]))
+                        max_windows=settings["max_windows"], threads=threads, chat_template=bool(settings["tasks"]),
+                        batch_size=settings.get("batch_size", 8))
 
 
 def torchrun_command(launch: Path, processes: int, nodes: int = 1, node_rank: int = 0, endpoint: str | None = None,
@@ -250,11 +257,15 @@ def initial_status(runs: list[Run], sweep_dir: Path, retry_failed: bool, stage: 
 
 def run_sweep(spec: GridSpec, sweep_dir: str | Path, workers: int = 1, executor: str = "local",
               retry_failed: bool = False, slurm: dict | None = None, log=print,
-              pool: "LocalWorkers | None" = None) -> dict:
-    """Execute every unfinished run in dependency order; return {run id: final status}.
+              pool: "LocalWorkers | None" = None, cache_decisions: list | None = None,
+              clock: Clock | None = None) -> dict:
+    """Execute every unfinished run in dependency order, then the analysis stage; return {run id:
+    final status}. After each finished run it logs n/N runs done and the time left (`clock`; by
+    default predicted from the grid's `cpu_gflops` and corrected by the runs that finished).
 
     `pool`: local workers to use (and leave running) instead of starting new ones, e.g. across the
-    rounds of a study that extends its grid.
+    rounds of a study that extends its grid; `clock`: a study's clock over all its rounds.
+    `cache_decisions`: see `distillab.sweep.plan.plan`.
     """
     if workers < 1:
         raise DistillabError(f"--workers: must be >= 1, got {workers}")
@@ -262,12 +273,17 @@ def run_sweep(spec: GridSpec, sweep_dir: str | Path, workers: int = 1, executor:
     sweep_dir = Path(sweep_dir).resolve()
     sweep_dir.mkdir(parents=True, exist_ok=True)
     with exclusive_lock(SweepLayout(sweep_dir).lock, f"sweep directory {sweep_dir}"):
-        runs = plan(spec, sweep_dir)
+        runs = plan(spec, sweep_dir, cache_decisions)
         write_plan(spec, runs, sweep_dir)
         status = initial_status(runs, sweep_dir, retry_failed, spec.sft)
         done_before = sum(s == "done" for s in status.values())
         if done_before:
             log(f"sweep: {done_before} of {len(runs)} runs already done; skipping them")
+        if clock is None:
+            clock = grid_clock(spec, runs, status, workers)
+            if done_before < len(runs):
+                log(f"sweep: {len(runs) - done_before} runs to do, about {minutes(clock.seconds_left())} on "
+                    f"{workers} worker(s) at the grid's cpu_gflops = {spec.cpu_gflops:g} (corrected as runs finish)")
         threads = max(1, (os.cpu_count() or 1) // workers)
         if pool is not None:
             submit = pool
@@ -276,16 +292,58 @@ def run_sweep(spec: GridSpec, sweep_dir: str | Path, workers: int = 1, executor:
         else:
             submit = submitit_submitter(sweep_dir, executor, threads, slurm or {})
         try:
-            drive(runs, status, submit, workers, sweep_dir, log)
+            drive(runs, status, submit, workers, sweep_dir, log, clock)
         finally:
             if submit is not pool and hasattr(submit, "close"):
                 submit.close()
+        analyse_students(spec, runs, status, sweep_dir, log)
     counts = {s: sum(v == s for v in status.values()) for s in ("done", "failed", "blocked", "pending")}
     log("sweep: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n))
     return status
 
 
-def drive(runs: list[Run], status: dict, submit, workers: int, sweep_dir: Path, log) -> None:
+def matched_baseline(student: Run, runs: list[Run]) -> Run | None:
+    """The student's matched baseline: the same model, budget and seed, no teacher (added by the planner)."""
+    key = (student.info["model"], student.info["tokens"], student.info["seed"])
+    return next((r for r in runs if r.role == "baseline" and "baseline_kind" not in r.info
+                 and (r.info["model"], r.info["tokens"], r.info["seed"]) == key), None)
+
+
+def analyse_students(spec: GridSpec, runs: list[Run], status: dict, sweep_dir: Path, log) -> None:
+    """The grid's analysis stage (`eval.analysis`): each done student beside its teacher and its matched
+    baseline (`distillab analyze`), into SWEEP/runs/<id>/analysis/ (analysis.json and .md; the plots
+    are `distillab analyze`'s); done ones are kept."""
+    from distillab.evaluate.analysis import analyze_checkpoints
+
+    stage = spec.eval.analysis
+    if stage is None:
+        return
+    for run in runs:
+        layout = SweepLayout(sweep_dir).run(run.id)
+        baseline = matched_baseline(run, runs) if run.role == "student" else None
+        if run.role != "student" or status[run.id] != "done" or layout.analysis_result.exists():
+            continue
+        models = [f"student={RunLayout(run.config['run_dir']).final}", f"teacher={run.config['kd']['teacher']}"]
+        if baseline is not None and status[baseline.id] == "done":
+            models.append(f"baseline={RunLayout(baseline.config['run_dir']).final}")
+        try:
+            analyze_checkpoints(models, None, None, stage.set, stage.seq_len, stage.max_windows, str(layout.analysis),
+                                stage.batch_size, "auto", plots=False, log=log, dtype=stage.dtype)
+        except DistillabError as exc:
+            log(f"sweep: analysis of {run.id} failed: {first_line(exc)}")
+            status[run.id] = "failed"
+            write_status(sweep_dir, run.id, status="failed", error=f"analysis: {first_line(exc)}")
+
+
+def grid_clock(spec: GridSpec, runs: list[Run], status: dict, workers: int) -> Clock:
+    """A clock over the grid's runs, predicted at the grid's `cpu_gflops` (FLOPs / rate); runs this
+    invocation will not start (done, or failed without --retry-failed) count as finished."""
+    per_run = compute_summary(runs, spec)["per_run"]
+    return Clock({r.id: per_run[r.id]["hours"] * 3600 for r in runs}, workers,
+                 done={r.id for r in runs if status[r.id] != "pending"})
+
+
+def drive(runs: list[Run], status: dict, submit, workers: int, sweep_dir: Path, log, clock: Clock) -> None:
     """Start runs whose dependencies are done, up to `workers` at once, until none can start."""
     in_flight: dict[str, object] = {}
     while True:
@@ -296,24 +354,27 @@ def drive(runs: list[Run], status: dict, submit, workers: int, sweep_dir: Path, 
             if any(d in ("failed", "blocked") for d in dependencies):
                 status[run.id] = "blocked"
                 write_status(sweep_dir, run.id, status="blocked", error="its teacher failed")
+                clock.finish(run.id)
                 log(f"sweep: {run.name} blocked: its teacher failed")
             elif all(d == "done" for d in dependencies) and len(in_flight) < workers:
                 log(f"sweep: starting {run.name} ({run.id})")
+                clock.start(run.id)
                 in_flight[run.id] = submit(run.id)
         if not in_flight:
             return
         for run_id in wait_any(in_flight):
             ok = in_flight.pop(run_id).succeeded()
             status[run_id] = "done" if ok else "failed"
+            clock.finish(run_id)
             if ok:
-                log(f"sweep: {run_id} done")
+                log(f"sweep: {run_id} done; {clock.line()}")
                 continue
             error = read_status(sweep_dir, run_id).get("error") or "worker exited with an error"
             write_status(sweep_dir, run_id, status="failed", error=error)
-            log(f"sweep: {run_id} failed: {error}")
+            log(f"sweep: {run_id} failed: {error}; {clock.line()}")
 
 
-def run_logged(sweep_dir: str, run_id: str, threads: int) -> None:
+def run_logged(sweep_dir: str, run_id: str, threads: int, launcher=None) -> None:
     """execute_run in a pool worker, its output appended to the run's worker.log."""
     import contextlib
     import logging
@@ -324,7 +385,7 @@ def run_logged(sweep_dir: str, run_id: str, threads: int) -> None:
         handler = logging.StreamHandler(handle)
         logging.getLogger().addHandler(handler)
         try:
-            execute_run(sweep_dir, run_id, threads)
+            execute_run(sweep_dir, run_id, threads, launcher)
         finally:
             logging.getLogger().removeHandler(handler)
 

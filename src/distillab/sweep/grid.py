@@ -15,13 +15,15 @@ import copy
 import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
-from distillab.config import build_dataclass, kd_value, merge, read_yaml_mapping
+from distillab.config import ModelConfig, build_dataclass, kd_value, merge, read_yaml_mapping
 from distillab.errors import ConfigError, require
 from distillab.losses.divergences import DIVERGENCES
 from distillab.gpus import GPUS
 from distillab.models import LADDER
 from distillab.sft import sft_config
+from distillab.sweep.caches import parse_bytes
 
 # Peak dense bf16 throughput of accelerators, for compute estimates at a stated MFU.
 DEVICE_PEAK_FLOPS = {"h100": GPUS["h100-80gb"].bf16_peak_flops, "h200": GPUS["h200-141gb"].bf16_peak_flops,
@@ -41,6 +43,8 @@ class TeacherMember:
     tokens: int = 0
     seed: int = 42
     path: str | None = None
+    # a hub id's revision (a checkpoint suite's intermediate step, e.g. step1000; in the local HF cache)
+    revision: str | None = None
 
 
 @dataclass
@@ -55,12 +59,14 @@ class TeacherRef:
 class StudentMember:
     """A hand-picked student setting, beside the cross product; `teachers` restricts it to those
     teachers of the pool (empty: every teacher), `alpha` to those alphas (empty: the grid's). Its
-    baselines are added like any other student's."""
+    baselines are added like any other student's; `compute_matched` (true / false) overrides
+    `students.compute_matched` for it (unset: the same)."""
     model: str = ""
     tokens: int = 0
     seed: int = 43
     teachers: list[TeacherRef] = field(default_factory=list)
     alpha: list[float] = field(default_factory=list)
+    compute_matched: bool | None = None
 
 
 @dataclass
@@ -115,6 +121,16 @@ class StudentSet:
 
 
 @dataclass
+class TeacherSet:
+    """Several teachers of the pool taught at once (`kd.teachers`): their distributions mixed with
+    `weights` (empty: equal), or each document routed to one of them (`mix: route`)."""
+    members: list[TeacherRef] = field(default_factory=list)
+    weights: list[float] = field(default_factory=list)
+    mix: str = "mixture"
+    alpha: list[float] = field(default_factory=list)  # empty: kd.alpha
+
+
+@dataclass
 class KDSweep:
     """KD settings crossed with each other (and with every teacher) for each student.
 
@@ -127,22 +143,43 @@ class KDSweep:
     temperature: list[float] = field(default_factory=lambda: [1.0])
     top_k: list[int | None] = field(default_factory=lambda: [None])
     divergence: list[str] = field(default_factory=lambda: ["forward_kl"])
+    # the student's side of a top-k objective (kd.top_k_student); untruncated objectives keep full
+    top_k_student: list[str] = field(default_factory=lambda: ["full"])
     other: dict = field(default_factory=dict)
     pairs: list[KDPair] = field(default_factory=list)
+    # students of several teachers at once, beside the single-teacher ones (at every kd.alpha)
+    teacher_sets: list[TeacherSet] = field(default_factory=list)
 
     def objectives(self, extra: dict | None = None) -> list[dict]:
         """The kd overrides (without alpha) of every objective in the sweep, in a fixed order;
         `extra` (a pair's objective) is set over each."""
-        names = ["temperature", "top_k", "divergence", *sorted(self.other)]
-        values = [self.temperature, self.top_k, self.divergence, *(self.other[k] for k in sorted(self.other))]
+        names = ["temperature", "top_k", "divergence", "top_k_student", *sorted(self.other)]
+        values = [self.temperature, self.top_k, self.divergence, self.top_k_student,
+                  *(self.other[k] for k in sorted(self.other))]
         out = []
         for combination in itertools.product(*values):
             kd = {**dict(zip(names, combination)), **(extra or {})}
             if DIVERGENCES[kd["divergence"]].argmax_teacher:
                 kd.update(temperature=1.0, top_k=None)
+            if kd["top_k"] is None and kd.get("top_p") is None:
+                kd["top_k_student"] = "full"
+            if kd["top_k_student"] == "full":
+                del kd["top_k_student"]  # the default: left out, so the settings read as before
             if kd not in out:
                 out.append(kd)
         return out
+
+
+@dataclass
+class AnalysisStage:
+    """The mechanism analysis a sweep runs for every student beside its teacher and matched baseline
+    (`distillab analyze`; the authors: 200 windows of 2,048 tokens of wikitext-103 train)."""
+    set: str = "wikitext103"
+    seq_len: int = 2048
+    max_windows: int = 200
+    batch_size: int = 4
+    # the models' weights and logits (the metrics are float64 either way); bfloat16 halves the memory
+    dtype: Literal["float32", "bfloat16"] = "float32"
 
 
 @dataclass
@@ -152,6 +189,10 @@ class SweepEval:
     limit: int | None = None
     max_windows: int = 64
     seq_len: int | None = None
+    # windows per forward of the final models' perplexity (one GPU, fp32: see the memory plan)
+    batch_size: int = 8
+    # the mechanism analysis after training (unset: none)
+    analysis: AnalysisStage | None = None
 
 
 @dataclass
@@ -173,6 +214,11 @@ class GridSpec:
     verdict_margin: float = 0.02
     # CPU throughput for estimates (GFLOP/s achieved in training); measure with `distillab bench`
     cpu_gflops: float = 120.0
+    # disk for the teacher caches kd.cache: auto plans (e.g. 20TB, decimal units, or bytes; unset:
+    # the free space where the sweep writes); --cache-budget overrides it
+    cache_disk_budget: str | None = None
+    # model fields per rung, over the rung's own (e.g. a rehearsal's tiny twins): {rung: {layers: 2, ...}}
+    rung_overrides: dict = field(default_factory=dict)
     # an SFT stage after every teacher, student and baseline: `distillab sft` config values (data,
     # train, sft.steps, sft.chat_template, ...; each run's final model is sft.init_from); empty: none
     sft: dict = field(default_factory=dict)
@@ -222,7 +268,15 @@ def validate_grid(spec: GridSpec) -> None:
     validate_members(spec)
     validate_kd_sweep(spec.kd)
     validate_pairs(spec)
+    validate_teacher_sets(spec)
     validate_sft_stage(spec.sft)
+    validate_eval(spec.eval)
+    for rung, fields in spec.rung_overrides.items():
+        if rung not in LADDER:
+            raise ConfigError(f"rung_overrides.{rung}", "unknown model; `distillab models` lists them")
+        build_dataclass(ModelConfig, {"name": rung, **fields}, f"rung_overrides.{rung}")
+    if spec.cache_disk_budget is not None:
+        parse_bytes(spec.cache_disk_budget)
     if "/" in spec.name or ".." in spec.name or not spec.name.strip():
         raise ConfigError("name", f"{spec.name!r} must be a plain name (it names the sweep directory)")
 
@@ -272,6 +326,25 @@ def validate_pairs(spec: GridSpec) -> None:
                                       "pair, so no student would learn from it; pair it or leave it out of the pool")
 
 
+def validate_teacher_sets(spec: GridSpec) -> None:
+    """Each set names >= 2 teachers of the pool, a weight per member (or none) and mixture or route."""
+    pool = pool_keys(spec.teachers)
+    for i, group in enumerate(spec.kd.teacher_sets):
+        key = f"kd.teacher_sets[{i}]"
+        if len(group.members) < 2:
+            raise ConfigError(f"{key}.members", "name at least two teachers of the pool")
+        for j, ref in enumerate(group.members):
+            if (ref.model, ref.tokens, ref.seed) not in pool:
+                raise ConfigError(f"{key}.members[{j}]", f"{ref.model} @ {ref.tokens:,} tokens (seed {ref.seed}) is "
+                                                         "not a teacher of the pool")
+        if group.weights and len(group.weights) != len(group.members):
+            raise ConfigError(f"{key}.weights", f"give one weight per member ({len(group.members)}), or none")
+        if not group.alpha and not spec.kd.alpha:
+            raise ConfigError(f"{key}.alpha", "name this set's alphas (kd.alpha is empty with kd.pairs)")
+        if group.mix not in ("mixture", "route"):
+            raise ConfigError(f"{key}.mix", f"must be mixture or route, got {group.mix!r}")
+
+
 def validate_sft_stage(stage: dict) -> None:
     """The SFT stage's values make a valid `distillab sft` config once a run's model is named."""
     if not stage:
@@ -293,13 +366,22 @@ def check_alpha(key: str, alpha: float) -> None:
     kd_value("alpha", alpha, key)
 
 
+def validate_eval(e: SweepEval) -> None:
+    if e.batch_size < 1:
+        raise ConfigError("eval.batch_size", f"must be >= 1, got {e.batch_size}")
+    if e.analysis is not None:
+        for key in ("seq_len", "max_windows", "batch_size"):
+            if getattr(e.analysis, key) < 1:
+                raise ConfigError(f"eval.analysis.{key}", f"must be >= 1, got {getattr(e.analysis, key)}")
+
+
 def validate_kd_sweep(kd: KDSweep) -> None:
     """Each listed value on its own; the combinations are checked as each run's config is made."""
     if not kd.alpha:
         raise ConfigError("kd.alpha", "list at least one alpha (baselines are added automatically)")
     for i, alpha in enumerate(kd.alpha):
         check_alpha(f"kd.alpha[{i}]", alpha)
-    for name in ("temperature", "top_k", "divergence"):
+    for name in ("temperature", "top_k", "divergence", "top_k_student"):
         for i, value in enumerate(getattr(kd, name)):
             kd_value(name, value, f"kd.{name}[{i}]")
     for key, values in kd.other.items():

@@ -26,7 +26,7 @@ from distillab.gpus import GPU
 from distillab.layout import SweepLayout
 from distillab.memory import refuse_unless_fits, run_memory_plan
 from distillab.models import resolve_spec
-from distillab.sweep.caches import assign_caches, format_caches, teacher_spec
+from distillab.sweep.caches import assign_caches, format_caches, parse_bytes, teacher_spec
 from distillab.sweep.grid import DEFAULT_MFU, DEVICE_PEAK_FLOPS, GridSpec
 from distillab.train.schedule import make_plan
 
@@ -69,31 +69,65 @@ class Run:
 
 @dataclass
 class ExternalTeacher:
-    """A teacher the sweep does not train: an existing checkpoint directory or downloaded hub id."""
+    """A teacher the sweep does not train: an existing checkpoint directory or downloaded hub id
+    (at a revision: a checkpoint suite's intermediate step)."""
     path: str
     info: dict
+    revision: str | None = None
 
     @property
     def id(self) -> str:
-        return self.path
+        return self.reference
 
     @property
     def reference(self) -> str:
-        return self.path
+        return self.path + (f"@{self.revision}" if self.revision else "")
 
     def checkpoint(self, sweep_dir: Path) -> str:
         return self.path
+
+
+@dataclass
+class TeacherGroup:
+    """Several teachers of the pool at once: students name the first in kd.teacher, the rest in kd.teachers."""
+    members: list
+    weights: list[float]
+    mix: str
+    alpha: list[float]
+
+    @property
+    def id(self) -> str:
+        return "+".join(m.id for m in self.members)
+
+    @property
+    def reference(self) -> str:
+        return self.members[0].reference
+
+    @property
+    def info(self) -> dict:
+        return {**self.members[0].info, "teachers": [m.info["model"] for m in self.members]}
+
+    def checkpoint(self, sweep_dir: Path) -> str:
+        return self.members[0].checkpoint(sweep_dir)
+
+    def kd(self, sweep_dir: Path) -> dict:
+        """The kd keys naming the other teachers (checkpoints) and how they combine."""
+        return {"teachers": [m.checkpoint(sweep_dir) for m in self.members[1:]], "teacher_weights": self.weights,
+                "teacher_mix": self.mix}
 
 
 def teacher_key(info: dict) -> tuple:
     return info["model"], info["tokens"], info["seed"]
 
 
-def run_id(config: dict, teacher_reference: str | None) -> str:
+def run_id(config: dict, teacher_reference: str | None, other_references: list[str] | None = None) -> str:
     """The run's id: a hash of its results config, with the teacher named by `teacher_reference`
-    (`run:<id>` for a teacher of the sweep, the path or hub id of an external one)."""
+    (`run:<id>` for a teacher of the sweep, the path or hub id of an external one) and several
+    teachers' others by theirs."""
     identity = dict(config)
     identity["kd"] = {**identity.get("kd", {}), "teacher": teacher_reference}
+    if other_references:
+        identity["kd"]["teachers"] = other_references
     identity.pop("run_dir", None)
     identity.pop("name", None)
     return stable_hash(results_config(config_from_dict(identity)))[:12]
@@ -105,25 +139,34 @@ class Planner:
     def __init__(self, spec: GridSpec, sweep_dir: Path):
         self.spec, self.sweep_dir, self.runs = spec, Path(sweep_dir).resolve(), {}
 
-    def add(self, role: str, config: dict, teacher: Run | ExternalTeacher | None, info: dict,
+    def add(self, role: str, config: dict, teacher: Run | ExternalTeacher | TeacherGroup | None, info: dict,
             after: Run | None = None) -> Run:
-        identity = run_id(config, teacher.reference if teacher else None)
+        members = teacher.members if isinstance(teacher, TeacherGroup) else [teacher] if teacher else []
+        if isinstance(teacher, TeacherGroup):
+            config = merge(config, {"kd": teacher.kd(self.sweep_dir)})
+        identity = run_id(config, teacher.reference if teacher else None, [m.reference for m in members[1:]])
         if identity in self.runs:
             return self.runs[identity]
         config = merge(config, {"name": f"{role}-{info['model']}-{identity[:6]}",
                                 "run_dir": str(SweepLayout(self.sweep_dir).run(identity).path)})
         if teacher is not None:
             config["kd"]["teacher"] = teacher.checkpoint(self.sweep_dir)
+        if isinstance(members[0] if members else None, ExternalTeacher) and members[0].revision:
+            config["kd"]["teacher_revision"] = members[0].revision
         if after is not None:  # a WSD branch starts from its trunk's checkpoint
             step = config["train"]["branch_from"]
             config["train"]["branch_from"] = str(SweepLayout(self.sweep_dir).run(after.id).step(step))
-        depends = [teacher.id] if isinstance(teacher, Run) else [after.id] if after else []
+        depends = [m.id for m in members if isinstance(m, Run)] or ([after.id] if after else [])
         self.runs[identity] = Run(identity, role, config, depends, info)
         return self.runs[identity]
 
+    def model(self, rung: str) -> dict:
+        """The model section of a run of `rung`: its name and the grid's `rung_overrides` for it."""
+        return {"name": rung, **self.spec.rung_overrides.get(rung, {})}
+
     def teacher_config(self, model: str, seed: int, tokens: int, extra: dict | None = None) -> dict:
         spec = self.spec
-        return merge(spec.base, {"model": {"name": model}, "kd": {"alpha": 0.0, "teacher": None},
+        return merge(spec.base, {"model": self.model(model), "kd": {"alpha": 0.0, "teacher": None},
                                  "train": {"token_budget": tokens, "init_seed": seed, "data_seed": seed}},
                      {"train": spec.teachers.train}, spec.teachers.overrides, extra or {})
 
@@ -141,7 +184,7 @@ class Planner:
         for member in pool.members:
             info = {"model": member.model, "seed": member.seed, "tokens": member.tokens}
             if member.path:
-                teacher = ExternalTeacher(member.path, {**info, "teacher_kind": "external"})
+                teacher = ExternalTeacher(member.path, {**info, "teacher_kind": "external"}, member.revision)
             else:
                 teacher = self.add("teacher", self.teacher_config(member.model, member.seed, member.tokens), None,
                                    {**info, "teacher_kind": "independent"})
@@ -174,29 +217,39 @@ class Planner:
         return out
 
     def student_settings(self) -> list[tuple]:
-        """(model, tokens, seed, allowed teacher keys or None for all, allowed alphas or None for all)
-        of every student setting."""
+        """(model, tokens, seed, allowed teacher keys or None for all, allowed alphas or None for all,
+        whether it gets compute-matched baselines) of every student setting."""
         students = self.spec.students
-        out = [(m, t, s, None, None) for m in students.models for t in students.tokens for s in students.seeds]
+        matched = students.compute_matched
+        out = [(m, t, s, None, None, matched) for m in students.models for t in students.tokens for s in students.seeds]
         for member in students.members:
             allowed = {(r.model, r.tokens, r.seed) for r in member.teachers} or None
-            out.append((member.model, member.tokens, member.seed, allowed, member.alpha or None))
+            out.append((member.model, member.tokens, member.seed, allowed, member.alpha or None,
+                        matched if member.compute_matched is None else member.compute_matched))
         return out
 
     def student_base(self, model: str, tokens: int, seed: int) -> dict:
         spec = self.spec
-        return merge(spec.base, {"model": {"name": model}, "train": {
+        return merge(spec.base, {"model": self.model(model), "train": {
             "token_budget": tokens, "init_seed": seed, "data_seed": seed}},
             {"train": spec.students.train}, spec.students.overrides)
 
     def students(self, teachers: list[Run | ExternalTeacher]) -> None:
-        for model, tokens, seed, allowed, alphas in self.student_settings():
+        for model, tokens, seed, allowed, alphas, matched in self.student_settings():
             base = self.student_base(model, tokens, seed)
             info = {"model": model, "tokens": tokens, "seed": seed}
             if self.spec.baselines:
                 self.add("baseline", merge(base, {"kd": {"alpha": 0.0, "teacher": None}}), None, info)
             chosen = [t for t in teachers if allowed is None or teacher_key(t.info) in allowed]
-            self.distilled(base, info, chosen, alphas)
+            self.distilled(base, info, chosen, alphas, matched)
+            if allowed is None:
+                self.distilled(base, info, self.teacher_groups(teachers), alphas, matched)
+
+    def teacher_groups(self, teachers: list) -> list[TeacherGroup]:
+        """The grid's teacher sets (kd.teacher_sets), their members found in the pool."""
+        by_key = {teacher_key(t.info): t for t in teachers}
+        return [TeacherGroup([by_key[(r.model, r.tokens, r.seed)] for r in group.members], list(group.weights),
+                             group.mix, list(group.alpha)) for group in self.spec.kd.teacher_sets]
 
     def baseline_members(self) -> None:
         for member in self.spec.baseline_members:
@@ -205,10 +258,12 @@ class Planner:
             self.add("baseline", config, None, {"model": member.model, "tokens": member.tokens, "seed": member.seed,
                                                 "baseline_kind": "member"})
 
-    def teacher_settings(self, teacher: Run | ExternalTeacher) -> list[tuple[float, dict]]:
+    def teacher_settings(self, teacher) -> list[tuple[float, dict]]:
         """(alpha, objective overrides) a teacher is used at: its pairs' when kd.pairs are given,
-        else every kd.alpha."""
+        else every kd.alpha (a teacher set: every kd.alpha)."""
         kd = self.spec.kd
+        if isinstance(teacher, TeacherGroup):
+            return [(alpha, {}) for alpha in teacher.alpha or kd.alpha]
         if not kd.pairs:
             return [(alpha, {}) for alpha in kd.alpha]
         key = teacher_key(teacher.info)
@@ -233,9 +288,11 @@ class Planner:
                                             "matched_teacher": teacher.id})
         return tokens
 
-    def distilled(self, base: dict, info: dict, teachers: list[Run | ExternalTeacher], alphas=None) -> None:
+    def distilled(self, base: dict, info: dict, teachers: list[Run | ExternalTeacher], alphas=None,
+                  compute_matched: bool = False) -> None:
         for teacher in teachers:
-            matched = self.compute_matched(base, info, teacher) if self.spec.students.compute_matched else None
+            matched = self.compute_matched(base, info, teacher) \
+                if compute_matched and not isinstance(teacher, TeacherGroup) else None
             for alpha, extra in self.teacher_settings(teacher):
                 if alphas is not None and alpha not in alphas:
                     continue
@@ -243,17 +300,27 @@ class Planner:
                     config = merge(base, {"kd": {**objective, "alpha": alpha, "teacher": "pending"}})
                     self.add("student", config, teacher, {
                         **info, "teacher": teacher.id, "teacher_model": teacher.info["model"],
+                        **({"teachers": teacher.info["teachers"]} if "teachers" in teacher.info else {}),
                         "teacher_tokens": teacher.info["tokens"], "teacher_kind": teacher.info["teacher_kind"],
                         "alpha": alpha, "matched_tokens": matched, **objective})
 
 
-def plan(spec: GridSpec, sweep_dir: Path) -> list[Run]:
-    """Every run of the grid, teachers first."""
+def plan(spec: GridSpec, sweep_dir: Path, cache_decisions: list[int | None] | None = None) -> list[Run]:
+    """Every run of the grid, teachers first. Teacher caches within the grid's `cache_disk_budget`
+    (default: the free space where the sweep writes); `cache_decisions` (K or None per student, in
+    planning order) takes those decisions instead (see `distillab.sweep.caches.assign_caches`)."""
     planner = Planner(spec, sweep_dir)
     planner.students(planner.teacher_pool())
     planner.baseline_members()
-    assign_caches(list(planner.runs.values()), planner.sweep_dir)
+    budget = parse_bytes(spec.cache_disk_budget) if spec.cache_disk_budget is not None else None
+    assign_caches(list(planner.runs.values()), planner.sweep_dir, budget, cache_decisions)
     return sorted(planner.runs.values(), key=lambda r: ROLE_ORDER[r.role])
+
+
+def cache_plan(runs: list[Run]) -> list[int | None]:
+    """K of each student's planned cache (None: online), in planning order (inverse of `cache_decisions`)."""
+    return [run.info["teacher_cache"]["top_k"] if run.info.get("teacher_cache") else None
+            for run in runs if run.role == "student"]
 
 
 # ----------------------------------------------------------------------------- compute
@@ -268,19 +335,25 @@ def run_flops(run: Run, runs_by_id: dict[str, Run]) -> dict:
             "teacher_inference": teacher_inference_flops(teacher, vocab, cfg, run.info.get("teacher_cache"))}
 
 
-def format_memory(runs: list[Run], gpu: GPU | None) -> list[str]:
-    """The dry run's memory plans, one per distinct (role, student, teacher, layout); refuses (a
-    one-line ConfigError) the first that does not fit `gpu`, after the lines are printed."""
+def format_memory(runs: list[Run], gpu: GPU | None, spec: GridSpec | None = None) -> list[str]:
+    """The dry run's memory plans, one per distinct (role, student, teacher, layout): the training
+    step, evaluation during training and, with the grid `spec`, the final evaluation and the analysis.
+    Refuses (a one-line ConfigError naming the key that would fix it) the first that does not fit
+    `gpu`, after the lines are printed."""
     by_id, seen, lines, refusal = {r.id: r for r in runs}, set(), ["", "memory plan per GPU:"], None
     for run in runs:
         cfg = run.settings
-        teacher = None if run.info.get("teacher_cache") else teacher_spec(run, by_id)  # a cache holds no model
-        memory = run_memory_plan(cfg, teacher, gpu)
-        key = (run.role, run.info["model"], teacher.name if teacher else None, memory.layout)
+        cache = run.info.get("teacher_cache")
+        teacher = None if cache else teacher_spec(run, by_id)  # a cache holds no model
+        memory = run_memory_plan(cfg, teacher, gpu, cache["top_k"] if cache else None,
+                                 *phase_settings(run, cfg, spec, by_id))
+        key = (run.role, run.info["model"], teacher.name if teacher else None, memory.layout,
+               cache["top_k"] if cache else None)
         if key in seen:
             continue
         seen.add(key)
-        what = f"{run.role} {run.info['model']}" + (f" with teacher {teacher.name}" if teacher else "")
+        what = f"{run.role} {run.info['model']}" + (f" with teacher {teacher.name}" if teacher else "") + \
+            (f" reading a top-{cache['top_k']} cache" if cache else "")
         lines.append(f"  {what}: {memory.describe()}")
         if not memory.fits and refusal is None:
             refusal = (memory, cfg, teacher, what)
@@ -288,6 +361,19 @@ def format_memory(runs: list[Run], gpu: GPU | None) -> list[str]:
     if refusal is not None:
         refuse_unless_fits(*refusal)
     return lines
+
+
+def phase_settings(run: Run, cfg, spec: GridSpec | None, by_id: dict) -> tuple:
+    """(final evaluation (batch, seq_len), analysis (models, batch, seq_len)) of a run in a sweep."""
+    if spec is None:
+        return None, None
+    final_eval = (spec.eval.batch_size, spec.eval.seq_len or cfg.train.seq_len)
+    analysis = None
+    if spec.eval.analysis is not None and run.role == "student":
+        student, teacher = resolve_spec(cfg.model), teacher_spec(run, by_id)
+        stage = spec.eval.analysis
+        analysis = ([student, teacher, student], stage.batch_size, stage.seq_len, 2 if stage.dtype == "bfloat16" else 4)
+    return final_eval, analysis
 
 
 def compute_rate(spec: GridSpec, device: str, mfu: float) -> tuple[float, str]:

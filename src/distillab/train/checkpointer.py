@@ -14,7 +14,10 @@
              DCP re-lays the tensors, so a checkpoint written by N processes under any
              parallelism loads on M under any other. Checkpoints of the older format (full
              weights in model.safetensors, the optimizer's own state dict) load on any layout.
-    final    the HF model, streamed one gathered tensor at a time (`distillab.export`).
+    final    the HF model, streamed one gathered tensor at a time (`distillab.export`), the
+             parametrisation's query-norm factors folded in (`distillab.models.query_norm_factors`:
+             checkpoints hold the weights as trained, so a resume is exact; the HF model loads with
+             transformers' own attention scale and gives the same logits).
 
 The model and optimizer states come from torch's distributed state-dict API
 (`get_state_dict` / `set_state_dict`), which names every tensor by its parameter's name and
@@ -30,8 +33,8 @@ from typing import Callable
 import torch
 
 from distillab.artefact import AtomicDirectory, removed_on_failure
-from distillab.checkpoint import (CHECKPOINT_ADVICE, SHARDED, is_sharded_checkpoint, latest_verified, load_weights, verify_checkpoint,
-                                  write_checkpoint_files, write_manifest)
+from distillab.checkpoint import (CHECKPOINT_ADVICE, SHARDED, is_sharded_checkpoint, latest_verified, load_weights,
+                                  verify_checkpoint, write_checkpoint_files, write_manifest)
 from distillab.errors import CheckpointError, ConfigError
 from distillab.export import export_model
 from distillab.files import sha256_file
@@ -53,7 +56,7 @@ class Checkpointer:
         self.parallel, self.async_save = parallel, async_save
         self.pending: PendingSave | None = None
         self.group = None
-        if async_save and distributed():
+        if async_save and distributed(parallel):
             import torch.distributed as dist
 
             # background writes coordinate on their own CPU (gloo) group, never interleaving with training's
@@ -79,10 +82,10 @@ class Checkpointer:
                 write_checkpoint_files(tmp, tokenizer, meta, {**trainer_state, "rng_states": rng})
             if self.async_save:
                 future = dcp.async_save(state, checkpoint_id=str(tmp / SHARDED), process_group=self.group,
-                                        no_dist=not distributed())
+                                        no_dist=not distributed(self.parallel))
                 self.pending = PendingSave(future, tmp, directory, then)
                 return
-            dcp.save(state, checkpoint_id=str(tmp / SHARDED), no_dist=not distributed())
+            dcp.save(state, checkpoint_id=str(tmp / SHARDED), no_dist=not distributed(self.parallel))
         self.name(tmp, directory, then)
 
     def wait(self) -> None:
@@ -130,29 +133,31 @@ class Checkpointer:
     def agree(self, error: str | None) -> str | None:
         return next((e for e in self.parallel.all_gather_object(error) if e), None)
 
-    def load(self, source: Path, stepper, optimizer, state: dict) -> None:
+    def load(self, source: Path, stepper, optimizer, state: dict, factors: dict[str, float] | None = None) -> None:
         """Load a verified checkpoint's weights, optimizer state and this process's RNG state into any
-        layout; `state` is its trainer state (`load_trainer_state`)."""
+        layout; `state` is its trainer state (`load_trainer_state`), `factors` the run's export
+        factors (`distillab.models.query_norm_factors`), which the older format saved folded."""
         if is_sharded_checkpoint(source):
-            load_sharded(source, stepper, optimizer)
+            load_sharded(source, stepper, optimizer, distributed(self.parallel))
         else:
-            load_full(stepper, optimizer, load_weights(source), state["optimizer"])
+            weights = unfolded_weights(load_weights(source), state, factors or {})
+            load_full(stepper, optimizer, weights, state["optimizer"])
         restore_rng(state, self.parallel)
 
     # ------------------------------------------------------------------ final model
 
-    def write_final(self, target: Path, model, tokenizer, meta: dict) -> None:
-        """The HF model at `target`, one gathered tensor at a time (every process calls this)."""
+    def write_final(self, target: Path, model, tokenizer, meta: dict, factors: dict[str, float] | None = None) -> None:
+        """The HF model at `target`, one gathered tensor at a time, the weights in `factors` folded by
+        their factor (every process calls this)."""
         self.wait()
-        export_model(target, model, tokenizer, meta, full_tensor, write=self.parallel.is_main)
+        export_model(target, model, tokenizer, meta, full_tensor, write=self.parallel.is_main, factors=factors)
         self.parallel.barrier()
 
 
-def distributed() -> bool:
-    """Whether a process group is up (a plain single process writes and reads without one)."""
-    import torch.distributed as dist
-
-    return dist.is_available() and dist.is_initialized()
+def distributed(parallel: SingleProcess) -> bool:
+    """Whether the run's processes write and read together through the default process group (a
+    plain single process never does, even beside a group someone else started: a rehearsal's)."""
+    return parallel.uses_process_group
 
 
 
@@ -168,14 +173,15 @@ def model_state(stepper, optimizer) -> tuple[dict, dict]:
     return get_state_dict(stepper, optimizer)
 
 
-def load_sharded(source: Path, stepper, optimizer) -> None:
+def load_sharded(source: Path, stepper, optimizer, together: bool) -> None:
+    """A sharded checkpoint read into this process's layout (`together`: with the other processes)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
     model, optim = model_state(stepper, optimizer)
     state = {"model": model, "optimizer": optim}
     try:
-        dcp.load(state, checkpoint_id=str(source / SHARDED), no_dist=not distributed())
+        dcp.load(state, checkpoint_id=str(source / SHARDED), no_dist=not together)
     except (RuntimeError, ValueError, KeyError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise ConfigError("model", f"{source} does not match the configured model ({first[:200]})") from None
@@ -201,6 +207,15 @@ def load_full(stepper, optimizer, weights: dict, optimizer_state: dict) -> None:
                                 for group in optimizer_state["param_groups"]]}
     set_state_dict(stepper, optimizer, model_state_dict=weights, optim_state_dict=by_name,
                    options=StateDictOptions(full_state_dict=True))
+
+
+def unfolded_weights(saved: dict, state: dict, factors: dict[str, float]) -> dict:
+    """The weights as trained from an older-format checkpoint, which saved them folded (a plain HF
+    model): the unfolded tensors its trainer state kept (exact), else the saved ones divided by their
+    factors. Sharded checkpoints hold the weights as trained and need none of this."""
+    raw = state.get("unfolded_weights") or {}
+    return {name: raw[name] if name in raw else tensor / factors[name] if name in factors else tensor
+            for name, tensor in saved.items()}
 
 
 def rng_state(device: torch.device) -> dict:

@@ -13,13 +13,16 @@
 
 Initial weights: the student is built on the meta device, sharded, and materialised module by
 module (`distillab.models.InitialWeights`): every process draws each full tensor from the init
-seed's generator, as a single process does, and keeps its shard. The weights equal the single
+seed's generator, as a single process does (then, under `model.parametrisation: maxtext`,
+MaxText's draws from the same generator), and keeps its shard. The weights equal the single
 process's bit for bit for every world size and mesh, and no process ever holds more than its
-shards plus one module's tensors. Checkpoints are written per shard (`distillab.train.checkpointer`).
+shards plus one module's (or one MaxText-initialised matrix's) tensors. Checkpoints are written per shard (`distillab.train.checkpointer`).
 
-The output layer is not fused into the loss under FSDP (its weight is a shard outside the
-forward pass): the student's logits go through the chunked loss, and an online teacher runs
-its whole forward.
+The root unit (embeddings, final norm, output layer) keeps its parameters gathered from its
+forward pass until backward (FSDP's own choice for a root; the memory plan counts them
+gathered), so the fused loss can take the output layer's full weight after the forward pass
+(`distillab.train.step`, `distillab.teacher.OnlineTeacher.final_hidden`) and FSDP reduce-scatters
+its gradient with the others'. Logits are then never materialised under FSDP either.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import distribute_tensor
 
 from distillab.errors import ConfigError
-from distillab.models import InitialWeights, ModelSpec, empty_model
+from distillab.models import InitialWeights, ModelSpec, apply_parametrisation, empty_model
 from distillab.parallelism import Mesh
 from distillab.runtime import is_sharded
 from distillab.train.parallel import DataParallel, SingleProcess, transformer_blocks
@@ -69,14 +72,17 @@ class FullySharded(DataParallel):
     def shard(self, model: torch.nn.Module) -> torch.nn.Module:
         for block in transformer_blocks(model):
             fully_shard(block, mesh=self.mesh, mp_policy=self.policy, reshard_after_forward=True)
-        fully_shard(model, mesh=self.mesh, mp_policy=self.policy, reshard_after_forward=True)
+        # the root stays gathered after forward: the fused loss reads the output layer's weight then
+        fully_shard(model, mesh=self.mesh, mp_policy=self.policy, reshard_after_forward=False)
         return model
 
     def build_model(self, spec: ModelSpec, vocab_size: int, max_seq_len: int, seed: int, eos_token_id: int | None,
-                    activation_checkpointing: bool = False, compile_blocks: bool = False) -> torch.nn.Module:
+                    activation_checkpointing: bool = False, compile_blocks: bool = False,
+                    parametrisation: str = "hf") -> torch.nn.Module:
         """Built on the meta device, sharded, then materialised shard by shard (see the module docstring)."""
         model = empty_model(spec, vocab_size, max_seq_len, eos_token_id)
-        initial = InitialWeights(model, seed)
+        apply_parametrisation(model, parametrisation)
+        initial = InitialWeights(model, seed, parametrisation)
         stepper = self.prepare_model(model, activation_checkpointing, compile_blocks)
         stepper.to_empty(device=self.device)
         targets = {**dict(stepper.named_parameters()), **dict(stepper.named_buffers())}

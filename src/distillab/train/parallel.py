@@ -45,6 +45,7 @@ class SingleProcess:
                  precision: str = "float32"):
         self.device, self.rank, self.world = device, rank, world
         self.mesh_shape = mesh_shape or Mesh(replicate=world)
+        self.owns_group = True  # False: the process group was started by the caller (a rehearsal) and stays up
 
     @property
     def is_main(self) -> bool:
@@ -54,10 +55,12 @@ class SingleProcess:
     # ------------------------------------------------------------------ models
 
     def build_model(self, spec: ModelSpec, vocab_size: int, max_seq_len: int, seed: int, eos_token_id: int | None,
-                    activation_checkpointing: bool = False, compile_blocks: bool = False) -> torch.nn.Module:
-        """A freshly initialised student, ready to step: its weights are `models.build_model`'s for
-        `seed`, bit for bit, however they are laid out over the processes."""
-        model = build_model(spec, vocab_size, max_seq_len, seed, eos_token_id, self.device)
+                    activation_checkpointing: bool = False, compile_blocks: bool = False,
+                    parametrisation: str = "hf") -> torch.nn.Module:
+        """A freshly initialised student, ready to step: its weights (and attention scale) are
+        `models.build_model`'s for `seed` and `parametrisation`, bit for bit, however they are laid
+        out over the processes."""
+        model = build_model(spec, vocab_size, max_seq_len, seed, eos_token_id, self.device, parametrisation)
         return self.prepare_model(model, activation_checkpointing, compile_blocks)
 
     def prepare_model(self, model: torch.nn.Module, activation_checkpointing: bool = False,
@@ -81,6 +84,12 @@ class SingleProcess:
     @property
     def collective_forward(self) -> bool:
         """True when a forward pass needs every process (sharded weights): evaluation then runs on all."""
+        return False
+
+    @property
+    def uses_process_group(self) -> bool:
+        """True when the processes communicate through torch.distributed's default group (checkpoints
+        are then written and read together); a single process never does, even beside a group."""
         return False
 
     def autocast_precision(self, precision: str) -> str:
@@ -131,6 +140,10 @@ class SingleProcess:
 class DataParallel(SingleProcess):
     name = "ddp"
 
+    @property
+    def uses_process_group(self) -> bool:
+        return True
+
     def prepare_model(self, model, activation_checkpointing: bool = False, compile_blocks: bool = False):
         from torch.nn.parallel import DistributedDataParallel
 
@@ -173,7 +186,7 @@ class DataParallel(SingleProcess):
     def close(self) -> None:
         import torch.distributed as dist
 
-        if dist.is_initialized():
+        if dist.is_initialized() and self.owns_group:
             dist.destroy_process_group()
 
 

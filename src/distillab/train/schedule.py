@@ -56,15 +56,16 @@ def learning_rate(step: int, plan: Plan, train: TrainConfig) -> float:
 
 
 def make_optimizer(model: torch.nn.Module, train: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW; matrices decay, norms and biases do not. Fused on GPUs, foreach on the CPU."""
+    """AdamW over two groups: decayed parameters and the rest. `train.weight_decay_params`: matrices
+    (2-D and up) decay and norms do not, or all decay (optax.adamw without a mask, as the paper's
+    authors ran it). Fused on GPUs, foreach on the CPU."""
     decay, no_decay = [], []
     for param in model.parameters():
         if param.requires_grad:
-            (decay if param.dim() >= 2 else no_decay).append(param)
-    groups = [
-        {"params": decay, "weight_decay": train.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    on_gpu = any(p.is_cuda for p in decay)
+            decays = train.weight_decay_params == "all" or param.dim() >= 2
+            (decay if decays else no_decay).append(param)
+    groups = [{"params": params, "weight_decay": rate}
+              for params, rate in ((decay, train.weight_decay), (no_decay, 0.0)) if params]
+    on_gpu = any(p.is_cuda for p in decay + no_decay)
     return torch.optim.AdamW(groups, lr=train.lr, betas=(train.beta1, train.beta2), eps=train.eps,
                              **({"fused": True} if on_gpu else {"foreach": True}))

@@ -7,11 +7,15 @@ student's forward allocates the ones it keeps for backward (measured faster on t
 
 When batch x sequence x vocabulary is large (`HEAD_FUSION_ELEMENTS`), the student's and an
 online teacher's logits are never materialised: the loss takes their final hidden states and
-output layers and projects chunk by chunk (`distillab.losses.Head`).
+output layers and projects chunk by chunk (`distillab.losses.Head`). Under FSDP the output
+layer's weight is taken after the forward pass, while the root unit holds it gathered (it stays
+gathered until backward, `distillab.train.fsdp`); its gradient then goes through FSDP's own
+reduce-scatter like every other parameter's.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +28,8 @@ from distillab.train.guard import NonFiniteGuard
 
 # Above this many logits per micro-batch (1 GiB of fp32) the LM head is fused into the loss.
 HEAD_FUSION_ELEMENTS = 1 << 28
+# Another threshold for this process (tests, and rehearsals of runs whose full-size logits are fused).
+HEAD_FUSION_ENV = "DISTILLAB_HEAD_FUSION_ELEMENTS"
 PLAIN_HEAD_MODELS = {"llama", "qwen2", "qwen3", "mistral"}
 
 
@@ -45,16 +51,22 @@ class StepResult:
 def fuse_head(model, batch: Batch) -> bool:
     """Whether the student's logits would be large enough to fuse its output layer into the loss."""
     config, output = model.config, model.get_output_embeddings()
-    plain = config.model_type in PLAIN_HEAD_MODELS and output is not None and not is_sharded(output.weight)
-    return plain and batch.inputs.numel() * config.vocab_size >= HEAD_FUSION_ELEMENTS
+    plain = config.model_type in PLAIN_HEAD_MODELS and output is not None
+    threshold = int(os.environ.get(HEAD_FUSION_ENV, HEAD_FUSION_ELEMENTS))
+    return plain and batch.inputs.numel() * config.vocab_size >= threshold
 
 
 def student_output(stepper, model, batch: Batch, head: bool):
-    """The student's logits, or its final hidden states with its output layer (`head`)."""
+    """The student's logits, or its final hidden states with its output layer (`head`). The output
+    layer's weight is read after the forward pass: under FSDP it is then the gathered weight."""
     if not head:
         return stepper(**model_inputs(batch)).logits
     out = stepper(**model_inputs(batch), output_hidden_states=True, logits_to_keep=1)
-    return Head(out.hidden_states[-1], model.get_output_embeddings().weight)
+    weight = model.get_output_embeddings().weight
+    if is_sharded(weight):
+        raise RuntimeError("the output layer is still sharded after the forward pass; its FSDP root unit must keep "
+                           "its parameters gathered until backward (distillab.train.fsdp)")
+    return Head(out.hidden_states[-1], weight)
 
 
 def train_step(stepper, optimizer: torch.optim.Optimizer, batches: list[Batch], objective: KDObjective, teacher,
@@ -74,7 +86,7 @@ def train_step(stepper, optimizer: torch.optim.Optimizer, batches: list[Batch], 
         with parallel.micro_batch(stepper, last=index == len(batches) - 1):
             with autocast(device, precision):
                 student = student_output(stepper, model, batch, head)
-            if diagnostics and index == 0 and teacher_out is not None and not head:
+            if diagnostics and index == 0 and isinstance(teacher_out, (torch.Tensor, SparseTeacher)) and not head:
                 diag = distribution_diagnostics(student.detach(), teacher_out, batch.labels)
             out = objective_loss(student, teacher_out, batch.labels, objective, step, steps, overwrite_logits=True)
             share = out.n_tokens / max(step_targets, 1)

@@ -42,18 +42,19 @@ from distillab.data.shards import PreparedData, prepare_data
 from distillab.errors import CheckpointError, ConfigError
 from distillab.evaluate.perplexity import evaluate_prepared_sets
 from distillab.files import stable_hash
-from distillab.models import ModelSpec, resolve_spec
+from distillab.models import ModelSpec, query_norm_factors, resolve_spec
 from distillab.losses.objective import KDObjective
 from distillab.progress import progress_bar
 from distillab.sft import start_sft
-from distillab.teacher import CachedTeacher, OnlineTeacher, build_teacher_signal
+from distillab.signals.build import build_signal, check_covers, online_teachers
+from distillab.teacher import CachedTeacher
 from distillab.train.guard import NonFiniteError, NonFiniteGuard
 from distillab.train.metrics import LogWindow, MetricsSink, NoMetrics
 from distillab.train.checkpointer import Checkpointer
 from distillab.train.parallel import SingleProcess
 from distillab.train.rundir import RunDirectory, bound_inputs, check_inputs
 from distillab.train.schedule import Plan, learning_rate, make_optimizer, make_plan
-from distillab.train.step import StepResult, train_step
+from distillab.train.step import StepResult, fuse_head, train_step
 from distillab.train.world import setup_parallelism
 
 # Keys in which a WSD branch may differ from the trunk it starts from.
@@ -160,24 +161,25 @@ class Trainer:
         data = prepare_data(config.data, log)
         spec = resolve_spec(config.model)
         objective = config.kd.objective()
-        if objective.top_k is not None and objective.top_k > data.vocab_size:
-            raise ConfigError("kd.top_k", f"is {objective.top_k} but the vocabulary has {data.vocab_size} tokens")
         if spec.vocab_rows is not None and spec.vocab_rows < data.vocab_size:
             raise ConfigError("model.vocab_size", f"is {spec.vocab_rows} but the tokenizer has {data.vocab_size} "
                                                   "tokens")
-        teacher = build_teacher_signal(config.kd, data, parallel.device, t.precision, t.seq_len, objective.distills,
-                                       config.data.packing)
-        if isinstance(teacher, OnlineTeacher):
-            teacher.model = parallel.prepare_teacher(teacher.model)
+        rows = spec.rows(data.vocab_size)  # the loss runs over every output row, as baselines' CE does
+        if objective.top_k is not None and objective.top_k > rows:
+            raise ConfigError("kd.top_k", f"is {objective.top_k} but the model has {rows} output rows")
+        teacher = build_signal(config.kd, data, parallel.device, t.precision, t.seq_len, objective.distills,
+                               config.data.packing, rows)
+        for online in online_teachers(teacher):
+            online.model = parallel.prepare_teacher(online.model)
         stepper = parallel.build_model(spec, data.vocab_size, t.seq_len, t.init_seed, data.tokenizer.eos_token_id,
-                                       t.activation_checkpointing, t.compile)
+                                       t.activation_checkpointing, t.compile, config.model.parametrisation)
         stream = training_stream(data, t.seq_len, t.data_seed, config.data.packing, log)
         plan = make_plan(t)
         sequences = plan.steps * t.batch_size * t.grad_accum * parallel.world
         if stream.epochs(sequences) > 1:
             log(f"train: the budget covers {stream.epochs(sequences):.2f} epochs of the training split (data repeats)")
+        check_covers(teacher, stream, sequences)
         if isinstance(teacher, CachedTeacher):
-            teacher.check_covers(stream, sequences)
             objective = cached_objective(objective, teacher, log)
         for warning in config_warnings(config, plan):
             log(f"warning: {warning}")
@@ -210,6 +212,11 @@ class Trainer:
         self.step, self.tokens, self.sequences = state["step"], state["tokens"], state["sequences"]
         self.window = LogWindow(state.get("log_window"))
         self.guard.skipped = state.get("skipped_steps", 0)
+
+    def export_factors(self) -> dict[str, float]:
+        """Weights folded into the HF model written (final/, `distillab export`), so it is a plain HF one
+        (`distillab.models.query_norm_factors`); step checkpoints hold the weights as trained."""
+        return query_norm_factors(self.model, self.config.model.parametrisation)
 
     def meta(self) -> dict:
         """What produced a checkpoint: written into its distillab.json."""
@@ -283,7 +290,7 @@ class Trainer:
             raise ConfigError("train.branch_from", f"{source} is at step {state['step']} but this run's decay starts at "
                                                    f"step {self.plan.decay_start}; keep the trunk's checkpoint at that "
                                                    "step (train.keep_steps)")
-        self.checkpointer.load(source, self.stepper, self.optimizer, state)
+        self.checkpointer.load(source, self.stepper, self.optimizer, state, self.export_factors())
         self.load_state_dict(state)
 
     # ------------------------------------------------------------------------- one step
@@ -395,8 +402,10 @@ class Trainer:
         n_params = sum(p.numel() for p in self.model.parameters())
         teacher = (f", {self.objective.label()}, teacher {self.teacher.description}" if self.teacher else
                    ", SFT on assistant tokens" if self.role() == "sft" else ", LM only")
+        fused = ", LM head fused into the loss" if fuse_head(self.model, self.batches()[0]) else ""
         self.log(f"train: {self.config.name}: {self.spec.name} ({self.spec.non_embedding_parameters():,} non-embedding "
-                 f"/ {n_params:,} parameters), {self.plan.steps} steps x {self.plan.tokens_per_step:,} tokens{teacher}")
+                 f"/ {n_params:,} parameters), {self.plan.steps} steps x {self.plan.tokens_per_step:,} tokens{teacher}"
+                 f"{fused}")
 
     # ------------------------------------------------------------------------- finish
 
@@ -406,7 +415,7 @@ class Trainer:
         self.check_not_collapsed("final model")
         self.checkpointer.wait()
         self.agree_not_diverged(final=True)
-        self.checkpointer.write_final(run.final, self.model, self.data.tokenizer, self.meta())
+        self.checkpointer.write_final(run.final, self.model, self.data.tokenizer, self.meta(), self.export_factors())
         if self.parallel.is_main:
             run.write_summary(self.summary())
             prune_checkpoints(run.checkpoints, self.config.train.keep_checkpoints, self.config.train.keep_steps)

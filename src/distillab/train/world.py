@@ -38,16 +38,18 @@ def check_launch(train: TrainConfig) -> int:
     return world
 
 
-def start_process_group(device: torch.device) -> None:
+def start_process_group(device: torch.device) -> bool:
+    """Start the process group unless the caller (a rehearsal) already has; whether this started it."""
     import torch.distributed as dist
 
     if dist.is_initialized():
-        return
+        return False
     backend = "nccl" if device.type == "cuda" else "gloo"
     if "WORLD_SIZE" in os.environ:
         dist.init_process_group(backend=backend)
     else:  # a sharded parallelism on one process without torchrun: a world of one
         dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
+    return True
 
 
 def setup_parallelism(train: TrainConfig) -> SingleProcess:
@@ -60,11 +62,13 @@ def setup_parallelism(train: TrainConfig) -> SingleProcess:
     mesh = mesh_of(train.parallel, train.processes, train.nodes)
     if world == 1 and not chosen.sharded:
         return SingleProcess(device)
-    start_process_group(device)
+    owns_group = start_process_group(device)
     import torch.distributed as dist
 
     rank, local_rank = dist.get_rank(), int(os.environ.get("LOCAL_RANK", "0"))
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-    return FAMILIES[chosen.family](device, rank, world, mesh, train.precision)
+    parallel = FAMILIES[chosen.family](device, rank, world, mesh, train.precision)
+    parallel.owns_group = owns_group  # a group the caller started stays up when the run closes
+    return parallel
