@@ -259,9 +259,11 @@ def test_maxtext_attention_equals_the_authors(family):
 
 
 def test_an_exported_maxtext_qwen3_model_gives_the_same_logits(tmp_path):
-    """The MaxText Qwen3 attention scale (1/head_dim) is folded into the query norms' weights when saved,
-    so `from_pretrained` (transformers' own 1/sqrt(head_dim)) gives the training model's logits."""
-    from distillab.models import build_model, exported_weights, load_causal_lm, query_norm_factors
+    """The MaxText Qwen3 attention scale (1/head_dim) is folded into the query norms' weights when the
+    HF model is written (`distillab.export`, as final/ is), so `from_pretrained` (transformers' own
+    1/sqrt(head_dim)) gives the training model's logits."""
+    from distillab.export import export_model
+    from distillab.models import build_model, load_causal_lm, query_norm_factors
 
     model = build_model(tiny_spec("qwen3"), 50, 16, seed=4, parametrisation="maxtext").eval()
     with torch.no_grad():
@@ -269,19 +271,19 @@ def test_an_exported_maxtext_qwen3_model_gives_the_same_logits(tmp_path):
             layer.self_attn.q_norm.weight.mul_(torch.rand(layer.self_attn.q_norm.weight.shape) + 0.5)
     factors = query_norm_factors(model, "maxtext")
     assert factors and all(f == pytest.approx(8**-0.5) for f in factors.values())
-    model.save_pretrained(str(tmp_path), state_dict=exported_weights(model.state_dict(), factors))
+    export_model(tmp_path / "model", model, None, {}, lambda t: t.detach().cpu(), write=True, factors=factors)
     ids = torch.randint(0, 50, (2, 12), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = model(input_ids=ids).logits
-        loaded = load_causal_lm(tmp_path, "cpu")(input_ids=ids).logits
+        loaded = load_causal_lm(tmp_path / "model", "cpu")(input_ids=ids).logits
     assert torch.allclose(loaded, expected, atol=1e-5)
     assert query_norm_factors(build_model(tiny_spec("llama"), 50, 16, seed=4, parametrisation="maxtext"),
                               "maxtext") == {}  # Llama's forward is already HF's
 
 
 def test_a_maxtext_qwen3_run_resumes_exactly(tmp_path, cache_dir):
-    """Checkpoints save the folded (plain HF) weights and keep the unfolded ones for resuming: a run
-    stopped at step 3 and resumed ends with the uninterrupted run's weights, bit for bit."""
+    """Step checkpoints hold the weights as trained (final/ the folded ones): a run stopped at step 3
+    and resumed ends with the uninterrupted run's weights, bit for bit."""
     from safetensors.torch import load_file
 
     from conftest import tiny_run
@@ -298,6 +300,40 @@ def test_a_maxtext_qwen3_run_resumes_exactly(tmp_path, cache_dir):
     resumed = train(config("resumed"), log=quiet)
     a, b = load_file(whole.final_dir / "model.safetensors"), load_file(resumed.final_dir / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_maxtext_qwen3_runs_hf_models_give_the_trained_logits(tmp_path, cache_dir):
+    """final/ (written from the live model) and `distillab export` of a sharded step checkpoint (the
+    weights as trained) fold the query-norm factors: `from_pretrained` of each gives the logits of the
+    trained model under the MaxText attention scale."""
+    from conftest import tiny_run
+    from distillab.checkpoint import step_dir
+    from distillab.config import config_from_dict
+    from distillab.export import checkpoint_tensors, export_checkpoint
+    from distillab.models import build_model, load_causal_lm
+    from distillab.train.parallel import SingleProcess
+    from distillab.train.rundir import RunDirectory
+    from distillab.train.trainer import Trainer
+
+    quiet = lambda *a, **k: None  # noqa: E731
+    config = config_from_dict(tiny_run(tmp_path, cache_dir, "live", model={
+        "name": "cpu-0.1m", "family": "qwen3", "parametrisation": "maxtext"}, train={"threads": 1}))
+    run = RunDirectory(config)
+    trainer = Trainer.build(config, SingleProcess(torch.device("cpu")), quiet)
+    with run.claim(True):
+        trainer.restore(run)
+        run.record_config(True, trainer.spec.name)
+        result = trainer.fit(run)
+    ids = torch.randint(0, trainer.data.vocab_size, (2, 16), generator=torch.Generator().manual_seed(2))
+    model = trainer.model.eval()
+    assert model.model.layers[0].self_attn.scaling == pytest.approx(1 / model.config.head_dim)
+    with torch.no_grad():
+        assert torch.allclose(load_causal_lm(result.final_dir, "cpu")(input_ids=ids).logits,
+                              model(input_ids=ids).logits, atol=1e-5)
+        as_trained = build_model(trainer.spec, trainer.data.vocab_size, 32, seed=0, parametrisation="maxtext").eval()
+        as_trained.load_state_dict(dict(checkpoint_tensors(step_dir(run.checkpoints, 6))), strict=False)
+        exported = load_causal_lm(export_checkpoint(result.run_dir, 6, log=quiet), "cpu")
+        assert torch.allclose(exported(input_ids=ids).logits, as_trained(input_ids=ids).logits, atol=1e-5)
 
 
 def test_the_new_keys_leave_existing_run_ids_alone():

@@ -127,29 +127,3 @@ def test_fsdp_on_a_world_of_one_matches_the_plain_process(tmp_path, cache_dir):
                    log=lambda *a: None)
     sharded = train(config_from_dict(fsdp_run(tmp_path, cache_dir, "fsdp1", 1)), log=lambda *a: None)
     assert_same_run(single.run_dir, sharded.run_dir, rel=1e-5)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("first,then", [(2, 1), (1, 2)], ids=["2-then-1", "1-then-2"])
-def test_fsdp_resumes_on_another_number_of_processes(tmp_path, cache_dir, capsys, first, then):
-    """Stopped after 3 steps on `first` processes and resumed on `then`: the run continues the
-    uninterrupted single-process trajectory (global batch unchanged, layout changed)."""
-    reference = train(config_from_dict(tiny_run(tmp_path, cache_dir, "reference",
-                                                train={"batch_size": 8, "token_budget": BUDGET, "threads": 1,
-                                                       "checkpoint_every": 2})), log=lambda *a: None)
-    resumed = tmp_path / "resumed"
-
-    def launch(processes, *args):
-        config = fsdp_run(tmp_path, cache_dir, "resumed", processes)
-        if processes == 1:
-            from distillab.cli import main
-            config_path = tmp_path / "resumed-1.yaml"
-            config_path.write_text(yaml.safe_dump(config))
-            assert main(["train", str(config_path), *args]) == 0
-            return capsys.readouterr().out
-        return torchrun(tmp_path, cache_dir, config, processes, *args)
-    launch(first, "--stop-after", "3")
-    assert not (resumed / "final").exists() and (resumed / "checkpoints").exists()
-    output = launch(then)
-    assert "resuming" in output and "from step 3" in output, output[-1000:]
-    assert_same_run(reference.run_dir, resumed)

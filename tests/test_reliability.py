@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 
 from conftest import tiny_run
 from distillab.checkpoint import list_checkpoints
+from distillab.export import checkpoint_tensors
 from distillab.config import config_from_dict, load_config
 from distillab.errors import CheckpointError, ConfigError, DataError, DistillabError, StorageError
 from distillab.files import LockHeld, exclusive_lock
@@ -71,7 +72,7 @@ def test_nan_divergence_stops_without_a_final_model(tmp_path, cache_dir):
     run = tmp_path / "nan"
     assert not (run / "final").exists() and not (run / "summary.json").exists()
     for _, checkpoint in list_checkpoints(run / "checkpoints"):  # whatever was kept is finite
-        assert all(torch.isfinite(t).all() for t in load_file(str(checkpoint / "model.safetensors")).values())
+        assert all(torch.isfinite(t).all() for _, t in checkpoint_tensors(checkpoint))
 
 
 def test_skip_policy_drops_updates_then_stops(tmp_path, cache_dir):
@@ -121,7 +122,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous(tmp_path, cache_di
     straight = train(config_from_dict(tiny_run(tmp_path, cache_dir, "straight", train={"checkpoint_every": 2})),
                      log=quiet)
     run = interrupted(tmp_path, cache_dir, "damaged")
-    latest = list_checkpoints(run / "checkpoints")[-1][1] / "model.safetensors"
+    latest = list_checkpoints(run / "checkpoints")[-1][1] / "sharded" / "__0_0.distcp"
     data = bytearray(latest.read_bytes())
     if damage == "overwrite":
         data[-256:] = np.full(64, np.inf, dtype=np.float32).tobytes()
@@ -134,7 +135,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous(tmp_path, cache_di
                    log=messages.append)
     assert result.completed
     warning = next(m for m in messages if m.startswith("warning:"))
-    assert "model.safetensors: checksum mismatch" in warning and "falling back" in warning
+    assert "__0_0.distcp: checksum mismatch" in warning and "falling back" in warning
     assert any("resuming" in m and "from step 4" in m for m in messages)
     assert same_weights(final_weights(run), final_weights(straight.run_dir))
 

@@ -90,6 +90,22 @@ class AtomicDirectory:
         return False
 
 
+@contextlib.contextmanager
+def removed_on_failure(directory: AtomicDirectory | None, target: Path, what: str, advice: str):
+    """Writes into an `AtomicDirectory` made outside the block (`None` on processes that only write
+    shards into it): when one fails, the temporary directory is removed, and a full disk or an
+    unwritable place under `target`'s directory ends in one line (`storage_error`) on every process."""
+    try:
+        yield
+    except BaseException as exc:
+        if directory is not None:
+            directory.abort()
+        error = storage_error(exc, Path(target).parent, what, advice)
+        if error is not None:
+            raise error from None
+        raise
+
+
 def replace_dir(tmp: Path, final: Path) -> None:
     """Move a finished temporary directory into place, replacing any previous `final`."""
     if final.exists():

@@ -1,16 +1,28 @@
-"""Checkpoints: HF model directories (safetensors + tokenizer) plus trainer state, written atomically.
+"""Checkpoints: directories written atomically (`distillab.artefact`), verified by a manifest of sha256 hashes.
 
-Layout of a checkpoint directory:
-    config.json, model.safetensors, generation_config.json   (save_pretrained)
-    tokenizer.json, tokenizer_config.json, ...                (the run's tokenizer)
-    trainer_state.pt     optimizer state, step, tokens, data position, RNG (resumable ones only)
+A step checkpoint (resumable; `checkpoints/step_NNNNNNNN/`):
+    sharded/             torch.distributed.checkpoint (DCP): model and optimizer state, each
+                         process's shards in its own file (`__<rank>_0.distcp`) and `.metadata`
+                         (every tensor's global shape and which file holds which slice)
+    trainer_state.pt     step, tokens, data position (sequences read), every process's RNG state,
+                         the partial logging window
+    config.json, generation_config.json, tokenizer files   (the model's HF config, no weights)
     distillab.json       what produced it: run config, tokenizer fingerprint, data content hash
     manifest.json        sha256 of every other file; written last
 
-The directory is assembled under a temporary name and renamed into place, so a crash leaves
-either the old checkpoint or the new one, never a half-written one. A directory without a
-manifest is not a checkpoint; one whose files disagree with it is corrupt and is never loaded
-(`latest_verified` falls back to the previous verified checkpoint).
+The HF model (`final/`, and `distillab export`): config.json, model.safetensors (written one
+tensor at a time, `distillab.export`), generation_config.json, tokenizer files, distillab.json,
+manifest.json.
+
+Checkpoints written before the sharded format (still read): model.safetensors with full
+weights, and the optimizer's own state dict inside trainer_state.pt (`is_sharded_checkpoint`
+tells them apart).
+
+A directory is assembled under a temporary name (every process writing its own files into it)
+and renamed into place, so a crash leaves either the old checkpoint or the new one, never a
+half-written one. A directory without a manifest is not a checkpoint; one whose files disagree
+with it is corrupt and is never loaded (`latest_verified` falls back to the previous verified
+checkpoint).
 """
 
 from __future__ import annotations
@@ -22,31 +34,56 @@ from pathlib import Path
 
 import torch
 
-from distillab.artefact import MANIFEST, AtomicDirectory, file_digests, file_problem, read_json_manifest, \
-    remove_leftovers
+from distillab.artefact import MANIFEST, AtomicDirectory, file_problem, read_json_manifest, remove_leftovers
 from distillab.errors import CheckpointError
-from distillab.files import write_json_atomic
+from distillab.files import sha256_file, write_json_atomic
 from distillab.layout import STEP, step_name
 
 TRAINER_STATE = "trainer_state.pt"
 META = "distillab.json"
+SHARDED = "sharded"
+# what to do when a checkpoint's directory is full or read-only
+CHECKPOINT_ADVICE = "choose another run_dir (the last good checkpoint is kept)"
 
 
 def save_checkpoint(target: Path, model, tokenizer, meta: dict, trainer_state: dict | None = None,
                     state_dict: dict | None = None) -> Path:
     """Write an HF checkpoint of `model` (or of `state_dict` in `model`'s architecture) to `target`."""
-    with AtomicDirectory(target, "a checkpoint", "choose another run_dir (the last good checkpoint is kept)") as tmp:
+    with AtomicDirectory(target, "a checkpoint", CHECKPOINT_ADVICE) as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True, state_dict=state_dict)
-        tokenizer.save_pretrained(str(tmp))
-        if trainer_state is not None:
-            torch.save(trainer_state, tmp / TRAINER_STATE)
-        (tmp / META).write_text(json.dumps(meta, indent=2, default=str) + "\n")
-        write_json_atomic(tmp / MANIFEST, {"files": file_digests(tmp)})
+        write_checkpoint_files(tmp, tokenizer, meta, trainer_state)
+        write_manifest(tmp)
     return Path(target)
 
 
-def verify_checkpoint(path: Path) -> None:
-    """Raise a one-line CheckpointError naming the file if the checkpoint is incomplete or corrupt."""
+def write_checkpoint_files(tmp: Path, tokenizer, meta: dict, trainer_state: dict | None = None) -> None:
+    """The files beside the weights: tokenizer (if any), distillab.json, and a step checkpoint's trainer state."""
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(tmp))
+    if trainer_state is not None:
+        torch.save(trainer_state, tmp / TRAINER_STATE)
+    (tmp / META).write_text(json.dumps(meta, indent=2, default=str) + "\n")
+
+
+def write_manifest(tmp: Path, hashes: dict[str, str] | None = None) -> None:
+    """manifest.json, last: the sha256 of every file, taken from `hashes` for the files other processes
+    wrote and hashed."""
+    hashes = hashes or {}
+    files = {name: hashes.get(name) or sha256_file(Path(tmp) / name) for name in
+             sorted(str(p.relative_to(tmp)) for p in Path(tmp).rglob("*") if p.is_file())}
+    write_json_atomic(Path(tmp) / MANIFEST, {"files": files})
+
+
+def is_sharded_checkpoint(path: Path) -> bool:
+    """Whether a checkpoint holds its weights and optimizer state in the sharded (DCP) format."""
+    return (Path(path) / SHARDED / ".metadata").is_file()
+
+
+def verify_checkpoint(path: Path, part: tuple[int, int] = (0, 1)) -> None:
+    """Raise a one-line CheckpointError naming the file if the checkpoint is incomplete or corrupt.
+
+    `part` = (i, n): hash only every n-th file of the manifest from the i-th (the processes of a
+    run share the reading; together they check every file)."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: checkpoint directory not found")
@@ -56,7 +93,7 @@ def verify_checkpoint(path: Path) -> None:
     files = (read_json_manifest(manifest) or {}).get("files")
     if not isinstance(files, dict):
         raise CheckpointError(f"{manifest}: unreadable; the checkpoint is corrupt")
-    for name, digest in files.items():
+    for name, digest in sorted(files.items())[part[0]::part[1]]:
         problem = file_problem(path / name, digest)
         if problem is not None:
             raise CheckpointError(f"{problem}; the checkpoint is corrupt")
@@ -87,18 +124,25 @@ def list_checkpoints(checkpoints: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def latest_verified(checkpoints: Path, log=print) -> tuple[int, Path] | None:
+def latest_verified(checkpoints: Path, log=print, part: tuple[int, int] = (0, 1),
+                    agree=lambda error: error) -> tuple[int, Path] | None:
     """The newest checkpoint whose files match its manifest; corrupt newer ones are skipped with a warning.
 
     None when there is no checkpoint at all; a CheckpointError when there are some but none verifies.
+    With several processes each checks its `part` of the files and `agree(error or None)` returns
+    the first error any of them found (every process calls it), so all choose the same checkpoint.
     """
     found = list_checkpoints(checkpoints)
     for step, path in reversed(found):
         try:
-            verify_checkpoint(path)
-            return step, path
+            verify_checkpoint(path, part)
+            error = None
         except CheckpointError as exc:
-            log(f"warning: {exc}; falling back to the previous checkpoint")
+            error = str(exc)
+        error = agree(error)
+        if error is None:
+            return step, path
+        log(f"warning: {error}; falling back to the previous checkpoint")
     if found:
         raise CheckpointError(f"{checkpoints}: no checkpoint verifies against its manifest; delete the run directory "
                               "and train again")

@@ -134,6 +134,13 @@ def cmd_sft(args) -> int:
     return 0 if result.completed or args.stop_after else 3
 
 
+def cmd_export(args) -> int:
+    from distillab.export import export_checkpoint
+
+    print(export_checkpoint(args.run_dir, args.step, args.out))
+    return 0
+
+
 def cmd_eval(args) -> int:
     from distillab.evaluate.run import evaluate_checkpoint
 
@@ -371,6 +378,19 @@ def add_sft(sub) -> None:
     sft.set_defaults(func=cmd_sft)
 
 
+def add_export(sub) -> None:
+    export = sub.add_parser(
+        "export", help="an HF model directory of any step checkpoint of a run (-> RUN/export/step_N)",
+        description="Write the HF model (config.json, model.safetensors, tokenizer) of a run's step checkpoint, "
+        "verified against its manifest, one tensor in memory at a time: from a sharded checkpoint of any number of "
+        "processes, or one of the older single-file format. Loads with transformers' from_pretrained and "
+        "`distillab eval`.")
+    export.add_argument("run_dir", help="the run directory (holding checkpoints/)")
+    export.add_argument("--step", type=int, default=None, help="the step to export (default: the newest checkpoint)")
+    export.add_argument("--out", default=None, help="output directory (default: RUN/export/step_NNNNNNNN)")
+    export.set_defaults(func=cmd_export)
+
+
 def add_eval(sub) -> None:
     evaluate = sub.add_parser(
         "eval", help="perplexity sets and downstream tasks of checkpoints -> CHECKPOINT/eval.json",
@@ -560,8 +580,8 @@ def add_demo(sub) -> None:
     demo.set_defaults(func=cmd_demo)
 
 
-VERBS = (add_data, add_teacher, add_train, add_sft, add_eval, add_analyze, add_models_and_bench, add_sweep_and_report, add_plan,
-         add_demo)
+VERBS = (add_data, add_teacher, add_train, add_sft, add_export, add_eval, add_analyze, add_models_and_bench,
+         add_sweep_and_report, add_plan, add_demo)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -23,6 +23,7 @@ from distillab.errors import ConfigError, require
 from distillab.files import inside
 from distillab.layout import RUNS
 from distillab.losses.objective import KDObjective, field_problem
+from distillab.parallelism import PARALLELISMS
 
 
 @dataclass
@@ -136,11 +137,17 @@ class TrainConfig:
     precision: Literal["float32", "bfloat16"] = "float32"
     # CPU threads; unset = all cores (divided among processes on one machine)
     threads: int | None = None
-    # data-parallel processes (GPUs) per run: launch with torchrun --nproc_per_node N (sweeps do);
+    # data-parallel processes (GPUs) per run, over all its nodes: launch with torchrun (sweeps do);
     # the global batch is batch_size x grad_accum x processes
     processes: int = 1
-    # how the model is spread over processes: ddp (replicated) or fsdp (FSDP2, sharded per block)
-    parallel: Literal["ddp", "fsdp"] = "ddp"
+    # nodes the processes are spread over (processes / nodes per node; torchrun --nnodes, or srun)
+    nodes: int = 1
+    # how the model is spread over processes (distillab.parallelism.PARALLELISMS): ddp (replicated),
+    # fsdp (FSDP2, sharded per block), hsdp (sharded within a node, replicated across nodes)
+    parallel: str = "ddp"
+    # write checkpoints in the background (torch.distributed.checkpoint.async_save): training goes
+    # on while the previous checkpoint is written; it is verified and named when the next one starts
+    async_checkpoint: bool = False
     # recompute each transformer block's activations in backward instead of keeping them
     activation_checkpointing: bool = False
     # torch.compile each transformer block in place (GPUs; the first steps pay the compile time)
@@ -537,6 +544,10 @@ def validate_train(t: TrainConfig) -> None:
         require(value > 0, f"train.{key}", f"must be > 0, got {value}")
     require(t.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
     require(t.processes >= 1, "train.processes", "must be >= 1")
+    require(t.nodes >= 1 and t.processes % t.nodes == 0, "train.nodes",
+            f"must divide train.processes ({t.processes}) into equal nodes, got {t.nodes}")
+    require(t.parallel in PARALLELISMS, "train.parallel", f"must be one of {', '.join(PARALLELISMS)}, got "
+            f"{t.parallel!r}")
     require(t.lr > 0, "train.lr", f"must be > 0, got {t.lr}")
     require(0 <= t.warmup_fraction < 1, "train.warmup_fraction", "must be in [0, 1)")
     require(0 < t.decay_fraction <= 1, "train.decay_fraction", "must be in (0, 1]")
@@ -622,6 +633,7 @@ OPERATIONAL_KEYS = {
     "train.wandb_project",
     "train.activation_checkpointing",
     "train.compile",
+    "train.async_checkpoint",
     "eval.max_windows",
     "eval.batch_size",
     "eval.sets",

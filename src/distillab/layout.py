@@ -8,6 +8,7 @@
         wandb_id                 the run's Weights & Biases id (a uuid, made once: a resume keeps it)
         checkpoints/step_NNNNNNNN/   resumable checkpoints (`distillab.checkpoint`)
         final/                   the trained model (an HF directory); final/eval.json its evaluation
+        export/step_NNNNNNNN/    HF models of step checkpoints (`distillab export`)
         summary.json             says the run is done
         sft-HASH/                a sweep's SFT stage of the run (another run directory)
         analysis/                a sweep's analysis of a student (eval.analysis): analysis.json, .md
@@ -76,6 +77,10 @@ class RunLayout(Directory):
 
     def step(self, step: int) -> Path:
         return self.checkpoints / step_name(step)
+
+    def exported(self, step: int) -> Path:
+        """The HF model of a step checkpoint (`distillab export`)."""
+        return self.path / "export" / step_name(step)
 
     def sft(self, stage: dict) -> "RunLayout":
         """A sweep's SFT stage of this run (the grid's `sft` values): another stage is another run."""

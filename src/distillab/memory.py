@@ -1,15 +1,17 @@
 """Per-GPU memory plan of a run, before launch: what it needs, whether it fits, what would.
 
-With P the student's parameters, Pt the teacher's, N processes, w the compute width (2 bytes
-under `train.precision: bfloat16` on a GPU, else 4), t = batch_size x seq_len tokens per
+With P the student's parameters, Pt the teacher's, N processes, S the slices one copy of the
+state is split into (the shard dimension of the parallelism's mesh, `distillab.parallelism`:
+N under fsdp, N / nodes under hsdp, 1 under ddp), w the compute width (2 bytes under
+`train.precision: bfloat16` on a GPU, else 4), t = batch_size x seq_len tokens per
 micro-batch, d / f / L the student's width, MLP width and layers, V the output rows:
 
-    weights      fp32 master weights: 4P under ddp, 4P/N under fsdp, where each process also
+    weights      fp32 master weights: 4P under ddp, 4P/S when sharded, where each process also
                  holds the gathered compute copies in flight: the root unit (embeddings, output
                  layer) and two blocks (the current one and the prefetched next), w bytes each;
                  ddp with bf16 autocast keeps a w-byte cast of the weights (+wP)
-    gradients    fp32: 4P, plus 4P of DDP's communication buckets when N > 1; 4P/N under fsdp
-    optimizer    AdamW's two fp32 moments: 8P (ddp) or 8P/N (fsdp)
+    gradients    fp32: 4P, plus 4P of DDP's communication buckets when N > 1; 4P/S when sharded
+    optimizer    AdamW's two fp32 moments: 8P (ddp) or 8P/S (sharded)
     activations  what backward keeps, per token per block: w x (6d + 2 kv + 4f) (norm inputs,
                  q/k/v, attention output, projections, the SwiGLU's gate, up, product and
                  input; kv = kv_heads x head_dim; SDPA / flash attention keeps no t x t scores);
@@ -19,8 +21,8 @@ micro-batch, d / f / L the student's width, MLP width and layers, V the output r
                  or, when the output layer is fused into the loss (at least 2^28 logits, any
                  parallelism), chunk scratch 3 x 4 bytes x rows x V, the output layer's fp32
                  gradient 4 V d and the hidden states' 4 t d
-    teacher      stored as loaded, fp32: 4 Pt (ddp) or 4 Pt / N plus its gathered root and two
-                 blocks at width w (fsdp); its logits t x V x 4 bytes unless fused (then its
+    teacher      stored as loaded, fp32: 4 Pt (ddp) or 4 Pt / S plus its gathered root and two
+                 blocks at width w (sharded); its logits t x V x 4 bytes unless fused (then its
                  final hidden states, w t d_t); one block's forward working set
     cache        a teacher read from a cache instead: its top-K rows of a micro-batch,
                  t x K x (8 + 4) + 4 t bytes (ids, log-probs, tail), and the truncation's
@@ -53,6 +55,7 @@ from distillab.config import CACHE_MODES, RunConfig
 from distillab.errors import ConfigError
 from distillab.gpus import GIB, GPU
 from distillab.models import ModelSpec, model_directory, resolve_spec, spec_from_hf_config
+from distillab.parallelism import Mesh, mesh_of, parallelism
 
 HEAD_FUSION_ELEMENTS = 1 << 28  # as distillab.train.step
 GPU_CHUNK_ROWS_ELEMENTS = 1 << 26  # as distillab.losses.fused (GPU chunk of rows x vocab)
@@ -69,20 +72,32 @@ class Layout:
     seq_len: int
     activation_checkpointing: bool
     width: int  # bytes per compute value
+    nodes: int = 1
 
     @classmethod
     def of(cls, config: RunConfig, gpu: bool = True) -> "Layout":
         t = config.train
         width = 2 if t.precision == "bfloat16" and gpu else 4
-        return cls(t.parallel, t.processes, t.batch_size, t.seq_len, t.activation_checkpointing, width)
+        return cls(t.parallel, t.processes, t.batch_size, t.seq_len, t.activation_checkpointing, width, t.nodes)
+
+    @property
+    def mesh(self) -> Mesh:
+        return mesh_of(self.parallel, self.processes, self.nodes)
 
     @property
     def sharded(self) -> bool:
-        return self.parallel == "fsdp"
+        return parallelism(self.parallel).sharded
+
+    @property
+    def split(self) -> int:
+        """Into how many slices each process's copy of the state is split (1: whole copies)."""
+        return self.mesh.state_split if self.sharded else 1
 
     def describe(self) -> str:
         checkpointing = ", activation checkpointing" if self.activation_checkpointing else ""
-        return f"{self.parallel} x {self.processes}, micro-batch {self.batch_size} x {self.seq_len}{checkpointing}"
+        nodes = f" on {self.nodes} nodes" if self.nodes > 1 else ""
+        return f"{self.parallel} x {self.processes}{nodes}, micro-batch {self.batch_size} x {self.seq_len}" \
+               f"{checkpointing}"
 
 
 def block_parameters(spec: ModelSpec) -> int:
@@ -125,16 +140,16 @@ def weight_bytes(spec: ModelSpec, vocab: int, layout: Layout, master: int) -> fl
     if not layout.sharded:
         return master * total
     gathered = layout.width * (spec.embedding_parameters(vocab) + spec.d_model + 2 * block_parameters(spec))
-    return master * total / layout.processes + gathered
+    return master * total / layout.split + gathered
 
 
 def student_components(spec: ModelSpec, vocab: int, layout: Layout) -> dict[str, float]:
-    total, n = spec.total_parameters(vocab), layout.processes
+    total, split = spec.total_parameters(vocab), layout.split
     weights = weight_bytes(spec, vocab, layout, 4)
     if not layout.sharded and layout.width == 2:
         weights += 2 * total  # autocast's cast of the weights
-    gradients = 4 * total / n if layout.sharded else (8 if n > 1 else 4) * total
-    optimizer = 8 * total / n if layout.sharded else 8 * total
+    gradients = 4 * total / split if layout.sharded else (8 if layout.processes > 1 else 4) * total
+    optimizer = 8 * total / split
     return {"weights": weights, "gradients": gradients, "optimizer": optimizer,
             "activations": activation_bytes(spec, layout), "logits": logit_bytes(layout, vocab, spec.d_model)}
 
@@ -263,7 +278,8 @@ def alternatives(layout: Layout) -> list[tuple[str, Layout]]:
     for processes in (2, 4, 8, 16, 32, 64, 128, 256):
         if processes > layout.processes:
             options.append((f"fsdp on {processes} GPUs with activation checkpointing and micro-batch {batch}",
-                            replace(sharded, batch_size=batch, processes=processes)))
+                            replace(sharded, batch_size=batch, processes=processes,
+                                    nodes=layout.nodes if processes % layout.nodes == 0 else 1)))
     return options
 
 

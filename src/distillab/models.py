@@ -8,12 +8,15 @@ model that any tool can load.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
+from distillab.checkpoint import is_sharded_checkpoint
 from distillab.config import ModelConfig
 from distillab.data.tokenizer import looks_like_hub_id
 from distillab.errors import CheckpointError, ConfigError
@@ -204,6 +207,110 @@ def build_model(spec: ModelSpec, vocab_size: int, max_seq_len: int, seed: int, e
     return model.to(device)
 
 
+def empty_model(spec: ModelSpec, vocab_size: int, max_seq_len: int, eos_token_id: int | None = None):
+    """The model `build_model` makes, on the meta device: shapes only, no memory, no random draws."""
+    from transformers import AutoModelForCausalLM
+
+    config = hf_config(spec, vocab_size, max_seq_len, eos_token_id)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
+
+
+class InitialWeights:
+    """`build_model`'s initial values of a meta-device model, produced one module at a time.
+
+    `build_model` draws every tensor from one generator seeded with `seed`, in the order transformers
+    runs its initialisation: a model's `__init__` builds its children in order (each `nn.Linear`
+    and `nn.Embedding` drawing torch's default initialisation as it is built), and a `PreTrainedModel`
+    ends its `__init__` by initialising every module of its subtree not yet initialised, children
+    before parents (`_init_weights`: normal draws for linear and embedding weights, ones for norms,
+    rotary frequencies). The outer causal LM's head is built, and initialised, after its inner model.
+
+    This replays that sequence on a CPU copy of each module with parameters or buffers (copied
+    from the meta model before it is sharded): the same calls on tensors of the same shapes draw
+    the same numbers from the generator, so each copy holds exactly the values `build_model`
+    gives that module; `write` hands each to `place(name, value)`, which keeps what it needs
+    (a shard), and the copy is freed before the next module. Peak memory: one module's tensors
+    (one matrix). A tied weight (the head of tied embeddings) draws as in `build_model` but is
+    placed under its first name only, as tying keeps the embedding's values. Under the maxtext
+    parametrisation `maxtext_plan`'s draws follow, from the same generator, each into a fresh
+    full tensor placed over the one transformers drew. Tested bit for bit against `build_model`
+    for the Llama and Qwen3 rungs on 1, 2 and 4 processes (maxtext on 1 and 2).
+    """
+
+    def __init__(self, model: torch.nn.Module, seed: int, parametrisation: str = "hf"):
+        import copy
+
+        self.seed = seed
+        self.events = list(construction_events(model, ""))
+        # meta copies of the modules that hold tensors, taken before sharding changes them
+        self.copies = {prefix: copy.deepcopy(module) for _, prefix, module, _ in self.events}
+        # MaxText's re-initialisation, drawn after transformers' from the same generator
+        shapes = {name: param.shape for name, param in model.named_parameters()}
+        self.maxtext = ([(name, shapes[name], initialise) for name, initialise in maxtext_plan(model)]
+                        if parametrisation == "maxtext" else [])
+
+    def write(self, place) -> set[str]:
+        """Call `place(name, full tensor)` for every value in the order `build_model` draws them (a
+        name can come twice: its last value is the one that stays); return the names placed."""
+        placed = set()
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            torch.manual_seed(self.seed)
+            for kind, prefix, _, owner in self.events:
+                module = copy_on_cpu(self.copies[prefix])
+                if kind == "construct":
+                    module.reset_parameters()
+                else:
+                    owner._init_weights(module)
+                for name, value in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+                    place(prefix + name, value)
+                    placed.add(prefix + name)
+                del module
+            for name, shape, initialise in self.maxtext:
+                value = torch.empty(shape, dtype=torch.float32)
+                initialise(value)
+                place(name, value)
+        return placed
+
+
+def holds_tensors(module: torch.nn.Module) -> bool:
+    return any(True for _ in module.parameters(recurse=False)) or any(True for _ in module.buffers(recurse=False))
+
+
+def construction_events(module: torch.nn.Module, prefix: str, owner=None, done: set | None = None):
+    """("construct" | "init", name prefix, module, the PreTrainedModel whose init applies) in the order
+    `AutoModelForCausalLM.from_config` runs them (see `InitialWeights`)."""
+    from transformers import PreTrainedModel
+
+    done = set() if done is None else done
+    owner = module if isinstance(module, PreTrainedModel) else owner
+    for name, child in module.named_children():
+        yield from construction_events(child, f"{prefix}{name}.", owner, done)
+    if holds_tensors(module) and hasattr(module, "reset_parameters"):
+        yield "construct", prefix, module, owner
+    if isinstance(module, PreTrainedModel):  # its post_init: the subtree, children before parents
+        for sub_prefix, sub, sub_owner in post_order(module, prefix, module):
+            if id(sub) not in done:
+                done.add(id(sub))
+                if holds_tensors(sub):
+                    yield "init", sub_prefix, sub, sub_owner
+
+
+def post_order(module: torch.nn.Module, prefix: str, owner):
+    from transformers import PreTrainedModel
+
+    for name, child in module.named_children():
+        yield from post_order(child, f"{prefix}{name}.", child if isinstance(child, PreTrainedModel) else owner)
+    yield prefix, module, owner
+
+
+def copy_on_cpu(module: torch.nn.Module) -> torch.nn.Module:
+    """A CPU copy of a meta module's own tensors (uninitialised memory)."""
+    import copy
+
+    return copy.deepcopy(module).to_empty(device="cpu", recurse=False)
+
+
 # ----------------------------------------------------------------------------- the MaxText parametrisation
 #
 # The paper's authors trained with MaxText (their fork, github.com/TaiMingLu/maxtext-distillation).
@@ -233,25 +340,35 @@ def fan_in_truncated_normal_(weight: torch.Tensor) -> None:
     torch.nn.init.trunc_normal_(weight, 0.0, std, -2 * std, 2 * std)
 
 
-def maxtext_init(model) -> None:
-    """Re-initialise an HF Llama / Qwen3 model as MaxText initialises the same architecture."""
+def maxtext_plan(model) -> list[tuple[str, Callable[[torch.Tensor], None]]]:
+    """(parameter name, in-place initializer) for every tensor MaxText initialises, in the order
+    `maxtext_init` draws them from the generator: the embedding, each layer's attention then MLP
+    kernels, an untied output layer, then ones for every 1-D parameter (norm scales, no draws).
+    Names are `named_parameters`' (a tied output layer is the embedding and is not drawn again)."""
     config = model.config
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    names = {id(param): name for name, param in model.named_parameters()}
     embedding = model.get_input_embeddings().weight
-    torch.nn.init.trunc_normal_(embedding, 0.0, 0.02, -0.04, 0.04)  # flax truncated_normal(stddev=0.02)
+    # flax truncated_normal(stddev=0.02)
+    plan = [(names[id(embedding)], functools.partial(torch.nn.init.trunc_normal_, mean=0.0, std=0.02, a=-0.04,
+                                                     b=0.04))]
     for layer in model.model.layers:
         attention, mlp = layer.self_attn, layer.mlp
-        fan_in_normal_(attention.q_proj.weight, head_dim ** -0.5)
-        for projection in (attention.k_proj, attention.v_proj, attention.o_proj):
-            fan_in_normal_(projection.weight)
-        for projection in (mlp.gate_proj, mlp.up_proj, mlp.down_proj):
-            fan_in_truncated_normal_(projection.weight)
+        plan.append((names[id(attention.q_proj.weight)], functools.partial(fan_in_normal_, scale=head_dim ** -0.5)))
+        plan += [(names[id(p.weight)], fan_in_normal_) for p in (attention.k_proj, attention.v_proj, attention.o_proj)]
+        plan += [(names[id(p.weight)], fan_in_truncated_normal_) for p in (mlp.gate_proj, mlp.up_proj, mlp.down_proj)]
     output = model.get_output_embeddings()
     if output is not None and output.weight is not embedding:
-        fan_in_truncated_normal_(output.weight)
-    for name, param in model.named_parameters():
-        if param.dim() == 1:
-            torch.nn.init.ones_(param)
+        plan.append((names[id(output.weight)], fan_in_truncated_normal_))
+    plan += [(name, torch.nn.init.ones_) for name, param in model.named_parameters() if param.dim() == 1]
+    return plan
+
+
+def maxtext_init(model) -> None:
+    """Re-initialise an HF Llama / Qwen3 model as MaxText initialises the same architecture."""
+    parameters = dict(model.named_parameters())
+    for name, initialise in maxtext_plan(model):
+        initialise(parameters[name])
 
 
 def attention_scale(model, parametrisation: str) -> float | None:
@@ -279,13 +396,6 @@ def query_norm_factors(model, parametrisation: str) -> dict[str, float]:
         return {}
     factor = scale / model.model.layers[0].self_attn.head_dim ** -0.5
     return {name: factor for name, _ in model.named_parameters() if name.endswith("self_attn.q_norm.weight")}
-
-
-def exported_weights(weights: dict[str, torch.Tensor], factors: dict[str, float]) -> dict[str, torch.Tensor]:
-    """A state dict as saved for any HF tool: the weights named in `factors` folded by their factor."""
-    if not factors:
-        return weights
-    return {name: tensor * factors[name] if name in factors else tensor for name, tensor in weights.items()}
 
 
 def model_directory(name: str, key: str = "kd.teacher", revision: str | None = None) -> Path:
@@ -329,6 +439,10 @@ def load_causal_lm(path: str | Path, device: torch.device | str, key: str = "kd.
     path = Path(path)
     if not (path / "config.json").is_file():
         raise ConfigError(key, f"{path} is not an HF model directory (no config.json)")
+    if is_sharded_checkpoint(path) and not any(path.glob("*.safetensors")):
+        raise ConfigError(key, f"{path} is a sharded training checkpoint; write its HF model with `distillab export "
+                               f"{path.parent.parent} --step {path.name.removeprefix('step_').lstrip('0') or 0}` "
+                               "and use that")
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, attn_implementation="sdpa")
     except (OSError, ValueError, KeyError, RuntimeError) as exc:

@@ -60,7 +60,8 @@ def first_line(exc: BaseException) -> str:
 
 
 def execute_run(sweep_dir: str | Path, run_id: str, threads: int | None = None, launcher=None) -> dict:
-    """Train (or resume) one run of a planned sweep, then evaluate it. Runs in a worker process.
+    """Train (or resume) one run of a planned sweep, then evaluate it. Runs in a worker process (on
+    every node of a multi-node run: the other nodes only start their share of the processes).
     A run on several processes is launched with torchrun, or with `launcher(config values) -> final
     directory` when given (a rehearsal's processes, started once: `distillab.sweep.rehearse`)."""
     from distillab.capture import capture_for_run
@@ -71,6 +72,10 @@ def execute_run(sweep_dir: str | Path, run_id: str, threads: int | None = None, 
     planned = read_plan(sweep_dir)
     run = next(r for r in planned["runs"] if r["id"] == run_id)
     settings = planned["eval"]
+    nodes = run["config"].get("train", {}).get("nodes", 1)
+    if nodes > 1 and node_placement(nodes)[0] != 0:
+        train_with_torchrun(run["config"], run["config"]["train"]["processes"], nodes, run_id)
+        return {"id": run_id, "status": "node"}
     attempts = read_status(sweep_dir, run_id).get("attempts", 0) + 1
     write_status(sweep_dir, run_id, status="running", attempts=attempts, pid=os.getpid(), error=None)
     try:
@@ -81,7 +86,7 @@ def execute_run(sweep_dir: str | Path, run_id: str, threads: int | None = None, 
         if config.train.processes > 1 and launcher is not None:
             final_dir = launcher(config_values)
         elif config.train.processes > 1 and "WORLD_SIZE" not in os.environ:
-            final_dir = train_with_torchrun(config_values, config.train.processes)
+            final_dir = train_with_torchrun(config_values, config.train.processes, config.train.nodes, run_id)
         else:
             final_dir = train(config).final_dir
         evaluate_checkpoint(final_dir, settings["sets"], tasks=settings["tasks"], limit=settings["limit"],
@@ -120,14 +125,54 @@ def fine_tune(final_dir: Path, run_config: dict, stage: dict, settings: dict, th
                         batch_size=settings.get("batch_size", 8))
 
 
-def train_with_torchrun(config_values: dict, processes: int) -> Path:
-    """Train one run on `processes` data-parallel workers of this machine (GPUs, or CPU processes)."""
+def torchrun_command(launch: Path, processes: int, nodes: int = 1, node_rank: int = 0, endpoint: str | None = None,
+                     run_id: str = "distillab") -> list[str]:
+    """The torchrun command of one node of a run: `--standalone` on one node; on several, this node's
+    share of the processes joining the others through a c10d rendezvous at `endpoint`."""
+    if nodes == 1:
+        where = ["--standalone", "--nproc_per_node", str(processes)]
+    else:
+        where = ["--nnodes", str(nodes), "--node_rank", str(node_rank), "--nproc_per_node", str(processes // nodes),
+                 "--rdzv_backend", "c10d", "--rdzv_endpoint", endpoint, "--rdzv_id", run_id]
+    return [sys.executable, "-m", "torch.distributed.run", *where, "-m", "distillab.cli", "train", str(launch)]
+
+
+RENDEZVOUS_PORT = 29400
+
+
+def node_placement(nodes: int) -> tuple[int, str]:
+    """(this node's rank, the rendezvous host:port) of a run over `nodes` nodes: under Slurm from the
+    job (SLURM_NODEID, the first host of SLURM_JOB_NODELIST), else from DISTILLAB_NODE_RANK and
+    DISTILLAB_RDZV_ENDPOINT set on each node."""
+    port = int(os.environ.get("DISTILLAB_RDZV_PORT", RENDEZVOUS_PORT))
+    if "DISTILLAB_NODE_RANK" in os.environ and "DISTILLAB_RDZV_ENDPOINT" in os.environ:
+        return int(os.environ["DISTILLAB_NODE_RANK"]), os.environ["DISTILLAB_RDZV_ENDPOINT"]
+    if "SLURM_NODEID" in os.environ and "SLURM_JOB_NODELIST" in os.environ:
+        if int(os.environ.get("SLURM_JOB_NUM_NODES", nodes)) != nodes:
+            raise DistillabError(f"train.nodes is {nodes} but the Slurm job has {os.environ['SLURM_JOB_NUM_NODES']} "
+                                 f"nodes; submit it with nodes={nodes}")
+        hosts = subprocess.run(["scontrol", "show", "hostnames", os.environ["SLURM_JOB_NODELIST"]],
+                               capture_output=True, text=True, check=True).stdout.split()
+        return int(os.environ["SLURM_NODEID"]), f"{hosts[0]}:{port}"
+    raise DistillabError(f"train.nodes is {nodes}: a run over several nodes is started on each of them: sweep with "
+                         "--executor slurm (one task per node), or set DISTILLAB_NODE_RANK and DISTILLAB_RDZV_ENDPOINT "
+                         "(host:port of node 0) on every node")
+
+
+def train_with_torchrun(config_values: dict, processes: int, nodes: int = 1, run_id: str = "distillab") -> Path:
+    """Train one run on `processes` data-parallel workers: of this machine (GPUs, or CPU processes), or
+    this node's share of them when the run spans `nodes` nodes."""
     files = RunLayout(config_values["run_dir"])
     files.path.mkdir(parents=True, exist_ok=True)
     launch = files.launch
-    launch.write_text(yaml.safe_dump(config_values, sort_keys=False))
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
-               "-m", "distillab.cli", "train", str(launch)]
+    node_rank, endpoint = node_placement(nodes) if nodes > 1 else (0, None)
+    if node_rank == 0:
+        launch.write_text(yaml.safe_dump(config_values, sort_keys=False))
+    elif not launch.is_file():  # node 0 writes it (a shared file system): wait for it
+        deadline = time.time() + 600
+        while not launch.is_file() and time.time() < deadline:
+            time.sleep(1)
+    command = torchrun_command(launch, processes, nodes, node_rank, endpoint, run_id)
     done = subprocess.run(command, capture_output=True, text=True, preexec_fn=die_with_parent)
     sys.stdout.write(done.stdout[-20000:])
     if done.returncode != 0:
@@ -413,7 +458,13 @@ def submitit_submitter(sweep_dir: Path, executor: str, threads: int, slurm: dict
     else:
         ex = submitit.AutoExecutor(folder=str(folder), cluster="slurm")
         ex.update_parameters(**{"timeout_min": 24 * 60, "cpus_per_task": threads, **slurm})
-    return lambda run_id: Job(ex.submit(execute_run, str(sweep_dir), run_id, threads))
+
+    def submit(run_id: str) -> Job:
+        run = next(r for r in read_plan(sweep_dir)["runs"] if r["id"] == run_id)
+        if executor != "submitit-local":  # a run over N nodes: one task per node, each starting torchrun
+            ex.update_parameters(nodes=run["config"].get("train", {}).get("nodes", 1), tasks_per_node=1)
+        return Job(ex.submit(execute_run, str(sweep_dir), run_id, threads))
+    return submit
 
 
 # submitit's jobs offer no wait-for-any: they are polled this often

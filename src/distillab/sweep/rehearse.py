@@ -366,8 +366,10 @@ class Gang:
         import torch.distributed as dist
 
         if dist.is_initialized():
-            dist.broadcast_object_list([None], src=0)
-            dist.destroy_process_group()
+            try:
+                dist.broadcast_object_list([None], src=0)
+            finally:  # a failed broadcast must not leave this process inside the gang's group
+                dist.destroy_process_group()
         for member in self.members:
             member.join(timeout=60)
 

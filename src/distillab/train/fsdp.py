@@ -1,21 +1,22 @@
 """FSDP2 (`torch.distributed.fsdp.fully_shard`): student and teacher sharded per transformer block.
 
     student   each decoder block is one FSDP unit, the rest (embeddings, final norm, output
-              layer) the root unit; parameters, gradients and AdamW state live as 1/N shards
-              (DTensors on a 1-D mesh over the N processes). Under `train.precision: bfloat16`
-              a mixed-precision policy computes in bf16 and keeps fp32 master weights and fp32
-              gradient reductions (no autocast on top).
+              layer) the root unit; parameters, gradients and AdamW state live as shards
+              (DTensors on the run's mesh). Under `train.precision: bfloat16` a mixed-precision
+              policy computes in bf16 and keeps fp32 master weights and fp32 gradient reductions
+              (no autocast on top).
     teacher   sharded the same way, without gradients or optimizer state; each unit gathers its
               weights for its forward and frees them right after (reshard after forward).
+    mesh      `fsdp`: one dimension, the shards over all processes. `hsdp`: two, replicate x
+              shard (shards within a node, whole copies across nodes; gradients are
+              reduce-scattered within a node and all-reduced across nodes).
 
-Initial weights: every process builds the full model from the run's init seed (the same
-weights a single process builds) and keeps its shard, so "same seed, same initial weights"
-holds for every world size. Checkpoints hold full tensors gathered to the main process, in the
-single-process layout (safetensors weights, the optimizer's own state dict), so a run resumes
-on any number of processes and under either parallelism: loading shards each full tensor like
-the parameter it belongs to. (Gathering needs the full model in the main process's host
-memory once per checkpoint; torch distributed checkpoint, which writes shards in place, is
-not used yet.)
+Initial weights: the student is built on the meta device, sharded, and materialised module by
+module (`distillab.models.InitialWeights`): every process draws each full tensor from the init
+seed's generator, as a single process does (then, under `model.parametrisation: maxtext`,
+MaxText's draws from the same generator), and keeps its shard. The weights equal the single
+process's bit for bit for every world size and mesh, and no process ever holds more than its
+shards plus one module's (or one MaxText-initialised matrix's) tensors. Checkpoints are written per shard (`distillab.train.checkpointer`).
 
 The root unit (embeddings, final norm, output layer) keeps its parameters gathered from its
 forward pass until backward (FSDP's own choice for a root; the memory plan counts them
@@ -34,6 +35,8 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import distribute_tensor
 
 from distillab.errors import ConfigError
+from distillab.models import InitialWeights, ModelSpec, apply_parametrisation, empty_model
+from distillab.parallelism import Mesh
 from distillab.runtime import is_sharded
 from distillab.train.parallel import DataParallel, SingleProcess, transformer_blocks
 
@@ -43,20 +46,24 @@ def full(tensor: torch.Tensor) -> torch.Tensor:
     return (tensor.full_tensor() if is_sharded(tensor) else tensor).detach().cpu()
 
 
-def shard_like(source: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """`source` (a full tensor, the same on every process) laid out like `like`."""
-    if is_sharded(like):
-        return distribute_tensor(source.to(dtype=like.dtype, device=like.to_local().device), like.device_mesh,
-                                 like.placements)
-    return source.to(dtype=like.dtype, device=like.device)
+def place(target: torch.Tensor, value: torch.Tensor) -> None:
+    """Copy this process's part of the full tensor `value` into `target` (a shard or a whole tensor),
+    without communication: every process holds the same `value`."""
+    value = value.to(dtype=target.dtype, device=target.to_local().device if is_sharded(target) else target.device)
+    if is_sharded(target):
+        value = distribute_tensor(value, target.device_mesh, target.placements, src_data_rank=None).to_local()
+        target = target.to_local()
+    target.copy_(value)
 
 
 class FullySharded(DataParallel):
     name = "fsdp"
 
-    def __init__(self, device: torch.device, rank: int, world: int, precision: str = "float32"):
-        super().__init__(device, rank, world)
-        self.mesh = init_device_mesh(device.type, (world,))
+    def __init__(self, device: torch.device, rank: int, world: int, mesh_shape: Mesh | None = None,
+                 precision: str = "float32"):
+        super().__init__(device, rank, world, mesh_shape or Mesh(shard=world))
+        names, sizes = self.mesh_shape.dims()
+        self.mesh = init_device_mesh(device.type, sizes, mesh_dim_names=names)
         if precision == "bfloat16":
             self.policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         else:
@@ -68,6 +75,23 @@ class FullySharded(DataParallel):
         # the root stays gathered after forward: the fused loss reads the output layer's weight then
         fully_shard(model, mesh=self.mesh, mp_policy=self.policy, reshard_after_forward=False)
         return model
+
+    def build_model(self, spec: ModelSpec, vocab_size: int, max_seq_len: int, seed: int, eos_token_id: int | None,
+                    activation_checkpointing: bool = False, compile_blocks: bool = False,
+                    parametrisation: str = "hf") -> torch.nn.Module:
+        """Built on the meta device, sharded, then materialised shard by shard (see the module docstring)."""
+        model = empty_model(spec, vocab_size, max_seq_len, eos_token_id)
+        apply_parametrisation(model, parametrisation)
+        initial = InitialWeights(model, seed, parametrisation)
+        stepper = self.prepare_model(model, activation_checkpointing, compile_blocks)
+        stepper.to_empty(device=self.device)
+        targets = {**dict(stepper.named_parameters()), **dict(stepper.named_buffers())}
+        placed = initial.write(lambda name, value: place(targets[name], value) if name in targets else None)
+        missing = sorted(set(targets) - placed)
+        if missing:
+            raise ConfigError("model", f"meta-device initialisation left {missing[0]} unset ({len(missing)} tensors); "
+                                       "this model class is not supported by train.parallel=fsdp/hsdp")
+        return stepper
 
     def prepare_model(self, model, activation_checkpointing: bool = False, compile_blocks: bool = False):
         return self.shard(SingleProcess.prepare_model(self, model, activation_checkpointing, compile_blocks))
@@ -89,31 +113,3 @@ class FullySharded(DataParallel):
     def micro_batch(self, stepper, last: bool):
         stepper.set_requires_gradient_sync(last)
         return contextlib.nullcontext()
-
-    def model_state(self, stepper):
-        state = {name: full(tensor) for name, tensor in stepper.state_dict().items()}
-        return state if self.is_main else None
-
-    def optimizer_state(self, stepper, optimizer):
-        state = optimizer.state_dict()
-        gathered = {index: {key: full(value) if torch.is_tensor(value) else value for key, value in entry.items()}
-                    for index, entry in state["state"].items()}
-        return {"state": gathered, "param_groups": state["param_groups"]} if self.is_main else None
-
-    def load_state(self, stepper, optimizer, weights: dict, optimizer_state: dict) -> None:
-        """Full weights and optimizer state (single-process layout, read on every process), sharded."""
-        tensors = {**dict(stepper.named_parameters(remove_duplicate=False)), **dict(stepper.named_buffers())}
-        expected = set(stepper.state_dict())  # persistent entries only
-        tied = {"lm_head.weight"} if stepper.config.tie_word_embeddings else set()
-        if set(weights) - expected or expected - set(weights) - tied:
-            raise ConfigError("model", "the checkpoint does not match the configured model")
-        with torch.no_grad():
-            for name in sorted(expected & set(weights)):
-                tensors[name].copy_(shard_like(weights[name], tensors[name]))
-        params = [p for group in optimizer.param_groups for p in group["params"]]
-        sharded = {"param_groups": optimizer_state["param_groups"], "state": {}}
-        for index, entry in optimizer_state["state"].items():
-            param = params[int(index)]
-            sharded["state"][index] = {key: shard_like(value, param) if torch.is_tensor(value)
-                                       and value.shape == param.shape else value for key, value in entry.items()}
-        optimizer.load_state_dict(sharded)

@@ -1,14 +1,21 @@
 """How a run's model is spread over processes, behind one small interface.
 
-    SingleProcess    one process, one device: every method is the plain thing
-    DataParallel     torchrun, N processes, DistributedDataParallel (NCCL on GPUs, gloo on CPUs)
-    FullySharded     torchrun, N processes, FSDP2 (`distillab.train.fsdp`)
+The parallelisms themselves are described in `distillab.parallelism` (a name and a mesh of
+replicate x shard processes); `distillab.train.world` starts the processes and picks the
+implementation:
 
-The trainer never branches on which one it has. It asks the parallelism to wrap the student
-and the teacher, to open each micro-batch (gradients synchronise on the last one only), for
-the factor that turns each process's mean-loss gradient into the sum over processes, to clip
-and measure the gradient norm, to reduce numbers across processes, and for the model and
-optimizer state to save or load (full tensors, identical for every world size).
+    SingleProcess    one process, one device: every method is the plain thing (this class is
+                     the interface, each method's contract in its docstring)
+    DataParallel     the `replicate` family: N processes, DistributedDataParallel
+    FullySharded     the `fully_shard` family (`distillab.train.fsdp`): FSDP2 over a 1-D mesh
+                     (fsdp) or a 2-D replicate x shard mesh (hsdp)
+
+The trainer never branches on which one it has. It asks the parallelism to build (or wrap)
+the student and to wrap the teacher, to open each micro-batch (gradients synchronise on the
+last one only), for the factor that turns each process's mean-loss gradient into the sum over
+processes, to clip and measure the gradient norm, and to reduce, gather or share values
+across processes. Checkpoints need nothing more: `distillab.train.checkpointer` reads and
+writes every layout through torch's distributed state-dict API.
 
 Data parallelism reads disjoint slices of each global batch: process r takes global
 micro-batch i * N + r, so N processes see exactly the sequences one process would.
@@ -17,28 +24,48 @@ micro-batch i * N + r, so N processes see exactly the sequences one process woul
 from __future__ import annotations
 
 import contextlib
-import os
 
 import torch
 
-from distillab.config import TrainConfig
 from distillab.errors import ConfigError
-from distillab.runtime import resolve_device, setup_runtime
+from distillab.models import ModelSpec, build_model
+from distillab.parallelism import Mesh
 
 
 class SingleProcess:
+    """The interface every parallelism implements; on one process each method is the plain thing.
+
+    Attributes: `device`, `rank` (0..world-1), `world` (processes), `mesh_shape` (the
+    `distillab.parallelism.Mesh` the processes form), `name` (the parallelism's family).
+    """
+
     name = "single"
 
-    def __init__(self, device: torch.device, rank: int = 0, world: int = 1):
+    def __init__(self, device: torch.device, rank: int = 0, world: int = 1, mesh_shape: Mesh | None = None,
+                 precision: str = "float32"):
         self.device, self.rank, self.world = device, rank, world
+        self.mesh_shape = mesh_shape or Mesh(replicate=world)
+        self.owns_group = True  # False: the process group was started by the caller (a rehearsal) and stays up
 
     @property
     def is_main(self) -> bool:
+        """The process that logs and writes the files every process shares (rank 0)."""
         return self.rank == 0
+
+    # ------------------------------------------------------------------ models
+
+    def build_model(self, spec: ModelSpec, vocab_size: int, max_seq_len: int, seed: int, eos_token_id: int | None,
+                    activation_checkpointing: bool = False, compile_blocks: bool = False,
+                    parametrisation: str = "hf") -> torch.nn.Module:
+        """A freshly initialised student, ready to step: its weights (and attention scale) are
+        `models.build_model`'s for `seed` and `parametrisation`, bit for bit, however they are laid
+        out over the processes."""
+        model = build_model(spec, vocab_size, max_seq_len, seed, eos_token_id, self.device, parametrisation)
+        return self.prepare_model(model, activation_checkpointing, compile_blocks)
 
     def prepare_model(self, model: torch.nn.Module, activation_checkpointing: bool = False,
                       compile_blocks: bool = False) -> torch.nn.Module:
-        """The module the step calls (the model itself here)."""
+        """The module the step calls, for a model already in memory (the model itself here)."""
         if activation_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if compile_blocks:
@@ -47,22 +74,32 @@ class SingleProcess:
         return model
 
     def prepare_teacher(self, model: torch.nn.Module) -> torch.nn.Module:
+        """A frozen teacher laid out for inference."""
         return model
+
+    def unwrap(self, stepper: torch.nn.Module) -> torch.nn.Module:
+        """The HF model inside whatever `prepare_model` returned."""
+        return getattr(stepper, "module", stepper)
 
     @property
     def collective_forward(self) -> bool:
         """True when a forward pass needs every process (sharded weights): evaluation then runs on all."""
         return False
 
+    @property
+    def uses_process_group(self) -> bool:
+        """True when the processes communicate through torch.distributed's default group (checkpoints
+        are then written and read together); a single process never does, even beside a group."""
+        return False
+
     def autocast_precision(self, precision: str) -> str:
         """The precision to autocast the step to (`train.precision` unless the parallelism casts)."""
         return precision
 
-    def unwrap(self, stepper: torch.nn.Module) -> torch.nn.Module:
-        """The HF model inside whatever `prepare_model` returned."""
-        return getattr(stepper, "module", stepper)
+    # ------------------------------------------------------------------ one step
 
     def micro_batch(self, stepper: torch.nn.Module, last: bool):
+        """A context for one micro-batch's backward; gradients synchronise when `last`."""
         return contextlib.nullcontext()
 
     @property
@@ -79,30 +116,22 @@ class SingleProcess:
             norm = torch.nn.utils.get_total_norm([p.grad for p in parameters], foreach=True)
         return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
+    # ------------------------------------------------------------------ across processes
+
     def all_reduce_sum(self, values: list[float]) -> list[float]:
+        """Each value summed over processes (every process gets the sums)."""
         return values
+
+    def all_gather_object(self, value) -> list:
+        """Every process's `value` (a picklable object), in rank order, on every process."""
+        return [value]
+
+    def broadcast_object(self, value):
+        """The main process's `value`, on every process."""
+        return value
 
     def barrier(self) -> None:
         pass
-
-    def model_state(self, stepper: torch.nn.Module) -> dict[str, torch.Tensor] | None:
-        """Full weights on the main process (None elsewhere), for safetensors."""
-        return self.unwrap(stepper).state_dict() if self.is_main else None
-
-    def optimizer_state(self, stepper: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict | None:
-        return optimizer.state_dict() if self.is_main else None
-
-    def load_state(self, stepper: torch.nn.Module, optimizer: torch.optim.Optimizer, weights: dict,
-                   optimizer_state: dict) -> None:
-        """Load full weights and optimizer state (read on every process)."""
-        model = self.unwrap(stepper)
-        missing, unexpected = model.load_state_dict(weights, strict=False)
-        tied = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
-        if unexpected or set(missing) - tied:
-            raise ConfigError("model", "the checkpoint does not match the configured model")
-        if tied:
-            model.tie_weights()
-        optimizer.load_state_dict(optimizer_state)
 
     def close(self) -> None:
         pass
@@ -110,6 +139,10 @@ class SingleProcess:
 
 class DataParallel(SingleProcess):
     name = "ddp"
+
+    @property
+    def uses_process_group(self) -> bool:
+        return True
 
     def prepare_model(self, model, activation_checkpointing: bool = False, compile_blocks: bool = False):
         from torch.nn.parallel import DistributedDataParallel
@@ -131,6 +164,20 @@ class DataParallel(SingleProcess):
         dist.all_reduce(tensor)
         return tensor.tolist()
 
+    def all_gather_object(self, value) -> list:
+        import torch.distributed as dist
+
+        gathered = [None] * self.world
+        dist.all_gather_object(gathered, value)
+        return gathered
+
+    def broadcast_object(self, value):
+        import torch.distributed as dist
+
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
     def barrier(self) -> None:
         import torch.distributed as dist
 
@@ -139,7 +186,7 @@ class DataParallel(SingleProcess):
     def close(self) -> None:
         import torch.distributed as dist
 
-        if dist.is_initialized() and getattr(self, "owns_group", True):
+        if dist.is_initialized() and self.owns_group:
             dist.destroy_process_group()
 
 
@@ -151,37 +198,3 @@ def transformer_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
         raise ConfigError("train.parallel", f"{type(model).__name__} has no .{model.base_model_prefix}.layers to "
                                             "shard or compile per block")
     return list(layers)
-
-
-def setup_parallelism(train: TrainConfig) -> SingleProcess:
-    """Start the process group (under torchrun), pick the device and threads, return the parallelism."""
-    device = resolve_device(train.device)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world != train.processes:
-        raise ConfigError("train.processes", f"is {train.processes} but {world} processes were started; launch with "
-                          f"torchrun --nproc_per_node {train.processes} (or set train.processes={world})")
-    threads = train.threads or (max(1, (os.cpu_count() or 1) // world) if world > 1 else None)
-    setup_runtime(threads)
-    if world == 1 and train.parallel == "ddp":
-        return SingleProcess(device)
-    import torch.distributed as dist
-
-    owns_group = not dist.is_initialized()  # a group started by the caller (a rehearsal) stays up
-    if owns_group:
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        if "WORLD_SIZE" in os.environ:
-            dist.init_process_group(backend=backend)
-        else:  # fsdp on one process without torchrun: a world of one
-            dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
-    rank, local_rank = dist.get_rank(), int(os.environ.get("LOCAL_RANK", "0"))
-    if device.type == "cuda":
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    if train.parallel == "fsdp":
-        from distillab.train.fsdp import FullySharded
-
-        parallel = FullySharded(device, rank, world, train.precision)
-    else:
-        parallel = DataParallel(device, rank, world)
-    parallel.owns_group = owns_group
-    return parallel

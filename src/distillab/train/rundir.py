@@ -87,7 +87,8 @@ class RunDirectory:
 # How a global batch is laid out over processes and micro-batches: a run may resume under
 # another layout of the same global batch (e.g. 2 FSDP processes -> 1 process with grad_accum 2);
 # it then continues the same trajectory up to floating-point summation order.
-LAYOUT_KEYS = frozenset({"train.batch_size", "train.grad_accum", "train.processes", "train.parallel"})
+LAYOUT_KEYS = frozenset({"train.batch_size", "train.grad_accum", "train.processes", "train.parallel",
+                         "train.nodes"})
 
 
 def global_batch(values: dict) -> int:

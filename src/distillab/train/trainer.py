@@ -34,8 +34,7 @@ from typing import Callable
 import torch
 
 from distillab import __version__
-from distillab.checkpoint import (latest_verified, load_trainer_state, load_weights, prune_checkpoints, read_meta,
-                                  save_checkpoint, step_dir, verify_checkpoint)
+from distillab.checkpoint import load_trainer_state, prune_checkpoints, read_meta, step_dir
 from distillab.config import RunConfig, first_difference, results_config
 from distillab.data.loader import Batch, model_inputs
 from distillab.data.packing import training_stream
@@ -43,7 +42,7 @@ from distillab.data.shards import PreparedData, prepare_data
 from distillab.errors import CheckpointError, ConfigError
 from distillab.evaluate.perplexity import evaluate_prepared_sets
 from distillab.files import stable_hash
-from distillab.models import ModelSpec, build_model, exported_weights, query_norm_factors, resolve_spec
+from distillab.models import ModelSpec, query_norm_factors, resolve_spec
 from distillab.losses.objective import KDObjective
 from distillab.progress import progress_bar
 from distillab.sft import start_sft
@@ -51,10 +50,12 @@ from distillab.signals.build import build_signal, check_covers, online_teachers
 from distillab.teacher import CachedTeacher
 from distillab.train.guard import NonFiniteError, NonFiniteGuard
 from distillab.train.metrics import LogWindow, MetricsSink, NoMetrics
-from distillab.train.parallel import SingleProcess, setup_parallelism
+from distillab.train.checkpointer import Checkpointer
+from distillab.train.parallel import SingleProcess
 from distillab.train.rundir import RunDirectory, bound_inputs, check_inputs
 from distillab.train.schedule import Plan, learning_rate, make_optimizer, make_plan
 from distillab.train.step import StepResult, fuse_head, train_step
+from distillab.train.world import setup_parallelism
 
 # Keys in which a WSD branch may differ from the trunk it starts from.
 BRANCH_KEYS = {"train.token_budget", "train.branch_from", "name"}
@@ -138,6 +139,7 @@ class Trainer:
         self.config, self.parallel, self.data, self.spec = config, parallel, data, spec
         self.stepper, self.optimizer, self.teacher, self.stream, self.plan = stepper, optimizer, teacher, stream, plan
         self.model = parallel.unwrap(stepper)
+        self.checkpointer = Checkpointer(parallel, config.train.async_checkpoint)
         self.objective = objective
         self.guard = NonFiniteGuard(config.train.nonfinite)
         self.log = log
@@ -169,9 +171,8 @@ class Trainer:
                                config.data.packing, rows)
         for online in online_teachers(teacher):
             online.model = parallel.prepare_teacher(online.model)
-        model = build_model(spec, data.vocab_size, t.seq_len, t.init_seed, data.tokenizer.eos_token_id, parallel.device,
-                            config.model.parametrisation)
-        stepper = parallel.prepare_model(model, t.activation_checkpointing, t.compile)
+        stepper = parallel.build_model(spec, data.vocab_size, t.seq_len, t.init_seed, data.tokenizer.eos_token_id,
+                                       t.activation_checkpointing, t.compile, config.model.parametrisation)
         stream = training_stream(data, t.seq_len, t.data_seed, config.data.packing, log)
         plan = make_plan(t)
         sequences = plan.steps * t.batch_size * t.grad_accum * parallel.world
@@ -203,38 +204,19 @@ class Trainer:
     # ------------------------------------------------------------------------- state
 
     def state_dict(self) -> dict:
-        """Everything but the weights that a resumed run needs to continue bit-identically."""
+        """What a resumed run needs besides weights, optimizer state and RNG (the checkpointer's)."""
         return {"step": self.step, "tokens": self.tokens, "sequences": self.sequences,
-                "optimizer": self.parallel.optimizer_state(self.stepper, self.optimizer),
-                "torch_rng": torch.get_rng_state(), "log_window": self.window.state_dict(),
-                "skipped_steps": self.guard.skipped}
+                "log_window": self.window.state_dict(), "skipped_steps": self.guard.skipped}
 
-    def load_state_dict(self, state: dict, weights: dict) -> None:
-        weights = self.training_weights(weights, state)
-        self.parallel.load_state(self.stepper, self.optimizer, weights, state["optimizer"])
-        torch.set_rng_state(state["torch_rng"])
+    def load_state_dict(self, state: dict) -> None:
         self.step, self.tokens, self.sequences = state["step"], state["tokens"], state["sequences"]
         self.window = LogWindow(state.get("log_window"))
         self.guard.skipped = state.get("skipped_steps", 0)
 
     def export_factors(self) -> dict[str, float]:
-        """Weights folded on saving, so the saved model is a plain HF one (`distillab.models.query_norm_factors`)."""
+        """Weights folded into the HF model written (final/, `distillab export`), so it is a plain HF one
+        (`distillab.models.query_norm_factors`); step checkpoints hold the weights as trained."""
         return query_norm_factors(self.model, self.config.model.parametrisation)
-
-    def training_weights(self, saved: dict, state: dict) -> dict:
-        """The weights as trained from a checkpoint's saved (folded) ones: the unfolded tensors kept in
-        its trainer state (exact), else the saved ones divided by their factors."""
-        factors = self.export_factors()
-        raw = state.get("unfolded_weights") or {}
-        return {name: raw[name] if name in raw else tensor / factors[name] if name in factors else tensor
-                for name, tensor in saved.items()}
-
-    def saved_weights(self, weights: dict | None) -> tuple[dict | None, dict]:
-        """(weights to save, the unfolded ones a resume needs back exactly)."""
-        factors = self.export_factors()
-        if weights is None or not factors:
-            return weights, {}
-        return exported_weights(weights, factors), {name: weights[name] for name in factors}
 
     def meta(self) -> dict:
         """What produced a checkpoint: written into its distillab.json."""
@@ -279,21 +261,23 @@ class Trainer:
             self.start_eval = self.evaluate()
             self.log("sft: before fine-tuning: " + ", ".join(f"{name} loss {r['loss']:.4f}"
                                                              for name, r in self.start_eval.items()))
-        found = latest_verified(run.checkpoints, log=self.log)
+        found = self.checkpointer.latest(run.checkpoints, log=self.log)
         if found is not None:
             step, source = found
-            self.load_from(source)
+            self.load_from(source, verified=True)
             self.log(f"train: resuming {run.path} from step {self.step} ({self.tokens:,} tokens)")
         elif self.config.train.branch_from:
             source = Path(self.config.train.branch_from)
             self.load_from(source, branch=True)
             self.log(f"train: branching from {source} at step {self.step} (this run's decay starts there)")
 
-    def load_from(self, source: Path, branch: bool = False) -> None:
-        """Load a checkpoint after checking it belongs to this run's trajectory."""
+    def load_from(self, source: Path, branch: bool = False, verified: bool = False) -> None:
+        """Load a checkpoint (on every process, into this run's layout) after checking it belongs to
+        this run's trajectory."""
         key = "train.branch_from" if branch else "run_dir"
         try:
-            verify_checkpoint(source)
+            if not verified:
+                self.checkpointer.verify(source)
         except CheckpointError as exc:
             raise ConfigError(key, str(exc)) from None
         meta = read_meta(source)
@@ -306,7 +290,8 @@ class Trainer:
             raise ConfigError("train.branch_from", f"{source} is at step {state['step']} but this run's decay starts at "
                                                    f"step {self.plan.decay_start}; keep the trunk's checkpoint at that "
                                                    "step (train.keep_steps)")
-        self.load_state_dict(state, load_weights(source, self.parallel.device))
+        self.checkpointer.load(source, self.stepper, self.optimizer, state, self.export_factors())
+        self.load_state_dict(state)
 
     # ------------------------------------------------------------------------- one step
 
@@ -347,17 +332,14 @@ class Trainer:
         return self.last_eval
 
     def save_checkpoint(self, run: RunDirectory) -> None:
-        """A resumable checkpoint of this step (weights checked finite, and not collapsed, first)."""
+        """A resumable checkpoint of this step, each process writing its shards (weights checked finite,
+        and not collapsed, first)."""
         NonFiniteGuard.check_weights(self.step, self.model, "checkpoint")
         self.check_not_collapsed("checkpoint")
         t = self.config.train
-        weights, unfolded = self.saved_weights(self.parallel.model_state(self.stepper))
-        state = {**self.state_dict(), **({"unfolded_weights": unfolded} if unfolded else {})}
-        if self.parallel.is_main:
-            save_checkpoint(step_dir(run.checkpoints, self.step), self.model, self.data.tokenizer, self.meta(), state,
-                            state_dict=weights)
-            prune_checkpoints(run.checkpoints, t.keep_checkpoints, protected=t.keep_steps)
-        self.parallel.barrier()
+        self.checkpointer.save(step_dir(run.checkpoints, self.step), self.stepper, self.optimizer, self.state_dict(),
+                               self.model, self.data.tokenizer, self.meta(),
+                               then=lambda: prune_checkpoints(run.checkpoints, t.keep_checkpoints, t.keep_steps))
 
     # ------------------------------------------------------------------------- the loop
 
@@ -402,10 +384,8 @@ class Trainer:
                 self.check_not_collapsed("evaluation")
                 row.update({f"eval/{name}/{k}": r[k] for name, r in self.evaluate().items() for k in ("loss", "ppl")})
             metrics.write(row)
-            if do_eval and self.parallel.is_main:
-                self.check_not_diverged(final=False)
             if do_eval:
-                self.parallel.barrier()
+                self.agree_not_diverged(final=False)
         if is_last:
             return False
         requested = self.parallel.all_reduce_sum([1.0 if stop.requested else 0.0])[0] > 0
@@ -413,6 +393,7 @@ class Trainer:
         if self.step % t.checkpoint_every == 0 or stop_now or self.step in t.keep_steps:
             self.save_checkpoint(run)
         if stop_now:
+            self.checkpointer.wait()
             reason = "SIGTERM" if requested else f"stop_after_steps={stop_after_steps}"
             self.log(f"train: stopped at step {self.step} ({reason}); run again to resume")
         return stop_now
@@ -432,10 +413,10 @@ class Trainer:
         """The final model and summary, once the weights and the held-out loss pass their checks."""
         NonFiniteGuard.check_weights(self.step, self.model, "final model")
         self.check_not_collapsed("final model")
-        weights, _ = self.saved_weights(self.parallel.model_state(self.stepper))
+        self.checkpointer.wait()
+        self.agree_not_diverged(final=True)
+        self.checkpointer.write_final(run.final, self.model, self.data.tokenizer, self.meta(), self.export_factors())
         if self.parallel.is_main:
-            self.check_not_diverged(final=True)
-            save_checkpoint(run.final, self.model, self.data.tokenizer, self.meta(), state_dict=weights)
             run.write_summary(self.summary())
             prune_checkpoints(run.checkpoints, self.config.train.keep_checkpoints, self.config.train.keep_steps)
         self.parallel.barrier()
@@ -443,6 +424,18 @@ class Trainer:
         self.log(f"train: {self.config.name} done: {self.step} steps, {self.tokens:,} tokens; {evals}; "
                  f"model in {run.final}")
         return TrainResult(run.path, run.final, self.step, self.tokens, self.last_eval, True)
+
+    def agree_not_diverged(self, final: bool) -> None:
+        """`check_not_diverged` on the main process (which holds the evaluation), its verdict on all."""
+        error = None
+        if self.parallel.is_main:
+            try:
+                self.check_not_diverged(final)
+            except NonFiniteError as exc:
+                error = str(exc)
+        error = self.parallel.broadcast_object(error)
+        if error is not None:
+            raise NonFiniteError(error)
 
     def check_not_diverged(self, final: bool) -> None:
         """A held-out loss 1 nat worse than guessing uniformly is a diverged run (weights blown up),
