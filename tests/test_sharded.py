@@ -122,6 +122,15 @@ def test_streamed_export_loads_with_from_pretrained_and_the_same_logits(tmp_path
     with torch.no_grad():
         assert torch.equal(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
     assert (tmp_path / "hf" / "manifest.json").is_file() and (tmp_path / "hf" / "tokenizer.json").is_file()
+    # as a user generating from it expects: the KV cache on, the tokenizer's limit the model's 32 positions
+    from transformers import AutoTokenizer
+
+    assert loaded.config.use_cache is True
+    assert AutoTokenizer.from_pretrained(str(tmp_path / "hf")).model_max_length == 32
+    with torch.no_grad():
+        cached = loaded.generate(ids[:, :8], max_new_tokens=12, do_sample=False, pad_token_id=0)
+        uncached = loaded.generate(ids[:, :8], max_new_tokens=12, do_sample=False, pad_token_id=0, use_cache=False)
+    assert torch.equal(cached, uncached) and cached.shape == (2, 20)
 
 
 # --------------------------------------------------------------------------- checkpoints of the older format

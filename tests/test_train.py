@@ -87,6 +87,8 @@ def test_teacher_then_student_end_to_end(tmp_path, cache_dir):
 
     # the checkpoint is a plain HF model: load it and recompute the held-out loss independently
     model = AutoModelForCausalLM.from_pretrained(str(student.final_dir)).eval()
+    saved_tokenizer = json.loads((student.final_dir / "tokenizer_config.json").read_text())
+    assert model.config.use_cache is True and saved_tokenizer["model_max_length"] == 32  # as generation expects
     manifest_dir = Path(json.loads((student.final_dir / "distillab.json").read_text())["data_dir"])
     meta = json.loads((manifest_dir / "manifest.json").read_text())
     tokens = np.memmap(manifest_dir / "validation.bin", dtype=meta["dtype"], mode="r")

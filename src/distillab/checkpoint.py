@@ -57,12 +57,30 @@ def save_checkpoint(target: Path, model, tokenizer, meta: dict, trainer_state: d
 
 
 def write_checkpoint_files(tmp: Path, tokenizer, meta: dict, trainer_state: dict | None = None) -> None:
-    """The files beside the weights: tokenizer (if any), distillab.json, and a step checkpoint's trainer state."""
+    """The files beside the weights: tokenizer (if any), distillab.json, and a step checkpoint's trainer state.
+    An HF model directory is left as `from_pretrained` users expect it (`generation_ready`)."""
     if tokenizer is not None:
         tokenizer.save_pretrained(str(tmp))
+    generation_ready(Path(tmp))
     if trainer_state is not None:
         torch.save(trainer_state, tmp / TRAINER_STATE)
     (tmp / META).write_text(json.dumps(meta, indent=2, default=str) + "\n")
+
+
+def generation_ready(directory: Path) -> None:
+    """An HF model directory's saved settings as a user generating from it expects: `use_cache: true` in
+    config.json (training builds models with it off), and the tokenizer's `model_max_length` the
+    model's positions (distillab's tokenizers carry no limit, since it cuts windows itself)."""
+    config_file, tokenizer_file = directory / "config.json", directory / "tokenizer_config.json"
+    if not config_file.is_file():
+        return
+    config = json.loads(config_file.read_text())
+    config["use_cache"] = True
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    if tokenizer_file.is_file() and config.get("max_position_embeddings"):
+        settings = json.loads(tokenizer_file.read_text())
+        settings["model_max_length"] = int(config["max_position_embeddings"])
+        tokenizer_file.write_text(json.dumps(settings, indent=2, ensure_ascii=False) + "\n")
 
 
 def write_manifest(tmp: Path, hashes: dict[str, str] | None = None) -> None:

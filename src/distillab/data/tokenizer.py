@@ -41,7 +41,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int, out_dir
         bos_token=END_OF_TEXT,
         pad_token=END_OF_TEXT,
         unk_token=None,
-        model_max_length=1_000_000_000,
+        model_max_length=NO_LENGTH_LIMIT,
     )
     out_dir.mkdir(parents=True, exist_ok=True)
     fast.save_pretrained(str(out_dir))
@@ -56,6 +56,8 @@ LOADED_TOKENIZERS: dict[str, object] = {}
 # fingerprints by Rust tokenizer object (with its size, as a check): computing one takes ~0.4 s at 128k
 FINGERPRINTS: dict[int, tuple] = {}
 
+
+NO_LENGTH_LIMIT = 1_000_000_000  # a tokenizer's model_max_length inside distillab: none
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "added_tokens.json")
@@ -101,6 +103,9 @@ def parse_tokenizer(path: str | Path):
         raise DataError(f"{path}: distillab needs a fast (Rust) HF tokenizer (tokenizer.json)")
     if tokenizer.eos_token_id is None:
         raise DataError(f"{path}: the tokenizer defines no end-of-text (eos) token")
+    # distillab tokenizes whole documents and cuts its own windows; a saved limit (a checkpoint's
+    # positions, for users who generate) would only warn about every long document
+    tokenizer.model_max_length = NO_LENGTH_LIMIT
     return tokenizer
 
 

