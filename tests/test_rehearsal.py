@@ -13,10 +13,12 @@ import pytest
 import yaml
 
 from distillab.config import config_from_dict, read_yaml_mapping
+from distillab.errors import DistillabError
 from distillab.models import LADDER
 from distillab.sweep import load_grid, plan
 from distillab.sweep.plan import cache_plan
-from distillab.sweep.rehearse import grid_models, rehearsal_tokenizer, rehearse, twin_model
+from conftest import tiny_run
+from distillab.sweep.rehearse import Gang, grid_models, rehearsal_tokenizer, rehearse, twin_model
 
 PRESETS = Path(__file__).resolve().parents[1] / "configs" / "paper"
 
@@ -73,6 +75,36 @@ def test_rehearsal_tokenizer_has_the_presets_vocabulary(cache_dir):
     assert max(ids) < 1024 and tokenizer.decode(ids) == "def rehearse(x):\n    return x + 1"
 
 
+@pytest.mark.slow
+def test_the_gang_outlasts_its_timeout_between_runs(tmp_path, cache_dir):
+    """Rank 0 works alone between runs (evaluation, the SFT stage, a machine asleep) for longer than
+    the group's collective timeout: the other rank still trains the next run with it, and each run
+    equals the same run on one process."""
+    import time
+
+    from distillab.train import train
+
+    gang = Gang(2, timeout_s=20)  # long enough for the second process to start and join
+    try:
+        finals = []
+        for name in ("first", "second"):
+            time.sleep(25 * len(finals))  # the second run starts after the group's timeout
+            finals.append(gang.train(tiny_run(tmp_path, cache_dir, name, train={
+                "processes": 2, "parallel": "ddp", "batch_size": 2, "threads": 1, "token_budget": 4 * 4 * 32})))
+        # a member gone: the next run stops at once with one line (not after the group's timeout)
+        gang.members[0].kill()
+        gang.members[0].join()
+        with pytest.raises(DistillabError, match="rank 1 exited .*run the rehearsal again"):
+            gang.train(tiny_run(tmp_path, cache_dir, "third", train={"processes": 2, "parallel": "ddp"}))
+    finally:
+        gang.close()
+    alone = train(config_from_dict(tiny_run(tmp_path, cache_dir, "alone", train={
+        "batch_size": 4, "threads": 1, "token_budget": 4 * 4 * 32})), log=lambda *a: None).final_dir
+    losses = [[json.loads(line)["loss"] for line in (f.parent / "metrics.jsonl").read_text().splitlines()]
+              for f in (*finals, alone)]
+    assert losses[0] == losses[1] and losses[0] == pytest.approx(losses[2], rel=1e-4)
+
+
 def test_rehearse_a_llama_preset(tmp_path, cache_dir):
     grid = PRESETS / "label_smoothing.yaml"
     check_rehearsal(rehearse(grid, tmp_path / "rehearsal", log=lambda *a: None), grid, tmp_path / "rehearsal")
@@ -96,5 +128,8 @@ def test_rehearse_a_slice_of_the_qwen3_preset(tmp_path, cache_dir):
 @pytest.mark.presets
 @pytest.mark.parametrize("name", sorted(p.stem for p in PRESETS.glob("*.yaml")))
 def test_rehearse_every_paper_preset(name, tmp_path, cache_dir):
+    import shutil
+
     grid = PRESETS / f"{name}.yaml"
     check_rehearsal(rehearse(grid, tmp_path / "rehearsal", log=lambda *a: None), grid, tmp_path / "rehearsal")
+    shutil.rmtree(tmp_path / "rehearsal")  # passed: its checkpoints (ablate2's: 11 GB) need not wait for the session

@@ -684,6 +684,32 @@ def test_a_full_disk_while_writing_a_checkpoint_is_one_line_and_keeps_nothing_pa
         assert temporary_leftovers(disk) == [] and not (disk / "run" / "final").exists()
 
 
+@pytest.mark.parametrize("form", ["atomic directory", "sharded writes"])
+def test_a_full_disk_is_named_though_removing_the_partial_files_frees_it(tmp_path, monkeypatch, form):
+    """A writer that hides the errno (torch.save's "unexpected pos", as DCP raised it when a preset's
+    rehearsal filled this machine's disk) is judged while its partial files still fill the disk:
+    removing them frees more than the nearly-full mark, which must not turn the one line into a traceback."""
+    import collections
+
+    from distillab import files
+    from distillab.artefact import AtomicDirectory, removed_on_failure
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(files.shutil, "disk_usage", lambda place: usage(1 << 40, 0, 0 if temporary_leftovers(
+        tmp_path) else 1 << 36))  # full while the partial files exist, 64 GiB free once they are gone
+    target = tmp_path / "checkpoint"
+    with pytest.raises(StorageError, match="no space left on device while writing a checkpoint") as caught:
+        if form == "atomic directory":
+            with AtomicDirectory(target, "a checkpoint", "choose another run_dir") as tmp:
+                (tmp / "shard").write_bytes(b"partial")
+                raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+        directory = AtomicDirectory(target, "a checkpoint", "choose another run_dir")
+        with removed_on_failure(directory, target, "a checkpoint", "choose another run_dir"):
+            (directory.path / "shard").write_bytes(b"partial")
+            raise RuntimeError("CheckpointException ranks:dict_keys([0])\n... unexpected pos 704 vs 598")
+    assert "\n" not in str(caught.value) and temporary_leftovers(tmp_path) == [] and not target.exists()
+
+
 def test_a_full_data_cache_is_one_line_and_leaves_nothing(tmp_path, cache_dir):
     from distillab.data.shards import prepare_data
 

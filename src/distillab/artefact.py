@@ -83,8 +83,9 @@ class AtomicDirectory:
         if kind is None:
             self.commit()
             return False
-        self.abort()
+        # judged before the partial files go: they may be what filled the disk
         error = storage_error(value, self.final.parent, self.what, self.advice)
+        self.abort()
         if error is not None:
             raise error from None
         return False
@@ -98,9 +99,10 @@ def removed_on_failure(directory: AtomicDirectory | None, target: Path, what: st
     try:
         yield
     except BaseException as exc:
+        # judged before the partial files go: they may be what filled the disk
+        error = storage_error(exc, Path(target).parent, what, advice)
         if directory is not None:
             directory.abort()
-        error = storage_error(exc, Path(target).parent, what, advice)
         if error is not None:
             raise error from None
         raise

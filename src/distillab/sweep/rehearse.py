@@ -43,6 +43,7 @@ from pathlib import Path
 from distillab.artefact import AtomicDirectory, entry_lock
 from distillab.config import CorpusConfig, load_config
 from distillab.data.sources import corpus_identity, iter_documents
+from distillab.data.tokenizer import NO_LENGTH_LIMIT
 from distillab.errors import ConfigError, DistillabError
 from distillab.evaluate.sets import PAPER_OOD
 from distillab.files import default_cache_dir, stable_hash
@@ -102,7 +103,7 @@ def build_tokenizer(vocab_size: int, texts, out: Path) -> None:
     state["added_tokens"] = [{"id": first_special + j, "content": text, "single_word": False, "lstrip": False,
                               "rstrip": False, "normalized": False, "special": True} for j, text in enumerate(specials)]
     fast = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(state)),
-                                   bos_token=specials[0], eos_token=specials[1], model_max_length=1_000_000_000)
+                                   bos_token=specials[0], eos_token=specials[1], model_max_length=NO_LENGTH_LIMIT)
     if len(fast) != vocab_size:
         raise DistillabError(f"rehearsal tokenizer: built {len(fast)} ids, wanted {vocab_size}")
     fast.save_pretrained(str(out))
@@ -297,8 +298,9 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def gang_member(rank: int, world: int, port: int, environment: dict, timeout_s: float) -> None:
-    """Ranks 1.. of a gang: train every launch file rank 0 broadcasts, until it sends None."""
+def gang_member(rank: int, world: int, port: int, environment: dict, timeout_s: float, launches) -> None:
+    """Ranks 1.. of a gang: train every launch file rank 0 sends on `launches`, until it sends None
+    (or rank 0's process is gone)."""
     import datetime
 
     import torch.distributed as dist
@@ -309,22 +311,34 @@ def gang_member(rank: int, world: int, port: int, environment: dict, timeout_s: 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=timeout_s))
     os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank))
-    while True:
-        message = [None]
-        dist.broadcast_object_list(message, src=0)
-        if message[0] is None:
-            break
+    while (launch := next_launch(launches)) is not None:
         try:
-            train(load_config(message[0]), log=lambda *args, **kwargs: None)
+            train(load_config(launch), log=lambda *args, **kwargs: None)
         except Exception:  # rank 0 runs the same code and reports the error
             pass
     dist.destroy_process_group()
 
 
+def next_launch(launches) -> str | None:
+    """The next launch file rank 0 sends, however long rank 0 works alone in between (evaluation, the
+    SFT stage, a machine asleep): the wait is outside the process group, whose collectives time out;
+    None when rank 0 says so or its process is gone."""
+    import multiprocessing
+    import queue
+
+    while True:
+        try:
+            return launches.get(timeout=5)
+        except queue.Empty:
+            if not multiprocessing.parent_process().is_alive():
+                return None
+
+
 class Gang:
     """`world` processes with a gloo process group, started once: this process is rank 0, the others
     wait for launch files. `train(config_values)` is what `torchrun` is to a real launch: every rank
-    loads the run's launch file and calls `distillab.train.train`."""
+    loads the run's launch file and calls `distillab.train.train`. The launch files travel outside
+    the group (a queue per member), so only training itself is under the group's timeout."""
 
     def __init__(self, world: int = 2, timeout_s: float = 600.0):
         import datetime
@@ -336,8 +350,9 @@ class Gang:
         environment = {k: os.environ[k] for k in ("DISTILLAB_CACHE", "DISTILLAB_PROGRESS", HEAD_FUSION_ENV)
                        if k in os.environ}
         context = multiprocessing.get_context("spawn")
-        self.members = [context.Process(target=gang_member, args=(rank, world, port, environment, timeout_s),
-                                        daemon=True) for rank in range(1, world)]
+        self.launches = [context.Queue() for _ in range(1, world)]
+        self.members = [context.Process(target=gang_member, args=(rank, world, port, environment, timeout_s, launches),
+                                        daemon=True) for rank, launches in zip(range(1, world), self.launches)]
         for member in self.members:
             member.start()
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=world,
@@ -345,16 +360,20 @@ class Gang:
 
     def train(self, config_values: dict) -> Path:
         """Train one run on every rank (its launch file written as `train_with_torchrun` writes it)."""
-        import torch.distributed as dist
         import yaml
 
         from distillab.train import train
 
+        gone = [(rank, member.exitcode) for rank, member in enumerate(self.members, 1) if not member.is_alive()]
+        if gone:  # its collectives would only time out, run after run
+            raise DistillabError(f"rehearsal: the gang's rank {gone[0][0]} exited (code {gone[0][1]}); the runs left "
+                                 "cannot train on its processes: run the rehearsal again (finished runs are kept)")
         layout = RunLayout(config_values["run_dir"])
         layout.path.mkdir(parents=True, exist_ok=True)
         launch = layout.launch
         launch.write_text(yaml.safe_dump(config_values, sort_keys=False))
-        dist.broadcast_object_list([str(launch)], src=0)
+        for launches in self.launches:
+            launches.put(str(launch))
         saved = {k: os.environ.get(k) for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
         os.environ.update(WORLD_SIZE=str(self.world), RANK="0", LOCAL_RANK="0")
         try:
@@ -365,11 +384,10 @@ class Gang:
     def close(self) -> None:
         import torch.distributed as dist
 
+        for launches in self.launches:
+            launches.put(None)
         if dist.is_initialized():
-            try:
-                dist.broadcast_object_list([None], src=0)
-            finally:  # a failed broadcast must not leave this process inside the gang's group
-                dist.destroy_process_group()
+            dist.destroy_process_group()
         for member in self.members:
             member.join(timeout=60)
 
