@@ -194,7 +194,8 @@ def test_quick_demo_runs_the_pipeline_adds_seeds_and_reports_every_section(tmp_p
     table = (out / "results.csv").read_text()
     again = run_demo("quick", out_dir=tmp_path, log=lambda *args: None)
     assert again["verdicts"] == result["verdicts"] and (out / "results.csv").read_text() == table
-    assert json.loads((out / "demo_state.json").read_text())["invocations"] == 2
+    state = json.loads((out / "demo_state.json").read_text())
+    assert state["invocations"] == 2 and state["rounds"] == result["rounds"]  # the rerun trained no round
 
 
 def test_an_opt_in_time_cap_is_labelled_machine_dependent():

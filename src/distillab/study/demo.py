@@ -371,7 +371,9 @@ class DemoState:
 
 
 def read_state(path: Path) -> DemoState:
-    return DemoState(**json.loads(path.read_text())) if path.exists() else DemoState()
+    state = DemoState(**json.loads(path.read_text())) if path.exists() else DemoState()
+    state.rounds = [r for r in state.rounds if r["runs"]]  # earlier versions recorded a finished demo's re-runs
+    return state
 
 
 @dataclass
@@ -449,8 +451,9 @@ def rounds(study: Study, sweep_dir: Path, state: DemoState, study_plan: StudyPla
         if any(v != "done" for v in status.values()):
             return status
         members, still_open = requested_members(sweep_dir, study)
-        state.rounds.append({"runs": len(status) - len(done), "seconds": time.perf_counter() - round_start,
-                             "open": sorted(set(still_open))})
+        if len(status) > len(done):  # a finished demo invoked again trains nothing and adds no round
+            state.rounds.append({"runs": len(status) - len(done), "seconds": time.perf_counter() - round_start,
+                                 "open": sorted(set(still_open))})
         new = [m for m in members if m not in state.members]
         if not new:
             state.stop = stop_reason(study, still_open)
@@ -505,8 +508,9 @@ def about_lines(study: Study, size: str, workers: int, outcome: StudyOutcome, ma
         f"{study.vocab:,}) is trained on the in-domain training split only, so OOD text is cut into more, rarer "
         "tokens: losses across sets are not comparable, and on Python source every model is poor and noisy.",
         f"OOD sets: {', '.join(s for s in study.sets if s != 'validation')}. Downstream: {', '.join(study.tasks)} "
-        f"through lm-evaluation-harness, first {study.limit} items of each validation set (models of this size "
-        "score near chance).",
+        f"through lm-evaluation-harness at the models' {study.seq_len} positions, first {study.limit} items of each "
+        f"validation set less those an answer of which alone takes {study.seq_len} tokens or more (left out; each "
+        "eval.json counts them); models of this size score near chance.",
     ]
     if state.capped:
         lines.insert(0, f"**Machine-dependent result**: stopped by the opt-in time cap of {state.time_cap_minutes:g} "
