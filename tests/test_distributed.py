@@ -63,13 +63,27 @@ def test_sweep_launches_multi_process_runs_with_torchrun(tmp_path, cache_dir):
         "students": {"models": ["cpu-0.1m"], "tokens": [256], "seeds": [43]},
         "kd": {"alpha": [0.5]},
         "eval": {"sets": ["validation"], "max_windows": 4},
+        # fine-tuned on each run's 2 processes too (`distillab sft` under torchrun), 2 sequences a step
+        "sft": {"data": {"corpus": {"source": "files", "paths": [str(tmp_path / "sums.jsonl")]},
+                         "validation_fraction": 0.25},
+                "train": {"batch_size": 2, "seq_len": 32, "log_every": 1, "checkpoint_every": 2},
+                "sft": {"steps": 2, "chat_template": str(tmp_path / "short.jinja")}},
     }
+    (tmp_path / "sums.jsonl").write_text("".join(json.dumps({"messages": [
+        {"role": "user", "content": f"{a}+{b}"}, {"role": "assistant", "content": f"{a + b}"}]}) + "\n"
+        for a in range(4) for b in range(4)))
+    (tmp_path / "short.jinja").write_text(  # the models know 32 positions
+        "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'assistant' %}={% generation %}{{ m['content'] }}"
+        "{{ eos_token }}{% endgeneration %}{% else %}{{ m['content'] }}{% endif %}{% endfor %}")
     path = tmp_path / "grid.yaml"
     path.write_text(yaml.safe_dump(grid))
     status = run_sweep(load_grid(path), tmp_path / "sweep", log=lambda *a: None)
     assert all(s == "done" for s in status.values()), status
     launched = list((tmp_path / "sweep" / "runs").glob("*/launch.yaml"))
     assert len(launched) == 3
+    stages = [yaml.safe_load(p.read_text())["train"] for p in (tmp_path / "sweep" / "runs").glob("*/sft-*/launch.yaml")]
+    assert [(t["processes"], t["batch_size"], t["grad_accum"]) for t in stages] == [(2, 1, 1)] * 3
+    assert len(list((tmp_path / "sweep" / "runs").glob("*/sft-*/final/eval.json"))) == 3
     # the 2-process student matches the same run trained in one process with twice the batch
     from distillab.sweep import plan
 

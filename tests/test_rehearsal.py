@@ -43,8 +43,10 @@ def check_rehearsal(result: dict, grid: Path, out: Path) -> None:
             assert (run_dir / "launch.yaml").exists()
         rows = json.loads((run_dir / "final" / "config.json").read_text())["vocab_size"]
         assert rows == LADDER[run["info"]["model"]].rows(128_256)  # 151,936 for Qwen3 rungs
-        if values.get("sft"):
+        if values.get("sft"):  # fine-tuned on the run's own processes, as the full-size stage would be
             assert list(run_dir.glob("sft-*/final/eval.json")), run["id"]
+            sft_run = config_from_dict(read_yaml_mapping(next(run_dir.glob("sft-*/config.yaml"))))
+            assert (sft_run.train.processes, sft_run.train.parallel) == (config.train.processes, config.train.parallel)
         if values.get("eval", {}).get("analysis") and run["role"] == "student":
             assert (out / "runs" / run["id"] / "analysis" / "analysis.json").exists()
     assert (out / "report.md").exists()

@@ -371,3 +371,45 @@ def test_a_grids_sft_stage_is_checked_when_it_loads():
         with pytest.raises(ConfigError) as error:
             grid_from_dict({**grid, "sft": stage})
         assert error.value.key == key
+
+
+def test_a_runs_sft_stage_is_spread_as_the_run_with_the_stages_global_batch(tmp_path):
+    """A sweep fine-tunes each run on the run's own processes and parallelism (the stage's batch,
+    written for one process, kept as the global batch), so the paper's 8B student, which needs
+    FSDP over 8 GPUs to pretrain, is not fine-tuned on one: the plan says both fit or not."""
+    import itertools
+
+    from distillab.gpus import gpu
+    from distillab.memory import run_memory_plan
+    from distillab.sweep import load_grid, plan
+    from distillab.sweep.grid import sft_stage_values
+    from distillab.sweep.plan import sft_settings
+
+    run = {"run_dir": str(tmp_path / "runs" / "abc"),
+           "train": {"processes": 8, "nodes": 2, "parallel": "fsdp", "activation_checkpointing": True, "lr": 1.0}}
+    values = sft_stage_values({"train": {"batch_size": 8, "grad_accum": 8}, "sft": {"steps": 4}}, run)
+    assert {k: values["train"][k] for k in ("processes", "nodes", "parallel", "batch_size", "grad_accum", "lr")} == \
+        {"processes": 8, "nodes": 2, "parallel": "fsdp", "batch_size": 8, "grad_accum": 1, "lr": 1e-5}
+    assert values["sft"]["init_from"] == str(tmp_path / "runs" / "abc" / "final")
+    assert sft_config(values).train.processes == 8  # a launch file of them reads back as the same run
+    for batch, accum, processes in itertools.product((1, 2, 3, 6, 8), (1, 2, 4, 6), (1, 2, 3, 4, 8)):
+        stage = {"train": {"batch_size": batch, "grad_accum": accum}}
+        if batch * accum % processes:
+            with pytest.raises(ConfigError, match="sft.train.grad_accum.*multiple of"):
+                sft_stage_values(stage, {"run_dir": "r", "train": {"processes": processes}})
+            continue
+        t = sft_stage_values(stage, {"run_dir": "r", "train": {"processes": processes}})["train"]
+        assert t.get("batch_size", batch) * t.get("grad_accum", accum) * processes == batch * accum
+        assert t.get("batch_size", batch) <= batch
+    own = sft_stage_values({"train": {"processes": 1}}, run)["train"]
+    assert own["processes"] == 1 and own["parallel"] == "fsdp"  # the stage's own value wins
+
+    spec = load_grid(Path(__file__).resolve().parents[1] / "configs" / "paper" / "exp1_expand.yaml")
+    eight_b = next(r for r in plan(spec, tmp_path / "sweep") if r.info["model"] == "llama-8b")
+    h100 = gpu("h100-80gb")
+    spread = sft_settings(eight_b, spec.sft)
+    assert (spread.train.processes, spread.train.parallel) == (8, "fsdp")
+    assert spread.train.batch_size * spread.train.grad_accum * 8 == 64
+    assert run_memory_plan(spread, None, h100).fits
+    alone = sft_settings(eight_b, {**spec.sft, "train": {**spec.sft["train"], "processes": 1}})
+    assert not run_memory_plan(alone, None, h100).fits

@@ -77,7 +77,17 @@ def safe_exp(loss: float) -> float:
     return math.exp(loss) if loss < 709.0 else math.inf
 
 
-@torch.inference_mode()
+def scoring_mode(model):
+    """inference_mode, but no_grad for an FSDP model: these also score a sharded model while it
+    trains, and one whose first forward runs in inference mode keeps inference tensors as the
+    buffers it gathers its parameters into, which its next training step may not write (an SFT run
+    scores its start first). (A DDP model scored on one rank needs inference mode: under no_grad
+    its forward would broadcast its buffers to ranks that are not scoring.)"""
+    from torch.distributed.fsdp import FSDPModule
+
+    return torch.no_grad() if isinstance(model, FSDPModule) else torch.inference_mode()
+
+
 def perplexity(model, tokens: np.ndarray, seq_len: int, max_windows: int | None = 64, batch_size: int = 8,
                device: torch.device | str = "cpu", vocab_size: int | None = None, desc: str = "eval",
                starts: np.ndarray | None = None) -> dict:
@@ -89,14 +99,15 @@ def perplexity(model, tokens: np.ndarray, seq_len: int, max_windows: int | None 
     total_nll = 0.0
     total_tokens = 0
     batches = [starts[i : i + batch_size] for i in range(0, len(starts), batch_size)]
-    for batch_starts in progress(batches, desc=desc, unit="batch"):
-        window = stack_windows(tokens, batch_starts, seq_len + 1).to(device)
-        logits = model(input_ids=window[:, :-1], use_cache=False).logits
-        if limit is not None:
-            logits = logits[..., :limit]
-        nll = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), window[:, 1:].reshape(-1), reduction="sum")
-        total_nll += float(nll)
-        total_tokens += window[:, 1:].numel()
+    with scoring_mode(model):
+        for batch_starts in progress(batches, desc=desc, unit="batch"):
+            window = stack_windows(tokens, batch_starts, seq_len + 1).to(device)
+            logits = model(input_ids=window[:, :-1], use_cache=False).logits
+            if limit is not None:
+                logits = logits[..., :limit]
+            targets = window[:, 1:].reshape(-1)
+            total_nll += float(F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets, reduction="sum"))
+            total_tokens += window[:, 1:].numel()
     if was_training:
         model.train()
     loss = total_nll / total_tokens
@@ -104,7 +115,6 @@ def perplexity(model, tokens: np.ndarray, seq_len: int, max_windows: int | None 
             "seq_len": seq_len}
 
 
-@torch.inference_mode()
 def stream_perplexity(model, stream: ShuffledWindows, window_ids: np.ndarray, batch_size: int = 8,
                       device: torch.device | str = "cpu", vocab_size: int | None = None, desc: str = "eval") -> dict:
     """Like `perplexity`, over windows of a training stream as they were trained (their position
@@ -114,14 +124,15 @@ def stream_perplexity(model, stream: ShuffledWindows, window_ids: np.ndarray, ba
     limit = vocab_limit(model, vocab_size)
     total_nll, total_tokens = 0.0, 0
     chunks = [window_ids[i : i + batch_size] for i in range(0, len(window_ids), batch_size)]
-    for ids in progress(chunks, desc=desc, unit="batch"):
-        batch = stream.window(ids).to(device)
-        logits = model(**model_inputs(batch)).logits
-        if limit is not None:
-            logits = logits[..., :limit]
-        total_nll += float(F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), batch.labels.reshape(-1),
-                                           ignore_index=-100, reduction="sum"))
-        total_tokens += batch.targets
+    with scoring_mode(model):
+        for ids in progress(chunks, desc=desc, unit="batch"):
+            batch = stream.window(ids).to(device)
+            logits = model(**model_inputs(batch)).logits
+            if limit is not None:
+                logits = logits[..., :limit]
+            total_nll += float(F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), batch.labels.reshape(-1),
+                                               ignore_index=-100, reduction="sum"))
+            total_tokens += batch.targets
     if was_training:
         model.train()
     loss = total_nll / max(total_tokens, 1)

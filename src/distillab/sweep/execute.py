@@ -33,7 +33,7 @@ from distillab.errors import DataError, DistillabError
 from distillab.files import exclusive_lock, stable_hash, write_json_atomic
 from distillab.layout import RunLayout, SweepLayout
 from distillab.sweep.eta import Clock, minutes
-from distillab.sweep.grid import GridSpec
+from distillab.sweep.grid import GridSpec, sft_stage_values
 from distillab.sweep.plan import Run, compute_summary, plan
 
 
@@ -65,8 +65,6 @@ def execute_run(sweep_dir: str | Path, run_id: str, threads: int | None = None, 
     A run on several processes is launched with torchrun, or with `launcher(config values) -> final
     directory` when given (a rehearsal's processes, started once: `distillab.sweep.rehearse`)."""
     from distillab.capture import capture_for_run
-    from distillab.evaluate.run import evaluate_checkpoint
-    from distillab.train import train
 
     sweep_dir = Path(sweep_dir)
     planned = read_plan(sweep_dir)
@@ -75,25 +73,21 @@ def execute_run(sweep_dir: str | Path, run_id: str, threads: int | None = None, 
     nodes = run["config"].get("train", {}).get("nodes", 1)
     if nodes > 1 and node_placement(nodes)[0] != 0:
         train_with_torchrun(run["config"], run["config"]["train"]["processes"], nodes, run_id)
+        if planned.get("sft"):  # the stage's processes on this node, if it spans nodes too
+            values = sft_stage_values(planned["sft"], run["config"])
+            if values["train"].get("nodes", 1) > 1:
+                train_with_torchrun(values, values["train"]["processes"], values["train"]["nodes"], f"{run_id}-sft",
+                                    verb="sft")
         return {"id": run_id, "status": "node"}
     attempts = read_status(sweep_dir, run_id).get("attempts", 0) + 1
     write_status(sweep_dir, run_id, status="running", attempts=attempts, pid=os.getpid(), error=None)
     try:
         config_values = merge(run["config"], {"train": {"threads": threads}} if threads else {})
-        config = config_from_dict(config_values)
         if run["info"].get("teacher_cache"):
-            capture_for_run(config, run["info"]["teacher_cache"])
-        if config.train.processes > 1 and launcher is not None:
-            final_dir = launcher(config_values)
-        elif config.train.processes > 1 and "WORLD_SIZE" not in os.environ:
-            final_dir = train_with_torchrun(config_values, config.train.processes, config.train.nodes, run_id)
-        else:
-            final_dir = train(config).final_dir
-        evaluate_checkpoint(final_dir, settings["sets"], tasks=settings["tasks"], limit=settings["limit"],
-                            max_windows=settings["max_windows"], seq_len=settings["seq_len"], threads=threads,
-                            batch_size=settings.get("batch_size", 8))
-        if planned.get("sft"):
-            fine_tune(final_dir, config_values, planned["sft"], settings, threads)
+            capture_for_run(config_from_dict(config_values), run["info"]["teacher_cache"])
+        final_dir = launch(config_values, run_id, launcher)
+        sft_final = fine_tune(config_values, planned["sft"], run_id, threads, launcher) if planned.get("sft") else None
+        evaluate_stages(final_dir, sft_final, settings, threads)
     except BaseException as exc:  # recorded, then re-raised for the executor
         write_status(sweep_dir, run_id, status="failed", error=f"{type(exc).__name__}: {first_line(exc)}",
                      traceback=traceback.format_exc()[-4000:])
@@ -107,26 +101,42 @@ def stage_key(stage: dict | None) -> str | None:
     return stable_hash(stage) if stage else None
 
 
-def fine_tune(final_dir: Path, run_config: dict, stage: dict, settings: dict, threads: int | None) -> None:
-    """The SFT stage of one run: `distillab sft` from its final model into its `RunLayout.sft` directory,
-    then evaluated (downstream tasks with the chat template)."""
-    from distillab.evaluate.run import evaluate_checkpoint
-    from distillab.sft import sft_config
+def launch(config_values: dict, run_id: str, launcher=None, verb: str = "train") -> Path:
+    """Train one config (`verb`: train, or sft for an SFT run's values) and return its final directory:
+    on its processes with `launcher` (a rehearsal's gang) or torchrun, or in this process when it
+    has one (or is itself one of a launched run's processes)."""
     from distillab.train import train
 
-    run_dir = Path(run_config["run_dir"])
-    cache = {"data": {"cache_dir": run_config["data"]["cache_dir"]}} if run_config["data"].get("cache_dir") else {}
-    this_run = {"name": f"sft-{run_dir.name}", "run_dir": str(RunLayout(run_dir).sft(stage).path),
-                "sft": {"init_from": str(final_dir)}}
-    values = merge(cache, stage, this_run, {"train": {"threads": threads}} if threads else {})
-    sft_final = train(sft_config(values)).final_dir
-    evaluate_checkpoint(sft_final, settings["sets"], tasks=settings["tasks"], limit=settings["limit"],
-                        max_windows=settings["max_windows"], threads=threads, chat_template=bool(settings["tasks"]),
-                        batch_size=settings.get("batch_size", 8))
+    config = config_from_dict(config_values)
+    if config.train.processes > 1 and launcher is not None:
+        return launcher(config_values)
+    if config.train.processes > 1 and "WORLD_SIZE" not in os.environ:
+        return train_with_torchrun(config_values, config.train.processes, config.train.nodes, run_id, verb=verb)
+    return train(config).final_dir
+
+
+def fine_tune(run_config: dict, stage: dict, run_id: str, threads: int | None = None, launcher=None) -> Path:
+    """The SFT stage of one run: `distillab sft` from its final model into its `RunLayout.sft` directory,
+    on the run's own processes (`sft_stage_values`); returns the fine-tuned model's directory."""
+    values = merge(sft_stage_values(stage, run_config), {"train": {"threads": threads}} if threads else {})
+    return launch(values, f"{run_id}-sft", launcher, verb="sft")
+
+
+def evaluate_stages(final_dir: Path, sft_final: Path | None, settings: dict, threads: int | None) -> None:
+    """Evaluate a run's final model and its fine-tuned one (downstream tasks in the chat template) once
+    every stage has trained: the other nodes of a run over several go on to the SFT stage at once and
+    wait for no evaluation on this one."""
+    from distillab.evaluate.run import evaluate_checkpoint
+
+    common = dict(tasks=settings["tasks"], limit=settings["limit"], max_windows=settings["max_windows"],
+                  threads=threads, batch_size=settings.get("batch_size", 8))
+    evaluate_checkpoint(final_dir, settings["sets"], seq_len=settings["seq_len"], **common)
+    if sft_final is not None:
+        evaluate_checkpoint(sft_final, settings["sets"], chat_template=bool(settings["tasks"]), **common)
 
 
 def torchrun_command(launch: Path, processes: int, nodes: int = 1, node_rank: int = 0, endpoint: str | None = None,
-                     run_id: str = "distillab") -> list[str]:
+                     run_id: str = "distillab", verb: str = "train") -> list[str]:
     """The torchrun command of one node of a run: `--standalone` on one node; on several, this node's
     share of the processes joining the others through a c10d rendezvous at `endpoint`."""
     if nodes == 1:
@@ -134,7 +144,7 @@ def torchrun_command(launch: Path, processes: int, nodes: int = 1, node_rank: in
     else:
         where = ["--nnodes", str(nodes), "--node_rank", str(node_rank), "--nproc_per_node", str(processes // nodes),
                  "--rdzv_backend", "c10d", "--rdzv_endpoint", endpoint, "--rdzv_id", run_id]
-    return [sys.executable, "-m", "torch.distributed.run", *where, "-m", "distillab.cli", "train", str(launch)]
+    return [sys.executable, "-m", "torch.distributed.run", *where, "-m", "distillab.cli", verb, str(launch)]
 
 
 RENDEZVOUS_PORT = 29400
@@ -159,9 +169,11 @@ def node_placement(nodes: int) -> tuple[int, str]:
                          "(host:port of node 0) on every node")
 
 
-def train_with_torchrun(config_values: dict, processes: int, nodes: int = 1, run_id: str = "distillab") -> Path:
-    """Train one run on `processes` data-parallel workers: of this machine (GPUs, or CPU processes), or
-    this node's share of them when the run spans `nodes` nodes."""
+def train_with_torchrun(config_values: dict, processes: int, nodes: int = 1, run_id: str = "distillab",
+                        verb: str = "train") -> Path:
+    """Train one run (`distillab VERB` on its launch file: train, or sft) on `processes` data-parallel
+    workers: of this machine (GPUs, or CPU processes), or this node's share of them when the run
+    spans `nodes` nodes."""
     files = RunLayout(config_values["run_dir"])
     files.path.mkdir(parents=True, exist_ok=True)
     launch = files.launch
@@ -172,7 +184,7 @@ def train_with_torchrun(config_values: dict, processes: int, nodes: int = 1, run
         deadline = time.time() + 600
         while not launch.is_file() and time.time() < deadline:
             time.sleep(1)
-    command = torchrun_command(launch, processes, nodes, node_rank, endpoint, run_id)
+    command = torchrun_command(launch, processes, nodes, node_rank, endpoint, run_id, verb)
     done = subprocess.run(command, capture_output=True, text=True, preexec_fn=die_with_parent)
     sys.stdout.write(done.stdout[-20000:])
     if done.returncode != 0:

@@ -361,6 +361,47 @@ def validate_sft_stage(stage: dict) -> None:
         raise exc.within("sft") from None
 
 
+# what an SFT stage takes from the run it fine-tunes, unless the stage sets it itself: where and
+# how the run is spread (the model that needed 8 GPUs to pretrain needs them to fine-tune)
+RUN_LAYOUT_KEYS = ("processes", "nodes", "parallel", "device", "activation_checkpointing")
+
+
+def sft_stage_values(stage: dict, run_config: dict) -> dict:
+    """The `distillab sft` config values of one run's SFT stage (its defaults merged in, so a launch
+    file of them reads back as the same config): the stage's values, each run's own name, directory
+    and `sft.init_from` (its final model), and the run's layout (`RUN_LAYOUT_KEYS`) where the stage
+    sets none. The stage's batch (`train.batch_size` x `grad_accum`, written for one process) is its
+    global batch: divided among the run's processes, grad_accum first."""
+    from distillab.layout import RunLayout
+    from distillab.sft import SFT_DEFAULTS
+
+    run_dir = RunLayout(run_config["run_dir"])
+    train = run_config.get("train", {})
+    inherited = {k: train[k] for k in RUN_LAYOUT_KEYS if k in train and k not in stage.get("train", {})}
+    cache = run_config.get("data", {}).get("cache_dir")
+    this_run = {"name": f"sft-{run_dir.path.name}", "run_dir": str(run_dir.sft(stage).path),
+                "sft": {"init_from": str(run_dir.final)}, "train": inherited}
+    values = merge(SFT_DEFAULTS, {"data": {"cache_dir": cache}} if cache else {}, stage, this_run)
+    if "processes" in inherited and inherited["processes"] > 1:
+        values["train"].update(divided_batch(sft_config(values).train, inherited["processes"]))
+    return values
+
+
+def divided_batch(train, processes: int) -> dict:
+    """{batch_size, grad_accum} per process that keep `train`'s one-process batch over `processes`."""
+    total = train.batch_size * train.grad_accum
+    if total % processes:
+        raise ConfigError("sft.train.grad_accum", f"the SFT stage's batch ({train.batch_size} x {train.grad_accum} = "
+                                                  f"{total} sequences a step) does not divide among a run's "
+                                                  f"{processes} processes; make it a multiple of {processes}, or set "
+                                                  "sft.train.processes")
+    if train.grad_accum % processes == 0:
+        return {"grad_accum": train.grad_accum // processes}
+    per_process = total // processes
+    batch = max(b for b in range(1, train.batch_size + 1) if per_process % b == 0)
+    return {"batch_size": batch, "grad_accum": per_process // batch}
+
+
 def check_alpha(key: str, alpha: float) -> None:
     """A student's alpha: above 0 (its baseline is added automatically) and a valid kd.alpha."""
     require(alpha > 0, key, f"must be > 0 (baselines are added automatically), got {alpha}")

@@ -15,6 +15,7 @@ that path or hub id.
 from __future__ import annotations
 
 import textwrap
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,8 +27,9 @@ from distillab.gpus import GPU
 from distillab.layout import SweepLayout
 from distillab.memory import refuse_unless_fits, run_memory_plan
 from distillab.models import resolve_spec
+from distillab.sft import sft_config
 from distillab.sweep.caches import assign_caches, format_caches, parse_bytes, teacher_spec
-from distillab.sweep.grid import DEFAULT_MFU, DEVICE_PEAK_FLOPS, GridSpec
+from distillab.sweep.grid import DEFAULT_MFU, DEVICE_PEAK_FLOPS, GridSpec, sft_stage_values
 from distillab.train.schedule import make_plan
 
 ROLE_ORDER = {"teacher": 0, "baseline": 1, "student": 2}
@@ -314,7 +316,20 @@ def plan(spec: GridSpec, sweep_dir: Path, cache_decisions: list[int | None] | No
     planner.baseline_members()
     budget = parse_bytes(spec.cache_disk_budget) if spec.cache_disk_budget is not None else None
     assign_caches(list(planner.runs.values()), planner.sweep_dir, budget, cache_decisions)
+    for run in planner.runs.values():  # a stage that cannot run on a run's processes stops here, not after it
+        sft_settings(run, spec.sft)
     return sorted(planner.runs.values(), key=lambda r: ROLE_ORDER[r.role])
+
+
+def sft_settings(run: Run, stage: dict) -> RunConfig | None:
+    """The checked config of `run`'s SFT stage (None without one), with the run's model and tokenizer
+    where the stage reads them from its final directory (so its memory plan can be made first)."""
+    if not stage:
+        return None
+    values = sft_stage_values(stage, run.config)
+    settings = sft_config(values)
+    data = dataclasses.replace(settings.data, tokenizer=run.settings.data.tokenizer)
+    return dataclasses.replace(settings, model=run.settings.model, data=data)
 
 
 def cache_plan(runs: list[Run]) -> list[int | None]:
@@ -357,6 +372,16 @@ def format_memory(runs: list[Run], gpu: GPU | None, spec: GridSpec | None = None
         lines.append(f"  {what}: {memory.describe()}")
         if not memory.fits and refusal is None:
             refusal = (memory, cfg, teacher, what)
+    for run in runs if spec is not None and spec.sft else ():
+        cfg = sft_settings(run, spec.sft)
+        memory = run_memory_plan(cfg, None, gpu, None, (spec.eval.batch_size, cfg.train.seq_len))
+        if ("sft", run.info["model"], memory.layout) in seen:
+            continue
+        seen.add(("sft", run.info["model"], memory.layout))
+        what = f"the SFT stage of {run.info['model']}"
+        lines.append(f"  {what}: {memory.describe()}")
+        if not memory.fits and refusal is None:
+            refusal = (memory, cfg, None, what)
     print("\n".join(lines))
     if refusal is not None:
         refuse_unless_fits(*refusal)
