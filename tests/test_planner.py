@@ -92,3 +92,12 @@ def test_plan_of_a_paper_preset_from_a_cpu_fit_warns_loudly():
     assert "data differ" in warnings and "student parameters N" in warnings and "α" in warnings
     assert plan_markdown(result).count("WARNING — EXTRAPOLATION") == 1
     assert len([c for c in result["cells"] if "predicted" in c]) == 24
+
+
+def test_plan_from_the_committed_scaling_study_reads_every_size_and_knows_its_data():
+    """`--from docs/results/scaling` stands for its four sizes, and each size's data are told from its
+    scaling.json (the scaling study's own grid at one size is then on the same data: no warning)."""
+    result = plan_grid("scaling:cpu-14k", [RESULTS / "scaling"], replicates=20, seed=0)
+    assert sorted(Path(s).name for s in result["sources"]) == ["cpu-14k", "cpu-27k", "cpu-3.5k", "cpu-7k"]
+    assert not any("cannot be told" in w or "data differ" in w for w in result["warnings"])
+    assert all(c["teacher_measured"] and c["baseline_measured"] for c in result["cells"])

@@ -66,14 +66,34 @@ def source_data(sweep_dir: Path) -> dict | None:
         runs = json.loads(files.plan.read_text()).get("runs", [])
         if runs:
             return data_identity(runs[0]["config"])
-    if files.demo_result.exists():
-        from distillab.study.demo import STUDIES, study_grid
+    from distillab.study.demo import STUDIES, study_grid
 
+    if files.demo_result.exists():
         size = json.loads(files.demo_result.read_text()).get("size")
         if size in STUDIES:
-            base = study_grid(STUDIES[size])["base"]
-            return data_identity(base)
+            return data_identity(study_grid(STUDIES[size])["base"])
+    if files.scaling_result.exists():  # one size of `demo --scaling`: the base study with that student
+        from distillab.study.scaling import scaling_study
+
+        state = json.loads(files.scaling_result.read_text())
+        studies = [scaling_study(state["student"], base) for base in STUDIES]
+        # written before scaling.json named its study: the default demo's, the only base `demo --scaling` had
+        study = next((s for s in studies if s.name == state.get("study", f"{STUDIES['default'].name}-scaling-"
+                                                                         f"{state['student']}")), None)
+        if study is not None:
+            return data_identity(study_grid(study)["base"])
     return None
+
+
+def expand_sources(sources: list[str | Path]) -> list[Path]:
+    """The sweep directories of `--from`: each as given, but a `demo --scaling` output (a directory of
+    one subdirectory per size, each with its scaling.json) stands for its sizes."""
+    out = []
+    for path in map(Path, sources):
+        files = SweepLayout(path)
+        sizes = sorted(p.parent for p in path.glob(f"*/{files.scaling_result.name}"))
+        out += sizes if sizes and not files.plan.exists() and not files.results_csv.exists() else [path]
+    return out
 
 
 def data_identity(config: dict) -> dict:
@@ -405,6 +425,7 @@ def plan_grid(grid: str, sources: list[str | Path], replicates: int = 200, seed:
     if not sources:
         raise DistillabError("plan: give at least one --from SWEEP_DIR to fit the law on")
     spec = load_plan_grid(grid)
+    sources = expand_sources(sources)
     source_rows, identities = [], {}
     for path in sources:
         source_rows += read_rows(Path(path))

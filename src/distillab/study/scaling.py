@@ -74,7 +74,8 @@ def run_size(study: Study, sweep_dir: Path, workers: int, study_plan: StudyPlan,
     about += about_lines(study, "scaling", workers, outcome, machine_description())
     write_report(sweep_dir, about=about, title=f"distillab demo --scaling, student {study.student}")
     state, status = outcome.state, outcome.status
-    result = {"student": study.student, "parameters": parameters(study.student), "tokens": study.student_tokens,
+    result = {"student": study.student, "study": study.name, "parameters": parameters(study.student),
+              "tokens": study.student_tokens,
               "seconds": state.seconds, "rounds": state.rounds, "stop": state.stop,
               "plan": {"max_runs": study_plan.max_runs(), "predicted_max_minutes": study_plan.worst_seconds() / 60},
               "runs": {s: sum(v == s for v in status.values()) for s in set(status.values())}}
