@@ -14,8 +14,8 @@ that path or hub id.
 
 from __future__ import annotations
 
-import textwrap
 import dataclasses
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 
