@@ -1,7 +1,7 @@
 # Two entry points: `make demo` (the main job) and `make test` (the fast suite, <= 5 min).
 # `make test-all` runs every test, the long ones behind the `slow` marker too; `make test-slow`
 # runs only those but the whole-preset rehearsals, `make rehearse-presets` only those (CI runs
-# `make test` then `make test-slow`: each test once; the rehearsals of every preset, ~1 h 50 min
+# `make test` then `make test-slow`: each test once; the rehearsals of every preset, ~1 h 35 min
 # here, do not fit its time).
 # Each creates .venv from the pinned requirements on first use.
 PYTHON ?= python3
