@@ -32,7 +32,7 @@ import numpy as np
 from distillab.errors import DataError, DistillabError
 from distillab.layout import SweepLayout
 from distillab.shipped import find
-from distillab.study.law import HELD_OUT, TARGETS, FittedLaw, fit_law, gain_features, in_family
+from distillab.study.law import HELD_OUT, FittedLaw, fit_law, gain_features, in_family
 
 DATA_KEYS = ("corpus", "tokenizer", "validation_fraction", "packing")
 
