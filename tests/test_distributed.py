@@ -141,3 +141,45 @@ def test_fsdp_on_a_world_of_one_matches_the_plain_process(tmp_path, cache_dir):
                    log=lambda *a: None)
     sharded = train(config_from_dict(fsdp_run(tmp_path, cache_dir, "fsdp1", 1)), log=lambda *a: None)
     assert_same_run(single.run_dir, sharded.run_dir, rel=1e-5)
+
+
+def test_a_ddp_model_is_freed_before_its_process_group_is_destroyed(tmp_path, cache_dir, monkeypatch):
+    """The order `train` closes a DDP run in (the C++ reducer must not hold the process group's last
+    reference, or the group's destructor can hang at the end of a run: `release_then_close`), checked at the
+    moment the group is destroyed, after a finished run and after one that failed, on a world of one."""
+    import weakref
+
+    import torch
+    import torch.distributed as dist
+
+    from distillab.parallelism import mesh_of
+    from distillab.train import trainer as trainer_module
+    from distillab.train.parallel import DataParallel
+
+    models, alive_at_close = [], []
+
+    class Watched(DataParallel):
+        def prepare_model(self, model, *args, **kwargs):
+            wrapped = super().prepare_model(model, *args, **kwargs)
+            models.append(weakref.ref(wrapped))
+            return wrapped
+
+        def close(self):
+            alive_at_close.append(sum(ref() is not None for ref in models))
+            super().close()
+
+    def ddp_on_one_process(train_config):
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        return Watched(torch.device("cpu"), 0, 1, mesh_of("ddp", 1), train_config.precision)
+
+    def fail_at_step_2(step):
+        if step == 2:
+            raise RuntimeError("stopped by the test")
+
+    monkeypatch.setattr(trainer_module, "setup_parallelism", ddp_on_one_process)
+    trainer_module.train(config_from_dict(tiny_run(tmp_path, cache_dir, "finished")), log=lambda *a: None)
+    with pytest.raises(RuntimeError, match="stopped by the test"):
+        trainer_module.train(config_from_dict(tiny_run(tmp_path, cache_dir, "failed")), log=lambda *a: None,
+                             on_step=fail_at_step_2)
+    assert len(models) == 2 and alive_at_close == [0, 0]
+    assert not dist.is_initialized()

@@ -16,6 +16,7 @@
                              template; then config.yaml
       Trainer.fit            train_step, log, evaluate, checkpoint ... until the budget is spent
       Trainer.finish         the final model and summary.json (only when every check passed)
+      release_then_close     the model freed, then the process group closed (in this order)
 
 Batches depend only on (data seed, position) and weights only on (init seed, updates), so an
 interrupted and resumed run ends bit-identical to an uninterrupted one on the CPU.
@@ -24,9 +25,11 @@ interrupted and resumed run ends bit-identical to an uninterrupted one on the CP
 from __future__ import annotations
 
 import dataclasses
+import gc
 import math
 import signal
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -491,16 +494,35 @@ def train(config: RunConfig, *, stop_after_steps: int | None = None, log=print,
     if not parallel.is_main:
         log = lambda *args, **kwargs: None  # noqa: E731
     try:
-        run = RunDirectory(config)
-        run.check_before_writing()
-        trainer = Trainer.build(config, parallel, log)
-        with run.claim(parallel.is_main):
-            parallel.barrier()
-            done = trainer.already_complete(run)
-            if done is not None:
-                return done
-            trainer.restore(run)
-            run.record_config(parallel.is_main, trainer.spec.name)
-            return trainer.fit(run, stop_after_steps, on_step)
+        return train_on(parallel, config, stop_after_steps, log, on_step)
+    except BaseException as exc:
+        traceback.clear_frames(exc.__traceback__)  # its frames hold the trainer: see release_then_close
+        raise
     finally:
-        parallel.close()
+        release_then_close(parallel)
+
+
+def train_on(parallel: SingleProcess, config: RunConfig, stop_after_steps, log, on_step) -> TrainResult:
+    """`train` on processes already set up: every reference to the trainer (its model) lives in this frame."""
+    run = RunDirectory(config)
+    run.check_before_writing()
+    trainer = Trainer.build(config, parallel, log)
+    with run.claim(parallel.is_main):
+        parallel.barrier()
+        done = trainer.already_complete(run)
+        if done is not None:
+            return done
+        trainer.restore(run)
+        run.record_config(parallel.is_main, trainer.spec.name)
+        return trainer.fit(run, stop_after_steps, on_step)
+
+
+def release_then_close(parallel: SingleProcess) -> None:
+    """Free the run's model, then close the processes. Order matters under DDP: its C++ reducer holds a
+    reference to the process group, and were it the last one, the group's destructor would join gloo's
+    threads while holding the GIL, while a thread finishing the last collective waits for the GIL to free
+    that collective's tensors: a hang at the end of a run, seen on a busy machine. Freed first (the
+    trainer's frames are gone or cleared; `gc.collect` takes its reference cycles), the group is last
+    held by Python and `destroy_process_group` frees it with the GIL released."""
+    gc.collect()
+    parallel.close()
