@@ -124,14 +124,18 @@ def nnls_batched(xtx: np.ndarray, xty: np.ndarray, yty: float) -> tuple[np.ndarr
     return coef, best
 
 
-def supervised_sse(N, D, loss, weights, a, b):
-    """For exponent arrays a, b (same shape): the NNLS (E, A, B) and the weighted residual sum of squares."""
-    a, b = np.ravel(a), np.ravel(b)
-    x = np.stack([np.ones((a.size, N.size)), N[None, :] ** -a[:, None], D[None, :] ** -b[:, None]], axis=-1)
-    xw = x * weights[None, :, None]
-    xtx = np.swapaxes(xw, 1, 2) @ x
-    xty = np.swapaxes(xw, 1, 2) @ loss
-    return nnls_batched(xtx, xty, float(np.sum(weights * loss * loss)))
+def supervised_sse(n, d, losses, weights, a, b):
+    """For R (re)weightings at once: scaled sizes n, d, losses and weights (R, points); exponent grids a, b
+    (R, G). Returns the NNLS (E, A, B) (R, G, 3) and the weighted residual sums of squares (R, G)."""
+    replicates, grid = a.shape
+    x = np.stack([np.ones((replicates, grid, n.shape[1])), n[:, None, :] ** -a[:, :, None],
+                  d[:, None, :] ** -b[:, :, None]], axis=-1)
+    xw = x * weights[:, None, :, None]
+    xtx = np.swapaxes(xw, 2, 3) @ x
+    xty = (np.swapaxes(xw, 2, 3) @ losses[:, None, :, None])[..., 0]
+    yty = np.repeat(np.sum(weights * losses * losses, axis=1), grid)
+    coef, sse = nnls_batched(xtx.reshape(-1, 3, 3), xty.reshape(-1, 3), yty)
+    return coef.reshape(replicates, grid, 3), sse.reshape(replicates, grid)
 
 
 def fit_supervised(N, D, loss, weights=None, start: SupervisedLaw | None = None) -> SupervisedLaw:
@@ -139,34 +143,58 @@ def fit_supervised(N, D, loss, weights=None, start: SupervisedLaw | None = None)
     projection (exact NNLS for given exponents) on a log grid of (a, b), refined twice around the best.
     With `start` (a bootstrap replicate's point fit) its N0, D0 are kept and the first grid spans ±4 coarse
     steps around its exponents."""
-    N, D, loss = (np.asarray(v, dtype=float) for v in (N, D, loss))
+    loss = np.asarray(loss, dtype=float)
     weights = np.ones_like(loss) if weights is None else np.asarray(weights, dtype=float)
-    keep = weights > 0
-    if keep.sum() < 3:
+    return fit_supervised_batch(N, D, loss[None], weights[None], start)[0]
+
+
+# (replicates x grid points x points) elements per batch of `fit_supervised_batch`: ~50 MB of design arrays
+BATCH_ELEMENTS = 2_000_000
+
+
+def fit_supervised_batch(N, D, losses, weights, start: SupervisedLaw | None = None) -> list[SupervisedLaw]:
+    """`fit_supervised` on R (re)weightings of the same points at once (losses and weights (R, points)):
+    the bootstrap's refits in a few array operations instead of one small fit each."""
+    N, D, losses, weights = (np.asarray(v, dtype=float) for v in (N, D, losses, weights))
+    if ((weights > 0).sum(axis=1) < 3).any():
         raise DistillabError("law: fewer than 3 α = 0 runs with a held-out loss; nothing to fit the supervised law on")
+    grid = 25 * 25 if start is None else 9 * 9
+    chunk = max(1, BATCH_ELEMENTS // (grid * N.size))
+    return [law for first in range(0, len(losses), chunk)
+            for law in fit_supervised_chunk(N, D, losses[first:first + chunk], weights[first:first + chunk], start)]
+
+
+def fit_supervised_chunk(N, D, losses, weights, start: SupervisedLaw | None) -> list[SupervisedLaw]:
+    """`fit_supervised_batch` on one chunk of reweightings."""
     if start is None:
-        N0 = float(np.exp(np.average(np.log(N[keep]), weights=weights[keep])))
-        D0 = float(np.exp(np.average(np.log(D[keep]), weights=weights[keep])))
+        keep = weights > 0
+        N0 = np.array([np.exp(np.average(np.log(N[k]), weights=w[k])) for k, w in zip(keep, weights)])
+        D0 = np.array([np.exp(np.average(np.log(D[k]), weights=w[k])) for k, w in zip(keep, weights)])
     else:  # a replicate keeps the point fit's references, so that its A and B mean the same
-        N0, D0 = start.N0, start.D0
-    n, d = N / N0, D / D0
+        N0, D0 = np.full(len(losses), start.N0), np.full(len(losses), start.D0)
+    n, d = N[None, :] / N0[:, None], D[None, :] / D0[:, None]
     lo, hi = (math.log(v) for v in EXPONENT_RANGE)
     step = (hi - lo) / 24
     if start is None:
-        log_a = log_b = np.linspace(lo, hi, 25)
+        log_a = log_b = np.tile(np.linspace(lo, hi, 25), (len(losses), 1))
     else:
-        log_a = np.clip(np.linspace(math.log(start.a) - 4 * step, math.log(start.a) + 4 * step, 9), lo, hi)
-        log_b = np.clip(np.linspace(math.log(start.b) - 4 * step, math.log(start.b) + 4 * step, 9), lo, hi)
+        log_a = np.tile(np.clip(np.linspace(math.log(start.a) - 4 * step, math.log(start.a) + 4 * step, 9), lo, hi),
+                        (len(losses), 1))
+        log_b = np.tile(np.clip(np.linspace(math.log(start.b) - 4 * step, math.log(start.b) + 4 * step, 9), lo, hi),
+                        (len(losses), 1))
+    rows = np.arange(len(losses))
     for _ in range(3):
-        grid_a, grid_b = np.meshgrid(np.exp(log_a), np.exp(log_b), indexing="ij")
-        coef, sse = supervised_sse(n, d, loss, weights, grid_a, grid_b)
-        i = int(np.argmin(sse))
-        best_a, best_b = math.log(grid_a.ravel()[i]), math.log(grid_b.ravel()[i])
-        log_a = np.clip(np.linspace(best_a - step, best_a + step, 9), lo, hi)
-        log_b = np.clip(np.linspace(best_b - step, best_b + step, 9), lo, hi)
+        grid_a = np.repeat(np.exp(log_a), log_b.shape[1], axis=1)  # (R, ka * kb), a varying slowest
+        grid_b = np.tile(np.exp(log_b), (1, log_a.shape[1]))
+        coef, sse = supervised_sse(n, d, losses, weights, grid_a, grid_b)
+        best = np.argmin(sse, axis=1)
+        best_a, best_b = np.log(grid_a[rows, best]), np.log(grid_b[rows, best])
+        log_a = np.clip(np.linspace(best_a - step, best_a + step, 9, axis=1), lo, hi)
+        log_b = np.clip(np.linspace(best_b - step, best_b + step, 9, axis=1), lo, hi)
         step /= 4
-    E, A, B = coef[i]
-    return SupervisedLaw(float(E), float(A), float(grid_a.ravel()[i]), float(B), float(grid_b.ravel()[i]), N0, D0)
+    return [SupervisedLaw(float(E), float(A), float(grid_a[r, i]), float(B), float(grid_b[r, i]), float(N0[r]),
+                          float(D0[r]))
+            for r, (i, (E, A, B)) in enumerate(zip(best, coef[rows, best]))]
 
 
 def fit_gain(alpha, gap, gain, weights=None) -> np.ndarray:
@@ -288,9 +316,11 @@ def setting_baselines(data: FitData, weights: np.ndarray, losses: np.ndarray) ->
 
 
 def fit_once(data: FitData, sup_weights: np.ndarray, st_weights: np.ndarray, sup_loss: np.ndarray,
-             start: Law | None = None) -> Law:
-    """Both parts on one (re)weighting of the rows; a target with fewer students than terms is left out."""
-    supervised = fit_supervised(data.sup_N, data.sup_D, sup_loss, sup_weights, start and start.supervised)
+             supervised: SupervisedLaw | None = None) -> Law:
+    """Both parts on one (re)weighting of the rows (the supervised part fitted here unless given); a target
+    with fewer students than terms is left out."""
+    if supervised is None:
+        supervised = fit_supervised(data.sup_N, data.sup_D, sup_loss, sup_weights)
     baselines = setting_baselines(data, sup_weights, sup_loss)
     fallback = supervised.loss([s[2] for s in data.settings], [s[3] for s in data.settings])
     student_loss = np.where(np.isnan(baselines), fallback, baselines)[data.st_setting]
@@ -318,15 +348,27 @@ def seed_counts(data: FitData, rng: np.random.Generator) -> np.ndarray:
     return counts
 
 
-def replicate(data: FitData, point: Law, rng: np.random.Generator) -> Law:
-    """One bootstrap replicate: seeds resampled within settings, single-seed runs' residuals sign-flipped."""
+def resample(data: FitData, point: Law, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One bootstrap replicate's data: seeds resampled within settings, single-seed runs' residuals
+    sign-flipped. Returns (supervised weights, student weights, supervised losses)."""
     counts = seed_counts(data, rng)
     seeded = data.sup_cluster[:, 1] >= 0
     sup_weights = np.where(seeded, counts[np.maximum(data.sup_cluster[:, 1], 0)], 1.0)
     fitted = point.supervised.loss(data.sup_N, data.sup_D)
     signs = rng.choice([-1.0, 1.0], size=len(fitted))
     sup_loss = np.where(seeded, data.sup_loss, fitted + signs * (data.sup_loss - fitted))
-    return fit_once(data, sup_weights, counts[data.st_cluster[:, 1]], sup_loss, start=point)
+    return sup_weights, counts[data.st_cluster[:, 1]], sup_loss
+
+
+def bootstrap(data: FitData, point: Law, replicates: int, rng: np.random.Generator) -> list[Law]:
+    """`replicates` refits on resampled data (drawn in order from `rng`), their supervised parts in one batch
+    started from the point fit's."""
+    draws = [resample(data, point, rng) for _ in range(replicates)]
+    if not draws:
+        return []
+    sup_weights, st_weights, sup_losses = (np.stack(v) for v in zip(*draws))
+    supervised = fit_supervised_batch(data.sup_N, data.sup_D, sup_losses, sup_weights, start=point.supervised)
+    return [fit_once(data, *draw, fit) for draw, fit in zip(draws, supervised)]
 
 
 @dataclass
@@ -484,8 +526,7 @@ def fit_law(rows: list[dict], replicates: int = 200, seed: int = 0) -> FittedLaw
     """Fit both parts on `rows` and bootstrap them (`replicates` refits, seeded)."""
     data = fit_data(rows)
     point = fit_once(data, *unit_weights(data), data.sup_loss)
-    rng = np.random.default_rng(seed)
-    boots = [replicate(data, point, rng) for _ in range(replicates)]
+    boots = bootstrap(data, point, replicates, np.random.default_rng(seed))
     baselines = setting_baselines(data, np.ones(len(data.sup_loss)), data.sup_loss)
     gap = baselines[data.st_setting] - data.st_teacher_loss
     domain = {"N": (float(data.sup_N.min()), float(data.sup_N.max())),
