@@ -86,11 +86,11 @@ def test_the_gang_outlasts_its_timeout_between_runs(tmp_path, cache_dir):
 
     from distillab.train import train
 
-    gang = Gang(2, timeout_s=20)  # long enough for the second process to start and join
+    gang = Gang(2, timeout_s=8)  # the members join once started: the timeout bounds training's collectives only
     try:
         finals = []
         for name in ("first", "second"):
-            time.sleep(25 * len(finals))  # the second run starts after the group's timeout
+            time.sleep(10 * len(finals))  # the second run starts after the group's timeout
             finals.append(gang.train(tiny_run(tmp_path, cache_dir, name, train={
                 "processes": 2, "parallel": "ddp", "batch_size": 2, "threads": 1, "token_budget": 4 * 4 * 32})))
         # a member gone: the next run stops at once with one line (not after the group's timeout)

@@ -298,9 +298,9 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def gang_member(rank: int, world: int, port: int, environment: dict, timeout_s: float, launches) -> None:
-    """Ranks 1.. of a gang: train every launch file rank 0 sends on `launches`, until it sends None
-    (or rank 0's process is gone)."""
+def gang_member(rank: int, world: int, port: int, environment: dict, timeout_s: float, launches, ready) -> None:
+    """Ranks 1.. of a gang: say `ready` once imported, join the group, then train every launch file rank 0
+    sends on `launches`, until it sends None (or rank 0's process is gone)."""
     import datetime
 
     import torch.distributed as dist
@@ -308,6 +308,7 @@ def gang_member(rank: int, world: int, port: int, environment: dict, timeout_s: 
     from distillab.train import train
 
     os.environ.update(environment)
+    ready.put(rank)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=timeout_s))
     os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank))
@@ -338,7 +339,8 @@ class Gang:
     """`world` processes with a gloo process group, started once: this process is rank 0, the others
     wait for launch files. `train(config_values)` is what `torchrun` is to a real launch: every rank
     loads the run's launch file and calls `distillab.train.train`. The launch files travel outside
-    the group (a queue per member), so only training itself is under the group's timeout."""
+    the group (a queue per member), so only training itself is under the group's timeout; rank 0 joins
+    the group once every member has said it is ready, so starting Python and torch is not under it either."""
 
     def __init__(self, world: int = 2, timeout_s: float = 600.0):
         import datetime
@@ -350,13 +352,34 @@ class Gang:
         environment = {k: os.environ[k] for k in ("DISTILLAB_CACHE", "DISTILLAB_PROGRESS", HEAD_FUSION_ENV)
                        if k in os.environ}
         context = multiprocessing.get_context("spawn")
-        self.launches = [context.Queue() for _ in range(1, world)]
-        self.members = [context.Process(target=gang_member, args=(rank, world, port, environment, timeout_s, launches),
-                                        daemon=True) for rank, launches in zip(range(1, world), self.launches)]
+        self.launches, self.ready = [context.Queue() for _ in range(1, world)], context.Queue()
+        self.members = [context.Process(target=gang_member, daemon=True,
+                                        args=(rank, world, port, environment, timeout_s, launches, self.ready))
+                        for rank, launches in zip(range(1, world), self.launches)]
         for member in self.members:
             member.start()
+        self.wait_until_ready()
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=world,
                                 timeout=datetime.timedelta(seconds=timeout_s))
+
+    def wait_until_ready(self) -> None:
+        """Return once every member has imported what it trains with (or raise if one exited)."""
+        import queue
+
+        waiting = len(self.members)
+        while waiting:
+            try:
+                self.ready.get(timeout=5)
+                waiting -= 1
+            except queue.Empty:
+                self.check_members()
+
+    def check_members(self) -> None:
+        """Raise a one-line error when a member has exited: the group's collectives would only time out."""
+        gone = [(rank, member.exitcode) for rank, member in enumerate(self.members, 1) if not member.is_alive()]
+        if gone:
+            raise DistillabError(f"rehearsal: the gang's rank {gone[0][0]} exited (code {gone[0][1]}); the runs left "
+                                 "cannot train on its processes: run the rehearsal again (finished runs are kept)")
 
     def train(self, config_values: dict) -> Path:
         """Train one run on every rank (its launch file written as `train_with_torchrun` writes it)."""
@@ -364,10 +387,7 @@ class Gang:
 
         from distillab.train import train
 
-        gone = [(rank, member.exitcode) for rank, member in enumerate(self.members, 1) if not member.is_alive()]
-        if gone:  # its collectives would only time out, run after run
-            raise DistillabError(f"rehearsal: the gang's rank {gone[0][0]} exited (code {gone[0][1]}); the runs left "
-                                 "cannot train on its processes: run the rehearsal again (finished runs are kept)")
+        self.check_members()
         layout = RunLayout(config_values["run_dir"])
         layout.path.mkdir(parents=True, exist_ok=True)
         launch = layout.launch
