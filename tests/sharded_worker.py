@@ -1,8 +1,9 @@
 """Run under torchrun by tests/test_sharded.py (one process per rank, gloo on the CPU).
 
-    python -m torch.distributed.run ... tests/sharded_worker.py init PARALLEL NODES SPEC_JSON OUT_JSON [PARAMETRISATION]
-        the student built on the meta device and materialised shard by shard; every tensor is
-        gathered and compared, bit for bit, with `models.build_model` (a plain single-process build)
+    python -m torch.distributed.run ... tests/sharded_worker.py init PARALLEL NODES SPECS_JSON OUT_JSON [PARAMETRISATION]
+        each student of SPECS_JSON ({name: spec}) built on the meta device and materialised shard by
+        shard; every tensor is gathered and compared, bit for bit, with `models.build_model` (a plain
+        single-process build); one launch, one process group, for every spec
     python -m torch.distributed.run ... tests/sharded_worker.py save-memory CONFIG_YAML OUT_JSON
         one training step, then each process's peak resident memory while it writes its checkpoint
 """
@@ -16,17 +17,26 @@ from pathlib import Path
 import torch
 
 
-def compare_initial_weights(parallel_name: str, nodes: int, spec_values: dict, parametrisation: str = "hf") -> dict:
-    """{"tensors": n, "mismatches": [names], "tied", "scaling"} on rank 0 (None elsewhere); "scaling"
-    says whether every layer's attention scale equals the reference's."""
+def compare_initial_weights(parallel_name: str, nodes: int, specs: dict, parametrisation: str = "hf") -> dict | None:
+    """{name: {"tensors": n, "mismatches": [names], "tied", "scaling"}} for each spec of `specs` on rank 0
+    (None elsewhere); "scaling" says whether every layer's attention scale equals the reference's."""
     from distillab.config import TrainConfig
-    from distillab.models import ModelSpec, build_model
+    from distillab.models import ModelSpec
     from distillab.train.world import setup_parallelism
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     parallel = setup_parallelism(TrainConfig(processes=world, nodes=nodes, parallel=parallel_name, device="cpu",
                                              threads=1))
-    spec = ModelSpec(**spec_values)
+    try:
+        results = {name: compare_one(parallel, ModelSpec(**values), parametrisation) for name, values in specs.items()}
+    finally:
+        parallel.close()
+    return results if parallel.is_main else None
+
+
+def compare_one(parallel, spec, parametrisation: str) -> dict:
+    from distillab.models import build_model
+
     vocab, seq_len, seed, eos = 300, 32, 1234, 7
     stepper = parallel.build_model(spec, vocab, seq_len, seed, eos, parametrisation=parametrisation)
     reference = build_model(spec, vocab, seq_len, seed, eos, parametrisation=parametrisation) if parallel.is_main \
@@ -41,9 +51,8 @@ def compare_initial_weights(parallel_name: str, nodes: int, spec_values: dict, p
             if whole.dtype != expected.dtype or not torch.equal(whole, expected.detach()):
                 mismatches.append(name)
     tied = spec.tie_embeddings and stepper.lm_head.weight is stepper.model.embed_tokens.weight
-    parallel.close()
     if reference is None:
-        return None
+        return {}
     scaling = all(a.self_attn.scaling == b.self_attn.scaling for a, b in zip(stepper.model.layers, reference.model.layers))
     return {"tensors": count, "mismatches": mismatches, "tied": tied, "scaling": scaling}
 
@@ -84,8 +93,8 @@ def measure_save(config_path: str) -> dict:
 def main() -> None:
     mode, *args = sys.argv[1:]
     if mode == "init":
-        parallel_name, nodes, spec_json, out, *parametrisation = args
-        result = compare_initial_weights(parallel_name, int(nodes), json.loads(spec_json), *parametrisation)
+        parallel_name, nodes, specs_json, out, *parametrisation = args
+        result = compare_initial_weights(parallel_name, int(nodes), json.loads(specs_json), *parametrisation)
     else:
         config_path, out = args
         result = measure_save(config_path)

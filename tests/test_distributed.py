@@ -52,6 +52,7 @@ def test_sweep_launches_multi_process_runs_with_torchrun(tmp_path, cache_dir):
 
     grid = {
         "name": "ddp",
+        "baselines": False,
         "base": {
             "data": {"corpus": {"source": "packaged", "name": "python-stdlib", "limit": 150}, "tokenizer": {"vocab_size": 512},
                      "validation_fraction": 0.08, "cache_dir": str(cache_dir)},
@@ -80,10 +81,10 @@ def test_sweep_launches_multi_process_runs_with_torchrun(tmp_path, cache_dir):
     status = run_sweep(load_grid(path), tmp_path / "sweep", log=lambda *a: None)
     assert all(s == "done" for s in status.values()), status
     launched = list((tmp_path / "sweep" / "runs").glob("*/launch.yaml"))
-    assert len(launched) == 3
+    assert len(launched) == 2
     stages = [yaml.safe_load(p.read_text())["train"] for p in (tmp_path / "sweep" / "runs").glob("*/sft-*/launch.yaml")]
-    assert [(t["processes"], t["batch_size"], t["grad_accum"]) for t in stages] == [(2, 1, 1)] * 3
-    assert len(list((tmp_path / "sweep" / "runs").glob("*/sft-*/final/eval.json"))) == 3
+    assert [(t["processes"], t["batch_size"], t["grad_accum"]) for t in stages] == [(2, 1, 1)] * 2
+    assert len(list((tmp_path / "sweep" / "runs").glob("*/sft-*/final/eval.json"))) == 2
     # the 2-process student matches the same run trained in one process with twice the batch
     from distillab.sweep import plan
 

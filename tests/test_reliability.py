@@ -1050,7 +1050,7 @@ def test_a_failed_sweep_ends_with_its_cause_and_records_blocked_students(tmp_pat
 def test_a_sweep_killed_mid_run_resumes_at_once_without_a_held_lock(tmp_path, cache_dir, signal_name):
     """kill -9 (or SIGTERM) of the driver while its worker trains the teacher; the sweep run again at
     once finishes: the orphaned worker did not keep training and holding the teacher's lock."""
-    grid = tiny_grid(tmp_path, cache_dir, 1000 * 128)
+    grid = tiny_grid(tmp_path, cache_dir, 300 * 128)  # ~4 s of training after the first checkpoint: killed mid-run
     command = [sys.executable, "-m", "distillab.cli", "sweep", str(grid), "--out", str(tmp_path / "sweep")]
     driver = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300

@@ -62,7 +62,7 @@ def test_meta_device_init_equals_the_single_process_build_bit_for_bit(spec):
     """FSDP on a world of one: built on meta, sharded, materialised = build_model, every tensor equal."""
     from sharded_worker import compare_initial_weights
 
-    result = compare_initial_weights("fsdp", 1, spec)
+    result = compare_initial_weights("fsdp", 1, {"spec": spec})["spec"]
     assert result["mismatches"] == [] and result["tensors"] >= 10
     assert result["tied"] == spec["tie_embeddings"]
 
@@ -71,10 +71,11 @@ def test_meta_device_init_equals_the_single_process_build_bit_for_bit(spec):
 @pytest.mark.parametrize("processes,parallel,nodes", [(2, "fsdp", 1), (4, "fsdp", 1), (4, "hsdp", 2)],
                          ids=["fsdp-2", "fsdp-4", "hsdp-2x2"])
 def test_meta_device_init_on_several_processes_equals_the_single_process_build(tmp_path, processes, parallel, nodes):
-    out = tmp_path / "init"
-    for name, spec in (("llama", RUNG), ("qwen3", TIED)):
-        launch([WORKER, "init", parallel, str(nodes), json.dumps(spec), f"{out}-{name}"], processes, nodes)
-        result = json.loads(Path(f"{out}-{name}.0").read_text())
+    launch([WORKER, "init", parallel, str(nodes), json.dumps({"llama": RUNG, "qwen3": TIED}), f"{tmp_path / 'init'}"],
+           processes, nodes)
+    results = json.loads((tmp_path / "init.0").read_text())
+    assert list(results) == ["llama", "qwen3"]
+    for name, result in results.items():
         assert result["mismatches"] == [] and result["tensors"] >= 10, (name, result)
 
 
@@ -84,16 +85,17 @@ def test_meta_device_init_under_maxtext_equals_the_single_process_build_bit_for_
     MaxText's from the same generator, equal build_model(..., "maxtext"), with its attention scale."""
     from sharded_worker import compare_initial_weights
 
-    result = compare_initial_weights("fsdp", 1, spec, "maxtext")
+    result = compare_initial_weights("fsdp", 1, {"spec": spec}, "maxtext")["spec"]
     assert result["mismatches"] == [] and result["tensors"] >= 10 and result["scaling"]
     assert result["tied"] == spec["tie_embeddings"]
 
 
 @pytest.mark.slow
 def test_meta_device_init_under_maxtext_on_two_processes_equals_the_single_process_build(tmp_path):
-    for name, spec in (("llama", RUNG), ("qwen3", TIED)):
-        launch([WORKER, "init", "fsdp", "1", json.dumps(spec), f"{tmp_path / name}", "maxtext"], 2)
-        result = json.loads(Path(f"{tmp_path / name}.0").read_text())
+    launch([WORKER, "init", "fsdp", "1", json.dumps({"llama": RUNG, "qwen3": TIED}), f"{tmp_path / 'init'}", "maxtext"], 2)
+    results = json.loads((tmp_path / "init.0").read_text())
+    assert list(results) == ["llama", "qwen3"]
+    for name, result in results.items():
         assert result["mismatches"] == [] and result["tensors"] >= 10 and result["scaling"], (name, result)
 
 
