@@ -3,11 +3,14 @@
 # runs only those but the whole-preset rehearsals, `make rehearse-presets` only those (CI runs
 # `make test` then `make test-slow`: each test once; the rehearsals of every preset, ~1 h 35 min
 # here, do not fit its time).
-# Each creates .venv from the pinned requirements on first use.
+# Each creates .venv from the pinned requirements on first use. `make test` runs the fast suite on
+# TEST_WORKERS processes (pytest-xdist; 0 runs it in one process); the slow tests run one at a time
+# (most start several processes of their own: two at a time, they take longer, not shorter).
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.distillab-installed
+TEST_WORKERS ?= 2
 
 .PHONY: demo test test-all test-slow rehearse-presets bench clean-venv
 
@@ -21,7 +24,7 @@ demo: $(STAMP)
 	$(BIN)/distillab demo $(ARGS)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest $(ARGS)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist worksteal $(ARGS)
 
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -m "" $(ARGS)
