@@ -16,8 +16,11 @@ TEST_WORKERS ?= 2
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet -r requirements.txt
+	$(BIN)/python -m pip install --quiet --no-compile -r requirements.txt
 	$(BIN)/python -m pip install --quiet --no-deps -e .
+	@# byte-compiled on every core (pip compiles on one: 87 s -> 67 s for the whole install here); as under
+	@# pip, the few files of dependencies that do not compile on this Python are left as they are
+	$(BIN)/python -m compileall -qq -j 0 $(VENV)/lib || true
 	touch $(STAMP)
 
 demo: $(STAMP)
