@@ -6,7 +6,9 @@ import math
 import numpy as np
 import pytest
 
-from distillab.study.law import GAIN_TERMS, SUPERVISED_TERMS, fit_data, fit_law, fit_supervised, nnls_batched
+from distillab.study import law as law_module
+from distillab.study.law import (GAIN_TERMS, SUPERVISED_TERMS, fit_data, fit_law, fit_supervised, fit_supervised_batch,
+                                 nnls_batched)
 
 ALPHAS = (0.05, 0.2, 0.5)
 THETA = {"in_domain": np.array([0.06, 0.40, -0.15, -0.35, 0.36]),
@@ -106,6 +108,21 @@ def test_the_supervised_fit_recovers_an_exact_law():
     law = fit_supervised(n, d, true_loss(truth, n, d))
     for key in SUPERVISED_TERMS:
         assert getattr(law, key) == pytest.approx(truth[key], rel=0.02), key
+
+
+def test_a_batch_of_reweightings_fits_as_each_alone(monkeypatch):
+    """The bootstrap's batched supervised refits (in chunks too) equal one fit per reweighting, bit for bit."""
+    _, _, points = design()
+    n, d = np.array(points, dtype=float).T
+    rng = np.random.default_rng(3)
+    losses = 2.5 + 0.6 * (n / 1e4) ** -0.4 + 0.55 * (d / 3e5) ** -0.9 + rng.normal(0, 0.01, (7, len(n)))
+    weights = rng.integers(0, 3, (7, len(n))).astype(float)
+    start = fit_supervised(n, d, losses[0])
+    alone = [fit_supervised(n, d, y, w, start) for y, w in zip(losses, weights)]
+    assert fit_supervised_batch(n, d, losses, weights, start) == alone
+    monkeypatch.setattr(law_module, "BATCH_ELEMENTS", 81 * len(n) * 3)  # chunks of 3 reweightings
+    assert fit_supervised_batch(n, d, losses, weights, start) == alone
+    assert [fit_supervised(n, d, y, w) for y, w in zip(losses, weights)] == fit_supervised_batch(n, d, losses, weights)
 
 
 def test_fit_recovers_known_parameters_from_noisy_data():

@@ -148,7 +148,7 @@ def fit_supervised(N, D, loss, weights=None, start: SupervisedLaw | None = None)
     return fit_supervised_batch(N, D, loss[None], weights[None], start)[0]
 
 
-# (replicates x grid points x points) elements per batch of `fit_supervised_batch`: ~50 MB of design arrays
+# (replicates x grid points x points) per batch of `fit_supervised_batch`: ~100 MB of design arrays (x and x·w)
 BATCH_ELEMENTS = 2_000_000
 
 
