@@ -148,6 +148,8 @@ def fit_supervised(N, D, loss, weights=None, start: SupervisedLaw | None = None)
     return fit_supervised_batch(N, D, loss[None], weights[None], start)[0]
 
 
+# exponent grid points per axis: the first grid, over EXPONENT_RANGE; each grid around a best point
+COARSE, AROUND = 25, 9
 # (replicates x grid points x points) per batch of `fit_supervised_batch`: ~100 MB of design arrays (x and x·w)
 BATCH_ELEMENTS = 2_000_000
 
@@ -158,7 +160,7 @@ def fit_supervised_batch(N, D, losses, weights, start: SupervisedLaw | None = No
     N, D, losses, weights = (np.asarray(v, dtype=float) for v in (N, D, losses, weights))
     if ((weights > 0).sum(axis=1) < 3).any():
         raise DistillabError("law: fewer than 3 α = 0 runs with a held-out loss; nothing to fit the supervised law on")
-    grid = 25 * 25 if start is None else 9 * 9
+    grid = (COARSE if start is None else AROUND) ** 2
     chunk = max(1, BATCH_ELEMENTS // (grid * N.size))
     return [law for first in range(0, len(losses), chunk)
             for law in fit_supervised_chunk(N, D, losses[first:first + chunk], weights[first:first + chunk], start)]
@@ -168,20 +170,19 @@ def fit_supervised_chunk(N, D, losses, weights, start: SupervisedLaw | None) -> 
     """`fit_supervised_batch` on one chunk of reweightings."""
     if start is None:
         keep = weights > 0
-        N0 = np.array([np.exp(np.average(np.log(N[k]), weights=w[k])) for k, w in zip(keep, weights)])
-        D0 = np.array([np.exp(np.average(np.log(D[k]), weights=w[k])) for k, w in zip(keep, weights)])
+        N0, D0 = (np.array([np.exp(np.average(np.log(x[k]), weights=w[k])) for k, w in zip(keep, weights)])
+                  for x in (N, D))
     else:  # a replicate keeps the point fit's references, so that its A and B mean the same
         N0, D0 = np.full(len(losses), start.N0), np.full(len(losses), start.D0)
     n, d = N[None, :] / N0[:, None], D[None, :] / D0[:, None]
     lo, hi = (math.log(v) for v in EXPONENT_RANGE)
-    step = (hi - lo) / 24
+    step = (hi - lo) / (COARSE - 1)
     if start is None:
-        log_a = log_b = np.tile(np.linspace(lo, hi, 25), (len(losses), 1))
+        first_a = first_b = np.linspace(lo, hi, COARSE)
     else:
-        log_a = np.tile(np.clip(np.linspace(math.log(start.a) - 4 * step, math.log(start.a) + 4 * step, 9), lo, hi),
-                        (len(losses), 1))
-        log_b = np.tile(np.clip(np.linspace(math.log(start.b) - 4 * step, math.log(start.b) + 4 * step, 9), lo, hi),
-                        (len(losses), 1))
+        first_a, first_b = (np.clip(np.linspace(math.log(v) - 4 * step, math.log(v) + 4 * step, AROUND), lo, hi)
+                            for v in (start.a, start.b))
+    log_a, log_b = np.tile(first_a, (len(losses), 1)), np.tile(first_b, (len(losses), 1))
     rows = np.arange(len(losses))
     for _ in range(3):
         grid_a = np.repeat(np.exp(log_a), log_b.shape[1], axis=1)  # (R, ka * kb), a varying slowest
@@ -189,8 +190,8 @@ def fit_supervised_chunk(N, D, losses, weights, start: SupervisedLaw | None) -> 
         coef, sse = supervised_sse(n, d, losses, weights, grid_a, grid_b)
         best = np.argmin(sse, axis=1)
         best_a, best_b = np.log(grid_a[rows, best]), np.log(grid_b[rows, best])
-        log_a = np.clip(np.linspace(best_a - step, best_a + step, 9, axis=1), lo, hi)
-        log_b = np.clip(np.linspace(best_b - step, best_b + step, 9, axis=1), lo, hi)
+        log_a = np.clip(np.linspace(best_a - step, best_a + step, AROUND, axis=1), lo, hi)
+        log_b = np.clip(np.linspace(best_b - step, best_b + step, AROUND, axis=1), lo, hi)
         step /= 4
     return [SupervisedLaw(float(E), float(A), float(grid_a[r, i]), float(B), float(grid_b[r, i]), float(N0[r]),
                           float(D0[r]))

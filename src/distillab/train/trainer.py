@@ -523,6 +523,8 @@ def release_then_close(parallel: SingleProcess) -> None:
     threads while holding the GIL, while a thread finishing the last collective waits for the GIL to free
     that collective's tensors: a hang at the end of a run, seen on a busy machine. Freed first (the
     trainer's frames are gone or cleared; `gc.collect` takes its reference cycles), the group is last
-    held by Python and `destroy_process_group` frees it with the GIL released."""
-    gc.collect()
+    held by Python and `destroy_process_group` frees it with the GIL released. (The collection, ~0.25 s,
+    runs only when a group is about to be destroyed.)"""
+    if parallel.uses_process_group and parallel.owns_group:
+        gc.collect()
     parallel.close()
